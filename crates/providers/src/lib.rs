@@ -1,0 +1,53 @@
+//! Providers: whatever turns a validated image job into images.
+//!
+//! The server routes each request to one [`Provider`]. Today there is the upstream OpenAI-compatible HTTP
+//! API ([`openai::OpenAiUpstream`]); the local diffusion engine plugs in behind the same trait. A provider
+//! gets domain types and returns domain types: it never sees the client's HTTP request, and the server
+//! never sees how the provider talks to its backend.
+
+pub mod openai;
+
+use std::time::Duration;
+
+use api::ErrorBody;
+use async_trait::async_trait;
+use domain::{ImageJob, ImageResult, StreamEvent};
+use futures_util::stream::BoxStream;
+
+/// Events of a streamed job, as the provider produces them.
+pub type EventStream = BoxStream<'static, Result<StreamEvent, ProviderError>>;
+
+/// What a provider returns: a finished result, or (for `stream = true`) a stream of events.
+pub enum ProviderOutput {
+    Complete(ImageResult),
+    Stream(EventStream),
+}
+
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// The provider's configured name (`openai`, `comet`, ...).
+    fn name(&self) -> &str;
+
+    /// Runs `job` on the provider's model `model` (the provider's own name for it, after routing).
+    async fn run(&self, model: &str, job: &ImageJob) -> Result<ProviderOutput, ProviderError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The backend answered with an error; `body` is its envelope (made up when it sent none).
+    #[error("upstream answered HTTP {status}: {}", body.message)]
+    Upstream {
+        status: u16,
+        body: ErrorBody,
+        retry_after: Option<u64>,
+    },
+    /// No answer within the configured timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The backend could not be reached, or the connection broke.
+    #[error("connection failed: {0}")]
+    Connection(String),
+    /// The backend answered 2xx with something that is not a valid response.
+    #[error("malformed response: {0}")]
+    InvalidResponse(String),
+}

@@ -1,0 +1,415 @@
+//! Configuration: the TOML file, the zero-config environment (`OPENAI_API_KEY`, `OPENAI_BASE_URL`), and
+//! its validation at start with errors that name the offending key.
+//!
+//! ```toml
+//! default_model = "mini"                      # used when a request names no model
+//! api_keys = ["sha256:<hex of the key>"]      # client keys, stored as hashes only
+//!
+//! [providers.comet]
+//! base_url = "https://api.cometapi.com/v1"
+//! api_key_env = "COMET_API_KEY"               # the key itself never sits in the file
+//! models = ["gpt-image-1-mini", { name = "flux-dev", like = "gpt-image-1" }]
+//! discount_percent = "20"                     # sells at 20% under the list price
+//! timeout_secs = 600
+//! max_retries = 2
+//!
+//! [aliases]
+//! mini = "comet/gpt-image-1-mini"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use domain::{ModelFamily, OPENAI_IMAGE_MODELS};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+/// The config file as written. Unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub default_model: Option<String>,
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderFile>,
+    #[serde(default)]
+    pub aliases: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderFile {
+    pub base_url: String,
+    pub api_key_env: Option<String>,
+    pub models: Vec<ModelFile>,
+    pub discount_percent: Option<DecimalText>,
+    pub timeout_secs: Option<u64>,
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ModelFile {
+    /// One of OpenAI's model names.
+    Known(String),
+    /// Another name, validated like the OpenAI model named in `like`.
+    Custom { name: String, like: String },
+}
+
+/// An exact decimal written as a string (`"12.5"`) or an integer (`20`), never through a float.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DecimalText {
+    Text(String),
+    Integer(i64),
+}
+
+/// One upstream provider, validated.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub base_url: String,
+    pub api_key: Option<String>,
+    /// (the provider's model name, its family)
+    pub models: Vec<(String, ModelFamily)>,
+    /// Percent off the list price (negative for a markup).
+    pub discount_percent: Decimal,
+    pub timeout: Duration,
+    pub max_retries: u32,
+}
+
+/// Everything the server needs, validated.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub default_model: Option<String>,
+    /// SHA-256 digests of the accepted client keys.
+    pub api_key_hashes: Vec<[u8; 32]>,
+    pub providers: Vec<ProviderConfig>,
+    pub aliases: BTreeMap<String, String>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Largest input image, in pixels, before it is decoded.
+    pub max_image_pixels: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 64 * 1024 * 1024,
+            max_image_pixels: 64_000_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// The environment a config is resolved against (a function, so tests need not touch the process's).
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        Config::from_toml(&text, env)
+            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    pub fn from_toml(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        Config::from_file(file, env)
+    }
+
+    /// Validates a parsed file and adds the zero-config `openai` provider when `OPENAI_API_KEY` is set
+    /// and no provider of that name is configured.
+    pub fn from_file(file: ConfigFile, env: &dyn Env) -> Result<Config, ConfigError> {
+        let mut providers = Vec::new();
+        for (name, p) in file.providers {
+            providers.push(provider_config(&name, p, env)?);
+        }
+        if !providers.iter().any(|p| p.name == "openai")
+            && let Some(key) = env.var("OPENAI_API_KEY")
+        {
+            let base_url = env
+                .var("OPENAI_BASE_URL")
+                .unwrap_or_else(|| "https://api.openai.com/v1".to_owned());
+            check_url("OPENAI_BASE_URL", &base_url)?;
+            providers.push(ProviderConfig {
+                name: "openai".to_owned(),
+                base_url,
+                api_key: Some(key),
+                models: OPENAI_IMAGE_MODELS
+                    .iter()
+                    .filter_map(|m| ModelFamily::of_openai_model(m).map(|f| ((*m).to_owned(), f)))
+                    .collect(),
+                discount_percent: Decimal::ZERO,
+                timeout: Duration::from_secs(600),
+                max_retries: 2,
+            });
+        }
+        let mut api_key_hashes = Vec::new();
+        for (i, k) in file.api_keys.iter().enumerate() {
+            api_key_hashes.push(parse_key_hash(k).ok_or_else(|| {
+                ConfigError(format!(
+                    "api_keys[{i}]: expected \"sha256:<64 hex digits>\" (the file stores key hashes, never keys; compute one with `printf %s KEY | sha256sum`)"
+                ))
+            })?);
+        }
+        Ok(Config {
+            default_model: file.default_model,
+            api_key_hashes,
+            providers,
+            aliases: file.aliases,
+            limits: Limits::default(),
+        })
+    }
+}
+
+fn provider_config(
+    name: &str,
+    p: ProviderFile,
+    env: &dyn Env,
+) -> Result<ProviderConfig, ConfigError> {
+    let key = |field: &str| format!("providers.{name}.{field}");
+    if name.is_empty() || name.contains('/') {
+        return err(format!(
+            "providers.{name}: a provider name must be non-empty and contain no '/'"
+        ));
+    }
+    check_url(&key("base_url"), &p.base_url)?;
+    let api_key = match &p.api_key_env {
+        None => None,
+        Some(var) => match env.var(var) {
+            Some(v) => Some(v),
+            None => {
+                return err(format!(
+                    "{}: the environment variable {var} is not set",
+                    key("api_key_env")
+                ));
+            }
+        },
+    };
+    if p.models.is_empty() {
+        return err(format!("{}: list at least one model", key("models")));
+    }
+    let mut models = Vec::new();
+    for (i, m) in p.models.into_iter().enumerate() {
+        let (model, family) = match m {
+            ModelFile::Known(n) => match ModelFamily::of_openai_model(&n) {
+                Some(f) => (n, f),
+                None => {
+                    return err(format!(
+                        "{}[{i}]: '{n}' is not an OpenAI image model ({}); for another model write {{ name = \"{n}\", like = \"gpt-image-1\" }}",
+                        key("models"),
+                        OPENAI_IMAGE_MODELS.join(", ")
+                    ));
+                }
+            },
+            ModelFile::Custom { name: n, like } => match ModelFamily::of_openai_model(&like) {
+                Some(f) => (n, f),
+                None => {
+                    return err(format!(
+                        "{}[{i}].like: '{like}' is not one of {}",
+                        key("models"),
+                        OPENAI_IMAGE_MODELS.join(", ")
+                    ));
+                }
+            },
+        };
+        if model.is_empty() || model.contains('/') {
+            return err(format!(
+                "{}[{i}]: a model name must be non-empty and contain no '/'",
+                key("models")
+            ));
+        }
+        models.push((model, family));
+    }
+    let discount_percent = match p.discount_percent {
+        None => Decimal::ZERO,
+        Some(DecimalText::Integer(i)) => Decimal::from(i),
+        Some(DecimalText::Text(t)) => {
+            t.trim()
+                .trim_end_matches('%')
+                .parse::<Decimal>()
+                .map_err(|_| {
+                    ConfigError(format!(
+                        "{}: '{t}' is not a decimal number",
+                        key("discount_percent")
+                    ))
+                })?
+        }
+    };
+    if discount_percent >= Decimal::from(100) || discount_percent <= Decimal::from(-1000) {
+        return err(format!(
+            "{}: must be below 100 (and above -1000 for a markup)",
+            key("discount_percent")
+        ));
+    }
+    let timeout_secs = p.timeout_secs.unwrap_or(600);
+    if timeout_secs == 0 {
+        return err(format!("{}: must be at least 1", key("timeout_secs")));
+    }
+    Ok(ProviderConfig {
+        name: name.to_owned(),
+        base_url: p.base_url,
+        api_key,
+        models,
+        discount_percent,
+        timeout: Duration::from_secs(timeout_secs),
+        max_retries: p.max_retries.unwrap_or(2),
+    })
+}
+
+fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        err(format!("{key}: '{url}' is not an http:// or https:// URL"))
+    }
+}
+
+fn parse_key_hash(s: &str) -> Option<[u8; 32]> {
+    let hex = s.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct FakeEnv(HashMap<&'static str, &'static str>);
+    impl Env for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| (*v).to_owned())
+        }
+    }
+
+    fn env(pairs: &[(&'static str, &'static str)]) -> FakeEnv {
+        FakeEnv(pairs.iter().copied().collect())
+    }
+
+    #[test]
+    fn zero_config_from_openai_variables() {
+        let c = Config::from_toml(
+            "",
+            &env(&[
+                ("OPENAI_API_KEY", "sk-up"),
+                ("OPENAI_BASE_URL", "http://127.0.0.1:1/v1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.providers.len(), 1);
+        assert_eq!(c.providers[0].name, "openai");
+        assert_eq!(c.providers[0].base_url, "http://127.0.0.1:1/v1");
+        assert_eq!(c.providers[0].models.len(), 5);
+        assert!(
+            Config::from_toml("", &env(&[]))
+                .unwrap()
+                .providers
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let text = r#"
+            default_model = "mini"
+            api_keys = ["sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
+            [providers.comet]
+            base_url = "https://api.cometapi.com/v1"
+            api_key_env = "COMET_KEY"
+            models = ["gpt-image-1-mini", { name = "flux", like = "gpt-image-1" }]
+            discount_percent = "20"
+            [aliases]
+            mini = "comet/gpt-image-1-mini"
+        "#;
+        let c = Config::from_toml(text, &env(&[("COMET_KEY", "k")])).unwrap();
+        let p = &c.providers[0];
+        assert_eq!(p.discount_percent, Decimal::from(20));
+        assert_eq!(p.models[1], ("flux".to_owned(), ModelFamily::GptImage));
+        assert_eq!(c.api_key_hashes.len(), 1);
+    }
+
+    /// Each broken config is refused with a message naming the key at fault.
+    #[test]
+    fn errors_name_the_key() {
+        let base = "[providers.p]\nbase_url = \"http://x\"\nmodels = [\"dall-e-2\"]\n";
+        let cases: &[(&str, &str)] = &[
+            ("colour = 1", "colour"),
+            (
+                "[providers.p]\nbase_url = \"ftp://x\"\nmodels = [\"dall-e-2\"]",
+                "providers.p.base_url",
+            ),
+            (
+                "[providers.p]\nbase_url = \"http://x\"\nmodels = []",
+                "providers.p.models",
+            ),
+            (
+                "[providers.p]\nbase_url = \"http://x\"\nmodels = [\"flux\"]",
+                "providers.p.models[0]",
+            ),
+            (
+                "[providers.p]\nbase_url = \"http://x\"\nmodels = [{ name = \"f\", like = \"sd\" }]",
+                "providers.p.models[0].like",
+            ),
+            (
+                "[providers.p]\nbase_url = \"http://x\"\napi_key_env = \"NOPE\"\nmodels = [\"dall-e-2\"]",
+                "providers.p.api_key_env",
+            ),
+            (
+                &format!("{base}discount_percent = \"lots\""),
+                "providers.p.discount_percent",
+            ),
+            (
+                &format!("{base}discount_percent = 100"),
+                "providers.p.discount_percent",
+            ),
+            (
+                &format!("{base}timeout_secs = 0"),
+                "providers.p.timeout_secs",
+            ),
+            (&format!("{base}speed = 1"), "speed"),
+            ("api_keys = [\"sk-plain\"]", "api_keys[0]"),
+        ];
+        for (text, key) in cases {
+            let e = Config::from_toml(text, &env(&[])).unwrap_err();
+            assert!(
+                e.0.contains(key),
+                "config {text:?}: error {:?} does not name {key}",
+                e.0
+            );
+        }
+    }
+}

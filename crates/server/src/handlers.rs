@@ -1,0 +1,472 @@
+//! The HTTP handlers. Thin on purpose: read the body, let `api` parse and validate, route, call the
+//! provider, and write the response. Image decoding runs on blocking threads, never on the runtime.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use api::{ApiError, Fields, RawRequest};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::http::header::{ALLOW, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue, Method, Uri};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use domain::{
+    EditRequest, GenerateRequest, ImageJob, ImageOptions, InputImage, JobKind, ModelFamily,
+    StreamEvent,
+};
+use futures_util::StreamExt;
+use providers::{ProviderError, ProviderOutput};
+use serde_json::{Map, Value};
+
+use crate::routing::Route;
+use crate::{AppState, HttpError};
+
+type HandlerResult = Result<Response, HttpError>;
+
+pub async fn generations(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> HandlerResult {
+    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), &state))?;
+    let ct = content_type(&headers);
+    if !ct.is_empty() && !is_json(ct) {
+        return Err(ApiError::unsupported_media_type(ct, "'application/json'").into());
+    }
+    let map = json_object(&body)?;
+    let raw = RawRequest::parse(&Fields::Json(&map), JobKind::Generate, &[])?;
+    let (model, route) = route(&state, &raw, JobKind::Generate)?;
+    let (prompt, options, _) = raw.validate(&model, route.family, JobKind::Generate)?;
+    execute(
+        route,
+        ImageJob::Generate(GenerateRequest { prompt, options }),
+        &headers,
+    )
+    .await
+}
+
+pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerResult {
+    let headers = request.headers().clone();
+    let ct = content_type(&headers).to_owned();
+    let form = if ct.starts_with("multipart/form-data") {
+        read_multipart(request, &state).await?
+    } else if is_json(&ct) {
+        let body = Bytes::from_request(request, &state)
+            .await
+            .map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), &state))?;
+        read_json_edit(&body)?
+    } else {
+        return Err(ApiError::unsupported_media_type(
+            &ct,
+            "'multipart/form-data' or 'application/json'",
+        )
+        .into());
+    };
+
+    let raw = match &form.fields {
+        EditFields::Text(parts) => RawRequest::parse(&Fields::Text(parts), JobKind::Edit, &[])?,
+        EditFields::Json(map) => {
+            RawRequest::parse(&Fields::Json(map), JobKind::Edit, &["images", "mask"])?
+        }
+    };
+    let (model, route) = route(&state, &raw, JobKind::Edit)?;
+    let (prompt, options, input_fidelity) = raw.validate(&model, route.family, JobKind::Edit)?;
+    let (images, mask) = inspect_inputs(
+        form.images,
+        form.mask,
+        state.limits.max_image_pixels,
+        &headers,
+    )
+    .await?;
+    api::images::check_inputs(&images, route.family, &model)?;
+    if let Some(m) = &mask {
+        api::images::check_mask(m, &images[0])?;
+    }
+    let job = ImageJob::Edit(EditRequest {
+        prompt,
+        images,
+        mask,
+        input_fidelity,
+        options,
+    });
+    execute(route, job, &headers).await
+}
+
+pub async fn list_models(State(state): State<AppState>) -> Response {
+    json_response(api::models_json(&state.catalog.listing(), 0))
+}
+
+pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> HandlerResult {
+    let listing = state.catalog.listing();
+    let found: Vec<(String, String)> = listing.into_iter().filter(|(m, _)| *m == id).collect();
+    if found.is_empty() {
+        return Err(ApiError::model_not_found(&id, &state.catalog.public_names()).into());
+    }
+    let list = api::models_json(&found, 0);
+    // The list holds exactly one model object: answer that object.
+    let value: Value = serde_json::from_slice(&list).unwrap_or(Value::Null);
+    Ok(json_response(
+        serde_json::to_vec(&value["data"][0]).unwrap_or_default(),
+    ))
+}
+
+pub async fn health() -> Response {
+    json_response(br#"{"status":"ok"}"#.to_vec())
+}
+
+pub async fn not_found(method: Method, uri: Uri) -> HttpError {
+    HttpError(ApiError::route_not_found(method.as_str(), uri.path()))
+}
+
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let allowed = if uri.path().starts_with("/v1/models") || uri.path() == "/health" {
+        "GET"
+    } else {
+        "POST"
+    };
+    let mut response = HttpError(ApiError::method_not_allowed(
+        method.as_str(),
+        uri.path(),
+        allowed,
+    ))
+    .into_response();
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allowed));
+    response
+}
+
+/// Picks the model (the request's, the configured default, or OpenAI's default) and its route.
+fn route(state: &AppState, raw: &RawRequest, kind: JobKind) -> Result<(String, Route), HttpError> {
+    let model = match (&raw.model, &state.default_model) {
+        (Some(m), _) => m.clone(),
+        (None, Some(d)) => d.to_string(),
+        (None, None) => raw.openai_default_model(kind).to_owned(),
+    };
+    let route = state.catalog.resolve(&model)?;
+    Ok((model, route))
+}
+
+/// Runs the job on its provider and writes the response: JSON, or server-sent events when streaming.
+async fn execute(route: Route, job: ImageJob, headers: &HeaderMap) -> HandlerResult {
+    let provider = route.provider.name().to_owned();
+    let options = job.options().clone();
+    let kind = job.kind();
+    match route.provider.run(&route.upstream_model, &job).await {
+        Err(e) => Err(HttpError(provider_error(e, &provider, headers))),
+        Ok(ProviderOutput::Complete(mut result)) => {
+            result.resolved = result.resolved.fill_from(&options, route.family);
+            if result.created == 0 {
+                result.created = now();
+            }
+            Ok(json_response(api::images_response_json(&result)))
+        }
+        Ok(ProviderOutput::Stream(events)) => {
+            let headers = headers.clone();
+            let family = route.family;
+            let sse = events.map(move |item| -> Result<Event, Infallible> {
+                Ok(match item {
+                    Ok(event) => {
+                        let event = resolve_event(event, &options, family);
+                        let (name, data) = api::stream_event_json(kind, &event);
+                        Event::default().event(name).data(data)
+                    }
+                    Err(e) => {
+                        let error = provider_error(e, &provider, &headers);
+                        Event::default()
+                            .event("error")
+                            .data(api::stream_error_json(&error.body))
+                    }
+                })
+            });
+            Ok(Sse::new(sse).into_response())
+        }
+    }
+}
+
+fn resolve_event(event: StreamEvent, options: &ImageOptions, family: ModelFamily) -> StreamEvent {
+    match event {
+        StreamEvent::Partial {
+            b64_json,
+            partial_image_index,
+            created_at,
+            resolved,
+        } => StreamEvent::Partial {
+            b64_json,
+            partial_image_index,
+            created_at: if created_at == 0 { now() } else { created_at },
+            resolved: resolved.fill_from(options, family),
+        },
+        StreamEvent::Completed {
+            b64_json,
+            created_at,
+            resolved,
+            usage,
+        } => StreamEvent::Completed {
+            b64_json,
+            created_at: if created_at == 0 { now() } else { created_at },
+            resolved: resolved.fill_from(options, family),
+            usage,
+        },
+    }
+}
+
+/// What a client sees of a provider failure. Upstream errors pass through with their status and
+/// envelope, except credential failures: those are this server's configuration, not the client's key.
+fn provider_error(e: ProviderError, provider: &str, headers: &HeaderMap) -> ApiError {
+    match e {
+        ProviderError::Upstream {
+            status: status @ (401 | 403),
+            body,
+            ..
+        } => {
+            tracing::error!(provider, status, message = %body.message, "the upstream rejected this server's credentials");
+            ApiError::new(
+                502,
+                "server_error",
+                None,
+                Some("upstream_auth_failed"),
+                format!(
+                    "The upstream provider '{provider}' rejected this server's credentials (HTTP {status}); the server's operator must fix its API key."
+                ),
+            )
+        }
+        ProviderError::Upstream {
+            status,
+            body,
+            retry_after,
+        } => ApiError {
+            status,
+            body,
+            retry_after,
+        },
+        ProviderError::Timeout(d) => ApiError::upstream_unavailable(
+            504,
+            provider,
+            &format!("did not answer within {} s", d.as_secs()),
+        ),
+        ProviderError::Connection(detail) => {
+            tracing::warn!(provider, %detail, request_id = request_id(headers), "upstream connection failed");
+            ApiError::upstream_unavailable(
+                502,
+                provider,
+                "could not be reached, or the connection broke",
+            )
+        }
+        ProviderError::InvalidResponse(detail) => ApiError::new(
+            502,
+            "server_error",
+            None,
+            Some("upstream_invalid_response"),
+            format!("The upstream provider '{provider}' sent a malformed response: {detail}"),
+        ),
+    }
+}
+
+enum EditFields {
+    Text(Vec<(String, String)>),
+    Json(Map<String, Value>),
+}
+
+/// An edit's body, read but not yet checked.
+struct EditForm {
+    fields: EditFields,
+    /// (field name for errors, bytes, client file name)
+    images: Vec<(String, Bytes, Option<String>)>,
+    mask: Option<(Bytes, Option<String>)>,
+}
+
+async fn read_multipart(request: Request, state: &AppState) -> Result<EditForm, HttpError> {
+    let mut multipart = Multipart::from_request(request, state)
+        .await
+        .map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), state))?;
+    let mut texts = Vec::new();
+    let mut files = Vec::new();
+    let mut mask = None;
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(body_rejection(e.status().as_u16(), &e.body_text(), state)),
+        };
+        let name = field.name().unwrap_or_default().to_owned();
+        let filename = field.file_name().map(str::to_owned);
+        let is_image = name == "image" || name == "image[]" || is_indexed_image(&name);
+        let has_file = filename.is_some();
+        let bytes = field
+            .bytes()
+            .await
+            .map_err(|e| body_rejection(e.status().as_u16(), &e.body_text(), state))?;
+        if is_image {
+            files.push((bytes, filename));
+        } else if name == "mask" {
+            mask = Some((bytes, filename));
+        } else if has_file {
+            return Err(ApiError::unknown_parameter(&name).into());
+        } else {
+            let text = String::from_utf8(bytes.to_vec())
+                .map_err(|_| ApiError::invalid_type(&name, "a UTF-8 string", "binary data"))?;
+            texts.push((name, text));
+        }
+    }
+    check_image_count(files.len(), "image")?;
+    let count = files.len();
+    let images = files
+        .into_iter()
+        .enumerate()
+        .map(|(i, (b, f))| (api::images::image_param(i, count), b, f))
+        .collect();
+    Ok(EditForm {
+        fields: EditFields::Text(texts),
+        images,
+        mask,
+    })
+}
+
+fn is_indexed_image(name: &str) -> bool {
+    name.strip_prefix("image[")
+        .and_then(|r| r.strip_suffix(']'))
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn read_json_edit(body: &[u8]) -> Result<EditForm, HttpError> {
+    let map = json_object(body)?;
+    let refs = match map.get("images") {
+        None | Some(Value::Null) => return Err(ApiError::missing("images").into()),
+        Some(Value::Array(a)) => a,
+        Some(other) => {
+            return Err(ApiError::invalid_type("images", "an array", json_kind(other)).into());
+        }
+    };
+    check_image_count(refs.len(), "images")?;
+    let mut images = Vec::with_capacity(refs.len());
+    for (i, r) in refs.iter().enumerate() {
+        let param = format!("images[{i}]");
+        let bytes = api::upstream::decode_image_ref(&param, r)?;
+        images.push((param, bytes, None));
+    }
+    let mask = match map.get("mask") {
+        None | Some(Value::Null) => None,
+        Some(r) => Some((api::upstream::decode_image_ref("mask", r)?, None)),
+    };
+    Ok(EditForm {
+        fields: EditFields::Json(map),
+        images,
+        mask,
+    })
+}
+
+fn check_image_count(count: usize, param: &str) -> Result<(), ApiError> {
+    if count == 0 {
+        return Err(ApiError::missing(param));
+    }
+    if count > api::images::MAX_INPUT_IMAGES {
+        return Err(ApiError::invalid_value_msg(
+            param,
+            format!(
+                "Too many input images: {count} were sent, and at most {} are allowed.",
+                api::images::MAX_INPUT_IMAGES
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes every input image and the mask on a blocking thread.
+async fn inspect_inputs(
+    images: Vec<(String, Bytes, Option<String>)>,
+    mask: Option<(Bytes, Option<String>)>,
+    max_pixels: u64,
+    headers: &HeaderMap,
+) -> Result<(Vec<InputImage>, Option<InputImage>), HttpError> {
+    let work = move || -> Result<(Vec<InputImage>, Option<InputImage>), ApiError> {
+        let images = images
+            .into_iter()
+            .map(|(param, bytes, name)| api::images::inspect_image(&param, bytes, name, max_pixels))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mask = mask
+            .map(|(bytes, name)| api::images::inspect_image("mask", bytes, name, max_pixels))
+            .transpose()?;
+        Ok((images, mask))
+    };
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => Ok(result?),
+        Err(e) => {
+            tracing::error!(error = %e, request_id = request_id(headers), "image inspection task failed");
+            Err(HttpError(ApiError::internal(request_id(headers))))
+        }
+    }
+}
+
+/// A body that could not be read: too large (413) or malformed (400).
+fn body_rejection(status: u16, text: &str, state: &AppState) -> HttpError {
+    if status == 413 {
+        HttpError(ApiError::payload_too_large(state.limits.max_body_bytes))
+    } else {
+        HttpError(ApiError::malformed_body(format!(
+            "The request body could not be read: {text}"
+        )))
+    }
+}
+
+fn json_object(body: &[u8]) -> Result<Map<String, Value>, HttpError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(ApiError::malformed_body(format!(
+            "The request body must be a JSON object, and it is {}.",
+            json_kind(&other)
+        ))
+        .into()),
+        Err(e) => Err(ApiError::malformed_body(format!(
+            "We could not parse the JSON body of your request ({e}). The API expects a JSON object."
+        ))
+        .into()),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> &str {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+fn is_json(ct: &str) -> bool {
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")
+}
+
+fn request_id(headers: &HeaderMap) -> &str {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("unknown")
+}
+
+fn json_response(body: Vec<u8>) -> Response {
+    (
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,144 @@
+//! imagegate's HTTP server: the axum application, authentication, model routing and the thin handlers
+//! that join the `api` crate's parsing to the providers.
+//!
+//! [`app`] builds the router from an [`AppState`] (tests call it without a socket); [`run`] serves it on a
+//! listener until a shutdown future resolves, letting in-flight requests finish.
+
+pub mod auth;
+pub mod config;
+mod handlers;
+pub mod routing;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use api::ApiError;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use providers::Provider;
+use providers::openai::{OpenAiUpstream, UpstreamConfig};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use auth::KeySet;
+pub use config::{Config, ConfigError, Limits};
+pub use routing::Catalog;
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub catalog: Arc<Catalog>,
+    pub keys: Arc<KeySet>,
+    pub limits: Limits,
+    pub default_model: Option<Arc<str>>,
+}
+
+impl AppState {
+    /// Builds the providers of `config` and the routing over them.
+    pub fn from_config(config: &Config) -> Result<AppState, ConfigError> {
+        let mut providers: Vec<(Arc<dyn Provider>, _)> = Vec::new();
+        for p in &config.providers {
+            let mut upstream = UpstreamConfig::new(&p.name, &p.base_url, p.api_key.clone());
+            upstream.timeout = p.timeout;
+            upstream.max_retries = p.max_retries;
+            let provider = OpenAiUpstream::new(upstream)
+                .map_err(|e| ConfigError(format!("providers.{}: {e}", p.name)))?;
+            providers.push((Arc::new(provider), p.models.clone()));
+        }
+        let catalog = Catalog::new(providers, config.aliases.clone())?;
+        if let Some(m) = &config.default_model
+            && catalog.resolve(m).is_err()
+        {
+            return Err(ConfigError(format!(
+                "default_model: '{m}' is not a model any provider serves"
+            )));
+        }
+        Ok(AppState {
+            catalog: Arc::new(catalog),
+            keys: Arc::new(KeySet::new(config.api_key_hashes.clone())),
+            limits: config.limits,
+            default_model: config.default_model.as_deref().map(Arc::from),
+        })
+    }
+}
+
+/// The application: every route, with request ids, tracing, the body limit and OpenAI-shaped errors for
+/// anything unrouted.
+pub fn app(state: AppState) -> Router {
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let v1 = Router::new()
+        .route("/images/generations", post(handlers::generations))
+        .route("/images/edits", post(handlers::edits))
+        .route("/models", get(handlers::list_models))
+        .route("/models/{*id}", get(handlers::get_model))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    Router::new()
+        .route("/health", get(handlers::health))
+        .nest("/v1", v1)
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(TraceLayer::new_for_http())
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Refuses to serve without keys on an address other machines can reach.
+pub fn check_listen_address(addr: &SocketAddr, keys: &KeySet) -> Result<(), ConfigError> {
+    if keys.is_open() && !addr.ip().is_loopback() {
+        return Err(ConfigError(format!(
+            "refusing to listen on {addr} without API keys: anyone who can reach it could spend your money. Set IMAGEGATE_API_KEYS (or api_keys in the config), or listen on 127.0.0.1"
+        )));
+    }
+    Ok(())
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; requests in flight then finish before it returns.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// An [`ApiError`] as an HTTP response: the status, OpenAI's envelope, and `Retry-After` when set.
+pub struct HttpError(pub ApiError);
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        HttpError(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (
+            status,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.0.to_json(),
+        )
+            .into_response();
+        if let Some(secs) = self.0.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
