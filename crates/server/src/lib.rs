@@ -19,7 +19,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use providers::Provider;
 use providers::openai::{OpenAiUpstream, UpstreamConfig};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -40,7 +39,7 @@ pub struct AppState {
 impl AppState {
     /// Builds the providers of `config` and the routing over them.
     pub fn from_config(config: &Config) -> Result<AppState, ConfigError> {
-        let mut providers: Vec<(Arc<dyn Provider>, _)> = Vec::new();
+        let mut providers: Vec<routing::ProviderModels> = Vec::new();
         for p in &config.providers {
             let mut upstream = UpstreamConfig::new(&p.name, &p.base_url, p.api_key.clone());
             upstream.timeout = p.timeout;

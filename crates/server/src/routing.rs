@@ -19,6 +19,9 @@ pub struct Route {
     pub family: ModelFamily,
 }
 
+/// A provider and the models it serves: (the provider's model name, its family).
+pub type ProviderModels = (Arc<dyn Provider>, Vec<(String, ModelFamily)>);
+
 struct Entry {
     provider: usize,
     model: String,
@@ -35,7 +38,7 @@ pub struct Catalog {
 impl Catalog {
     /// `providers` pairs each provider with the models it serves; alias targets are checked here.
     pub fn new(
-        providers: Vec<(Arc<dyn Provider>, Vec<(String, ModelFamily)>)>,
+        providers: Vec<ProviderModels>,
         aliases: BTreeMap<String, String>,
     ) -> Result<Catalog, ConfigError> {
         let mut catalog = Catalog {

@@ -1,0 +1,362 @@
+"""imagegate against the official OpenAI Python SDK.
+
+A session fixture starts the fake upstream (`fake-openai`) and `imagegate serve` pointed at it,
+then each test uses the unmodified `openai` client the way a user would and checks what the user
+sees. Run with `tests/conformance/run.sh`, or by hand:
+
+    cargo build -p imagegate -p fake-openai --bins
+    python -m pytest -q tests/conformance
+
+`IMAGEGATE_BIN_DIR` overrides where the two binaries are looked up (default: the cargo target
+directory's `debug/`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import select
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+GATEWAY_KEY = "sk-conformance-test"
+STARTUP_TIMEOUT_S = 30.0
+
+
+def bin_dir() -> Path:
+    if os.environ.get("IMAGEGATE_BIN_DIR"):
+        return Path(os.environ["IMAGEGATE_BIN_DIR"])
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+    if not target.is_absolute():
+        target = REPO / target
+    return target / "debug"
+
+
+def binary(name: str) -> Path:
+    path = bin_dir() / name
+    if not path.is_file():
+        pytest.fail(
+            f"{path} not found: run `cargo build -p imagegate -p fake-openai --bins` "
+            f"(or set IMAGEGATE_BIN_DIR to the folder holding both binaries)",
+            pytrace=False,
+        )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_log(f) -> str:
+    f.flush()
+    f.seek(0)
+    return f.read().decode("utf-8", "replace")[-8000:]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Servers:
+    gateway_url: str  # http://127.0.0.1:PORT (no /v1)
+    fake_url: str  # http://127.0.0.1:PORT (no /v1)
+
+
+@pytest.fixture(scope="session")
+def servers():
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        # 1. The fake upstream: it prints `listening on http://ADDR` once bound.
+        fake_err = tempfile.TemporaryFile()
+        logs.append(fake_err)
+        fake = subprocess.Popen(
+            [str(binary("fake-openai")), "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE,
+            stderr=fake_err,
+        )
+        procs.append(fake)
+        ready, _, _ = select.select([fake.stdout], [], [], 10)
+        line = fake.stdout.readline().decode().strip() if ready else ""
+        if not line.startswith("listening on http://"):
+            pytest.fail(
+                f"fake-openai did not announce its address (got {line!r}); stderr:\n{read_log(fake_err)}",
+                pytrace=False,
+            )
+        fake_url = line.removeprefix("listening on ")
+
+        # 2. imagegate, pointed at the fake.
+        port = free_port()
+        gw_log = tempfile.TemporaryFile()
+        logs.append(gw_log)
+        # Zero-config mode: no stray IMAGEGATE_* settings (a config file, other keys) from the caller.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGATE_")}
+        env.update(
+            OPENAI_API_KEY="upstream-secret",
+            OPENAI_BASE_URL=f"{fake_url}/v1",
+            IMAGEGATE_API_KEYS=GATEWAY_KEY,
+        )
+        gateway = subprocess.Popen(
+            [str(binary("imagegate")), "serve", "--listen", f"127.0.0.1:{port}"],
+            stdout=gw_log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tempfile.gettempdir(),
+        )
+        procs.append(gateway)
+        gateway_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        last = "no answer yet"
+        while True:
+            if gateway.poll() is not None:
+                pytest.fail(
+                    f"imagegate serve exited with status {gateway.returncode} before /health answered; "
+                    f"output:\n{read_log(gw_log)}",
+                    pytrace=False,
+                )
+            try:
+                with urllib.request.urlopen(f"{gateway_url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+                    last = f"status {resp.status}"
+            except urllib.error.HTTPError as e:
+                last = f"status {e.code}"
+            except OSError as e:
+                last = repr(e)
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"imagegate did not answer GET {gateway_url}/health with 200 within "
+                    f"{STARTUP_TIMEOUT_S:.0f}s (last: {last}); output:\n{read_log(gw_log)}",
+                    pytrace=False,
+                )
+            time.sleep(0.1)
+
+        yield Servers(gateway_url=gateway_url, fake_url=fake_url)
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        for f in logs:
+            f.close()
+
+
+@pytest.fixture
+def client(servers) -> OpenAI:
+    return OpenAI(api_key=GATEWAY_KEY, base_url=f"{servers.gateway_url}/v1", timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def png_bytes(w: int, h: int, mode: str = "RGB", color=(200, 80, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def mask_bytes(w: int, h: int) -> bytes:
+    """RGBA mask: transparent (edit here) left half, opaque right half."""
+    img = Image.new("RGBA", (w, h), (0, 0, 0, 255))
+    img.paste((0, 0, 0, 0), (0, 0, w // 2, h))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode(b64: str | None) -> Image.Image:
+    assert b64, "expected b64_json image data"
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    img.load()
+    return img
+
+
+# ---------------------------------------------------------------------------------------------
+# 1-2. generations
+
+
+def test_generate_png(client):
+    r = client.images.generate(model="gpt-image-1-mini", prompt="a cute baby sea otter", size="1024x1024")
+    assert len(r.data) == 1
+    img = decode(r.data[0].b64_json)
+    assert img.format == "PNG"
+    assert img.size == (1024, 1024)
+    assert r.size == "1024x1024"
+    for field in ("quality", "background", "output_format"):
+        value = getattr(r, field)
+        assert value, f"{field} missing"
+        assert value != "auto", f"{field} not resolved"
+    assert r.output_format == "png"
+    assert r.usage is not None
+    assert r.usage.output_tokens > 0
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+
+
+def test_generate_jpeg(client):
+    r = client.images.generate(
+        model="gpt-image-1-mini",
+        prompt="a lighthouse at dusk",
+        size="1024x1024",
+        output_format="jpeg",
+        output_compression=50,
+    )
+    raw = base64.b64decode(r.data[0].b64_json)
+    assert raw[:3] == b"\xff\xd8\xff", "not a JPEG"
+    img = decode(r.data[0].b64_json)
+    assert img.format == "JPEG"
+    assert img.size == (1024, 1024)
+    assert r.output_format == "jpeg"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. edits
+
+
+def test_edit_two_images_and_mask(client):
+    first = png_bytes(256, 256)
+    second = png_bytes(128, 96, color=(20, 120, 220))
+    r = client.images.edit(
+        model="gpt-image-1",
+        image=[("a.png", first, "image/png"), ("b.png", second, "image/png")],
+        mask=("mask.png", mask_bytes(256, 256), "image/png"),
+        prompt="put both objects on a wooden table",
+    )
+    assert len(r.data) == 1
+    img = decode(r.data[0].b64_json)
+    assert img.width > 0 and img.height > 0
+    assert r.usage is not None
+    assert r.usage.input_tokens_details.image_tokens > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. streaming
+
+
+def test_generate_stream(client):
+    stream = client.images.generate(
+        model="gpt-image-1-mini",
+        prompt="a paper boat on a pond",
+        size="1024x1024",
+        stream=True,
+        partial_images=2,
+    )
+    events = list(stream)
+    assert [e.type for e in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    for e in events[:2]:
+        decode(e.b64_json)
+    done = events[-1]
+    assert decode(done.b64_json).size == (1024, 1024)
+    assert done.size == "1024x1024"
+    assert done.usage is not None
+    assert done.usage.output_tokens > 0
+
+
+def test_edit_stream(client):
+    stream = client.images.edit(
+        model="gpt-image-1",
+        image=("a.png", png_bytes(256, 256), "image/png"),
+        prompt="make it night",
+        stream=True,
+        partial_images=1,
+    )
+    events = list(stream)
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert events[0].partial_image_index == 0
+    decode(events[0].b64_json)
+    decode(events[1].b64_json)
+    assert events[1].usage is not None
+    assert events[1].usage.output_tokens > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. errors
+
+
+def test_bad_size_is_400_invalid_value(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(model="gpt-image-1-mini", prompt="p", size="1254x836")
+    err = info.value
+    assert err.status_code == 400
+    assert isinstance(err.body, dict), err.body
+    assert err.body.get("param") == "size"
+    assert err.body.get("code") == "invalid_value"
+    assert err.param == "size"
+    assert err.code == "invalid_value"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.images.generate(model="no-such-model", prompt="p")
+    assert info.value.status_code == 404
+
+
+def test_wrong_api_key_is_401(servers):
+    bad = OpenAI(api_key="sk-wrong-key", base_url=f"{servers.gateway_url}/v1", timeout=60)
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.images.generate(model="gpt-image-1-mini", prompt="p")
+    assert info.value.status_code == 401
+
+
+def test_upstream_moderation_error_passes_through(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(model="gpt-image-1-mini", prompt="something unsafe [fault:400]")
+    err = info.value
+    assert err.status_code == 400
+    assert isinstance(err.body, dict), err.body
+    assert err.body.get("code") == "moderation_blocked"
+    assert err.body.get("param") == "prompt"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. dall-e-3
+
+
+def test_dalle3_b64_and_revised_prompt(client):
+    r = client.images.generate(
+        model="dall-e-3",
+        prompt="an astronaut riding a horse",
+        size="1024x1024",
+        response_format="b64_json",
+    )
+    assert len(r.data) == 1
+    img = decode(r.data[0].b64_json)
+    assert img.size == (1024, 1024)
+    assert r.data[0].revised_prompt
+    assert "an astronaut riding a horse" in r.data[0].revised_prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. a transient upstream failure is invisible to the user (gateway and/or SDK retries)
+
+
+def test_transient_upstream_500_is_retried(client):
+    r = client.images.generate(
+        model="gpt-image-1-mini", prompt=f"a kite [fault:500-once] {time.time_ns()}", size="1024x1024"
+    )
+    assert decode(r.data[0].b64_json).size == (1024, 1024)
