@@ -1,0 +1,21 @@
+//! Pricing: what every image costs, before and after. Pure functions over data, no I/O.
+//!
+//! [`Catalog`] holds the prices (shipped in `catalog.toml`, overridable from the config);
+//! [`cost`] prices a finished job from its usage, itemized; [`estimate`] prices planned jobs with the
+//! same math. Money is [`rust_decimal::Decimal`] end to end, never a float.
+
+mod catalog;
+mod cost;
+mod estimate;
+
+pub use catalog::{
+    BUILTIN_CATALOG, BillingBasis, Catalog, CatalogError, LocalPrices, ModelPrice, Price,
+    TokenPrices,
+};
+pub use cost::{
+    Adjustments, Cost, CostLine, HIGH_FIDELITY_OTHER_TOKENS, HIGH_FIDELITY_SQUARE_TOKENS, JobShape,
+    PARTIAL_IMAGE_TOKENS, PriceError, UsageSource, compute_cost, cost, count_text_tokens,
+    count_usage, image_input_tokens, tokens_for_words,
+};
+pub use estimate::{Estimate, PerImageView, PlannedRequest, estimate, worst_case};
+pub use rust_decimal::Decimal;
