@@ -29,13 +29,7 @@ struct Envelope<T> {
 }
 
 impl ApiError {
-    pub fn new(
-        status: u16,
-        kind: &str,
-        param: Option<&str>,
-        code: Option<&str>,
-        message: String,
-    ) -> Self {
+    pub fn new(status: u16, kind: &str, param: Option<&str>, code: Option<&str>, message: String) -> Self {
         ApiError {
             status,
             body: ErrorBody {
@@ -49,13 +43,7 @@ impl ApiError {
     }
 
     fn invalid(param: &str, code: &str, message: String) -> Self {
-        ApiError::new(
-            400,
-            "invalid_request_error",
-            Some(param),
-            Some(code),
-            message,
-        )
+        ApiError::new(400, "invalid_request_error", Some(param), Some(code), message)
     }
 
     /// A value outside the allowed set: `Invalid value: 'x'. Supported values are: 'a', 'b', and 'c'.`
@@ -64,10 +52,7 @@ impl ApiError {
         ApiError::invalid(
             param,
             "invalid_value",
-            format!(
-                "Invalid value: '{value}'. Supported values are: {}.",
-                english_list(&list)
-            ),
+            format!("Invalid value: '{value}'. Supported values are: {}.", english_list(&list)),
         )
     }
 
@@ -85,19 +70,11 @@ impl ApiError {
     }
 
     pub fn missing(param: &str) -> Self {
-        ApiError::invalid(
-            param,
-            "missing_required_parameter",
-            format!("Missing required parameter: '{param}'."),
-        )
+        ApiError::invalid(param, "missing_required_parameter", format!("Missing required parameter: '{param}'."))
     }
 
     pub fn unknown_parameter(param: &str) -> Self {
-        ApiError::invalid(
-            param,
-            "unknown_parameter",
-            format!("Unknown parameter: '{param}'."),
-        )
+        ApiError::invalid(param, "unknown_parameter", format!("Unknown parameter: '{param}'."))
     }
 
     /// A parameter that exists but that the chosen model does not take.
@@ -105,9 +82,7 @@ impl ApiError {
         ApiError::invalid(
             param,
             "unsupported_parameter",
-            format!(
-                "'{param}' is not supported with model '{model}': it is only supported for {supported_by}."
-            ),
+            format!("'{param}' is not supported with model '{model}': it is only supported for {supported_by}."),
         )
     }
 
@@ -158,13 +133,7 @@ impl ApiError {
 
     /// A body that is not valid JSON or multipart.
     pub fn malformed_body(message: String) -> Self {
-        ApiError::new(
-            400,
-            "invalid_request_error",
-            None,
-            Some("invalid_body"),
-            message,
-        )
+        ApiError::new(400, "invalid_request_error", None, Some("invalid_body"), message)
     }
 
     pub fn model_not_found(model: &str, available: &[String]) -> Self {
@@ -240,9 +209,7 @@ impl ApiError {
             "invalid_request_error",
             None,
             Some("invalid_api_key"),
-            format!(
-                "Incorrect API key provided: {shown}***. Check the key this imagegate instance issued you."
-            ),
+            format!("Incorrect API key provided: {shown}***. Check the key this imagegate instance issued you."),
         )
     }
 
@@ -253,42 +220,27 @@ impl ApiError {
             "server_error",
             None,
             None,
-            format!(
-                "The server had an error while processing your request. Request id: {request_id}."
-            ),
+            format!("The server had an error while processing your request. Request id: {request_id}."),
         )
     }
 
     /// An upstream that could not be reached or did not answer in time.
     pub fn upstream_unavailable(status: u16, provider: &str, what: &str) -> Self {
-        let code = if status == 504 {
-            "upstream_timeout"
-        } else {
-            "upstream_unavailable"
-        };
-        ApiError::new(
-            status,
-            "server_error",
-            None,
-            Some(code),
-            format!("The upstream provider '{provider}' {what}."),
-        )
+        let code = if status == 504 { "upstream_timeout" } else { "upstream_unavailable" };
+        ApiError::new(status, "server_error", None, Some(code), format!("The upstream provider '{provider}' {what}."))
     }
 
     /// The envelope as JSON text.
     pub fn to_json(&self) -> String {
         serde_json::to_string(&Envelope { error: &self.body }).unwrap_or_else(|_| {
-            r#"{"error":{"message":"error","type":"server_error","param":null,"code":null}}"#
-                .to_owned()
+            r#"{"error":{"message":"error","type":"server_error","param":null,"code":null}}"#.to_owned()
         })
     }
 }
 
 /// Reads OpenAI's envelope from an error body, if that is what it is.
 pub fn parse_error_body(bytes: &[u8]) -> Option<ErrorBody> {
-    serde_json::from_slice::<Envelope<ErrorBody>>(bytes)
-        .ok()
-        .map(|e| e.error)
+    serde_json::from_slice::<Envelope<ErrorBody>>(bytes).ok().map(|e| e.error)
 }
 
 /// `'a'`, `'a' and 'b'`, `'a', 'b', and 'c'`: the way OpenAI lists supported values.
@@ -307,11 +259,7 @@ mod tests {
 
     #[test]
     fn invalid_size_reads_like_openai() {
-        let e = ApiError::invalid_value(
-            "size",
-            "1254x836",
-            &["1024x1024", "1024x1536", "1536x1024", "auto"],
-        );
+        let e = ApiError::invalid_value("size", "1254x836", &["1024x1024", "1024x1536", "1536x1024", "auto"]);
         assert_eq!(e.status, 400);
         assert_eq!(
             e.body.message,

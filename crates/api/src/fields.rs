@@ -28,11 +28,7 @@ impl Fields<'_> {
     fn text(&self, name: &str) -> Option<&str> {
         match self {
             Fields::Json(_) => None,
-            Fields::Text(parts) => parts
-                .iter()
-                .rev()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str()),
+            Fields::Text(parts) => parts.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
         }
     }
 
@@ -69,11 +65,7 @@ impl Fields<'_> {
                 Some(i) => Ok(Some(i)),
                 // Larger than i64 still counts as an integer for range errors; a fraction does not.
                 None if n.as_u64().is_some() => Ok(Some(i64::MAX)),
-                None => Err(ApiError::invalid_type(
-                    name,
-                    "an integer",
-                    "a decimal number",
-                )),
+                None => Err(ApiError::invalid_type(name, "an integer", "a decimal number")),
             },
             Some(other) => Err(ApiError::invalid_type(name, "an integer", json_kind(other))),
         }
@@ -95,10 +87,7 @@ impl Fields<'_> {
         parsed.map(Some).ok_or_else(|| {
             ApiError::invalid_value_msg(
                 name,
-                format!(
-                    "Invalid '{name}': expected an integer between 0 and {}.",
-                    u64::MAX
-                ),
+                format!("Invalid '{name}': expected an integer between 0 and {}.", u64::MAX),
             )
         })
     }
@@ -109,11 +98,7 @@ impl Fields<'_> {
             return match t.trim() {
                 "true" | "True" | "1" => Ok(Some(true)),
                 "false" | "False" | "0" => Ok(Some(false)),
-                other => Err(ApiError::invalid_type(
-                    name,
-                    "a boolean",
-                    &format!("'{other}'"),
-                )),
+                other => Err(ApiError::invalid_type(name, "a boolean", &format!("'{other}'"))),
             };
         }
         match self.json(name) {
@@ -165,25 +150,10 @@ mod tests {
         let f = Fields::Json(obj.as_object().unwrap());
         let e = f.integer("n").unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("n"));
-        assert_eq!(
-            e.body.message,
-            "Invalid type for 'n': expected an integer, but got a string instead."
-        );
-        assert_eq!(
-            f.boolean("stream").unwrap_err().body.code.as_deref(),
-            Some("invalid_type")
-        );
-        assert_eq!(
-            f.string("prompt").unwrap_err().body.param.as_deref(),
-            Some("prompt")
-        );
-        assert_eq!(
-            f.unsigned("seed").unwrap_err().body.param.as_deref(),
-            Some("seed")
-        );
-        assert_eq!(
-            f.integer("m").unwrap_err().body.code.as_deref(),
-            Some("invalid_type")
-        );
+        assert_eq!(e.body.message, "Invalid type for 'n': expected an integer, but got a string instead.");
+        assert_eq!(f.boolean("stream").unwrap_err().body.code.as_deref(), Some("invalid_type"));
+        assert_eq!(f.string("prompt").unwrap_err().body.param.as_deref(), Some("prompt"));
+        assert_eq!(f.unsigned("seed").unwrap_err().body.param.as_deref(), Some("seed"));
+        assert_eq!(f.integer("m").unwrap_err().body.code.as_deref(), Some("invalid_type"));
     }
 }

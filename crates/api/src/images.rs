@@ -55,15 +55,11 @@ pub fn inspect_image(
         InputFormat::Webp => ImageFormat::WebP,
     };
     let undecodable = |e: image::ImageError| {
-        ApiError::invalid_image(
-            param,
-            format!("Invalid input image '{param}': it does not decode ({e})."),
-        )
+        ApiError::invalid_image(param, format!("Invalid input image '{param}': it does not decode ({e})."))
     };
 
-    let (width, height) = ImageReader::with_format(Cursor::new(&bytes[..]), image_format)
-        .into_dimensions()
-        .map_err(undecodable)?;
+    let (width, height) =
+        ImageReader::with_format(Cursor::new(&bytes[..]), image_format).into_dimensions().map_err(undecodable)?;
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
         return Err(ApiError::invalid_image(
@@ -83,49 +79,29 @@ pub fn inspect_image(
     reader.limits(limits);
     let decoded = reader.decode().map_err(undecodable)?;
 
-    Ok(InputImage {
-        has_alpha: decoded.color().has_alpha(),
-        bytes,
-        format,
-        size: Size::new(width, height),
-        filename,
-    })
+    Ok(InputImage { has_alpha: decoded.color().has_alpha(), bytes, format, size: Size::new(width, height), filename })
 }
 
 /// Checks the edit's input images against the model's rules: count, byte size, and for dall-e-2 one
 /// square PNG.
-pub fn check_inputs(
-    images: &[InputImage],
-    family: ModelFamily,
-    model: &str,
-) -> Result<(), ApiError> {
+pub fn check_inputs(images: &[InputImage], family: ModelFamily, model: &str) -> Result<(), ApiError> {
     if images.is_empty() {
         return Err(ApiError::missing("image"));
     }
     if images.len() > MAX_INPUT_IMAGES {
         return Err(ApiError::invalid_value_msg(
             "image",
-            format!(
-                "Too many input images: {} were sent, and at most {MAX_INPUT_IMAGES} are allowed.",
-                images.len()
-            ),
+            format!("Too many input images: {} were sent, and at most {MAX_INPUT_IMAGES} are allowed.", images.len()),
         ));
     }
     let dall_e_2 = family == ModelFamily::DallE2;
     if dall_e_2 && images.len() > 1 {
         return Err(ApiError::invalid_value_msg(
             "image",
-            format!(
-                "Model '{model}' edits exactly one image, and {} were sent.",
-                images.len()
-            ),
+            format!("Model '{model}' edits exactly one image, and {} were sent.", images.len()),
         ));
     }
-    let limit = if dall_e_2 {
-        SMALL_MAX_IMAGE_BYTES
-    } else {
-        GPT_MAX_IMAGE_BYTES
-    };
+    let limit = if dall_e_2 { SMALL_MAX_IMAGE_BYTES } else { GPT_MAX_IMAGE_BYTES };
     for (i, img) in images.iter().enumerate() {
         let param = image_param(i, images.len());
         if img.bytes.len() >= limit {
@@ -157,10 +133,7 @@ pub fn check_mask(mask: &InputImage, first: &InputImage) -> Result<(), ApiError>
     if mask.format != InputFormat::Png {
         return Err(ApiError::invalid_image(
             "mask",
-            format!(
-                "Invalid mask: it must be a PNG, and this is a {}.",
-                mask.format.extension()
-            ),
+            format!("Invalid mask: it must be a PNG, and this is a {}.", mask.format.extension()),
         ));
     }
     if !mask.has_alpha {
@@ -172,10 +145,7 @@ pub fn check_mask(mask: &InputImage, first: &InputImage) -> Result<(), ApiError>
     if mask.bytes.len() >= SMALL_MAX_IMAGE_BYTES {
         return Err(ApiError::invalid_image(
             "mask",
-            format!(
-                "Invalid mask: {} bytes, and masks must be under {SMALL_MAX_IMAGE_BYTES} bytes.",
-                mask.bytes.len()
-            ),
+            format!("Invalid mask: {} bytes, and masks must be under {SMALL_MAX_IMAGE_BYTES} bytes.", mask.bytes.len()),
         ));
     }
     if mask.size != first.size {
@@ -192,9 +162,5 @@ pub fn check_mask(mask: &InputImage, first: &InputImage) -> Result<(), ApiError>
 
 /// The name of the i-th image field in errors: `image` for a single image, `image[i]` otherwise.
 pub fn image_param(i: usize, count: usize) -> String {
-    if count == 1 {
-        "image".to_owned()
-    } else {
-        format!("image[{i}]")
-    }
+    if count == 1 { "image".to_owned() } else { format!("image[{i}]") }
 }

@@ -16,6 +16,6 @@ pub use error::{ApiError, ErrorBody, parse_error_body};
 pub use fields::Fields;
 pub use request::{RawRequest, allowed_sizes};
 pub use response::{
-    UpstreamStreamItem, images_response_json, models_json, parse_images_response,
-    parse_stream_event, stream_error_json, stream_event_json,
+    UpstreamStreamItem, cost_json, images_response_json, models_json, parse_images_response, parse_stream_event,
+    stream_error_json, stream_event_json,
 };

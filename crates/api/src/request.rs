@@ -8,8 +8,8 @@
 use std::str::FromStr;
 
 use domain::{
-    Background, ImageOptions, InputFidelity, JobKind, ModelFamily, Moderation, OutputFormat,
-    Quality, ResponseFormat, ServiceTier, Size, SizeChoice, Style,
+    Background, ImageOptions, InputFidelity, JobKind, ModelFamily, Moderation, OutputFormat, Quality, ResponseFormat,
+    ServiceTier, Size, SizeChoice, Style,
 };
 
 use crate::{ApiError, Fields};
@@ -86,20 +86,12 @@ const DALL_E_2_SIZES: &[&str] = &["256x256", "512x512", "1024x1024"];
 impl RawRequest {
     /// Reads the fields of a generation (`kind = Generate`) or an edit. `extra` names fields the caller
     /// reads itself (the JSON edit's `images` and `mask`), so they are not unknown.
-    pub fn parse(
-        fields: &Fields<'_>,
-        kind: JobKind,
-        extra: &[&str],
-    ) -> Result<RawRequest, ApiError> {
+    pub fn parse(fields: &Fields<'_>, kind: JobKind, extra: &[&str]) -> Result<RawRequest, ApiError> {
         let known = match kind {
             JobKind::Generate => GENERATION_FIELDS,
             JobKind::Edit => EDIT_FIELDS,
         };
-        if let Some(unknown) = fields
-            .names()
-            .into_iter()
-            .find(|n| !known.contains(n) && !extra.contains(n))
-        {
+        if let Some(unknown) = fields.names().into_iter().find(|n| !known.contains(n) && !extra.contains(n)) {
             return Err(ApiError::unknown_parameter(unknown));
         }
         Ok(RawRequest {
@@ -149,22 +141,16 @@ impl RawRequest {
         kind: JobKind,
     ) -> Result<(String, ImageOptions, Option<InputFidelity>), ApiError> {
         let gpt = family.is_gpt_image();
-        let only_gpt =
-            |param: &str| ApiError::unsupported_parameter(param, model, "the GPT image models");
+        let only_gpt = |param: &str| ApiError::unsupported_parameter(param, model, "the GPT image models");
 
         if kind == JobKind::Edit && family == ModelFamily::DallE3 {
             return Err(ApiError::invalid_value_msg(
                 "model",
-                format!(
-                    "Model '{model}' does not support edits: use a GPT image model or dall-e-2."
-                ),
+                format!("Model '{model}' does not support edits: use a GPT image model or dall-e-2."),
             ));
         }
 
-        let prompt = self
-            .prompt
-            .clone()
-            .ok_or_else(|| ApiError::missing("prompt"))?;
+        let prompt = self.prompt.clone().ok_or_else(|| ApiError::missing("prompt"))?;
         if prompt.is_empty() {
             return Err(ApiError::empty_string("prompt"));
         }
@@ -191,11 +177,7 @@ impl RawRequest {
             ));
         }
 
-        let size = self
-            .size
-            .as_deref()
-            .map(|s| parse_size(s, family, kind))
-            .transpose()?;
+        let size = self.size.as_deref().map(|s| parse_size(s, family, kind)).transpose()?;
 
         let quality = parse_enum::<Quality>("quality", self.quality.as_deref())?;
         if let Some(q) = quality {
@@ -211,8 +193,7 @@ impl RawRequest {
             }
         }
 
-        let response_format =
-            parse_enum::<ResponseFormat>("response_format", self.response_format.as_deref())?;
+        let response_format = parse_enum::<ResponseFormat>("response_format", self.response_format.as_deref())?;
         if gpt && response_format == Some(ResponseFormat::Url) {
             return Err(ApiError::invalid_value_msg(
                 "response_format",
@@ -222,8 +203,7 @@ impl RawRequest {
             ));
         }
 
-        let output_format =
-            parse_enum::<OutputFormat>("output_format", self.output_format.as_deref())?;
+        let output_format = parse_enum::<OutputFormat>("output_format", self.output_format.as_deref())?;
         let background = parse_enum::<Background>("background", self.background.as_deref())?;
         let moderation = parse_enum::<Moderation>("moderation", self.moderation.as_deref())?;
         let stream = self.stream.unwrap_or(false);
@@ -276,8 +256,7 @@ impl RawRequest {
             return Err(ApiError::unsupported_parameter("style", model, "dall-e-3"));
         }
 
-        let input_fidelity =
-            parse_enum::<InputFidelity>("input_fidelity", self.input_fidelity.as_deref())?;
+        let input_fidelity = parse_enum::<InputFidelity>("input_fidelity", self.input_fidelity.as_deref())?;
         if input_fidelity.is_some() && family != ModelFamily::GptImage {
             return Err(ApiError::unsupported_parameter(
                 "input_fidelity",
@@ -314,10 +293,7 @@ fn parse_enum<T: FromStr + Copy + std::fmt::Display + AllValues>(
 ) -> Result<Option<T>, ApiError> {
     match value {
         None => Ok(None),
-        Some(v) => v
-            .parse::<T>()
-            .map(Some)
-            .map_err(|_| ApiError::invalid_value(param, v, T::all())),
+        Some(v) => v.parse::<T>().map(Some).map_err(|_| ApiError::invalid_value(param, v, T::all())),
     }
 }
 
@@ -329,16 +305,7 @@ trait AllValues: Sized + 'static {
 macro_rules! all_values {
     ($($t:ty),*) => { $(impl AllValues for $t { fn all() -> &'static [Self] { <$t>::ALL } })* };
 }
-all_values!(
-    Quality,
-    ResponseFormat,
-    OutputFormat,
-    Background,
-    Moderation,
-    Style,
-    InputFidelity,
-    ServiceTier
-);
+all_values!(Quality, ResponseFormat, OutputFormat, Background, Moderation, Style, InputFidelity, ServiceTier);
 
 /// The sizes a family accepts for an operation, as OpenAI lists them.
 pub fn allowed_sizes(family: ModelFamily, kind: JobKind) -> &'static [&'static str] {
@@ -358,8 +325,5 @@ fn parse_size(value: &str, family: ModelFamily, kind: JobKind) -> Result<SizeCho
     if !allowed.contains(&value) {
         return Err(ApiError::invalid_value("size", value, allowed));
     }
-    value
-        .parse::<Size>()
-        .map(SizeChoice::Exact)
-        .map_err(|()| ApiError::invalid_value("size", value, allowed))
+    value.parse::<Size>().map(SizeChoice::Exact).map_err(|()| ApiError::invalid_value("size", value, allowed))
 }

@@ -2,10 +2,11 @@
 //! (imagegate writes them to its clients and reads them from upstream providers).
 
 use domain::{
-    Background, GeneratedImage, ImagePayload, ImageResult, JobKind, OutputFormat, Quality,
-    Resolved, Size, StreamEvent, Usage,
+    Background, GeneratedImage, ImagePayload, ImageResult, JobKind, OutputFormat, Quality, Resolved, Size, StreamEvent,
+    Usage,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::ErrorBody;
 
@@ -42,10 +43,7 @@ struct UsageWire {
 impl From<&Usage> for UsageWire {
     fn from(u: &Usage) -> Self {
         let details = (u.output_image_tokens.is_some() || u.output_text_tokens.is_some())
-            .then_some(OutputTokensDetails {
-                image_tokens: u.output_image_tokens,
-                text_tokens: u.output_text_tokens,
-            });
+            .then_some(OutputTokensDetails { image_tokens: u.output_image_tokens, text_tokens: u.output_text_tokens });
         UsageWire {
             total_tokens: u.total_tokens,
             input_tokens: u.input_tokens,
@@ -88,6 +86,9 @@ struct ImagesResponseOut<'a> {
     quality: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<UsageWire>,
+    /// imagegate's extension: the cost of this response (SDKs ignore unknown fields).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    imagegate: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
@@ -100,8 +101,9 @@ struct ImageOut<'a> {
     revised_prompt: Option<&'a str>,
 }
 
-/// Serializes a finished job as OpenAI's `ImagesResponse`.
-pub fn images_response_json(result: &ImageResult) -> Vec<u8> {
+/// Serializes a finished job as OpenAI's `ImagesResponse`, with imagegate's extension object (the cost)
+/// under `imagegate` when given.
+pub fn images_response_json(result: &ImageResult, extension: Option<&Value>) -> Vec<u8> {
     let r = &result.resolved;
     let out = ImagesResponseOut {
         created: result.created,
@@ -113,11 +115,7 @@ pub fn images_response_json(result: &ImageResult) -> Vec<u8> {
                     ImagePayload::Base64(b) => (Some(b.as_str()), None),
                     ImagePayload::Url(u) => (None, Some(u.as_str())),
                 };
-                ImageOut {
-                    b64_json,
-                    url,
-                    revised_prompt: img.revised_prompt.as_deref(),
-                }
+                ImageOut { b64_json, url, revised_prompt: img.revised_prompt.as_deref() }
             })
             .collect(),
         background: r.background.map(Background::as_str),
@@ -125,6 +123,7 @@ pub fn images_response_json(result: &ImageResult) -> Vec<u8> {
         size: r.size.map(|s| s.to_string()),
         quality: r.quality.map(Quality::as_str),
         usage: result.usage.as_ref().map(UsageWire::from),
+        imagegate: extension,
     };
     // Serializing plain structs of strings and integers cannot fail.
     serde_json::to_vec(&out).unwrap_or_default()
@@ -153,8 +152,7 @@ struct ImageIn {
 /// Reads an upstream's `ImagesResponse`. Values reported as `auto` or unknown are left unresolved for the
 /// caller to fill in.
 pub fn parse_images_response(body: &[u8]) -> Result<ImageResult, String> {
-    let r: ImagesResponseIn =
-        serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let r: ImagesResponseIn = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
     let mut images = Vec::with_capacity(r.data.len());
     for (i, d) in r.data.into_iter().enumerate() {
         let payload = match (d.b64_json, d.url) {
@@ -162,10 +160,7 @@ pub fn parse_images_response(body: &[u8]) -> Result<ImageResult, String> {
             (None, Some(u)) => ImagePayload::Url(u),
             (None, None) => return Err(format!("data[{i}] has neither b64_json nor url")),
         };
-        images.push(GeneratedImage {
-            payload,
-            revised_prompt: d.revised_prompt,
-        });
+        images.push(GeneratedImage { payload, revised_prompt: d.revised_prompt });
     }
     if images.is_empty() {
         return Err("the response has no images".to_owned());
@@ -186,18 +181,14 @@ fn resolved_from_wire(
 ) -> Resolved {
     Resolved {
         size: size.and_then(|s| s.parse::<Size>().ok()),
-        quality: quality
-            .and_then(|q| q.parse().ok())
-            .filter(|q| *q != Quality::Auto),
-        background: background
-            .and_then(|b| b.parse().ok())
-            .filter(|b| *b != Background::Auto),
+        quality: quality.and_then(|q| q.parse().ok()).filter(|q| *q != Quality::Auto),
+        background: background.and_then(|b| b.parse().ok()).filter(|b| *b != Background::Auto),
         output_format: output_format.and_then(|f| f.parse().ok()),
     }
 }
 
 /// One streaming event as written to a client: the SSE `event:` name and the `data:` JSON.
-pub fn stream_event_json(kind: JobKind, event: &StreamEvent) -> (&'static str, String) {
+pub fn stream_event_json(kind: JobKind, event: &StreamEvent, extension: Option<&Value>) -> (&'static str, String) {
     #[derive(Serialize)]
     struct Out<'a> {
         #[serde(rename = "type")]
@@ -212,38 +203,20 @@ pub fn stream_event_json(kind: JobKind, event: &StreamEvent) -> (&'static str, S
         output_format: &'static str,
         #[serde(skip_serializing_if = "Option::is_none")]
         usage: Option<UsageWire>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        imagegate: Option<&'a Value>,
     }
     let prefix = match kind {
         JobKind::Generate => "image_generation",
         JobKind::Edit => "image_edit",
     };
     let (name, b64_json, index, created_at, resolved, usage) = match event {
-        StreamEvent::Partial {
-            b64_json,
-            partial_image_index,
-            created_at,
-            resolved,
-        } => (
-            "partial_image",
-            b64_json,
-            Some(*partial_image_index),
-            *created_at,
-            resolved,
-            None,
-        ),
-        StreamEvent::Completed {
-            b64_json,
-            created_at,
-            resolved,
-            usage,
-        } => (
-            "completed",
-            b64_json,
-            None,
-            *created_at,
-            resolved,
-            usage.as_ref().map(UsageWire::from),
-        ),
+        StreamEvent::Partial { b64_json, partial_image_index, created_at, resolved } => {
+            ("partial_image", b64_json, Some(*partial_image_index), *created_at, resolved, None)
+        }
+        StreamEvent::Completed { b64_json, created_at, resolved, usage } => {
+            ("completed", b64_json, None, *created_at, resolved, usage.as_ref().map(UsageWire::from))
+        }
     };
     let event_name: &'static str = match (kind, name) {
         (JobKind::Generate, "partial_image") => "image_generation.partial_image",
@@ -257,14 +230,12 @@ pub fn stream_event_json(kind: JobKind, event: &StreamEvent) -> (&'static str, S
         b64_json,
         partial_image_index: index,
         created_at,
-        size: resolved
-            .size
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "auto".to_owned()),
+        size: resolved.size.map(|s| s.to_string()).unwrap_or_else(|| "auto".to_owned()),
         quality: resolved.quality.map_or("auto", Quality::as_str),
         background: resolved.background.map_or("auto", Background::as_str),
         output_format: resolved.output_format.map_or("png", OutputFormat::as_str),
         usage,
+        imagegate: extension,
     };
     (event_name, serde_json::to_string(&out).unwrap_or_default())
 }
@@ -306,11 +277,7 @@ pub fn parse_stream_event(data: &str) -> Result<UpstreamStreamItem, String> {
     let kind = e.kind.unwrap_or_default();
     let resolved = resolved_from_wire(e.size, e.quality, e.background, e.output_format);
     let created_at = e.created_at.unwrap_or(0);
-    let b64 = || {
-        e.b64_json
-            .clone()
-            .ok_or_else(|| format!("event '{kind}' has no b64_json"))
-    };
+    let b64 = || e.b64_json.clone().ok_or_else(|| format!("event '{kind}' has no b64_json"));
     if kind.ends_with(".partial_image") {
         Ok(UpstreamStreamItem::Event(StreamEvent::Partial {
             b64_json: b64()?,
@@ -330,6 +297,31 @@ pub fn parse_stream_event(data: &str) -> Result<UpstreamStreamItem, String> {
     }
 }
 
+/// imagegate's cost extension: the total as a decimal string, the basis, and every line of the bill.
+pub fn cost_json(cost: &pricing::Cost, provider: &str, model: &str, service_tier: &str) -> Value {
+    let lines: Vec<Value> = cost
+        .lines
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "item": l.item,
+                "quantity": l.quantity,
+                "unit_price_usd": l.unit_price.normalize().to_string(),
+                "amount_usd": l.amount.normalize().to_string(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "cost_usd": cost.total_string(),
+        "billing_basis": cost.basis.as_str(),
+        "usage_source": cost.usage_source.as_str(),
+        "provider": provider,
+        "model": model,
+        "service_tier": service_tier,
+        "lines": lines,
+    })
+}
+
 /// `GET /v1/models`: OpenAI's list of model objects.
 pub fn models_json(models: &[(String, String)], created: i64) -> Vec<u8> {
     #[derive(Serialize)]
@@ -346,15 +338,7 @@ pub fn models_json(models: &[(String, String)], created: i64) -> Vec<u8> {
     }
     let list = List {
         object: "list",
-        data: models
-            .iter()
-            .map(|(id, owner)| Model {
-                id,
-                object: "model",
-                created,
-                owned_by: owner,
-            })
-            .collect(),
+        data: models.iter().map(|(id, owner)| Model { id, object: "model", created, owned_by: owner }).collect(),
     };
     serde_json::to_vec(&list).unwrap_or_default()
 }
@@ -371,17 +355,14 @@ mod tests {
         let r = parse_images_response(body).unwrap();
         assert_eq!(r.resolved.size, Some(Size::new(1024, 1024)));
         assert_eq!(r.usage.unwrap().output_tokens, 1056);
-        let out: serde_json::Value = serde_json::from_slice(&images_response_json(&r)).unwrap();
+        let out: serde_json::Value = serde_json::from_slice(&images_response_json(&r, None)).unwrap();
         let original: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(out, original);
     }
 
     #[test]
     fn auto_from_upstream_is_left_unresolved() {
-        let r = parse_images_response(
-            br#"{"created":1,"data":[{"url":"http://x/y.png"}],"quality":"auto"}"#,
-        )
-        .unwrap();
+        let r = parse_images_response(br#"{"created":1,"data":[{"url":"http://x/y.png"}],"quality":"auto"}"#).unwrap();
         assert_eq!(r.resolved.quality, None);
         assert!(parse_images_response(br#"{"created":1,"data":[]}"#).is_err());
         assert!(parse_images_response(br#"{"created":1,"#).is_err());
@@ -400,15 +381,10 @@ mod tests {
                 output_format: Some(OutputFormat::Webp),
             },
         };
-        let (name, json) = stream_event_json(JobKind::Edit, &ev);
+        let (name, json) = stream_event_json(JobKind::Edit, &ev, None);
         assert_eq!(name, "image_edit.partial_image");
-        assert_eq!(
-            parse_stream_event(&json).unwrap(),
-            UpstreamStreamItem::Event(ev)
-        );
-        let err = parse_stream_event(
-            r#"{"type":"error","error":{"message":"m","type":"t","param":null,"code":null}}"#,
-        );
+        assert_eq!(parse_stream_event(&json).unwrap(), UpstreamStreamItem::Event(ev));
+        let err = parse_stream_event(r#"{"type":"error","error":{"message":"m","type":"t","param":null,"code":null}}"#);
         assert!(matches!(err, Ok(UpstreamStreamItem::Error(_))));
     }
 }

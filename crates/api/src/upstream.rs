@@ -78,13 +78,9 @@ fn option_fields(o: &ImageOptions) -> Vec<(&'static str, Value)> {
 /// Decodes an image reference of the JSON edit form. Only `data:` URLs are taken: fetching arbitrary
 /// URLs from the server would let clients make it reach hosts they cannot.
 pub fn decode_image_ref(param: &str, value: &Value) -> Result<Bytes, ApiError> {
-    let obj = value.as_object().ok_or_else(|| {
-        ApiError::invalid_type(
-            param,
-            "an object with 'image_url'",
-            crate::fields::json_kind(value),
-        )
-    })?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| ApiError::invalid_type(param, "an object with 'image_url'", crate::fields::json_kind(value)))?;
     if let Some(unknown) = obj.keys().find(|k| *k != "image_url" && *k != "file_id") {
         return Err(ApiError::unknown_parameter(&format!("{param}.{unknown}")));
     }
@@ -98,11 +94,7 @@ pub fn decode_image_ref(param: &str, value: &Value) -> Result<Bytes, ApiError> {
     let url = match obj.get("image_url") {
         Some(Value::String(s)) => s,
         Some(other) => {
-            return Err(ApiError::invalid_type(
-                &param,
-                "a string",
-                crate::fields::json_kind(other),
-            ));
+            return Err(ApiError::invalid_type(&param, "a string", crate::fields::json_kind(other)));
         }
         None => return Err(ApiError::missing(&param)),
     };
@@ -129,15 +121,9 @@ pub fn decode_data_url(param: &str, url: &str) -> Result<Bytes, ApiError> {
             "Invalid data URL: the data must be base64 (data:image/png;base64,...).".to_owned(),
         ));
     }
-    base64::engine::general_purpose::STANDARD
-        .decode(payload.trim())
-        .map(Bytes::from)
-        .map_err(|e| {
-            ApiError::invalid_value_msg(
-                param,
-                format!("Invalid data URL: the base64 data does not decode ({e})."),
-            )
-        })
+    base64::engine::general_purpose::STANDARD.decode(payload.trim()).map(Bytes::from).map_err(|e| {
+        ApiError::invalid_value_msg(param, format!("Invalid data URL: the base64 data does not decode ({e})."))
+    })
 }
 
 #[cfg(test)]
@@ -168,10 +154,7 @@ mod tests {
 
     #[test]
     fn data_urls_decode_and_others_are_refused() {
-        assert_eq!(
-            decode_data_url("images[0].image_url", "data:image/png;base64,QUJD").unwrap(),
-            Bytes::from("ABC")
-        );
+        assert_eq!(decode_data_url("images[0].image_url", "data:image/png;base64,QUJD").unwrap(), Bytes::from("ABC"));
         let e = decode_data_url("images[0].image_url", "https://example.com/a.png").unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("images[0].image_url"));
         assert!(decode_data_url("p", "data:image/png;base64,%%%").is_err());

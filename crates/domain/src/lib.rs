@@ -41,13 +41,7 @@ impl ModelFamily {
 }
 
 /// The OpenAI image models that the zero-config upstream provider serves.
-pub const OPENAI_IMAGE_MODELS: [&str; 5] = [
-    "gpt-image-1-mini",
-    "gpt-image-1",
-    "gpt-image-1.5",
-    "dall-e-3",
-    "dall-e-2",
-];
+pub const OPENAI_IMAGE_MODELS: [&str; 5] = ["gpt-image-1-mini", "gpt-image-1", "gpt-image-1.5", "dall-e-3", "dall-e-2"];
 
 /// Width and height in pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -330,26 +324,17 @@ impl Resolved {
             Some(SizeChoice::Exact(s)) => Some(s),
             _ => Some(Size::new(1024, 1024)),
         });
-        let quality = self
-            .quality
-            .or(match (options.quality, family.is_gpt_image()) {
-                (Some(q), _) if q != Quality::Auto => Some(q),
-                (_, true) => Some(Quality::High),
-                (_, false) => Some(Quality::Standard),
-            });
+        let quality = self.quality.or(match (options.quality, family.is_gpt_image()) {
+            (Some(q), _) if q != Quality::Auto => Some(q),
+            (_, true) => Some(Quality::High),
+            (_, false) => Some(Quality::Standard),
+        });
         let background = self.background.or(match options.background {
             Some(Background::Transparent) => Some(Background::Transparent),
             _ => Some(Background::Opaque),
         });
-        let output_format = self
-            .output_format
-            .or(Some(options.output_format.unwrap_or(OutputFormat::Png)));
-        Resolved {
-            size,
-            quality,
-            background,
-            output_format,
-        }
+        let output_format = self.output_format.or(Some(options.output_format.unwrap_or(OutputFormat::Png)));
+        Resolved { size, quality, background, output_format }
     }
 }
 
@@ -365,18 +350,8 @@ pub struct ImageResult {
 /// One event of a streamed job.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
-    Partial {
-        b64_json: String,
-        partial_image_index: u32,
-        created_at: i64,
-        resolved: Resolved,
-    },
-    Completed {
-        b64_json: String,
-        created_at: i64,
-        resolved: Resolved,
-        usage: Option<Usage>,
-    },
+    Partial { b64_json: String, partial_image_index: u32, created_at: i64, resolved: Resolved },
+    Completed { b64_json: String, created_at: i64, resolved: Resolved, usage: Option<Usage> },
 }
 
 #[cfg(test)]
@@ -386,18 +361,7 @@ mod tests {
     #[test]
     fn sizes_parse_strictly() {
         assert_eq!("1024x1536".parse(), Ok(Size::new(1024, 1536)));
-        for bad in [
-            "",
-            "x",
-            "1024",
-            "1024x",
-            "x1024",
-            "0x10",
-            "10x0",
-            "+1x1",
-            "1 x1",
-            "1024X1024",
-        ] {
+        for bad in ["", "x", "1024", "1024x", "x1024", "0x10", "10x0", "+1x1", "1 x1", "1024X1024"] {
             assert_eq!(bad.parse::<Size>(), Err(()), "{bad:?}");
         }
     }

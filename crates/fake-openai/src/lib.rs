@@ -111,11 +111,7 @@ pub async fn spawn() -> io::Result<FakeOpenAi> {
     let addr = listener.local_addr()?;
     let state = FakeState::new(addr);
     let task = tokio::spawn(serve(listener, state.clone()));
-    Ok(FakeOpenAi {
-        addr,
-        state,
-        task: task.abort_handle(),
-    })
+    Ok(FakeOpenAi { addr, state, task: task.abort_handle() })
 }
 
 /// Serves the fake on `listener` until the task is dropped or an I/O error ends it.
@@ -191,18 +187,10 @@ pub struct Recorded {
 impl Recorded {
     /// The prompt of an image request (JSON field or multipart text part).
     pub fn prompt(&self) -> Option<String> {
-        if let Some(p) = self
-            .json
-            .as_ref()
-            .and_then(|j| j.get("prompt"))
-            .and_then(Value::as_str)
-        {
+        if let Some(p) = self.json.as_ref().and_then(|j| j.get("prompt")).and_then(Value::as_str) {
             return Some(p.to_owned());
         }
-        self.parts
-            .iter()
-            .find(|p| p.name == "prompt")
-            .map(|p| String::from_utf8_lossy(&p.bytes).into_owned())
+        self.parts.iter().find(|p| p.name == "prompt").map(|p| String::from_utf8_lossy(&p.bytes).into_owned())
     }
 
     /// The first multipart part with this name.
@@ -280,19 +268,14 @@ impl FakeState {
     /// How many times this (directive, prompt) pair was seen before this call.
     fn seen_before(&self, directive: &str, prompt: &str) -> u64 {
         let mut seen = lock(&self.inner.seen);
-        let n = seen
-            .entry((directive.to_owned(), prompt.to_owned()))
-            .or_insert(0);
+        let n = seen.entry((directive.to_owned(), prompt.to_owned())).or_insert(0);
         let before = *n;
         *n += 1;
         before
     }
 
     fn store_file(&self, bytes: Bytes) -> String {
-        let id = format!(
-            "img-{}",
-            self.inner.next_file.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = format!("img-{}", self.inner.next_file.fetch_add(1, Ordering::Relaxed));
         lock(&self.inner.files).insert(id.clone(), bytes);
         format!("http://{}/files/{id}.png", self.inner.addr)
     }
@@ -314,33 +297,19 @@ struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            kind,
-            param: None,
-            code: None,
-            retry_after: None,
-        }
+        Self { status, message: message.into(), kind, param: None, code: None, retry_after: None }
     }
 
     fn invalid(param: &'static str, message: impl Into<String>) -> Self {
         Self {
             param: Some(param),
             code: Some("invalid_value"),
-            ..Self::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                message.into(),
-            )
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message.into())
         }
     }
 
     fn bad_value(param: &'static str, value: &str, supported: &str) -> Self {
-        Self::invalid(
-            param,
-            format!("Invalid value: '{value}'. Supported values are: {supported}."),
-        )
+        Self::invalid(param, format!("Invalid value: '{value}'. Supported values are: {supported}."))
     }
 
     fn missing(param: &'static str) -> Self {
@@ -381,8 +350,7 @@ impl IntoResponse for ApiError {
         }});
         let mut resp = (self.status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
         }
         resp
     }
@@ -392,9 +360,7 @@ impl IntoResponse for ApiError {
 // Handlers
 
 fn header_string(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
-    headers
-        .get(name)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
 fn bare_record(method: &Method, path: &str, headers: &HeaderMap) -> Recorded {
@@ -409,12 +375,8 @@ fn bare_record(method: &Method, path: &str, headers: &HeaderMap) -> Recorded {
 }
 
 fn invalid_url(method: &Method, path: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        format!("Invalid URL ({method} {path})"),
-    )
-    .with_code("unknown_url")
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("Invalid URL ({method} {path})"))
+        .with_code("unknown_url")
 }
 
 async fn not_found(State(state): State<FakeState>, req: Request) -> Response {
@@ -442,12 +404,8 @@ async fn file(
     let bytes = lock(&state.inner.files).get(id).cloned();
     match bytes {
         Some(b) => ([(header::CONTENT_TYPE, "image/png")], b).into_response(),
-        None => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!("No such file: {file}"),
-        )
-        .into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("No such file: {file}"))
+            .into_response(),
     }
 }
 
@@ -491,12 +449,7 @@ async fn handle(state: FakeState, endpoint: Endpoint, req: Request) -> Response 
     if method != Method::POST {
         return invalid_url(&method, &path).into_response();
     }
-    let token = rec
-        .authorization
-        .as_deref()
-        .and_then(|a| a.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or("");
+    let token = rec.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).map(str::trim).unwrap_or("");
     if token.is_empty() {
         return ApiError {
             code: Some("invalid_api_key"),
@@ -541,15 +494,9 @@ async fn read_body(
     if endpoint == Endpoint::Edits && ct.starts_with("multipart/form-data") {
         return read_multipart(state, req, rec).await;
     }
-    let bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                format!("could not read the body: {e}"),
-            )
-        })?;
+    let bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT).await.map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("could not read the body: {e}"))
+    })?;
     let value: Option<Value> = serde_json::from_slice(&bytes).ok();
     rec.json = value.clone();
     let Some(Value::Object(fields)) = value else {
@@ -570,10 +517,7 @@ async fn read_body(
             None => return Err(ApiError::missing("images")),
         };
         if images.is_empty() || images.len() > 16 {
-            return Err(ApiError::invalid(
-                "images",
-                "'images' must hold 1 to 16 images.",
-            ));
+            return Err(ApiError::invalid("images", "'images' must hold 1 to 16 images."));
         }
         for img in images {
             check_image_ref(img, "images")?;
@@ -583,10 +527,7 @@ async fn read_body(
         }
         input_images = images.len() as u64;
     }
-    Ok(Parsed {
-        fields,
-        input_images,
-    })
+    Ok(Parsed { fields, input_images })
 }
 
 /// Checks a JSON `{image_url}` / `{file_id}` reference; a `data:` URL must hold base64.
@@ -595,41 +536,25 @@ fn check_image_ref(v: &Value, param: &'static str) -> Result<(), ApiError> {
         return Ok(());
     }
     let Some(url) = v.get("image_url").and_then(Value::as_str) else {
-        return Err(ApiError::invalid(
-            param,
-            format!("Each entry of '{param}' needs an 'image_url' or a 'file_id'."),
-        ));
+        return Err(ApiError::invalid(param, format!("Each entry of '{param}' needs an 'image_url' or a 'file_id'.")));
     };
     if let Some(rest) = url.strip_prefix("data:") {
         let b64 = rest.split_once(";base64,").map(|(_, d)| d);
         let ok = b64.is_some_and(|d| B64.decode(d).is_ok());
         if !ok {
-            return Err(ApiError::invalid(param, "Invalid base64 image data URL.")
-                .with_code("invalid_image_url"));
+            return Err(ApiError::invalid(param, "Invalid base64 image data URL.").with_code("invalid_image_url"));
         }
     }
     Ok(())
 }
 
-async fn read_multipart(
-    state: &FakeState,
-    req: Request,
-    rec: &mut Recorded,
-) -> Result<Parsed, ApiError> {
+async fn read_multipart(state: &FakeState, req: Request, rec: &mut Recorded) -> Result<Parsed, ApiError> {
     let bad = |e: axum::extract::multipart::MultipartError| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            format!("Could not parse multipart form: {e}"),
-        )
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("Could not parse multipart form: {e}"))
     };
-    let mut mp = Multipart::from_request(req, state).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            e.body_text(),
-        )
-    })?;
+    let mut mp = Multipart::from_request(req, state)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.body_text()))?;
     let mut fields = Map::new();
     let mut input_images = 0u64;
     while let Some(field) = mp.next_field().await.map_err(bad)? {
@@ -637,12 +562,7 @@ async fn read_multipart(
         let filename = field.file_name().map(str::to_owned);
         let content_type = field.content_type().map(str::to_owned);
         let bytes = field.bytes().await.map_err(bad)?;
-        rec.parts.push(RecordedPart {
-            name: name.clone(),
-            filename,
-            content_type,
-            bytes: bytes.clone(),
-        });
+        rec.parts.push(RecordedPart { name: name.clone(), filename, content_type, bytes: bytes.clone() });
         match name.as_str() {
             "image" | "image[]" => {
                 check_image_bytes(&bytes, "image")?;
@@ -650,10 +570,7 @@ async fn read_multipart(
             }
             "mask" => check_image_bytes(&bytes, "mask")?,
             _ => {
-                fields.insert(
-                    name,
-                    Value::String(String::from_utf8_lossy(&bytes).into_owned()),
-                );
+                fields.insert(name, Value::String(String::from_utf8_lossy(&bytes).into_owned()));
             }
         }
     }
@@ -663,21 +580,15 @@ async fn read_multipart(
     if input_images > 16 {
         return Err(ApiError::invalid("image", "At most 16 images are allowed."));
     }
-    Ok(Parsed {
-        fields,
-        input_images,
-    })
+    Ok(Parsed { fields, input_images })
 }
 
 /// An uploaded image must look like PNG, JPEG or WebP (checked by its magic bytes).
 fn check_image_bytes(bytes: &[u8], param: &'static str) -> Result<(), ApiError> {
     match image::guess_format(bytes) {
         Ok(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP) => Ok(()),
-        _ => Err(ApiError::invalid(
-            param,
-            "Invalid image file or mode for image, please check your image file.",
-        )
-        .with_code("invalid_image_format")),
+        _ => Err(ApiError::invalid(param, "Invalid image file or mode for image, please check your image file.")
+            .with_code("invalid_image_format")),
     }
 }
 
@@ -782,16 +693,8 @@ impl Faults {
             );
         }
         if self.drop {
-            let body = stream::iter([Err::<Bytes, io::Error>(io::Error::other(
-                "fake-openai: dropped connection",
-            ))]);
-            return Some(
-                (
-                    [(header::CONTENT_TYPE, "application/json")],
-                    Body::from_stream(body),
-                )
-                    .into_response(),
-            );
+            let body = stream::iter([Err::<Bytes, io::Error>(io::Error::other("fake-openai: dropped connection"))]);
+            return Some(([(header::CONTENT_TYPE, "application/json")], Body::from_stream(body)).into_response());
         }
         if self.malformed {
             return Some(
@@ -890,15 +793,8 @@ fn parse_size(s: &str) -> Option<(u32, u32)> {
     ((1..=MAX_SIDE).contains(&w) && (1..=MAX_SIDE).contains(&h)).then_some((w, h))
 }
 
-const GPT_ONLY: [&str; 7] = [
-    "output_format",
-    "output_compression",
-    "background",
-    "moderation",
-    "stream",
-    "partial_images",
-    "input_fidelity",
-];
+const GPT_ONLY: [&str; 7] =
+    ["output_format", "output_compression", "background", "moderation", "stream", "partial_images", "input_fidelity"];
 
 impl Job {
     fn resolve(endpoint: Endpoint, p: &Parsed) -> Result<Job, ApiError> {
@@ -923,45 +819,29 @@ impl Job {
                 });
             }
             None => {
-                let gpt_field = GPT_ONLY
-                    .iter()
-                    .any(|k| f.get(*k).is_some_and(|v| !v.is_null()))
+                let gpt_field = GPT_ONLY.iter().any(|k| f.get(*k).is_some_and(|v| !v.is_null()))
                     || matches!(quality_in, Some("low" | "medium" | "high"));
-                if gpt_field {
-                    Family::Gpt
-                } else {
-                    Family::DallE2
-                }
+                if gpt_field { Family::Gpt } else { Family::DallE2 }
             }
         };
         let n = get_u64(f, "n")?.unwrap_or(1);
         if !(1..=10).contains(&n) {
-            return Err(ApiError::invalid(
-                "n",
-                format!("Invalid 'n': integer between 1 and 10 expected, got {n}."),
-            ));
+            return Err(ApiError::invalid("n", format!("Invalid 'n': integer between 1 and 10 expected, got {n}.")));
         }
         if family == Family::DallE3 && n != 1 {
             return Err(ApiError::invalid("n", "dall-e-3 supports only n=1."));
         }
         let (width, height) = match get_str(f, "size")? {
             None | Some("auto") => (1024, 1024),
-            Some(s) => parse_size(s).ok_or_else(|| {
-                ApiError::bad_value(
-                    "size",
-                    s,
-                    "'auto' or 'WxH' with each side between 1 and 4096",
-                )
-            })?,
+            Some(s) => parse_size(s)
+                .ok_or_else(|| ApiError::bad_value("size", s, "'auto' or 'WxH' with each side between 1 and 4096"))?,
         };
         let stream = get_bool(f, "stream")?.unwrap_or(false);
         let partial_images = get_u64(f, "partial_images")?.unwrap_or(0);
         if partial_images > 3 {
             return Err(ApiError::invalid(
                 "partial_images",
-                format!(
-                    "Invalid 'partial_images': integer between 0 and 3 expected, got {partial_images}."
-                ),
+                format!("Invalid 'partial_images': integer between 0 and 3 expected, got {partial_images}."),
             ));
         }
         let mut job = Job {
@@ -982,20 +862,13 @@ impl Job {
         };
         if family != Family::Gpt {
             if stream {
-                return Err(ApiError::invalid(
-                    "stream",
-                    "Streaming is only supported for GPT image models.",
-                ));
+                return Err(ApiError::invalid("stream", "Streaming is only supported for GPT image models."));
             }
             job.want_url = match get_str(f, "response_format")? {
                 None | Some("url") => true,
                 Some("b64_json") => false,
                 Some(v) => {
-                    return Err(ApiError::bad_value(
-                        "response_format",
-                        v,
-                        "'url' and 'b64_json'",
-                    ));
+                    return Err(ApiError::bad_value("response_format", v, "'url' and 'b64_json'"));
                 }
             };
             return Ok(job);
@@ -1005,11 +878,7 @@ impl Job {
             Some("low") => "low",
             Some("high") => "high",
             Some(v) => {
-                return Err(ApiError::bad_value(
-                    "quality",
-                    v,
-                    "'low', 'medium', 'high', and 'auto'",
-                ));
+                return Err(ApiError::bad_value("quality", v, "'low', 'medium', 'high', and 'auto'"));
             }
         };
         job.format = match get_str(f, "output_format")? {
@@ -1017,20 +886,14 @@ impl Job {
             Some("jpeg") => Format::Jpeg,
             Some("webp") => Format::Webp,
             Some(v) => {
-                return Err(ApiError::bad_value(
-                    "output_format",
-                    v,
-                    "'png', 'jpeg', and 'webp'",
-                ));
+                return Err(ApiError::bad_value("output_format", v, "'png', 'jpeg', and 'webp'"));
             }
         };
         if let Some(c) = get_u64(f, "output_compression")? {
             if c > 100 {
                 return Err(ApiError::invalid(
                     "output_compression",
-                    format!(
-                        "Invalid 'output_compression': integer between 0 and 100 expected, got {c}."
-                    ),
+                    format!("Invalid 'output_compression': integer between 0 and 100 expected, got {c}."),
                 ));
             }
             job.jpeg_quality = c.max(1) as u8;
@@ -1039,11 +902,7 @@ impl Job {
             None | Some("auto") | Some("opaque") => false,
             Some("transparent") => true,
             Some(v) => {
-                return Err(ApiError::bad_value(
-                    "background",
-                    v,
-                    "'transparent', 'opaque', and 'auto'",
-                ));
+                return Err(ApiError::bad_value("background", v, "'transparent', 'opaque', and 'auto'"));
             }
         };
         if job.transparent && job.format == Format::Jpeg {
@@ -1060,11 +919,7 @@ impl Job {
     }
 
     fn background(&self) -> &'static str {
-        if self.transparent {
-            "transparent"
-        } else {
-            "opaque"
-        }
+        if self.transparent { "transparent" } else { "opaque" }
     }
 
     fn text_tokens(&self) -> u64 {
@@ -1124,10 +979,7 @@ fn internal(msg: String) -> ApiError {
 }
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A gradient image of `w` x `h`, encoded as `format`.
@@ -1154,11 +1006,7 @@ fn encode(
             }
         }
     }
-    let color = if alpha {
-        ExtendedColorType::Rgba8
-    } else {
-        ExtendedColorType::Rgb8
-    };
+    let color = if alpha { ExtendedColorType::Rgba8 } else { ExtendedColorType::Rgb8 };
     let mut out = Vec::new();
     match format {
         Format::Png => image::codecs::png::PngEncoder::new_with_quality(
@@ -1167,10 +1015,10 @@ fn encode(
             image::codecs::png::FilterType::Sub,
         )
         .write_image(&px, w, h, color)?,
-        Format::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, jpeg_quality)
-            .write_image(&px, w, h, color)?,
-        Format::Webp => image::codecs::webp::WebPEncoder::new_lossless(&mut out)
-            .write_image(&px, w, h, color)?,
+        Format::Jpeg => {
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, jpeg_quality).write_image(&px, w, h, color)?
+        }
+        Format::Webp => image::codecs::webp::WebPEncoder::new_lossless(&mut out).write_image(&px, w, h, color)?,
     }
     Ok(out)
 }
@@ -1189,10 +1037,7 @@ async fn respond_json(state: &FakeState, job: Job, drop_mid: bool) -> Result<Res
             item.insert("b64_json".into(), Value::String(B64.encode(&bytes)));
         }
         if job.family == Family::DallE3 {
-            item.insert(
-                "revised_prompt".into(),
-                Value::String(format!("revised: {}", job.prompt)),
-            );
+            item.insert("revised_prompt".into(), Value::String(format!("revised: {}", job.prompt)));
         }
         data.push(Value::Object(item));
     }
@@ -1219,11 +1064,7 @@ async fn respond_json(state: &FakeState, job: Job, drop_mid: bool) -> Result<Res
                 }
             }
         });
-        return Ok((
-            [(header::CONTENT_TYPE, "application/json")],
-            Body::from_stream(items),
-        )
-            .into_response());
+        return Ok(([(header::CONTENT_TYPE, "application/json")], Body::from_stream(items)).into_response());
     }
     Ok(([(header::CONTENT_TYPE, "application/json")], text).into_response())
 }
@@ -1239,15 +1080,9 @@ fn stream_response(job: Job, drop_mid: bool) -> Response {
     let mut steps = Vec::new();
     for image in 0..job.n {
         for k in 0..job.partial_images {
-            steps.push(Step {
-                image,
-                partial: Some(k),
-            });
+            steps.push(Step { image, partial: Some(k) });
         }
-        steps.push(Step {
-            image,
-            partial: None,
-        });
+        steps.push(Step { image, partial: None });
     }
     let job = Arc::new(job);
     let events = stream::iter(steps.into_iter().enumerate()).then(move |(i, step)| {
@@ -1259,9 +1094,7 @@ fn stream_response(job: Job, drop_mid: bool) -> Response {
             if drop_mid && i == 1 {
                 return Err(io::Error::other("fake-openai: dropped connection"));
             }
-            event(&job, step)
-                .await
-                .map_err(|e| io::Error::other(e.message))
+            event(&job, step).await.map_err(|e| io::Error::other(e.message))
         }
     });
     // Stop after the first error so that hyper aborts the connection.
@@ -1272,13 +1105,7 @@ fn stream_response(job: Job, drop_mid: bool) -> Response {
         *failed = item.is_err();
         futures_util::future::ready(Some(item))
     });
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(events),
-    )
+    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(events))
         .into_response()
 }
 

@@ -49,10 +49,7 @@ async fn png_has_requested_size_and_openai_fields() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["data"].as_array().unwrap().len(), 2);
     let bytes = decode_b64(&body["data"][0]);
-    assert_eq!(
-        image::guess_format(&bytes).unwrap(),
-        image::ImageFormat::Png
-    );
+    assert_eq!(image::guess_format(&bytes).unwrap(), image::ImageFormat::Png);
     let img = image::load_from_memory(&bytes).unwrap();
     assert_eq!((img.width(), img.height()), (1024, 1536));
     assert!(body["created"].as_u64().unwrap() > 1_700_000_000);
@@ -96,10 +93,7 @@ async fn auto_size_and_quality_resolve() {
 #[tokio::test]
 async fn jpeg_and_webp_formats_are_honoured() {
     let fake = fake_openai::spawn().await.unwrap();
-    for (fmt, want) in [
-        ("jpeg", image::ImageFormat::Jpeg),
-        ("webp", image::ImageFormat::WebP),
-    ] {
+    for (fmt, want) in [("jpeg", image::ImageFormat::Jpeg), ("webp", image::ImageFormat::WebP)] {
         let body: Value = generate(
             &fake,
             json!({"model": "gpt-image-1", "prompt": "p", "size": "96x64", "output_format": fmt, "output_compression": 50}),
@@ -115,14 +109,12 @@ async fn jpeg_and_webp_formats_are_honoured() {
         assert_eq!((img.width(), img.height()), (96, 64));
     }
     // Transparent backgrounds come back with alpha; jpeg cannot have one.
-    let body: Value = generate(
-        &fake,
-        json!({"model": "gpt-image-1", "prompt": "p", "size": "32x32", "background": "transparent"}),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let body: Value =
+        generate(&fake, json!({"model": "gpt-image-1", "prompt": "p", "size": "32x32", "background": "transparent"}))
+            .await
+            .json()
+            .await
+            .unwrap();
     assert_eq!(body["background"], "transparent");
     let img = image::load_from_memory(&decode_b64(&body["data"][0])).unwrap();
     assert!(img.color().has_alpha());
@@ -155,11 +147,7 @@ async fn missing_key_is_401_envelope() {
 #[tokio::test]
 async fn validation_errors_use_the_envelope() {
     let fake = fake_openai::spawn().await.unwrap();
-    let resp = generate(
-        &fake,
-        json!({"model": "gpt-image-1", "prompt": "p", "size": "big"}),
-    )
-    .await;
+    let resp = generate(&fake, json!({"model": "gpt-image-1", "prompt": "p", "size": "big"})).await;
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["param"], "size");
@@ -171,11 +159,7 @@ async fn validation_errors_use_the_envelope() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "model_not_found");
 
-    let resp = client()
-        .get(format!("{}/nothing-here", fake.base_url()))
-        .send()
-        .await
-        .unwrap();
+    let resp = client().get(format!("{}/nothing-here", fake.base_url())).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
@@ -192,11 +176,8 @@ async fn fault_500_once_then_success() {
     let second = generate(&fake, req.clone()).await;
     assert_eq!(second.status(), 200);
     // A different prompt with the same directive has its own count.
-    let other = generate(
-        &fake,
-        json!({"model": "gpt-image-1", "prompt": "dog [fault:500-once]", "size": "16x16"}),
-    )
-    .await;
+    let other =
+        generate(&fake, json!({"model": "gpt-image-1", "prompt": "dog [fault:500-once]", "size": "16x16"})).await;
     assert_eq!(other.status(), 500);
     assert_eq!(fake.count("[fault:500-once]"), 3);
     assert_eq!(fake.count("cat"), 2);
@@ -215,20 +196,12 @@ async fn other_faults() {
     assert_eq!(generate(&fake, req("[fault:429-once]")).await.status(), 200);
 
     for _ in 0..2 {
-        assert_eq!(
-            generate(&fake, req("[fault:500-always]")).await.status(),
-            500
-        );
+        assert_eq!(generate(&fake, req("[fault:500-always]")).await.status(), 500);
     }
 
     let r = generate(&fake, req("[fault:502-html]")).await;
     assert_eq!(r.status(), 502);
-    assert!(
-        r.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html")
-    );
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
     assert!(serde_json::from_str::<Value>(&r.text().await.unwrap()).is_err());
 
     let r = generate(&fake, req("bad [fault:400]")).await;
@@ -268,11 +241,7 @@ async fn drop_gives_a_client_error() {
         }
     }
     // The server is still fine afterwards.
-    let ok = generate(
-        &fake,
-        json!({"model": "gpt-image-1", "prompt": "p", "size": "8x8"}),
-    )
-    .await;
+    let ok = generate(&fake, json!({"model": "gpt-image-1", "prompt": "p", "size": "8x8"})).await;
     assert_eq!(ok.status(), 200);
 }
 
@@ -315,11 +284,7 @@ async fn stream_arrives_as_separate_events() {
     let kinds: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
     assert_eq!(
         kinds,
-        [
-            "image_generation.partial_image",
-            "image_generation.partial_image",
-            "image_generation.completed"
-        ]
+        ["image_generation.partial_image", "image_generation.partial_image", "image_generation.completed"]
     );
     for (i, (_, kind, data)) in events.iter().enumerate() {
         assert_eq!(data["type"], kind.as_str());
@@ -351,10 +316,7 @@ async fn multipart_edit_is_recorded_with_its_parts() {
     let fake = fake_openai::spawn().await.unwrap();
     let (a, b, mask) = (png(40, 30), png(20, 20), png(40, 30));
     let part = |bytes: &Vec<u8>, name: &str| {
-        reqwest::multipart::Part::bytes(bytes.clone())
-            .file_name(name.to_owned())
-            .mime_str("image/png")
-            .unwrap()
+        reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.to_owned()).mime_str("image/png").unwrap()
     };
     let form = reqwest::multipart::Form::new()
         .part("image[]", part(&a, "a.png"))
@@ -385,20 +347,10 @@ async fn multipart_edit_is_recorded_with_its_parts() {
 
     let rec = fake.requests().pop().unwrap();
     assert_eq!(rec.path, "/v1/images/edits");
-    assert!(
-        rec.content_type
-            .as_deref()
-            .unwrap()
-            .starts_with("multipart/form-data")
-    );
+    assert!(rec.content_type.as_deref().unwrap().starts_with("multipart/form-data"));
     assert!(rec.json.is_none());
     let names: Vec<&str> = rec.parts.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "image[]", "image[]", "mask", "prompt", "model", "size", "quality", "n"
-        ]
-    );
+    assert_eq!(names, ["image[]", "image[]", "mask", "prompt", "model", "size", "quality", "n"]);
     assert_eq!(rec.parts[0].filename.as_deref(), Some("a.png"));
     assert_eq!(rec.parts[0].content_type.as_deref(), Some("image/png"));
     assert_eq!(rec.parts[0].bytes.as_ref(), a.as_slice());
@@ -413,10 +365,7 @@ async fn multipart_edit_is_recorded_with_its_parts() {
 async fn multipart_edit_streams_image_edit_events() {
     let fake = fake_openai::spawn().await.unwrap();
     let form = reqwest::multipart::Form::new()
-        .part(
-            "image",
-            reqwest::multipart::Part::bytes(png(8, 8)).file_name("a.png"),
-        )
+        .part("image", reqwest::multipart::Part::bytes(png(8, 8)).file_name("a.png"))
         .text("prompt", "p")
         .text("model", "gpt-image-1")
         .text("size", "32x32")
@@ -433,10 +382,7 @@ async fn multipart_edit_streams_image_edit_events() {
     let events = read_events(resp).await;
     let kinds: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
     assert_eq!(kinds, ["image_edit.partial_image", "image_edit.completed"]);
-    assert_eq!(
-        events[1].2["usage"]["input_tokens_details"]["image_tokens"],
-        194
-    );
+    assert_eq!(events[1].2["usage"]["input_tokens_details"]["image_tokens"], 194);
 }
 
 #[tokio::test]
@@ -468,28 +414,15 @@ async fn json_edit_with_data_urls() {
 #[tokio::test]
 async fn dall_e_url_and_b64() {
     let fake = fake_openai::spawn().await.unwrap();
-    let body: Value = generate(
-        &fake,
-        json!({"model": "dall-e-2", "prompt": "p", "size": "256x256"}),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let body: Value =
+        generate(&fake, json!({"model": "dall-e-2", "prompt": "p", "size": "256x256"})).await.json().await.unwrap();
     for k in ["usage", "quality", "background", "output_format", "size"] {
         assert!(body.get(k).is_none(), "{k} should be absent");
     }
     let url = body["data"][0]["url"].as_str().unwrap();
     assert!(url.starts_with(&format!("http://{}/files/", fake.addr)));
     assert!(url.ends_with(".png"));
-    let bytes = client()
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let bytes = client().get(url).send().await.unwrap().bytes().await.unwrap();
     let img = image::load_from_memory(&bytes).unwrap();
     assert_eq!((img.width(), img.height()), (256, 256));
 
@@ -545,13 +478,9 @@ async fn binary_prints_its_address_and_serves() {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim_end()
-        .strip_prefix("listening on http://127.0.0.1:")
-        .map(|port| format!("http://127.0.0.1:{port}"));
+    std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+    let base =
+        line.trim_end().strip_prefix("listening on http://127.0.0.1:").map(|port| format!("http://127.0.0.1:{port}"));
     let result = async {
         let base = base.unwrap_or_else(|| panic!("unexpected line {line:?}"));
         client()

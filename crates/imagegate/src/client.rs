@@ -125,21 +125,12 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
 pub async fn edit(args: EditArgs) -> Result<(), String> {
     let mut form = Form::new().text("prompt", args.prompt.clone());
     for (k, v) in args.common.fields() {
-        form = form.text(
-            k,
-            v.as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| v.to_string()),
-        );
+        form = form.text(k, v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()));
     }
     if let Some(f) = &args.input_fidelity {
         form = form.text("input_fidelity", f.clone());
     }
-    let field = if args.image.len() == 1 {
-        "image"
-    } else {
-        "image[]"
-    };
+    let field = if args.image.len() == 1 { "image" } else { "image[]" };
     for path in &args.image {
         form = form.part(field, file_part(path).await?);
     }
@@ -147,37 +138,20 @@ pub async fn edit(args: EditArgs) -> Result<(), String> {
         form = form.part("mask", file_part(mask).await?);
     }
     let target = Target::start(&args.common).await?;
-    let response = target
-        .request("images/edits")
-        .multipart(form)
-        .send()
-        .await
-        .map_err(|e| format!("request failed: {e}"))?;
+    let response =
+        target.request("images/edits").multipart(form).send().await.map_err(|e| format!("request failed: {e}"))?;
     write_images(&target, response, &args.common.out).await
 }
 
 async fn file_part(path: &Path) -> Result<Part, String> {
-    let bytes = tokio::fs::read(path)
-        .await
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
-    let mime = match path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
+    let bytes = tokio::fs::read(path).await.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    let mime = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
         Some("jpg" | "jpeg") => "image/jpeg",
         Some("webp") => "image/webp",
         _ => "image/png",
     };
-    Part::bytes(bytes)
-        .file_name(name)
-        .mime_str(mime)
-        .map_err(|e| e.to_string())
+    Part::bytes(bytes).file_name(name).mime_str(mime).map_err(|e| e.to_string())
 }
 
 /// The server a command talks to: the one named by `--server`, or one started in this process.
@@ -194,23 +168,12 @@ impl Target {
         let http = reqwest::Client::new();
         if let Some(url) = &args.server {
             let base = url.trim_end_matches('/');
-            let base = if base.ends_with("/v1") {
-                base.to_owned()
-            } else {
-                format!("{base}/v1")
-            };
-            return Ok(Target {
-                base,
-                api_key: args.api_key.clone(),
-                http,
-                _server: None,
-            });
+            let base = if base.ends_with("/v1") { base.to_owned() } else { format!("{base}/v1") };
+            return Ok(Target { base, api_key: args.api_key.clone(), http, _server: None });
         }
         // In-process: open (no keys), on an ephemeral loopback port nobody else knows.
         let state = args.config.state(&[])?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let app = server::app(state);
         let handle = tokio::spawn(async move {
@@ -218,12 +181,7 @@ impl Target {
                 tracing::error!(error = %e, "in-process server stopped");
             }
         });
-        Ok(Target {
-            base: format!("http://{addr}/v1"),
-            api_key: None,
-            http,
-            _server: Some(handle),
-        })
+        Ok(Target { base: format!("http://{addr}/v1"), api_key: None, http, _server: Some(handle) })
     }
 
     fn request(&self, path: &str) -> reqwest::RequestBuilder {
@@ -237,21 +195,10 @@ impl Target {
 
 /// Decodes each image of an `ImagesResponse` (or downloads its URL) and writes it; errors become the
 /// server's message.
-async fn write_images(
-    target: &Target,
-    response: reqwest::Response,
-    out: &Path,
-) -> Result<(), String> {
+async fn write_images(target: &Target, response: reqwest::Response, out: &Path) -> Result<(), String> {
     let status = response.status();
-    let cost = response
-        .headers()
-        .get("x-imagegate-cost-usd")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| format!("reading the response failed: {e}"))?;
+    let cost = response.headers().get("x-imagegate-cost-usd").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let body = response.bytes().await.map_err(|e| format!("reading the response failed: {e}"))?;
     if !status.is_success() {
         return Err(match api::parse_error_body(&body) {
             Some(e) => format!(
@@ -261,15 +208,10 @@ async fn write_images(
                 e.param.as_deref().unwrap_or("-"),
                 e.code.as_deref().unwrap_or("-")
             ),
-            None => format!(
-                "HTTP {}: {}",
-                status.as_u16(),
-                String::from_utf8_lossy(&body)
-            ),
+            None => format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(&body)),
         });
     }
-    let result =
-        api::parse_images_response(&body).map_err(|e| format!("unexpected response: {e}"))?;
+    let result = api::parse_images_response(&body).map_err(|e| format!("unexpected response: {e}"))?;
     let count = result.images.len();
     let mut stdout = std::io::stdout().lock();
     for (i, image) in result.images.iter().enumerate() {
@@ -290,8 +232,7 @@ async fn write_images(
                 .to_vec(),
         };
         let path = numbered(out, i, count);
-        std::fs::write(&path, &bytes)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         let _ = writeln!(stdout, "{}", path.display());
     }
     let r = &result.resolved;
@@ -302,10 +243,7 @@ async fn write_images(
         r.output_format.map(|f| f.as_str()).unwrap_or_default()
     );
     if let Some(u) = result.usage {
-        summary.push_str(&format!(
-            ", {} input + {} output tokens",
-            u.input_tokens, u.output_tokens
-        ));
+        summary.push_str(&format!(", {} input + {} output tokens", u.input_tokens, u.output_tokens));
     }
     if let Some(c) = cost {
         summary.push_str(&format!(", cost ${c}"));
@@ -319,10 +257,7 @@ fn numbered(out: &Path, i: usize, count: usize) -> PathBuf {
     if count <= 1 || i == 0 {
         return out.to_path_buf();
     }
-    let stem = out
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let name = match out.extension() {
         Some(ext) => format!("{stem}-{}.{}", i + 1, ext.to_string_lossy()),
         None => format!("{stem}-{}", i + 1),

@@ -13,11 +13,7 @@ use server::config::{Config, ProcessEnv};
 use server::{AppState, KeySet, Limits};
 
 #[derive(Parser)]
-#[command(
-    name = "imagegate",
-    version,
-    about = "Self-hosted image generation that speaks OpenAI's Images API"
-)]
+#[command(name = "imagegate", version, about = "Self-hosted image generation that speaks OpenAI's Images API")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -54,12 +50,7 @@ struct ServeArgs {
     #[arg(long, env = "IMAGEGATE_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Accepted client API keys, comma-separated. Without any, the server is open (loopback only).
-    #[arg(
-        long,
-        env = "IMAGEGATE_API_KEYS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
+    #[arg(long, env = "IMAGEGATE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     api_keys: Vec<String>,
     #[command(flatten)]
     config: ConfigArgs,
@@ -70,22 +61,12 @@ impl ConfigArgs {
     pub fn state(&self, plain_keys: &[String]) -> Result<AppState, String> {
         let mut config = match &self.config {
             Some(path) => Config::load(path, &ProcessEnv).map_err(|e| e.to_string())?,
-            None => {
-                Config::from_file(Default::default(), &ProcessEnv).map_err(|e| e.to_string())?
-            }
+            None => Config::from_file(Default::default(), &ProcessEnv).map_err(|e| e.to_string())?,
         };
-        config.limits = Limits {
-            max_body_bytes: self.max_body_bytes,
-            max_image_pixels: self.max_image_pixels,
-        };
+        config.limits = Limits { max_body_bytes: self.max_body_bytes, max_image_pixels: self.max_image_pixels };
         let mut state = AppState::from_config(&config).map_err(|e| e.to_string())?;
         let mut keys = KeySet::new(config.api_key_hashes.clone());
-        keys.add_plain(
-            plain_keys
-                .iter()
-                .map(|k| k.trim())
-                .filter(|k| !k.is_empty()),
-        );
+        keys.add_plain(plain_keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()));
         state.keys = std::sync::Arc::new(keys);
         Ok(state)
     }
@@ -93,11 +74,7 @@ impl ConfigArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve(_)) {
-        "info"
-    } else {
-        "warn"
-    };
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -105,10 +82,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -148,9 +122,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         tracing::warn!(%addr, "no API keys configured: serving WITHOUT authentication, on loopback only");
     }
     tracing::info!(%addr, models = %models.join(", "), "imagegate listening");
-    server::run(listener, server::app(state), shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
+    server::run(listener, server::app(state), shutdown_signal()).await.map_err(|e| e.to_string())?;
     tracing::info!("shut down cleanly");
     Ok(())
 }

@@ -31,9 +31,9 @@ impl<'de> Deserialize<'de> for Price {
                 .map(Price)
                 .map_err(|_| serde::de::Error::custom(format!("'{t}' is not a decimal number"))),
             Raw::Integer(i) => Ok(Price(Decimal::from(i))),
-            Raw::Float(f) => Err(serde::de::Error::custom(format!(
-                "write prices as strings (\"{f}\"), so that they stay exact"
-            ))),
+            Raw::Float(f) => {
+                Err(serde::de::Error::custom(format!("write prices as strings (\"{f}\"), so that they stay exact")))
+            }
         }
     }
 }
@@ -97,17 +97,11 @@ pub struct ModelPrice {
 
 impl ModelPrice {
     pub fn per_image_price(&self, quality: Quality, size: Size) -> Option<Decimal> {
-        self.per_image
-            .get(quality.as_str())?
-            .get(&size.to_string())
-            .map(|p| p.0)
+        self.per_image.get(quality.as_str())?.get(&size.to_string()).map(|p| p.0)
     }
 
     pub fn output_tokens_per_image(&self, quality: Quality, size: Size) -> Option<u64> {
-        self.output_tokens
-            .get(quality.as_str())?
-            .get(&size.to_string())
-            .copied()
+        self.output_tokens.get(quality.as_str())?.get(&size.to_string()).copied()
     }
 
     /// Whether this model has a price for images of this quality and size.
@@ -122,16 +116,11 @@ impl ModelPrice {
     /// Checks that the entry has what its basis needs; `key` names it in errors.
     fn check(&self, key: &str) -> Result<(), CatalogError> {
         let missing = |what: &str| {
-            Err(CatalogError(format!(
-                "{key}: billing_basis = \"{}\" needs {what}",
-                self.billing_basis.as_str()
-            )))
+            Err(CatalogError(format!("{key}: billing_basis = \"{}\" needs {what}", self.billing_basis.as_str())))
         };
         match self.billing_basis {
             BillingBasis::Tokens if self.tokens.is_none() => missing("a [tokens] table"),
-            BillingBasis::Tokens if self.output_tokens.is_empty() => {
-                missing("an [output_tokens] table")
-            }
+            BillingBasis::Tokens if self.output_tokens.is_empty() => missing("an [output_tokens] table"),
             BillingBasis::PerImage if self.per_image.is_empty() => missing("a [per_image] table"),
             BillingBasis::Compute if self.usd_per_hour.is_none() => missing("usd_per_hour"),
             BillingBasis::Flat if self.flat_per_image.is_none() => missing("flat_per_image"),
@@ -142,15 +131,9 @@ impl ModelPrice {
                 for (quality, sizes) in &self.output_tokens {
                     check_keys(key, "output_tokens", quality, sizes.keys())?;
                 }
-                let negative = self
-                    .per_image
-                    .values()
-                    .flat_map(|s| s.values())
-                    .any(|p| p.0.is_sign_negative());
+                let negative = self.per_image.values().flat_map(|s| s.values()).any(|p| p.0.is_sign_negative());
                 if negative {
-                    return Err(CatalogError(format!(
-                        "{key}.per_image: prices cannot be negative"
-                    )));
+                    return Err(CatalogError(format!("{key}.per_image: prices cannot be negative")));
                 }
                 Ok(())
             }
@@ -165,15 +148,11 @@ fn check_keys<'a>(
     sizes: impl Iterator<Item = &'a String>,
 ) -> Result<(), CatalogError> {
     if quality.parse::<Quality>().is_err() {
-        return Err(CatalogError(format!(
-            "{key}.{table}: '{quality}' is not a quality"
-        )));
+        return Err(CatalogError(format!("{key}.{table}: '{quality}' is not a quality")));
     }
     for s in sizes {
         if s.parse::<Size>().is_err() {
-            return Err(CatalogError(format!(
-                "{key}.{table}.{quality}: '{s}' is not a WIDTHxHEIGHT size"
-            )));
+            return Err(CatalogError(format!("{key}.{table}.{quality}: '{s}' is not a WIDTHxHEIGHT size")));
         }
     }
     Ok(())
@@ -211,8 +190,7 @@ pub struct CatalogError(pub String);
 impl Catalog {
     /// The shipped catalog.
     pub fn builtin() -> Result<Catalog, CatalogError> {
-        Catalog::from_toml(BUILTIN_CATALOG)
-            .map_err(|e| CatalogError(format!("built-in catalog: {e}")))
+        Catalog::from_toml(BUILTIN_CATALOG).map_err(|e| CatalogError(format!("built-in catalog: {e}")))
     }
 
     pub fn from_toml(text: &str) -> Result<Catalog, CatalogError> {
@@ -250,15 +228,11 @@ impl Catalog {
         }
         for (name, m) in &self.tiers {
             if m.is_sign_negative() {
-                return Err(CatalogError(format!(
-                    "tiers.{name}: a multiplier cannot be negative"
-                )));
+                return Err(CatalogError(format!("tiers.{name}: a multiplier cannot be negative")));
             }
         }
         if !self.tiers.contains_key("default") {
-            return Err(CatalogError(
-                "tiers: the 'default' tier needs a multiplier".to_owned(),
-            ));
+            return Err(CatalogError("tiers: the 'default' tier needs a multiplier".to_owned()));
         }
         Ok(())
     }

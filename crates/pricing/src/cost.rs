@@ -129,32 +129,15 @@ pub fn cost(
     let mut lines = Vec::new();
     match price.billing_basis {
         BillingBasis::Tokens => {
-            let tokens = price
-                .tokens
-                .as_ref()
-                .ok_or_else(|| PriceError(format!("model '{model}' has no token prices")))?;
+            let tokens =
+                price.tokens.as_ref().ok_or_else(|| PriceError(format!("model '{model}' has no token prices")))?;
             let u = usage.ok_or_else(|| {
-                PriceError(format!(
-                    "model '{model}' has no output token count for {} {}",
-                    job.quality, job.size
-                ))
+                PriceError(format!("model '{model}' has no output token count for {} {}", job.quality, job.size))
             })?;
             let priced = [
-                (
-                    "text input tokens",
-                    u.input_text_tokens,
-                    tokens.text_input.0,
-                ),
-                (
-                    "image input tokens",
-                    u.input_image_tokens,
-                    tokens.image_input.0,
-                ),
-                (
-                    "image output tokens",
-                    u.output_tokens,
-                    tokens.image_output.0,
-                ),
+                ("text input tokens", u.input_text_tokens, tokens.text_input.0),
+                ("image input tokens", u.input_image_tokens, tokens.image_input.0),
+                ("image output tokens", u.output_tokens, tokens.image_output.0),
             ];
             for (item, quantity, per_million) in priced {
                 if quantity > 0 {
@@ -163,19 +146,13 @@ pub fn cost(
             }
         }
         BillingBasis::PerImage => {
-            let unit = price
-                .per_image_price(job.quality, job.size)
-                .ok_or_else(|| {
-                    PriceError(format!(
-                        "model '{model}' has no per-image price for quality '{}' at {}",
-                        job.quality, job.size
-                    ))
-                })?;
-            lines.push(line(
-                &format!("images, {} {}", job.quality, job.size),
-                job.n,
-                unit,
-            ));
+            let unit = price.per_image_price(job.quality, job.size).ok_or_else(|| {
+                PriceError(format!(
+                    "model '{model}' has no per-image price for quality '{}' at {}",
+                    job.quality, job.size
+                ))
+            })?;
+            lines.push(line(&format!("images, {} {}", job.quality, job.size), job.n, unit));
         }
         BillingBasis::Flat => {
             let unit = price.flat_per_image.map(|p| p.0).unwrap_or_default();
@@ -185,23 +162,14 @@ pub fn cost(
             let per_hour = price.usd_per_hour.map(|p| p.0).unwrap_or_default();
             let ms = compute_ms.unwrap_or(0);
             let amount = compute_cost(per_hour, ms);
-            lines.push(CostLine {
-                item: format!("compute time, {ms} ms"),
-                quantity: 1,
-                unit_price: amount,
-                amount,
-            });
+            lines.push(CostLine { item: format!("compute time, {ms} ms"), quantity: 1, unit_price: amount, amount });
         }
     }
     let list_price: Decimal = lines.iter().map(|l| l.amount).sum();
     if adjustments.tier_multiplier != Decimal::ONE {
         let amount = list_price * (adjustments.tier_multiplier - Decimal::ONE);
         lines.push(adjustment(
-            &format!(
-                "service tier '{}' (x{})",
-                adjustments.tier,
-                adjustments.tier_multiplier.normalize()
-            ),
+            &format!("service tier '{}' (x{})", adjustments.tier, adjustments.tier_multiplier.normalize()),
             amount,
         ));
     }
@@ -213,37 +181,18 @@ pub fn cost(
         } else {
             format!("{}% markup", (-adjustments.discount_percent).normalize())
         };
-        lines.push(adjustment(
-            &format!("provider '{}' ({what})", adjustments.provider),
-            amount,
-        ));
+        lines.push(adjustment(&format!("provider '{}' ({what})", adjustments.provider), amount));
     }
     let total = lines.iter().map(|l| l.amount).sum();
-    Ok(Cost {
-        basis: price.billing_basis,
-        usage,
-        usage_source,
-        lines,
-        total,
-    })
+    Ok(Cost { basis: price.billing_basis, usage, usage_source, lines, total })
 }
 
 fn line(item: &str, quantity: u64, unit_price: Decimal) -> CostLine {
-    CostLine {
-        item: item.to_owned(),
-        quantity,
-        unit_price,
-        amount: unit_price * Decimal::from(quantity),
-    }
+    CostLine { item: item.to_owned(), quantity, unit_price, amount: unit_price * Decimal::from(quantity) }
 }
 
 fn adjustment(item: &str, amount: Decimal) -> CostLine {
-    CostLine {
-        item: item.to_owned(),
-        quantity: 1,
-        unit_price: amount,
-        amount,
-    }
+    CostLine { item: item.to_owned(), quantity: 1, unit_price: amount, amount }
 }
 
 /// USD for `ms` milliseconds at `usd_per_hour`, rounded once to the nano-dollar.
@@ -257,11 +206,7 @@ pub fn compute_cost(usd_per_hour: Decimal, ms: u64) -> Decimal {
 pub fn count_usage(price: &ModelPrice, job: &JobShape) -> Option<Usage> {
     let per_image = price.output_tokens_per_image(job.quality, job.size)?;
     let output = job.n * (per_image + PARTIAL_IMAGE_TOKENS * job.partial_images);
-    let image_in: u64 = job
-        .input_images
-        .iter()
-        .map(|s| image_input_tokens(*s, job.input_fidelity_high))
-        .sum();
+    let image_in: u64 = job.input_images.iter().map(|s| image_input_tokens(*s, job.input_fidelity_high)).sum();
     let input = job.text_tokens + image_in;
     Some(Usage {
         input_tokens: input,

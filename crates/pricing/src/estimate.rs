@@ -69,11 +69,7 @@ pub fn estimate(
         input_fidelity_high: plan.input_fidelity_high,
     };
     let usage = count_usage(price, &one).map(|u| scaled(u, plan.requests));
-    let all = JobShape {
-        n: plan.images(),
-        text_tokens: plan.prompt_tokens * plan.requests,
-        ..one
-    };
+    let all = JobShape { n: plan.images(), text_tokens: plan.prompt_tokens * plan.requests, ..one };
     if price.billing_basis == BillingBasis::Tokens && usage.is_none() {
         return Err(PriceError(format!(
             "model '{model}' has no output token count for quality '{}' at {}",
@@ -82,34 +78,27 @@ pub fn estimate(
     }
     let mut c = cost(model, price, &all, usage, None, adjustments)?;
     c.usage_source = UsageSource::Counted;
-    let per_image_view = match (
-        price.billing_basis,
-        &price.tokens,
-        usage,
-        price.per_image_price(plan.quality, plan.size),
-    ) {
-        (BillingBasis::Tokens, Some(tokens), Some(u), Some(unit)) => {
-            let million = Decimal::from(1_000_000u64);
-            let input = (Decimal::from(u.input_text_tokens) * tokens.text_input.0
-                + Decimal::from(u.input_image_tokens) * tokens.image_input.0)
-                / million;
-            let output = Decimal::from(u.output_tokens) * tokens.image_output.0 / million;
-            let per_image_total = unit * Decimal::from(plan.images());
-            Some(PerImageView {
-                per_image_total,
-                unit_price: unit,
-                input_tokens_cost: input,
-                output_tokens_cost: output,
-                naive_sum: per_image_total + input + output,
-                per_image_plus_input: per_image_total + input,
-            })
-        }
-        _ => None,
-    };
-    Ok(Estimate {
-        cost: c,
-        per_image_view,
-    })
+    let per_image_view =
+        match (price.billing_basis, &price.tokens, usage, price.per_image_price(plan.quality, plan.size)) {
+            (BillingBasis::Tokens, Some(tokens), Some(u), Some(unit)) => {
+                let million = Decimal::from(1_000_000u64);
+                let input = (Decimal::from(u.input_text_tokens) * tokens.text_input.0
+                    + Decimal::from(u.input_image_tokens) * tokens.image_input.0)
+                    / million;
+                let output = Decimal::from(u.output_tokens) * tokens.image_output.0 / million;
+                let per_image_total = unit * Decimal::from(plan.images());
+                Some(PerImageView {
+                    per_image_total,
+                    unit_price: unit,
+                    input_tokens_cost: input,
+                    output_tokens_cost: output,
+                    naive_sum: per_image_total + input + output,
+                    per_image_plus_input: per_image_total + input,
+                })
+            }
+            _ => None,
+        };
+    Ok(Estimate { cost: c, per_image_view })
 }
 
 fn scaled(u: Usage, k: u64) -> Usage {
@@ -126,21 +115,13 @@ fn scaled(u: Usage, k: u64) -> Usage {
 
 /// The quality and size a request that says `auto` is estimated at: the most expensive the model
 /// prices, so that an estimate never understates.
-pub fn worst_case(
-    price: &ModelPrice,
-    quality: Option<Quality>,
-    size: Option<Size>,
-) -> Option<(Quality, Size)> {
+pub fn worst_case(price: &ModelPrice, quality: Option<Quality>, size: Option<Size>) -> Option<(Quality, Size)> {
     let mut best: Option<(Quality, Size, Decimal)> = None;
     let table: Vec<(String, String, Decimal)> = match price.billing_basis {
         BillingBasis::Tokens => price
             .output_tokens
             .iter()
-            .flat_map(|(q, sizes)| {
-                sizes
-                    .iter()
-                    .map(move |(s, t)| (q.clone(), s.clone(), Decimal::from(*t)))
-            })
+            .flat_map(|(q, sizes)| sizes.iter().map(move |(s, t)| (q.clone(), s.clone(), Decimal::from(*t))))
             .collect(),
         _ => price
             .per_image

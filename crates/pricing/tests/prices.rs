@@ -6,8 +6,8 @@
 
 use domain::{Quality, Size, Usage};
 use pricing::{
-    Adjustments, BillingBasis, Catalog, Decimal, JobShape, PlannedRequest, UsageSource, cost,
-    count_text_tokens, count_usage, estimate, image_input_tokens, tokens_for_words,
+    Adjustments, BillingBasis, Catalog, Decimal, JobShape, PlannedRequest, UsageSource, cost, count_text_tokens,
+    count_usage, estimate, image_input_tokens, tokens_for_words,
 };
 use proptest::prelude::*;
 
@@ -43,15 +43,8 @@ fn per_image_prices() {
     ];
     let c = catalog();
     for (model, q, prices) in table {
-        for (s, p) in ["1024x1024", "1024x1536", "1536x1024"]
-            .into_iter()
-            .zip(prices)
-        {
-            assert_eq!(
-                c.model(model).unwrap().per_image_price(quality(q), size(s)),
-                Some(d(p)),
-                "{model} {q} {s}"
-            );
+        for (s, p) in ["1024x1024", "1024x1536", "1536x1024"].into_iter().zip(prices) {
+            assert_eq!(c.model(model).unwrap().per_image_price(quality(q), size(s)), Some(d(p)), "{model} {q} {s}");
         }
     }
     #[rustfmt::skip]
@@ -65,11 +58,7 @@ fn per_image_prices() {
     for (model, q, s, p) in dalle {
         let m = c.model(model).unwrap();
         assert_eq!(m.billing_basis, BillingBasis::PerImage);
-        assert_eq!(
-            m.per_image_price(quality(q), size(s)),
-            Some(d(p)),
-            "{model} {q} {s}"
-        );
+        assert_eq!(m.per_image_price(quality(q), size(s)), Some(d(p)), "{model} {q} {s}");
     }
 }
 
@@ -84,11 +73,7 @@ fn token_prices() {
     let c = catalog();
     for (model, p) in table {
         let m = c.model(model).unwrap();
-        assert_eq!(
-            m.billing_basis,
-            BillingBasis::Tokens,
-            "{model} bills from usage tokens"
-        );
+        assert_eq!(m.billing_basis, BillingBasis::Tokens, "{model} bills from usage tokens");
         let t = m.tokens.as_ref().unwrap();
         let got = [
             t.text_input.0,
@@ -98,10 +83,7 @@ fn token_prices() {
             t.image_output.0,
         ];
         assert_eq!(got, p.map(d), "{model}");
-        assert!(
-            m.as_of.is_some() && m.source.is_some(),
-            "{model} says where its prices come from"
-        );
+        assert!(m.as_of.is_some() && m.source.is_some(), "{model} says where its prices come from");
     }
 }
 
@@ -112,14 +94,9 @@ fn output_token_table() {
     let c = catalog();
     for model in ["gpt-image-1-mini", "gpt-image-1", "gpt-image-1.5"] {
         for (q, tokens) in table {
-            for (s, t) in ["1024x1024", "1024x1536", "1536x1024"]
-                .into_iter()
-                .zip(tokens)
-            {
+            for (s, t) in ["1024x1024", "1024x1536", "1536x1024"].into_iter().zip(tokens) {
                 assert_eq!(
-                    c.model(model)
-                        .unwrap()
-                        .output_tokens_per_image(quality(q), size(s)),
+                    c.model(model).unwrap().output_tokens_per_image(quality(q), size(s)),
                     Some(t),
                     "{model} {q} {s}"
                 );
@@ -133,40 +110,16 @@ fn the_token_table_reproduces_published_prices_where_the_facts_say_it_does() {
     // gpt-image-1 at $40/M: 4160 tokens -> $0.1664 (published $0.167); gpt-image-1.5 at $32/M -> $0.13312.
     let c = catalog();
     let per_image = |model: &str| {
-        let job = JobShape {
-            text_tokens: 0,
-            ..job(1, "high", "1024x1024")
-        };
-        cost(
-            model,
-            c.model(model).unwrap(),
-            &job,
-            None,
-            None,
-            &Adjustments::none("openai"),
-        )
-        .unwrap()
-        .total
+        let job = JobShape { text_tokens: 0, ..job(1, "high", "1024x1024") };
+        cost(model, c.model(model).unwrap(), &job, None, None, &Adjustments::none("openai")).unwrap().total
     };
     assert_eq!(per_image("gpt-image-1"), d("0.1664"));
     assert_eq!(per_image("gpt-image-1.5"), d("0.13312"));
     // And does not for mini: 272 low tokens at $8/M is $0.002176, not the published $0.005.
-    let job = JobShape {
-        text_tokens: 0,
-        ..job(1, "low", "1024x1024")
-    };
+    let job = JobShape { text_tokens: 0, ..job(1, "low", "1024x1024") };
     let m = c.model("gpt-image-1-mini").unwrap();
     assert_eq!(
-        cost(
-            "gpt-image-1-mini",
-            m,
-            &job,
-            None,
-            None,
-            &Adjustments::none("openai")
-        )
-        .unwrap()
-        .total,
+        cost("gpt-image-1-mini", m, &job, None, None, &Adjustments::none("openai")).unwrap().total,
         d("0.002176")
     );
 }
@@ -224,15 +177,9 @@ fn reported_usage_is_the_billing_truth() {
         output_image_tokens: None,
         output_text_tokens: None,
     };
-    let c = cost(
-        "gpt-image-1-mini",
-        m,
-        &job(1, "high", "1024x1024"),
-        Some(reported),
-        None,
-        &Adjustments::none("openai"),
-    )
-    .unwrap();
+    let c =
+        cost("gpt-image-1-mini", m, &job(1, "high", "1024x1024"), Some(reported), None, &Adjustments::none("openai"))
+            .unwrap();
     assert_eq!(c.usage, Some(reported));
     assert_eq!(c.usage_source, UsageSource::Provider);
     // 10 x $2/M + 40 x $2.5/M + 1000 x $8/M
@@ -243,16 +190,8 @@ fn reported_usage_is_the_billing_truth() {
 fn tier_and_provider_adjustments() {
     let c = catalog();
     let m = c.model("gpt-image-1").unwrap();
-    let list = cost(
-        "gpt-image-1",
-        m,
-        &job(1, "high", "1024x1024"),
-        None,
-        None,
-        &Adjustments::none("openai"),
-    )
-    .unwrap()
-    .total;
+    let list =
+        cost("gpt-image-1", m, &job(1, "high", "1024x1024"), None, None, &Adjustments::none("openai")).unwrap().total;
     let table = [
         ("default", "1", "0", d("1")),
         ("flex", "0.5", "0", d("0.5")),
@@ -267,24 +206,10 @@ fn tier_and_provider_adjustments() {
             provider: "comet".into(),
             discount_percent: d(discount),
         };
-        assert_eq!(
-            c.tier_multiplier(tier),
-            Some(d(if tier == "default" { "1" } else { "0.5" }))
-        );
-        let got = cost(
-            "gpt-image-1",
-            m,
-            &job(1, "high", "1024x1024"),
-            None,
-            None,
-            &adj,
-        )
-        .unwrap();
+        assert_eq!(c.tier_multiplier(tier), Some(d(if tier == "default" { "1" } else { "0.5" })));
+        let got = cost("gpt-image-1", m, &job(1, "high", "1024x1024"), None, None, &adj).unwrap();
         assert_eq!(got.total, list * factor, "{tier} {discount}");
-        assert_eq!(
-            got.lines.iter().map(|l| l.amount).sum::<Decimal>(),
-            got.total
-        );
+        assert_eq!(got.lines.iter().map(|l| l.amount).sum::<Decimal>(), got.total);
     }
 }
 
@@ -311,26 +236,11 @@ fn the_published_campaign() {
         input_fidelity_high: false,
         partial_images: 0,
     };
-    let e = estimate(
-        "gpt-image-1-mini",
-        c.model("gpt-image-1-mini").unwrap(),
-        &plan,
-        &Adjustments::none("openai"),
-    )
-    .unwrap();
-    let lines: Vec<(&str, u64, Decimal)> = e
-        .cost
-        .lines
-        .iter()
-        .map(|l| (l.item.as_str(), l.quantity, l.amount))
-        .collect();
-    assert_eq!(
-        lines,
-        [
-            ("text input tokens", 4_000, d("0.008")),
-            ("image output tokens", 105_600, d("0.8448"))
-        ]
-    );
+    let e = estimate("gpt-image-1-mini", c.model("gpt-image-1-mini").unwrap(), &plan, &Adjustments::none("openai"))
+        .unwrap();
+    let lines: Vec<(&str, u64, Decimal)> =
+        e.cost.lines.iter().map(|l| (l.item.as_str(), l.quantity, l.amount)).collect();
+    assert_eq!(lines, [("text input tokens", 4_000, d("0.008")), ("image output tokens", 105_600, d("0.8448"))]);
     assert_eq!(e.cost.total, d("0.8528"));
     let v = e.per_image_view.unwrap();
     assert_eq!(v.per_image_total, d("1.10"));
@@ -339,10 +249,7 @@ fn the_published_campaign() {
     assert_eq!(v.naive_sum, d("1.9528"));
     assert_eq!(v.per_image_plus_input, d("1.108"));
     // The blog rounds the output line to $0.84 and adds the three: $1.948.
-    assert_eq!(
-        v.per_image_total + v.input_tokens_cost + v.output_tokens_cost.round_dp(2),
-        d("1.948")
-    );
+    assert_eq!(v.per_image_total + v.input_tokens_cost + v.output_tokens_cost.round_dp(2), d("1.948"));
 }
 
 #[test]
@@ -359,24 +266,13 @@ fn config_overrides_and_bad_entries() {
     .unwrap();
     let mut models = std::collections::BTreeMap::new();
     models.insert("flux".to_owned(), over["flux"].clone().try_into().unwrap());
-    let c = catalog()
-        .with_overrides(models, Default::default())
-        .unwrap();
-    assert_eq!(
-        c.model("flux").unwrap().flat_per_image.unwrap().0,
-        d("0.003")
-    );
+    let c = catalog().with_overrides(models, Default::default()).unwrap();
+    assert_eq!(c.model("flux").unwrap().flat_per_image.unwrap().0, d("0.003"));
     let mut bad = std::collections::BTreeMap::new();
     bad.insert("bad".to_owned(), over["bad"].clone().try_into().unwrap());
-    let e = catalog()
-        .with_overrides(bad, Default::default())
-        .unwrap_err();
-    assert!(
-        e.0.contains("prices.\"bad\"") && e.0.contains("[tokens]"),
-        "{e}"
-    );
-    let float: Result<pricing::ModelPrice, _> =
-        toml::from_str("billing_basis = \"flat\"\nflat_per_image = 0.1");
+    let e = catalog().with_overrides(bad, Default::default()).unwrap_err();
+    assert!(e.0.contains("prices.\"bad\"") && e.0.contains("[tokens]"), "{e}");
+    let float: Result<pricing::ModelPrice, _> = toml::from_str("billing_basis = \"flat\"\nflat_per_image = 0.1");
     assert!(float.unwrap_err().to_string().contains("strings"));
 }
 
@@ -384,10 +280,7 @@ fn config_overrides_and_bad_entries() {
 fn compute_time_is_priced_and_rounded_once() {
     assert_eq!(pricing::compute_cost(d("1.50"), 3_600_000), d("1.5"));
     assert_eq!(pricing::compute_cost(d("0.10"), 1_000), d("0.000027778"));
-    assert!(
-        catalog().local.cpu_usd_per_hour.0 > Decimal::ZERO,
-        "local cost is visible, not zero"
-    );
+    assert!(catalog().local.cpu_usd_per_hour.0 > Decimal::ZERO, "local cost is visible, not zero");
 }
 
 const QUALITIES: [&str; 3] = ["low", "medium", "high"];

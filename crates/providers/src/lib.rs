@@ -36,11 +36,7 @@ pub trait Provider: Send + Sync {
 pub enum ProviderError {
     /// The backend answered with an error; `body` is its envelope (made up when it sent none).
     #[error("upstream answered HTTP {status}: {}", body.message)]
-    Upstream {
-        status: u16,
-        body: ErrorBody,
-        retry_after: Option<u64>,
-    },
+    Upstream { status: u16, body: ErrorBody, retry_after: Option<u64> },
     /// No answer within the configured timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),

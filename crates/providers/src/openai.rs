@@ -50,11 +50,7 @@ impl std::fmt::Debug for UpstreamConfig {
 
 impl UpstreamConfig {
     /// Defaults like the OpenAI SDKs': 10 minute timeout, 2 retries.
-    pub fn new(
-        name: impl Into<String>,
-        base_url: impl Into<String>,
-        api_key: Option<String>,
-    ) -> Self {
+    pub fn new(name: impl Into<String>, base_url: impl Into<String>, api_key: Option<String>) -> Self {
         UpstreamConfig {
             name: name.into(),
             base_url: base_url.into(),
@@ -93,14 +89,10 @@ impl OpenAiUpstream {
     /// Builds one attempt's request; called again for every retry (a multipart form is consumed).
     fn request(&self, model: &str, job: &ImageJob) -> reqwest::RequestBuilder {
         let builder = match job {
-            ImageJob::Generate(req) => self
-                .client
-                .post(self.url("images/generations"))
-                .json(&api::upstream::generation_body(model, req)),
-            ImageJob::Edit(req) => self
-                .client
-                .post(self.url("images/edits"))
-                .multipart(edit_form(model, req)),
+            ImageJob::Generate(req) => {
+                self.client.post(self.url("images/generations")).json(&api::upstream::generation_body(model, req))
+            }
+            ImageJob::Edit(req) => self.client.post(self.url("images/edits")).multipart(edit_form(model, req)),
         };
         let builder = match &self.config.api_key {
             Some(key) => builder.bearer_auth(key),
@@ -117,17 +109,13 @@ impl OpenAiUpstream {
     async fn send(&self, model: &str, job: &ImageJob) -> Result<reqwest::Response, ProviderError> {
         let mut attempt = 0;
         loop {
-            let result =
-                tokio::time::timeout(self.config.timeout, self.request(model, job).send()).await;
+            let result = tokio::time::timeout(self.config.timeout, self.request(model, job).send()).await;
             let failure = match result {
                 Err(_) => return Err(ProviderError::Timeout(self.config.timeout)),
                 Ok(Err(e)) if e.is_timeout() => {
                     return Err(ProviderError::Timeout(self.config.timeout));
                 }
-                Ok(Err(e)) => Failure {
-                    error: ProviderError::Connection(error_chain(&e)),
-                    retry_after: None,
-                },
+                Ok(Err(e)) => Failure { error: ProviderError::Connection(error_chain(&e)), retry_after: None },
                 Ok(Ok(resp)) if resp.status().is_success() => return Ok(resp),
                 Ok(Ok(resp)) => {
                     let status = resp.status().as_u16();
@@ -163,10 +151,7 @@ impl OpenAiUpstream {
         if attempt >= self.config.max_retries {
             return None;
         }
-        let exp = self
-            .config
-            .initial_backoff
-            .saturating_mul(1u32 << attempt.min(16));
+        let exp = self.config.initial_backoff.saturating_mul(1u32 << attempt.min(16));
         let capped = exp.min(self.config.max_backoff);
         // Jitter spreads retries of many clients apart: wait between 75% and 100% of the backoff.
         let jittered = capped.mul_f64(rand::rng().random_range(0.75..=1.0));
@@ -226,14 +211,7 @@ impl OpenAiUpstream {
                 match api::parse_stream_event(&event.data) {
                     Ok(UpstreamStreamItem::Event(ev)) => return Some((Ok(ev), Some(events))),
                     Ok(UpstreamStreamItem::Error(body)) => {
-                        return Some((
-                            Err(ProviderError::Upstream {
-                                status: 500,
-                                body,
-                                retry_after: None,
-                            }),
-                            None,
-                        ));
+                        return Some((Err(ProviderError::Upstream { status: 500, body, retry_after: None }), None));
                     }
                     Ok(UpstreamStreamItem::Other(kind)) => {
                         tracing::debug!(%kind, "skipping an unknown upstream stream event");
@@ -258,11 +236,7 @@ impl Provider for OpenAiUpstream {
     }
 
     async fn run(&self, model: &str, job: &ImageJob) -> Result<ProviderOutput, ProviderError> {
-        if job.options().stream {
-            self.stream(model, job).await
-        } else {
-            self.complete(model, job).await
-        }
+        if job.options().stream { self.stream(model, job).await } else { self.complete(model, job).await }
     }
 }
 
@@ -273,11 +247,7 @@ fn edit_form(model: &str, req: &EditRequest) -> Form {
     for (name, value) in api::upstream::edit_text_fields(model, req) {
         form = form.text(name, value);
     }
-    let field = if req.images.len() == 1 {
-        "image"
-    } else {
-        "image[]"
-    };
+    let field = if req.images.len() == 1 { "image" } else { "image[]" };
     for (i, img) in req.images.iter().enumerate() {
         form = form.part(field, file_part(img, &format!("image-{i}")));
     }
@@ -288,10 +258,7 @@ fn edit_form(model: &str, req: &EditRequest) -> Form {
 }
 
 fn file_part(img: &InputImage, default_stem: &str) -> Part {
-    let filename = img
-        .filename
-        .clone()
-        .unwrap_or_else(|| format!("{default_stem}.{}", img.format.extension()));
+    let filename = img.filename.clone().unwrap_or_else(|| format!("{default_stem}.{}", img.format.extension()));
     let body = reqwest::Body::from(Bytes::clone(&img.bytes));
     // The mime type is one of three static strings, which always parse.
     Part::stream_with_length(body, img.bytes.len() as u64)
@@ -306,11 +273,7 @@ fn retryable_status(status: u16) -> bool {
 
 /// What the upstream asks us to wait: `retry-after-ms`, else `Retry-After` as seconds or an HTTP date.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<f64>().ok())
-    {
+    if let Some(ms) = headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<f64>().ok()) {
         return (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
     }
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
@@ -318,10 +281,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(
-        when.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
 /// The upstream's own envelope when it sent one; otherwise an envelope that says what came back.
@@ -332,16 +292,8 @@ fn upstream_error_body(provider: &str, status: u16, body: &[u8]) -> ErrorBody {
     let text = String::from_utf8_lossy(body);
     let snippet: String = text.chars().take(200).collect();
     ErrorBody {
-        message: format!(
-            "The upstream provider '{provider}' answered HTTP {status}: {}",
-            snippet.trim()
-        ),
-        kind: if status >= 500 {
-            "server_error"
-        } else {
-            "invalid_request_error"
-        }
-        .to_owned(),
+        message: format!("The upstream provider '{provider}' answered HTTP {status}: {}", snippet.trim()),
+        kind: if status >= 500 { "server_error" } else { "invalid_request_error" }.to_owned(),
         param: None,
         code: Some("upstream_error".to_owned()),
     }
@@ -378,10 +330,7 @@ mod tests {
         h.insert("retry-after-ms", HeaderValue::from_static("150"));
         assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
         let mut h = HeaderMap::new();
-        h.insert(
-            RETRY_AFTER,
-            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
-        );
+        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
@@ -391,20 +340,11 @@ mod tests {
     fn backoff_grows_is_bounded_and_honours_retry_after() {
         let u = upstream(3);
         let first = u.backoff(0, None).unwrap();
-        assert!(
-            first >= Duration::from_millis(375) && first <= Duration::from_millis(500),
-            "{first:?}"
-        );
+        assert!(first >= Duration::from_millis(375) && first <= Duration::from_millis(500), "{first:?}");
         let third = u.backoff(2, None).unwrap();
-        assert!(
-            third >= Duration::from_millis(1500) && third <= Duration::from_secs(2),
-            "{third:?}"
-        );
+        assert!(third >= Duration::from_millis(1500) && third <= Duration::from_secs(2), "{third:?}");
         assert_eq!(u.backoff(3, None), None);
-        assert_eq!(
-            u.backoff(0, Some(Duration::from_secs(5))),
-            Some(Duration::from_secs(5))
-        );
+        assert_eq!(u.backoff(0, Some(Duration::from_secs(5))), Some(Duration::from_secs(5)));
         assert_eq!(u.backoff(0, Some(Duration::from_secs(3600))), None);
     }
 
@@ -424,10 +364,7 @@ mod tests {
         assert_eq!(b.code.as_deref(), Some("upstream_error"));
         assert!(b.message.contains("comet") && b.message.contains("502"));
         let own = br#"{"error":{"message":"blocked","type":"image_generation_user_error","param":"prompt","code":"moderation_blocked"}}"#;
-        assert_eq!(
-            upstream_error_body("x", 400, own).code.as_deref(),
-            Some("moderation_blocked")
-        );
+        assert_eq!(upstream_error_body("x", 400, own).code.as_deref(), Some("moderation_blocked"));
     }
 
     #[test]

@@ -36,9 +36,7 @@ impl KeySet {
     pub fn accepts(&self, key: &str) -> bool {
         let d = digest(key);
         // Check every digest, not stopping at a match, so the time taken says nothing about which matched.
-        self.digests
-            .iter()
-            .fold(false, |found, k| found | bool::from(k.ct_eq(&d)))
+        self.digests.iter().fold(false, |found, k| found | bool::from(k.ct_eq(&d)))
     }
 }
 
@@ -51,16 +49,8 @@ pub async fn require_key(State(state): State<AppState>, request: Request, next: 
     if state.keys.is_open() {
         return next.run(request).await;
     }
-    let header = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let presented = header
-        .and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+    let header = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let presented = header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))).map(str::trim);
     match presented {
         None | Some("") => HttpError(api::ApiError::missing_api_key()).into_response(),
         Some(key) if state.keys.accepts(key) => next.run(request).await,

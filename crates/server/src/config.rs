@@ -15,6 +15,10 @@
 //!
 //! [aliases]
 //! mini = "comet/gpt-image-1-mini"
+//!
+//! [prices."flux-dev"]                         # every served model needs a price (see pricing)
+//! billing_basis = "flat"
+//! flat_per_image = "0.003"
 //! ```
 
 use std::collections::BTreeMap;
@@ -36,6 +40,12 @@ pub struct ConfigFile {
     pub providers: BTreeMap<String, ProviderFile>,
     #[serde(default)]
     pub aliases: BTreeMap<String, String>,
+    /// Price entries laid over the built-in catalog, keyed by model name.
+    #[serde(default)]
+    pub prices: BTreeMap<String, pricing::ModelPrice>,
+    /// Service tier multipliers laid over the built-in ones.
+    #[serde(default)]
+    pub tiers: BTreeMap<String, pricing::Price>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,9 +91,11 @@ pub struct ProviderConfig {
 }
 
 /// Everything the server needs, validated.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Config {
     pub default_model: Option<String>,
+    /// The built-in price catalog with the file's overrides.
+    pub prices: pricing::Catalog,
     /// SHA-256 digests of the accepted client keys.
     pub api_key_hashes: Vec<[u8; 32]>,
     pub providers: Vec<ProviderConfig>,
@@ -101,10 +113,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_body_bytes: 64 * 1024 * 1024,
-            max_image_pixels: 64_000_000,
-        }
+        Limits { max_body_bytes: 64 * 1024 * 1024, max_image_pixels: 64_000_000 }
     }
 }
 
@@ -135,8 +144,7 @@ impl Config {
     pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-        Config::from_toml(&text, env)
-            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+        Config::from_toml(&text, env).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
     }
 
     pub fn from_toml(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
@@ -154,9 +162,7 @@ impl Config {
         if !providers.iter().any(|p| p.name == "openai")
             && let Some(key) = env.var("OPENAI_API_KEY")
         {
-            let base_url = env
-                .var("OPENAI_BASE_URL")
-                .unwrap_or_else(|| "https://api.openai.com/v1".to_owned());
+            let base_url = env.var("OPENAI_BASE_URL").unwrap_or_else(|| "https://api.openai.com/v1".to_owned());
             check_url("OPENAI_BASE_URL", &base_url)?;
             providers.push(ProviderConfig {
                 name: "openai".to_owned(),
@@ -179,8 +185,22 @@ impl Config {
                 ))
             })?);
         }
+        let prices = pricing::Catalog::builtin()
+            .and_then(|c| c.with_overrides(file.prices, file.tiers))
+            .map_err(|e| ConfigError(e.0))?;
+        for p in &providers {
+            for (i, (model, _)) in p.models.iter().enumerate() {
+                if prices.model(model).is_none() {
+                    return err(format!(
+                        "providers.{}.models[{i}]: model '{model}' has no price, and imagegate never bills an image as free: add a [prices.\"{model}\"] entry (the keys of crates/pricing/catalog.toml)",
+                        p.name
+                    ));
+                }
+            }
+        }
         Ok(Config {
             default_model: file.default_model,
+            prices,
             api_key_hashes,
             providers,
             aliases: file.aliases,
@@ -189,16 +209,10 @@ impl Config {
     }
 }
 
-fn provider_config(
-    name: &str,
-    p: ProviderFile,
-    env: &dyn Env,
-) -> Result<ProviderConfig, ConfigError> {
+fn provider_config(name: &str, p: ProviderFile, env: &dyn Env) -> Result<ProviderConfig, ConfigError> {
     let key = |field: &str| format!("providers.{name}.{field}");
     if name.is_empty() || name.contains('/') {
-        return err(format!(
-            "providers.{name}: a provider name must be non-empty and contain no '/'"
-        ));
+        return err(format!("providers.{name}: a provider name must be non-empty and contain no '/'"));
     }
     check_url(&key("base_url"), &p.base_url)?;
     let api_key = match &p.api_key_env {
@@ -206,10 +220,7 @@ fn provider_config(
         Some(var) => match env.var(var) {
             Some(v) => Some(v),
             None => {
-                return err(format!(
-                    "{}: the environment variable {var} is not set",
-                    key("api_key_env")
-                ));
+                return err(format!("{}: the environment variable {var} is not set", key("api_key_env")));
             }
         },
     };
@@ -241,33 +252,21 @@ fn provider_config(
             },
         };
         if model.is_empty() || model.contains('/') {
-            return err(format!(
-                "{}[{i}]: a model name must be non-empty and contain no '/'",
-                key("models")
-            ));
+            return err(format!("{}[{i}]: a model name must be non-empty and contain no '/'", key("models")));
         }
         models.push((model, family));
     }
     let discount_percent = match p.discount_percent {
         None => Decimal::ZERO,
         Some(DecimalText::Integer(i)) => Decimal::from(i),
-        Some(DecimalText::Text(t)) => {
-            t.trim()
-                .trim_end_matches('%')
-                .parse::<Decimal>()
-                .map_err(|_| {
-                    ConfigError(format!(
-                        "{}: '{t}' is not a decimal number",
-                        key("discount_percent")
-                    ))
-                })?
-        }
+        Some(DecimalText::Text(t)) => t
+            .trim()
+            .trim_end_matches('%')
+            .parse::<Decimal>()
+            .map_err(|_| ConfigError(format!("{}: '{t}' is not a decimal number", key("discount_percent"))))?,
     };
     if discount_percent >= Decimal::from(100) || discount_percent <= Decimal::from(-1000) {
-        return err(format!(
-            "{}: must be below 100 (and above -1000 for a markup)",
-            key("discount_percent")
-        ));
+        return err(format!("{}: must be below 100 (and above -1000 for a markup)", key("discount_percent")));
     }
     let timeout_secs = p.timeout_secs.unwrap_or(600);
     if timeout_secs == 0 {
@@ -322,24 +321,14 @@ mod tests {
 
     #[test]
     fn zero_config_from_openai_variables() {
-        let c = Config::from_toml(
-            "",
-            &env(&[
-                ("OPENAI_API_KEY", "sk-up"),
-                ("OPENAI_BASE_URL", "http://127.0.0.1:1/v1"),
-            ]),
-        )
-        .unwrap();
+        let c =
+            Config::from_toml("", &env(&[("OPENAI_API_KEY", "sk-up"), ("OPENAI_BASE_URL", "http://127.0.0.1:1/v1")]))
+                .unwrap();
         assert_eq!(c.providers.len(), 1);
         assert_eq!(c.providers[0].name, "openai");
         assert_eq!(c.providers[0].base_url, "http://127.0.0.1:1/v1");
         assert_eq!(c.providers[0].models.len(), 5);
-        assert!(
-            Config::from_toml("", &env(&[]))
-                .unwrap()
-                .providers
-                .is_empty()
-        );
+        assert!(Config::from_toml("", &env(&[])).unwrap().providers.is_empty());
     }
 
     #[test]
@@ -354,8 +343,15 @@ mod tests {
             discount_percent = "20"
             [aliases]
             mini = "comet/gpt-image-1-mini"
+            [prices.flux]
+            billing_basis = "flat"
+            flat_per_image = "0.003"
+            [tiers]
+            flex = "0.6"
         "#;
         let c = Config::from_toml(text, &env(&[("COMET_KEY", "k")])).unwrap();
+        assert_eq!(c.prices.tier_multiplier("flex"), Some("0.6".parse().unwrap()));
+        assert!(c.prices.model("flux").is_some());
         let p = &c.providers[0];
         assert_eq!(p.discount_percent, Decimal::from(20));
         assert_eq!(p.models[1], ("flux".to_owned(), ModelFamily::GptImage));
@@ -368,18 +364,9 @@ mod tests {
         let base = "[providers.p]\nbase_url = \"http://x\"\nmodels = [\"dall-e-2\"]\n";
         let cases: &[(&str, &str)] = &[
             ("colour = 1", "colour"),
-            (
-                "[providers.p]\nbase_url = \"ftp://x\"\nmodels = [\"dall-e-2\"]",
-                "providers.p.base_url",
-            ),
-            (
-                "[providers.p]\nbase_url = \"http://x\"\nmodels = []",
-                "providers.p.models",
-            ),
-            (
-                "[providers.p]\nbase_url = \"http://x\"\nmodels = [\"flux\"]",
-                "providers.p.models[0]",
-            ),
+            ("[providers.p]\nbase_url = \"ftp://x\"\nmodels = [\"dall-e-2\"]", "providers.p.base_url"),
+            ("[providers.p]\nbase_url = \"http://x\"\nmodels = []", "providers.p.models"),
+            ("[providers.p]\nbase_url = \"http://x\"\nmodels = [\"flux\"]", "providers.p.models[0]"),
             (
                 "[providers.p]\nbase_url = \"http://x\"\nmodels = [{ name = \"f\", like = \"sd\" }]",
                 "providers.p.models[0].like",
@@ -388,28 +375,20 @@ mod tests {
                 "[providers.p]\nbase_url = \"http://x\"\napi_key_env = \"NOPE\"\nmodels = [\"dall-e-2\"]",
                 "providers.p.api_key_env",
             ),
-            (
-                &format!("{base}discount_percent = \"lots\""),
-                "providers.p.discount_percent",
-            ),
-            (
-                &format!("{base}discount_percent = 100"),
-                "providers.p.discount_percent",
-            ),
-            (
-                &format!("{base}timeout_secs = 0"),
-                "providers.p.timeout_secs",
-            ),
+            (&format!("{base}discount_percent = \"lots\""), "providers.p.discount_percent"),
+            (&format!("{base}discount_percent = 100"), "providers.p.discount_percent"),
+            (&format!("{base}timeout_secs = 0"), "providers.p.timeout_secs"),
             (&format!("{base}speed = 1"), "speed"),
             ("api_keys = [\"sk-plain\"]", "api_keys[0]"),
+            (
+                "[providers.p]\nbase_url = \"http://x\"\nmodels = [{ name = \"f\", like = \"gpt-image-1\" }]",
+                "providers.p.models[0]: model 'f' has no price",
+            ),
+            ("[prices.x]\nbilling_basis = \"per_image\"", "prices.\"x\""),
         ];
         for (text, key) in cases {
             let e = Config::from_toml(text, &env(&[])).unwrap_err();
-            assert!(
-                e.0.contains(key),
-                "config {text:?}: error {:?} does not name {key}",
-                e.0
-            );
+            assert!(e.0.contains(key), "config {text:?}: error {:?} does not name {key}", e.0);
         }
     }
 }

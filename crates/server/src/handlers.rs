@@ -12,16 +12,16 @@ use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use domain::{
-    EditRequest, GenerateRequest, ImageJob, ImageOptions, InputImage, JobKind, ModelFamily,
-    StreamEvent,
-};
+use domain::{EditRequest, GenerateRequest, ImageJob, ImageOptions, InputImage, JobKind, ModelFamily, StreamEvent};
 use futures_util::StreamExt;
 use providers::{ProviderError, ProviderOutput};
 use serde_json::{Map, Value};
 
 use crate::routing::Route;
-use crate::{AppState, HttpError};
+use crate::{AppState, HttpError, billing};
+
+/// The cost of a billed response, in USD, as a decimal.
+const COST_HEADER: &str = "x-imagegate-cost-usd";
 
 type HandlerResult = Result<Response, HttpError>;
 
@@ -39,12 +39,7 @@ pub async fn generations(
     let raw = RawRequest::parse(&Fields::Json(&map), JobKind::Generate, &[])?;
     let (model, route) = route(&state, &raw, JobKind::Generate)?;
     let (prompt, options, _) = raw.validate(&model, route.family, JobKind::Generate)?;
-    execute(
-        route,
-        ImageJob::Generate(GenerateRequest { prompt, options }),
-        &headers,
-    )
-    .await
+    execute(&state, route, ImageJob::Generate(GenerateRequest { prompt, options }), &headers).await
 }
 
 pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerResult {
@@ -58,40 +53,22 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
             .map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), &state))?;
         read_json_edit(&body)?
     } else {
-        return Err(ApiError::unsupported_media_type(
-            &ct,
-            "'multipart/form-data' or 'application/json'",
-        )
-        .into());
+        return Err(ApiError::unsupported_media_type(&ct, "'multipart/form-data' or 'application/json'").into());
     };
 
     let raw = match &form.fields {
         EditFields::Text(parts) => RawRequest::parse(&Fields::Text(parts), JobKind::Edit, &[])?,
-        EditFields::Json(map) => {
-            RawRequest::parse(&Fields::Json(map), JobKind::Edit, &["images", "mask"])?
-        }
+        EditFields::Json(map) => RawRequest::parse(&Fields::Json(map), JobKind::Edit, &["images", "mask"])?,
     };
     let (model, route) = route(&state, &raw, JobKind::Edit)?;
     let (prompt, options, input_fidelity) = raw.validate(&model, route.family, JobKind::Edit)?;
-    let (images, mask) = inspect_inputs(
-        form.images,
-        form.mask,
-        state.limits.max_image_pixels,
-        &headers,
-    )
-    .await?;
+    let (images, mask) = inspect_inputs(form.images, form.mask, state.limits.max_image_pixels, &headers).await?;
     api::images::check_inputs(&images, route.family, &model)?;
     if let Some(m) = &mask {
         api::images::check_mask(m, &images[0])?;
     }
-    let job = ImageJob::Edit(EditRequest {
-        prompt,
-        images,
-        mask,
-        input_fidelity,
-        options,
-    });
-    execute(route, job, &headers).await
+    let job = ImageJob::Edit(EditRequest { prompt, images, mask, input_fidelity, options });
+    execute(&state, route, job, &headers).await
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Response {
@@ -107,9 +84,7 @@ pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) ->
     let list = api::models_json(&found, 0);
     // The list holds exactly one model object: answer that object.
     let value: Value = serde_json::from_slice(&list).unwrap_or(Value::Null);
-    Ok(json_response(
-        serde_json::to_vec(&value["data"][0]).unwrap_or_default(),
-    ))
+    Ok(json_response(serde_json::to_vec(&value["data"][0]).unwrap_or_default()))
 }
 
 pub async fn health() -> Response {
@@ -121,20 +96,9 @@ pub async fn not_found(method: Method, uri: Uri) -> HttpError {
 }
 
 pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    let allowed = if uri.path().starts_with("/v1/models") || uri.path() == "/health" {
-        "GET"
-    } else {
-        "POST"
-    };
-    let mut response = HttpError(ApiError::method_not_allowed(
-        method.as_str(),
-        uri.path(),
-        allowed,
-    ))
-    .into_response();
-    response
-        .headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allowed));
+    let allowed = if uri.path().starts_with("/v1/models") || uri.path() == "/health" { "GET" } else { "POST" };
+    let mut response = HttpError(ApiError::method_not_allowed(method.as_str(), uri.path(), allowed)).into_response();
+    response.headers_mut().insert(ALLOW, HeaderValue::from_static(allowed));
     response
 }
 
@@ -150,7 +114,9 @@ fn route(state: &AppState, raw: &RawRequest, kind: JobKind) -> Result<(String, R
 }
 
 /// Runs the job on its provider and writes the response: JSON, or server-sent events when streaming.
-async fn execute(route: Route, job: ImageJob, headers: &HeaderMap) -> HandlerResult {
+/// Every billed response carries its cost: the `x-imagegate-cost-usd` header and the `imagegate` body
+/// extension; a stream carries it in each completed event, since its headers leave before the cost is known.
+async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &HeaderMap) -> HandlerResult {
     let provider = route.provider.name().to_owned();
     let options = job.options().clone();
     let kind = job.kind();
@@ -161,23 +127,37 @@ async fn execute(route: Route, job: ImageJob, headers: &HeaderMap) -> HandlerRes
             if result.created == 0 {
                 result.created = now();
             }
-            Ok(json_response(api::images_response_json(&result)))
+            let cost = billing::bill(state, &route, &job, &result.resolved, result.images.len() as u64, result.usage);
+            let cost = billing::cost_extension(&route, cost);
+            let mut response = json_response(api::images_response_json(&result, cost.as_ref().map(|(_, v)| v)));
+            if let Some((c, _)) = cost
+                && let Ok(value) = HeaderValue::from_str(&c.total_string())
+            {
+                response.headers_mut().insert(COST_HEADER, value);
+            }
+            Ok(response)
         }
         Ok(ProviderOutput::Stream(events)) => {
             let headers = headers.clone();
             let family = route.family;
+            let state = state.clone();
             let sse = events.map(move |item| -> Result<Event, Infallible> {
                 Ok(match item {
                     Ok(event) => {
                         let event = resolve_event(event, &options, family);
-                        let (name, data) = api::stream_event_json(kind, &event);
+                        let cost = match &event {
+                            StreamEvent::Completed { resolved, usage, .. } => billing::cost_extension(
+                                &route,
+                                billing::bill(&state, &route, &job, resolved, 1, *usage),
+                            ),
+                            StreamEvent::Partial { .. } => None,
+                        };
+                        let (name, data) = api::stream_event_json(kind, &event, cost.as_ref().map(|(_, v)| v));
                         Event::default().event(name).data(data)
                     }
                     Err(e) => {
                         let error = provider_error(e, &provider, &headers);
-                        Event::default()
-                            .event("error")
-                            .data(api::stream_error_json(&error.body))
+                        Event::default().event("error").data(api::stream_error_json(&error.body))
                     }
                 })
             });
@@ -188,23 +168,13 @@ async fn execute(route: Route, job: ImageJob, headers: &HeaderMap) -> HandlerRes
 
 fn resolve_event(event: StreamEvent, options: &ImageOptions, family: ModelFamily) -> StreamEvent {
     match event {
-        StreamEvent::Partial {
-            b64_json,
-            partial_image_index,
-            created_at,
-            resolved,
-        } => StreamEvent::Partial {
+        StreamEvent::Partial { b64_json, partial_image_index, created_at, resolved } => StreamEvent::Partial {
             b64_json,
             partial_image_index,
             created_at: if created_at == 0 { now() } else { created_at },
             resolved: resolved.fill_from(options, family),
         },
-        StreamEvent::Completed {
-            b64_json,
-            created_at,
-            resolved,
-            usage,
-        } => StreamEvent::Completed {
+        StreamEvent::Completed { b64_json, created_at, resolved, usage } => StreamEvent::Completed {
             b64_json,
             created_at: if created_at == 0 { now() } else { created_at },
             resolved: resolved.fill_from(options, family),
@@ -217,11 +187,7 @@ fn resolve_event(event: StreamEvent, options: &ImageOptions, family: ModelFamily
 /// envelope, except credential failures: those are this server's configuration, not the client's key.
 fn provider_error(e: ProviderError, provider: &str, headers: &HeaderMap) -> ApiError {
     match e {
-        ProviderError::Upstream {
-            status: status @ (401 | 403),
-            body,
-            ..
-        } => {
+        ProviderError::Upstream { status: status @ (401 | 403), body, .. } => {
             tracing::error!(provider, status, message = %body.message, "the upstream rejected this server's credentials");
             ApiError::new(
                 502,
@@ -233,27 +199,13 @@ fn provider_error(e: ProviderError, provider: &str, headers: &HeaderMap) -> ApiE
                 ),
             )
         }
-        ProviderError::Upstream {
-            status,
-            body,
-            retry_after,
-        } => ApiError {
-            status,
-            body,
-            retry_after,
-        },
-        ProviderError::Timeout(d) => ApiError::upstream_unavailable(
-            504,
-            provider,
-            &format!("did not answer within {} s", d.as_secs()),
-        ),
+        ProviderError::Upstream { status, body, retry_after } => ApiError { status, body, retry_after },
+        ProviderError::Timeout(d) => {
+            ApiError::upstream_unavailable(504, provider, &format!("did not answer within {} s", d.as_secs()))
+        }
         ProviderError::Connection(detail) => {
             tracing::warn!(provider, %detail, request_id = request_id(headers), "upstream connection failed");
-            ApiError::upstream_unavailable(
-                502,
-                provider,
-                "could not be reached, or the connection broke",
-            )
+            ApiError::upstream_unavailable(502, provider, "could not be reached, or the connection broke")
         }
         ProviderError::InvalidResponse(detail) => ApiError::new(
             502,
@@ -295,10 +247,7 @@ async fn read_multipart(request: Request, state: &AppState) -> Result<EditForm, 
         let filename = field.file_name().map(str::to_owned);
         let is_image = name == "image" || name == "image[]" || is_indexed_image(&name);
         let has_file = filename.is_some();
-        let bytes = field
-            .bytes()
-            .await
-            .map_err(|e| body_rejection(e.status().as_u16(), &e.body_text(), state))?;
+        let bytes = field.bytes().await.map_err(|e| body_rejection(e.status().as_u16(), &e.body_text(), state))?;
         if is_image {
             files.push((bytes, filename));
         } else if name == "mask" {
@@ -313,16 +262,8 @@ async fn read_multipart(request: Request, state: &AppState) -> Result<EditForm, 
     }
     check_image_count(files.len(), "image")?;
     let count = files.len();
-    let images = files
-        .into_iter()
-        .enumerate()
-        .map(|(i, (b, f))| (api::images::image_param(i, count), b, f))
-        .collect();
-    Ok(EditForm {
-        fields: EditFields::Text(texts),
-        images,
-        mask,
-    })
+    let images = files.into_iter().enumerate().map(|(i, (b, f))| (api::images::image_param(i, count), b, f)).collect();
+    Ok(EditForm { fields: EditFields::Text(texts), images, mask })
 }
 
 fn is_indexed_image(name: &str) -> bool {
@@ -351,11 +292,7 @@ fn read_json_edit(body: &[u8]) -> Result<EditForm, HttpError> {
         None | Some(Value::Null) => None,
         Some(r) => Some((api::upstream::decode_image_ref("mask", r)?, None)),
     };
-    Ok(EditForm {
-        fields: EditFields::Json(map),
-        images,
-        mask,
-    })
+    Ok(EditForm { fields: EditFields::Json(map), images, mask })
 }
 
 fn check_image_count(count: usize, param: &str) -> Result<(), ApiError> {
@@ -386,9 +323,7 @@ async fn inspect_inputs(
             .into_iter()
             .map(|(param, bytes, name)| api::images::inspect_image(&param, bytes, name, max_pixels))
             .collect::<Result<Vec<_>, _>>()?;
-        let mask = mask
-            .map(|(bytes, name)| api::images::inspect_image("mask", bytes, name, max_pixels))
-            .transpose()?;
+        let mask = mask.map(|(bytes, name)| api::images::inspect_image("mask", bytes, name, max_pixels)).transpose()?;
         Ok((images, mask))
     };
     match tokio::task::spawn_blocking(work).await {
@@ -405,9 +340,7 @@ fn body_rejection(status: u16, text: &str, state: &AppState) -> HttpError {
     if status == 413 {
         HttpError(ApiError::payload_too_large(state.limits.max_body_bytes))
     } else {
-        HttpError(ApiError::malformed_body(format!(
-            "The request body could not be read: {text}"
-        )))
+        HttpError(ApiError::malformed_body(format!("The request body could not be read: {text}")))
     }
 }
 
@@ -438,10 +371,7 @@ fn json_kind(v: &Value) -> &'static str {
 }
 
 fn content_type(headers: &HeaderMap) -> &str {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
+    headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 
 fn is_json(ct: &str) -> bool {
@@ -450,23 +380,13 @@ fn is_json(ct: &str) -> bool {
 }
 
 fn request_id(headers: &HeaderMap) -> &str {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("unknown")
+    headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("unknown")
 }
 
 fn json_response(body: Vec<u8>) -> Response {
-    (
-        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        body,
-    )
-        .into_response()
+    ([(CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }
 
 fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }

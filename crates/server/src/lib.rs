@@ -5,6 +5,7 @@
 //! listener until a shutdown future resolves, letting in-flight requests finish.
 
 pub mod auth;
+pub mod billing;
 pub mod config;
 mod handlers;
 pub mod routing;
@@ -31,6 +32,7 @@ pub use routing::Catalog;
 #[derive(Clone)]
 pub struct AppState {
     pub catalog: Arc<Catalog>,
+    pub prices: Arc<pricing::Catalog>,
     pub keys: Arc<KeySet>,
     pub limits: Limits,
     pub default_model: Option<Arc<str>>,
@@ -44,20 +46,23 @@ impl AppState {
             let mut upstream = UpstreamConfig::new(&p.name, &p.base_url, p.api_key.clone());
             upstream.timeout = p.timeout;
             upstream.max_retries = p.max_retries;
-            let provider = OpenAiUpstream::new(upstream)
-                .map_err(|e| ConfigError(format!("providers.{}: {e}", p.name)))?;
-            providers.push((Arc::new(provider), p.models.clone()));
+            let provider =
+                OpenAiUpstream::new(upstream).map_err(|e| ConfigError(format!("providers.{}: {e}", p.name)))?;
+            providers.push(routing::ProviderModels {
+                provider: Arc::new(provider),
+                models: p.models.clone(),
+                discount_percent: p.discount_percent,
+            });
         }
         let catalog = Catalog::new(providers, config.aliases.clone())?;
         if let Some(m) = &config.default_model
             && catalog.resolve(m).is_err()
         {
-            return Err(ConfigError(format!(
-                "default_model: '{m}' is not a model any provider serves"
-            )));
+            return Err(ConfigError(format!("default_model: '{m}' is not a model any provider serves")));
         }
         Ok(AppState {
             catalog: Arc::new(catalog),
+            prices: Arc::new(config.prices.clone()),
             keys: Arc::new(KeySet::new(config.api_key_hashes.clone())),
             limits: config.limits,
             default_model: config.default_model.as_deref().map(Arc::from),
@@ -74,10 +79,7 @@ pub fn app(state: AppState) -> Router {
         .route("/images/edits", post(handlers::edits))
         .route("/models", get(handlers::list_models))
         .route("/models/{*id}", get(handlers::get_model))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_key,
-        ));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
     Router::new()
         .route("/health", get(handlers::health))
         .nest("/v1", v1)
@@ -106,9 +108,7 @@ pub async fn run(
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 /// An [`ApiError`] as an HTTP response: the status, OpenAI's envelope, and `Retry-After` when set.
@@ -122,21 +122,15 @@ impl From<ApiError> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (
             status,
-            [(
-                axum::http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
+            [(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
             self.0.to_json(),
         )
             .into_response();
         if let Some(secs) = self.0.retry_after {
-            response
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

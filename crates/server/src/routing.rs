@@ -7,6 +7,7 @@ use std::sync::Arc;
 use api::ApiError;
 use domain::ModelFamily;
 use providers::Provider;
+use rust_decimal::Decimal;
 
 use crate::config::ConfigError;
 
@@ -17,10 +18,16 @@ pub struct Route {
     /// The provider's own name for the model.
     pub upstream_model: String,
     pub family: ModelFamily,
+    pub discount_percent: Decimal,
 }
 
-/// A provider and the models it serves: (the provider's model name, its family).
-pub type ProviderModels = (Arc<dyn Provider>, Vec<(String, ModelFamily)>);
+/// A provider, the models it serves (its name for each, and the family), and its price adjustment.
+pub struct ProviderModels {
+    pub provider: Arc<dyn Provider>,
+    pub models: Vec<(String, ModelFamily)>,
+    /// Percent off the list price (negative: a markup).
+    pub discount_percent: Decimal,
+}
 
 struct Entry {
     provider: usize,
@@ -31,30 +38,22 @@ struct Entry {
 /// Every model this instance serves. Bare names go to the first provider listing them, in config order.
 pub struct Catalog {
     providers: Vec<Arc<dyn Provider>>,
+    discounts: Vec<Decimal>,
     entries: Vec<Entry>,
     aliases: BTreeMap<String, String>,
 }
 
 impl Catalog {
     /// `providers` pairs each provider with the models it serves; alias targets are checked here.
-    pub fn new(
-        providers: Vec<ProviderModels>,
-        aliases: BTreeMap<String, String>,
-    ) -> Result<Catalog, ConfigError> {
-        let mut catalog = Catalog {
-            providers: Vec::new(),
-            entries: Vec::new(),
-            aliases: BTreeMap::new(),
-        };
-        for (i, (provider, models)) in providers.into_iter().enumerate() {
-            for (model, family) in models {
-                catalog.entries.push(Entry {
-                    provider: i,
-                    model,
-                    family,
-                });
+    pub fn new(providers: Vec<ProviderModels>, aliases: BTreeMap<String, String>) -> Result<Catalog, ConfigError> {
+        let mut catalog =
+            Catalog { providers: Vec::new(), discounts: Vec::new(), entries: Vec::new(), aliases: BTreeMap::new() };
+        for (i, p) in providers.into_iter().enumerate() {
+            for (model, family) in p.models {
+                catalog.entries.push(Entry { provider: i, model, family });
             }
-            catalog.providers.push(provider);
+            catalog.providers.push(p.provider);
+            catalog.discounts.push(p.discount_percent);
         }
         for (alias, target) in &aliases {
             if catalog.find(target).is_none() {
@@ -70,22 +69,29 @@ impl Catalog {
 
     pub fn resolve(&self, name: &str) -> Result<Route, ApiError> {
         let target = self.aliases.get(name).map(String::as_str).unwrap_or(name);
-        let entry = self
-            .find(target)
-            .ok_or_else(|| ApiError::model_not_found(name, &self.public_names()))?;
-        Ok(Route {
+        let entry = self.find(target).ok_or_else(|| ApiError::model_not_found(name, &self.public_names()))?;
+        Ok(self.route_of(entry))
+    }
+
+    fn route_of(&self, entry: &Entry) -> Route {
+        Route {
             provider: Arc::clone(&self.providers[entry.provider]),
             upstream_model: entry.model.clone(),
             family: entry.family,
-        })
+            discount_percent: self.discounts[entry.provider],
+        }
+    }
+
+    /// Every (provider, model) route, in config order.
+    pub fn routes(&self) -> Vec<Route> {
+        self.entries.iter().map(|e| self.route_of(e)).collect()
     }
 
     fn find(&self, name: &str) -> Option<&Entry> {
         match name.split_once('/') {
-            Some((provider, model)) => self
-                .entries
-                .iter()
-                .find(|e| e.model == model && self.providers[e.provider].name() == provider),
+            Some((provider, model)) => {
+                self.entries.iter().find(|e| e.model == model && self.providers[e.provider].name() == provider)
+            }
             None => self.entries.iter().find(|e| e.model == name),
         }
     }

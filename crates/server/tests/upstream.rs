@@ -104,50 +104,31 @@ impl Gateway {
     }
 
     async fn generate(&self, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
-        let r = self
-            .post("images/generations")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = self.post("images/generations").json(&body).send().await.unwrap();
         let status = r.status().as_u16();
         let headers = r.headers().clone();
         (status, headers, r.json().await.unwrap())
     }
 
     async fn edit(&self, form: Form) -> (u16, Value) {
-        let r = self
-            .post("images/edits")
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
+        let r = self.post("images/edits").multipart(form).send().await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap())
     }
 }
 
 fn decode_b64(v: &Value) -> DynamicImage {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(v.as_str().unwrap())
-        .unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap();
     image::load_from_memory(&bytes).unwrap()
 }
 
 fn format_of_b64(v: &Value) -> ImageFormat {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(v.as_str().unwrap())
-        .unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap();
     image::guess_format(&bytes).unwrap()
 }
 
 fn png(width: u32, height: u32, alpha: bool) -> Vec<u8> {
     let img = RgbaImage::from_fn(width, height, |x, y| {
-        image::Rgba([
-            x as u8,
-            y as u8,
-            90,
-            if alpha && x < width / 2 { 0 } else { 255 },
-        ])
+        image::Rgba([x as u8, y as u8, 90, if alpha && x < width / 2 { 0 } else { 255 }])
     });
     let img = if alpha {
         DynamicImage::ImageRgba8(img)
@@ -160,20 +141,14 @@ fn png(width: u32, height: u32, alpha: bool) -> Vec<u8> {
 }
 
 fn file(bytes: Vec<u8>, name: &str) -> Part {
-    Part::bytes(bytes)
-        .file_name(name.to_owned())
-        .mime_str("image/png")
-        .unwrap()
+    Part::bytes(bytes).file_name(name.to_owned()).mime_str("image/png").unwrap()
 }
 
 fn assert_error(body: &Value, param: Option<&str>, code: &str) {
     let e = &body["error"];
     assert_eq!(e["code"], code, "{body}");
     assert_eq!(e["param"].as_str(), param, "{body}");
-    assert!(
-        e["type"].is_string() && e["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    assert!(e["type"].is_string() && e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
 }
 
 #[tokio::test]
@@ -185,31 +160,67 @@ async fn generation_returns_a_real_png_with_resolved_fields() {
     assert!(headers.contains_key("x-request-id"));
     let img = decode_b64(&body["data"][0]["b64_json"]);
     assert_eq!((img.width(), img.height()), (1024, 1024));
-    assert_eq!(
-        format_of_b64(&body["data"][0]["b64_json"]),
-        ImageFormat::Png
-    );
+    assert_eq!(format_of_b64(&body["data"][0]["b64_json"]), ImageFormat::Png);
     assert_eq!(body["size"], "1024x1024");
     for field in ["quality", "background", "output_format"] {
-        assert!(
-            body[field].is_string() && body[field] != "auto",
-            "{field}: {}",
-            body[field]
-        );
+        assert!(body[field].is_string() && body[field] != "auto", "{field}: {}", body[field]);
     }
-    assert_eq!(
-        body["usage"]["output_tokens"], 1056,
-        "upstream usage passes through unchanged"
-    );
+    assert_eq!(body["usage"]["output_tokens"], 1056, "upstream usage passes through unchanged");
     // The upstream got imagegate's upstream key, not the client's, and only the fields the client sent.
     let sent = &g.fake.requests()[0];
     assert_eq!(sent.authorization.as_deref(), Some("Bearer sk-upstream"));
     assert_eq!(
         sent.json,
-        Some(
-            json!({"model": "gpt-image-1-mini", "prompt": "a cute baby sea otter", "size": "1024x1024"})
-        )
+        Some(json!({"model": "gpt-image-1-mini", "prompt": "a cute baby sea otter", "size": "1024x1024"}))
     );
+}
+
+/// The cost header is the upstream's usage priced by the catalog, and the body's breakdown sums to it.
+#[tokio::test]
+async fn responses_carry_their_exact_cost() {
+    let g = gateway(Setup::default()).await;
+    let (status, headers, body) =
+        g.generate(json!({"model": "gpt-image-1-mini", "prompt": "a cute baby sea otter", "quality": "high"})).await;
+    assert_eq!(status, 200, "{body}");
+    let prices = pricing::Catalog::builtin().unwrap();
+    let t = prices.model("gpt-image-1-mini").unwrap().tokens.clone().unwrap();
+    let u = &body["usage"];
+    let tokens = |v: &Value| pricing::Decimal::from(v.as_u64().unwrap());
+    let million = pricing::Decimal::from(1_000_000);
+    let expected = (tokens(&u["input_tokens_details"]["text_tokens"]) * t.text_input.0
+        + tokens(&u["input_tokens_details"]["image_tokens"]) * t.image_input.0
+        + tokens(&u["output_tokens"]) * t.image_output.0)
+        / million;
+    let header: pricing::Decimal = headers["x-imagegate-cost-usd"].to_str().unwrap().parse().unwrap();
+    assert_eq!(header, expected);
+    assert!(header > pricing::Decimal::ZERO);
+    let ext = &body["imagegate"];
+    assert_eq!(ext["billing_basis"], "tokens");
+    assert_eq!(ext["usage_source"], "provider");
+    assert_eq!(ext["cost_usd"].as_str().unwrap().parse::<pricing::Decimal>().unwrap(), header);
+    let sum: pricing::Decimal = ext["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["amount_usd"].as_str().unwrap().parse::<pricing::Decimal>().unwrap())
+        .sum();
+    assert_eq!(sum, header);
+}
+
+#[tokio::test]
+async fn per_image_models_and_provider_discounts() {
+    let g = gateway(Setup {
+        provider_toml: "api_key_env = \"FAKE_UPSTREAM_KEY\"\ndiscount_percent = \"20\"",
+        ..Setup::default()
+    })
+    .await;
+    let (status, headers, body) =
+        g.generate(json!({"model": "dall-e-3", "prompt": "p", "quality": "hd", "size": "1792x1024"})).await;
+    assert_eq!(status, 200, "{body}");
+    // dall-e-3 hd 1792x1024 is $0.12 a image, 20% off.
+    assert_eq!(headers["x-imagegate-cost-usd"], "0.096");
+    assert_eq!(body["imagegate"]["billing_basis"], "per_image");
+    assert_eq!(body["imagegate"]["lines"].as_array().unwrap().len(), 2, "the image line and the discount line");
 }
 
 #[tokio::test]
@@ -231,79 +242,39 @@ async fn output_format_size_and_n_are_honoured() {
 #[tokio::test]
 async fn invalid_values_are_refused_before_the_upstream() {
     let g = gateway(Setup::default()).await;
-    let (status, headers, body) = g
-        .generate(json!({"model": "gpt-image-1-mini", "prompt": "p", "size": "1254x836"}))
-        .await;
+    let (status, headers, body) =
+        g.generate(json!({"model": "gpt-image-1-mini", "prompt": "p", "size": "1254x836"})).await;
     assert_eq!(status, 400);
     assert!(headers.contains_key("x-request-id"));
     assert_error(&body, Some("size"), "invalid_value");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("'1024x1536'")
-    );
+    assert!(body["error"]["message"].as_str().unwrap().contains("'1024x1536'"));
     assert!(g.fake.requests().is_empty());
 }
 
 #[tokio::test]
 async fn models_aliases_and_unknown_models() {
-    let g = gateway(Setup {
-        extra_toml: "default_model = \"mini\"",
-        ..Setup::default()
-    })
-    .await;
-    let (status, _, body) = g
-        .generate(json!({"model": "no-such-model", "prompt": "p"}))
-        .await;
+    let g = gateway(Setup { extra_toml: "default_model = \"mini\"", ..Setup::default() }).await;
+    let (status, _, body) = g.generate(json!({"model": "no-such-model", "prompt": "p"})).await;
     assert_eq!(status, 404);
     assert_error(&body, Some("model"), "model_not_found");
 
-    let (status, _, body) = g
-        .generate(json!({"model": "openai/gpt-image-1", "prompt": "p"}))
-        .await;
+    let (status, _, body) = g.generate(json!({"model": "openai/gpt-image-1", "prompt": "p"})).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        g.fake.requests().last().unwrap().json.as_ref().unwrap()["model"],
-        "gpt-image-1"
-    );
+    assert_eq!(g.fake.requests().last().unwrap().json.as_ref().unwrap()["model"], "gpt-image-1");
 
     // No model in the request: the configured default (an alias) is used.
     let (status, _, body) = g.generate(json!({"prompt": "p"})).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        g.fake.requests().last().unwrap().json.as_ref().unwrap()["model"],
-        "gpt-image-1-mini"
-    );
+    assert_eq!(g.fake.requests().last().unwrap().json.as_ref().unwrap()["model"], "gpt-image-1-mini");
 
-    let list: Value = g
-        .http
-        .get(format!("{}/models", g.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let list: Value = g.http.get(format!("{}/models", g.url)).send().await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     for id in ["gpt-image-1-mini", "openai/dall-e-3", "mini"] {
         assert!(ids.contains(&id), "{id} in {ids:?}");
     }
     assert_eq!(list["object"], "list");
-    let one: Value = g
-        .http
-        .get(format!("{}/models/openai/gpt-image-1", g.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one: Value =
+        g.http.get(format!("{}/models/openai/gpt-image-1", g.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(one["id"], "openai/gpt-image-1");
     assert_eq!(one["object"], "model");
 }
@@ -311,9 +282,7 @@ async fn models_aliases_and_unknown_models() {
 #[tokio::test]
 async fn dall_e_urls_and_revised_prompts_pass_through() {
     let g = gateway(Setup::default()).await;
-    let (status, _, body) = g
-        .generate(json!({"model": "dall-e-3", "prompt": "otter", "style": "natural"}))
-        .await;
+    let (status, _, body) = g.generate(json!({"model": "dall-e-3", "prompt": "otter", "style": "natural"})).await;
     assert_eq!(status, 200, "{body}");
     let url = body["data"][0]["url"].as_str().unwrap();
     assert_eq!(body["data"][0]["revised_prompt"], "revised: otter");
@@ -341,45 +310,25 @@ async fn edits_are_reencoded_upstream_faithfully() {
     assert_eq!(body["usage"]["input_tokens_details"]["image_tokens"], 388);
 
     let sent = &g.fake.requests()[0];
-    assert!(
-        sent.content_type
-            .as_deref()
-            .unwrap()
-            .starts_with("multipart/form-data")
-    );
+    assert!(sent.content_type.as_deref().unwrap().starts_with("multipart/form-data"));
     let images: Vec<_> = sent.parts.iter().filter(|p| p.name == "image[]").collect();
     assert_eq!(images.len(), 2);
-    assert_eq!(
-        (images[0].bytes.as_ref(), images[0].filename.as_deref()),
-        (&a[..], Some("first.png"))
-    );
-    assert_eq!(
-        (images[1].bytes.as_ref(), images[1].filename.as_deref()),
-        (&b[..], Some("second.png"))
-    );
+    assert_eq!((images[0].bytes.as_ref(), images[0].filename.as_deref()), (&a[..], Some("first.png")));
+    assert_eq!((images[1].bytes.as_ref(), images[1].filename.as_deref()), (&b[..], Some("second.png")));
     assert_eq!(images[0].content_type.as_deref(), Some("image/png"));
     assert_eq!(sent.part("mask").unwrap().bytes.as_ref(), &mask[..]);
-    for (name, value) in [
-        ("prompt", "add a hat"),
-        ("model", "gpt-image-1"),
-        ("input_fidelity", "high"),
-        ("size", "1024x1536"),
-    ] {
-        assert_eq!(
-            sent.part(name).unwrap().bytes.as_ref(),
-            value.as_bytes(),
-            "{name}"
-        );
+    for (name, value) in
+        [("prompt", "add a hat"), ("model", "gpt-image-1"), ("input_fidelity", "high"), ("size", "1024x1536")]
+    {
+        assert_eq!(sent.part(name).unwrap().bytes.as_ref(), value.as_bytes(), "{name}");
     }
 }
 
 #[tokio::test]
 async fn json_edits_with_data_urls() {
     let g = gateway(Setup::default()).await;
-    let data_url = format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(png(16, 16, false))
-    );
+    let data_url =
+        format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png(16, 16, false)));
     let r = g
         .post("images/edits")
         .json(&json!({"model": "gpt-image-1-mini", "prompt": "p", "images": [{"image_url": data_url}]}))
@@ -388,10 +337,7 @@ async fn json_edits_with_data_urls() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let sent = &g.fake.requests()[0];
-    assert_eq!(
-        sent.part("image").unwrap().bytes.as_ref(),
-        &png(16, 16, false)[..]
-    );
+    assert_eq!(sent.part("image").unwrap().bytes.as_ref(), &png(16, 16, false)[..]);
 
     let r = g
         .post("images/edits")
@@ -400,20 +346,12 @@ async fn json_edits_with_data_urls() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    assert_error(
-        &r.json().await.unwrap(),
-        Some("images[0].image_url"),
-        "invalid_value",
-    );
+    assert_error(&r.json().await.unwrap(), Some("images[0].image_url"), "invalid_value");
 }
 
 #[tokio::test]
 async fn bad_edit_inputs_are_named() {
-    let g = gateway(Setup {
-        max_image_pixels: Some(1_000_000),
-        ..Setup::default()
-    })
-    .await;
+    let g = gateway(Setup { max_image_pixels: Some(1_000_000), ..Setup::default() }).await;
     let base = || Form::new().text("model", "gpt-image-1").text("prompt", "p");
 
     // Not an image.
@@ -433,39 +371,20 @@ async fn bad_edit_inputs_are_named() {
 
     // Mask of the wrong size, and without alpha.
     let (status, body) = g
-        .edit(
-            base()
-                .part("image", file(png(8, 8, false), "a.png"))
-                .part("mask", file(png(9, 8, true), "m.png")),
-        )
+        .edit(base().part("image", file(png(8, 8, false), "a.png")).part("mask", file(png(9, 8, true), "m.png")))
         .await;
     assert_eq!(status, 400);
     assert_error(&body, Some("mask"), "invalid_image");
     let (status, body) = g
-        .edit(
-            base()
-                .part("image", file(png(8, 8, false), "a.png"))
-                .part("mask", file(png(8, 8, false), "m.png")),
-        )
+        .edit(base().part("image", file(png(8, 8, false), "a.png")).part("mask", file(png(8, 8, false), "m.png")))
         .await;
     assert_eq!(status, 400);
-    assert!(
-        body["error"]["message"].as_str().unwrap().contains("alpha"),
-        "{body}"
-    );
+    assert!(body["error"]["message"].as_str().unwrap().contains("alpha"), "{body}");
 
     // More pixels than allowed: refused from the header, before decoding.
-    let (status, body) = g
-        .edit(base().part("image", file(png(1200, 1000, false), "big.png")))
-        .await;
+    let (status, body) = g.edit(base().part("image", file(png(1200, 1000, false), "big.png"))).await;
     assert_eq!(status, 400);
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("1200000 pixels"),
-        "{body}"
-    );
+    assert!(body["error"]["message"].as_str().unwrap().contains("1200000 pixels"), "{body}");
 
     // Seventeen images.
     let mut form = base();
@@ -477,10 +396,7 @@ async fn bad_edit_inputs_are_named() {
     assert_error(&body, Some("image"), "invalid_value");
 
     // dall-e-2 wants one square PNG.
-    let form = Form::new()
-        .text("model", "dall-e-2")
-        .text("prompt", "p")
-        .part("image", file(png(8, 4, false), "a.png"));
+    let form = Form::new().text("model", "dall-e-2").text("prompt", "p").part("image", file(png(8, 4, false), "a.png"));
     let (status, body) = g.edit(form).await;
     assert_eq!(status, 400);
     assert_error(&body, Some("image"), "invalid_image");
@@ -489,27 +405,16 @@ async fn bad_edit_inputs_are_named() {
     let (status, body) = g.edit(base()).await;
     assert_eq!(status, 400);
     assert_error(&body, Some("image"), "missing_required_parameter");
-    assert!(
-        g.fake.requests().is_empty(),
-        "nothing bad reached the upstream"
-    );
+    assert!(g.fake.requests().is_empty(), "nothing bad reached the upstream");
 }
 
 #[tokio::test]
 async fn bodies_over_the_limit_get_413() {
-    let g = gateway(Setup {
-        max_body_bytes: Some(10_000),
-        ..Setup::default()
-    })
-    .await;
-    let (status, _, body) = g
-        .generate(json!({"model": "mini", "prompt": "x".repeat(20_000)}))
-        .await;
+    let g = gateway(Setup { max_body_bytes: Some(10_000), ..Setup::default() }).await;
+    let (status, _, body) = g.generate(json!({"model": "mini", "prompt": "x".repeat(20_000)})).await;
     assert_eq!(status, 413);
     assert_error(&body, None, "payload_too_large");
-    let form = Form::new()
-        .text("prompt", "p")
-        .part("image", file(vec![0u8; 20_000], "a.png"));
+    let form = Form::new().text("prompt", "p").part("image", file(vec![0u8; 20_000], "a.png"));
     let (status, body) = g.edit(form).await;
     assert_eq!(status, 413);
     assert_error(&body, None, "payload_too_large");
@@ -518,30 +423,12 @@ async fn bodies_over_the_limit_get_413() {
 #[tokio::test]
 async fn malformed_bodies_and_wrong_content_types() {
     let g = gateway(Setup::default()).await;
-    let r = g
-        .post("images/generations")
-        .header("content-type", "application/json")
-        .body("{nope")
-        .send()
-        .await
-        .unwrap();
+    let r = g.post("images/generations").header("content-type", "application/json").body("{nope").send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_error(&r.json().await.unwrap(), None, "invalid_body");
-    let r = g
-        .post("images/generations")
-        .header("content-type", "application/json")
-        .body("[1]")
-        .send()
-        .await
-        .unwrap();
+    let r = g.post("images/generations").header("content-type", "application/json").body("[1]").send().await.unwrap();
     assert_eq!(r.status(), 400);
-    let r = g
-        .post("images/edits")
-        .header("content-type", "text/plain")
-        .body("hi")
-        .send()
-        .await
-        .unwrap();
+    let r = g.post("images/edits").header("content-type", "text/plain").body("hi").send().await.unwrap();
     assert_eq!(r.status(), 415);
     assert_error(&r.json().await.unwrap(), None, "unsupported_media_type");
     let r = g
@@ -552,71 +439,42 @@ async fn malformed_bodies_and_wrong_content_types() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let r = g
-        .http
-        .get(format!("{}/images/generations", g.url))
-        .send()
-        .await
-        .unwrap();
+    let r = g.http.get(format!("{}/images/generations", g.url)).send().await.unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "POST");
     assert_error(&r.json().await.unwrap(), None, "method_not_allowed");
-    let r = g
-        .http
-        .get(format!("{}/nothing/here", g.url))
-        .send()
-        .await
-        .unwrap();
+    let r = g.http.get(format!("{}/nothing/here", g.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_error(&r.json().await.unwrap(), None, "unknown_url");
 }
 
 #[tokio::test]
 async fn transient_upstream_failures_are_retried() {
-    let g = gateway(Setup {
-        provider_toml: "api_key_env = \"FAKE_UPSTREAM_KEY\"\nmax_retries = 2",
-        ..Setup::default()
-    })
-    .await;
+    let g =
+        gateway(Setup { provider_toml: "api_key_env = \"FAKE_UPSTREAM_KEY\"\nmax_retries = 2", ..Setup::default() })
+            .await;
 
-    let (status, _, body) = g
-        .generate(json!({"model": "mini", "prompt": "once [fault:500-once]"}))
-        .await;
+    let (status, _, body) = g.generate(json!({"model": "mini", "prompt": "once [fault:500-once]"})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(g.fake.count("once [fault:500-once]"), 2);
 
     let started = Instant::now();
-    let (status, _, body) = g
-        .generate(json!({"model": "mini", "prompt": "limited [fault:429-once]"}))
-        .await;
+    let (status, _, body) = g.generate(json!({"model": "mini", "prompt": "limited [fault:429-once]"})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(g.fake.count("limited [fault:429-once]"), 2);
-    assert!(
-        started.elapsed() >= Duration::from_secs(1),
-        "Retry-After: 1 was honoured"
-    );
+    assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After: 1 was honoured");
 
-    let (status, _, body) = g
-        .generate(json!({"model": "mini", "prompt": "down [fault:500-always]"}))
-        .await;
+    let (status, _, body) = g.generate(json!({"model": "mini", "prompt": "down [fault:500-always]"})).await;
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["error"]["type"], "server_error");
-    assert_eq!(
-        g.fake.count("down [fault:500-always]"),
-        3,
-        "one try and two retries"
-    );
+    assert_eq!(g.fake.count("down [fault:500-always]"), 3, "one try and two retries");
 
-    let (status, _, body) = g
-        .generate(json!({"model": "mini", "prompt": "html [fault:502-html]"}))
-        .await;
+    let (status, _, body) = g.generate(json!({"model": "mini", "prompt": "html [fault:502-html]"})).await;
     assert_eq!(status, 502);
     assert_error(&body, None, "upstream_error");
     assert_eq!(g.fake.count("html [fault:502-html]"), 3);
 
-    let (status, _, body) = g
-        .generate(json!({"model": "mini", "prompt": "dropped [fault:drop]"}))
-        .await;
+    let (status, _, body) = g.generate(json!({"model": "mini", "prompt": "dropped [fault:drop]"})).await;
     assert_eq!(status, 502);
     assert_error(&body, None, "upstream_unavailable");
     assert_eq!(g.fake.count("dropped [fault:drop]"), 3);
@@ -625,17 +483,13 @@ async fn transient_upstream_failures_are_retried() {
 #[tokio::test]
 async fn final_upstream_errors_pass_through_without_retry() {
     let g = gateway(Setup::default()).await;
-    let (status, _, body) = g
-        .generate(json!({"model": "mini", "prompt": "bad [fault:400]"}))
-        .await;
+    let (status, _, body) = g.generate(json!({"model": "mini", "prompt": "bad [fault:400]"})).await;
     assert_eq!(status, 400);
     assert_error(&body, Some("prompt"), "moderation_blocked");
     assert_eq!(body["error"]["type"], "image_generation_user_error");
     assert_eq!(g.fake.count("bad [fault:400]"), 1);
 
-    let (status, _, body) = g
-        .generate(json!({"model": "mini", "prompt": "junk [fault:malformed]"}))
-        .await;
+    let (status, _, body) = g.generate(json!({"model": "mini", "prompt": "junk [fault:malformed]"})).await;
     assert_eq!(status, 502);
     assert_error(&body, None, "upstream_invalid_response");
     assert_eq!(g.fake.count("junk [fault:malformed]"), 1);
@@ -643,31 +497,19 @@ async fn final_upstream_errors_pass_through_without_retry() {
 
 #[tokio::test]
 async fn slow_upstreams_time_out() {
-    let g = gateway(Setup {
-        provider_toml: "api_key_env = \"FAKE_UPSTREAM_KEY\"\ntimeout_secs = 1",
-        ..Setup::default()
-    })
-    .await;
-    let (status, _, body) = g
-        .generate(json!({"model": "mini", "prompt": "zzz [fault:slow=3000]"}))
-        .await;
+    let g =
+        gateway(Setup { provider_toml: "api_key_env = \"FAKE_UPSTREAM_KEY\"\ntimeout_secs = 1", ..Setup::default() })
+            .await;
+    let (status, _, body) = g.generate(json!({"model": "mini", "prompt": "zzz [fault:slow=3000]"})).await;
     assert_eq!(status, 504);
     assert_error(&body, None, "upstream_timeout");
-    assert_eq!(
-        g.fake.count("zzz [fault:slow=3000]"),
-        1,
-        "a timeout is not retried"
-    );
+    assert_eq!(g.fake.count("zzz [fault:slow=3000]"), 1, "a timeout is not retried");
 }
 
 #[tokio::test]
 async fn upstream_credential_failures_are_the_servers_fault() {
     // No api_key_env: the upstream gets no key and answers 401.
-    let g = gateway(Setup {
-        provider_toml: "max_retries = 0",
-        ..Setup::default()
-    })
-    .await;
+    let g = gateway(Setup { provider_toml: "max_retries = 0", ..Setup::default() }).await;
     let (status, _, body) = g.generate(json!({"model": "mini", "prompt": "p"})).await;
     assert_eq!(status, 502);
     assert_error(&body, None, "upstream_auth_failed");
@@ -701,12 +543,7 @@ async fn streams_are_forwarded_event_by_event() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(
-        r.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream")
-    );
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let mut body = r.bytes_stream();
     let mut text = String::new();
     let mut first_event_at = None;
@@ -717,19 +554,12 @@ async fn streams_are_forwarded_event_by_event() {
         }
     }
     // The fake pauses 100 ms between events: the first one arrived long before the last.
-    assert!(
-        first_event_at.unwrap().elapsed() >= Duration::from_millis(150),
-        "events were buffered"
-    );
+    assert!(first_event_at.unwrap().elapsed() >= Duration::from_millis(150), "events were buffered");
     let events = sse_events(&text);
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        [
-            "image_generation.partial_image",
-            "image_generation.partial_image",
-            "image_generation.completed"
-        ]
+        ["image_generation.partial_image", "image_generation.partial_image", "image_generation.completed"]
     );
     for (name, data) in &events {
         assert_eq!(data["type"], name.as_str());
@@ -737,6 +567,9 @@ async fn streams_are_forwarded_event_by_event() {
     }
     assert_eq!(events[1].1["partial_image_index"], 1);
     assert!(events[2].1["usage"]["output_tokens"].as_u64().unwrap() > 0);
+    let cost = &events[2].1["imagegate"];
+    assert!(cost["cost_usd"].as_str().unwrap().parse::<pricing::Decimal>().unwrap() > pricing::Decimal::ZERO, "{cost}");
+    assert!(events[0].1.get("imagegate").is_none(), "partial images carry no cost of their own");
 
     let form = Form::new()
         .text("model", "gpt-image-1")
@@ -744,15 +577,7 @@ async fn streams_are_forwarded_event_by_event() {
         .text("stream", "true")
         .text("partial_images", "1")
         .part("image", file(png(8, 8, false), "a.png"));
-    let text = g
-        .post("images/edits")
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = g.post("images/edits").multipart(form).send().await.unwrap().text().await.unwrap();
     let names: Vec<String> = sse_events(&text).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["image_edit.partial_image", "image_edit.completed"]);
 }
@@ -776,51 +601,20 @@ async fn a_stream_that_breaks_ends_with_an_error_event() {
 
 #[tokio::test]
 async fn keys_are_required_when_configured() {
-    let g = gateway(Setup {
-        keys: &["sk-client-1", "sk-client-2"],
-        ..Setup::default()
-    })
-    .await;
+    let g = gateway(Setup { keys: &["sk-client-1", "sk-client-2"], ..Setup::default() }).await;
     let body = json!({"model": "mini", "prompt": "p"});
     let url = format!("{}/images/generations", g.url);
     let r = g.http.post(&url).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(
-        r.json::<Value>().await.unwrap()["error"]["type"],
-        "invalid_request_error"
-    );
-    let r = g
-        .http
-        .post(&url)
-        .bearer_auth("sk-client-3")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["type"], "invalid_request_error");
+    let r = g.http.post(&url).bearer_auth("sk-client-3").json(&body).send().await.unwrap();
     assert_eq!(r.status(), 401);
     let e: Value = r.json().await.unwrap();
     assert_error(&e, None, "invalid_api_key");
-    assert!(
-        !e["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("sk-client-3")
-    );
-    let r = g
-        .http
-        .post(&url)
-        .bearer_auth("sk-client-2")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    assert!(!e["error"]["message"].as_str().unwrap().contains("sk-client-3"));
+    let r = g.http.post(&url).bearer_auth("sk-client-2").json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let r = g
-        .http
-        .get(format!("{}/models", g.url))
-        .send()
-        .await
-        .unwrap();
+    let r = g.http.get(format!("{}/models", g.url)).send().await.unwrap();
     assert_eq!(r.status(), 401);
     let health = g.url.replace("/v1", "/health");
     assert_eq!(g.http.get(health).send().await.unwrap().status(), 200);
@@ -830,20 +624,13 @@ async fn keys_are_required_when_configured() {
 #[tokio::test]
 async fn shutdown_lets_requests_in_flight_finish() {
     let mut g = gateway(Setup::default()).await;
-    let request = g
-        .post("images/generations")
-        .json(&json!({"model": "mini", "prompt": "p [fault:slow=500]"}))
-        .send();
+    let request = g.post("images/generations").json(&json!({"model": "mini", "prompt": "p [fault:slow=500]"})).send();
     let in_flight = tokio::spawn(request);
     tokio::time::sleep(Duration::from_millis(200)).await;
     g.shutdown.take().unwrap().send(()).unwrap();
     let response = in_flight.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
-    tokio::time::timeout(Duration::from_secs(5), &mut g.server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), &mut g.server).await.unwrap().unwrap().unwrap();
 }
 
 #[test]
