@@ -42,6 +42,18 @@ impl ApiError {
         }
     }
 
+    /// The same error naming another parameter.
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.body.param = Some(param.to_owned());
+        self
+    }
+
+    /// The same error with another message.
+    pub fn with_message(mut self, message: String) -> Self {
+        self.body.message = message;
+        self
+    }
+
     fn invalid(param: &str, code: &str, message: String) -> Self {
         ApiError::new(400, "invalid_request_error", Some(param), Some(code), message)
     }

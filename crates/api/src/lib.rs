@@ -6,6 +6,7 @@
 //! client can see is an [`ApiError`] in OpenAI's envelope.
 
 mod error;
+pub mod estimates;
 mod fields;
 pub mod images;
 mod request;

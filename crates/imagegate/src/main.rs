@@ -3,6 +3,7 @@
 //! server with `--server URL`. Thin glue: the work is in the `server`, `providers` and `api` crates.
 
 mod client;
+mod estimate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +28,8 @@ enum Command {
     Generate(client::GenerateArgs),
     /// Edit images (with an optional mask) from a prompt and write the results to files.
     Edit(client::EditArgs),
+    /// Estimate what a job would cost, itemized, before spending anything.
+    Estimate(estimate::EstimateArgs),
 }
 
 /// Where the providers, keys and limits come from. Shared by `serve` and the in-process client.
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Generate(args) => client::generate(args).await,
             Command::Edit(args) => client::edit(args).await,
+            Command::Estimate(args) => estimate::run(args),
         }
     });
     match result {

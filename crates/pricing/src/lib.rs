@@ -16,3 +16,12 @@ pub use cost::{
 };
 pub use estimate::{Estimate, PerImageView, PlannedRequest, estimate, worst_case};
 pub use rust_decimal::Decimal;
+
+/// A USD amount for people: exact, with at least two decimals (`1.10`, `0.8448`).
+pub fn format_usd(amount: Decimal) -> String {
+    let mut d = amount.normalize();
+    if d.scale() < 2 {
+        d.rescale(2);
+    }
+    d.to_string()
+}

@@ -71,6 +71,23 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
     execute(&state, route, job, &headers).await
 }
 
+/// `POST /v1/images/estimates`: what planned requests would cost, before spending anything.
+pub async fn estimates(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> HandlerResult {
+    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), &state))?;
+    let ct = content_type(&headers);
+    if !ct.is_empty() && !is_json(ct) {
+        return Err(ApiError::unsupported_media_type(ct, "'application/json'").into());
+    }
+    let map = json_object(&body)?;
+    let items = api::estimates::parse_estimate_request(&map)?;
+    let outcome = crate::estimates::estimate(&state, &items)?;
+    Ok(json_response(serde_json::to_vec(&outcome.json).unwrap_or_default()))
+}
+
 pub async fn list_models(State(state): State<AppState>) -> Response {
     json_response(api::models_json(&state.catalog.listing(), 0))
 }

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod billing;
 pub mod config;
+pub mod estimates;
 mod handlers;
 pub mod routing;
 
@@ -77,6 +78,7 @@ pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/images/generations", post(handlers::generations))
         .route("/images/edits", post(handlers::edits))
+        .route("/images/estimates", post(handlers::estimates))
         .route("/models", get(handlers::list_models))
         .route("/models/{*id}", get(handlers::get_model))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));

@@ -645,3 +645,68 @@ fn no_keys_means_loopback_only() {
     assert!(server::check_listen_address(&"0.0.0.0:8080".parse().unwrap(), &keyed).is_ok());
     let _ = Config::from_toml("", &NoEnv).unwrap();
 }
+
+#[tokio::test]
+async fn estimates_price_the_published_campaign_and_its_alternatives() {
+    let g = gateway(Setup {
+        provider_toml: "api_key_env = \"FAKE_UPSTREAM_KEY\"\ndiscount_percent = \"20\"",
+        ..Setup::default()
+    })
+    .await;
+    let campaign = json!({"requests": [{"model": "gpt-image-1-mini", "quality": "medium", "size": "1024x1024",
+        "count": 100, "prompt_words": 30, "provider": "list price"}]});
+    let r: Value = g.post("images/estimates").json(&campaign).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r["total_usd"], "0.8528", "{r}");
+    let item = &r["items"][0];
+    assert_eq!(item["usage"]["text_input_tokens"], 4000);
+    assert_eq!(item["usage"]["image_output_tokens"], 105_600);
+    assert_eq!(item["per_image_view"]["per_image_total_usd"], "1.1");
+    assert_eq!(item["per_image_view"]["naive_sum_usd"], "1.9528");
+    let note = r["notes"][0].as_str().unwrap();
+    assert!(note.contains("$1.948") && note.contains("twice") && note.contains("$0.8528"), "{note}");
+    let totals: Vec<pricing::Decimal> = r["alternatives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["total_usd"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(totals.windows(2).all(|w| w[0] <= w[1]), "cheapest first: {totals:?}");
+    // The served provider sells 20% off, and flex halves it: 0.8528 x 0.8 x 0.5.
+    assert!(r["alternatives"].as_array().unwrap().iter().any(|a| a["provider"] == "openai"
+        && a["model"] == "gpt-image-1-mini"
+        && a["service_tier"] == "flex"
+        && a["total_usd"] == "0.34112"));
+
+    // Without a provider, the model's route here is used, with its discount.
+    let routed = json!({"requests": [{"model": "mini", "quality": "medium", "size": "1024x1024", "count": 100, "prompt_words": 30}]});
+    let r: Value = g.post("images/estimates").json(&routed).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r["total_usd"], "0.68224", "{r}");
+    assert_eq!(r["items"][0]["provider"], "openai");
+    assert!(g.fake.requests().is_empty(), "an estimate spends nothing");
+
+    for (body, param) in [
+        (
+            json!({"requests": [{"model": "gpt-image-1-mini", "prompt_words": 3, "quality": "hd"}]}),
+            "requests[0].quality",
+        ),
+        (
+            json!({"requests": [{"model": "gpt-image-1-mini", "prompt_words": 3, "size": "999x999"}]}),
+            "requests[0].size",
+        ),
+        (json!({"requests": [{"model": "gpt-image-1-mini"}]}), "requests[0].prompt"),
+        (json!({"requests": [{"model": "nope", "prompt_words": 3}]}), "requests[0].model"),
+        (
+            json!({"requests": [{"model": "mini", "prompt_words": 3, "service_tier": "gold"}]}),
+            "requests[0].service_tier",
+        ),
+        (json!({"requests": [{"model": "mini", "prompt_words": 3, "count": 0}]}), "requests[0].count"),
+        (json!({"requests": []}), "requests"),
+        (json!({"plans": []}), "plans"),
+    ] {
+        let r = g.post("images/estimates").json(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let e: Value = r.json().await.unwrap();
+        assert!(status == 400 || status == 404, "{body}: {status}");
+        assert_eq!(e["error"]["param"], param, "{body}: {e}");
+    }
+}

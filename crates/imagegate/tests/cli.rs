@@ -1,0 +1,129 @@
+//! The `imagegate` binary as a user runs it, in a temporary directory, against the fake upstream.
+
+// Test helpers unwrap freely: a failure here is a failing test, not a user-facing panic.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Output;
+
+fn imagegate(args: &[&str], upstream: Option<&str>, dir: &Path) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_imagegate"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env_remove("IMAGEGATE_CONFIG")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL");
+    if let Some(url) = upstream {
+        cmd.env("OPENAI_API_KEY", "sk-upstream").env("OPENAI_BASE_URL", url);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn estimate_prints_the_campaign_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "estimate",
+        "--model",
+        "gpt-image-1-mini",
+        "--quality",
+        "medium",
+        "--size",
+        "1024x1024",
+        "--count",
+        "100",
+        "--prompt-words",
+        "30",
+    ];
+    let out = imagegate(&args, None, dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for expected in ["4,000", "105,600", "$0.8448", "$0.008", "$1.948", "twice", "Total: $0.8528", "$1.10"] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let out = imagegate(&json_args, None, dir.path());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["total_usd"], "0.8528");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn generate_and_edit_write_real_images() {
+    let fake = fake_openai::spawn().await.unwrap();
+    let url = fake.base_url();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        imagegate(
+            &[
+                "generate",
+                "a cute baby sea otter",
+                "--model",
+                "gpt-image-1-mini",
+                "--size",
+                "1024x1536",
+                "-n",
+                "2",
+                "--out",
+                "otter.png",
+            ],
+            Some(&url),
+            &d,
+        )
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for name in ["otter.png", "otter-2.png"] {
+        let img = image::open(dir.path().join(name)).unwrap();
+        assert_eq!((img.width(), img.height()), (1024, 1536), "{name}");
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cost $"), "the cost is shown");
+
+    let mut mask = image::RgbaImage::new(1024, 1536);
+    mask.pixels_mut().for_each(|p| *p = image::Rgba([0, 0, 0, 0]));
+    mask.save(dir.path().join("mask.png")).unwrap();
+    let url = fake.base_url();
+    let d = dir.path().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        imagegate(
+            &[
+                "edit",
+                "add a beret",
+                "--image",
+                "otter.png",
+                "--mask",
+                "mask.png",
+                "--model",
+                "gpt-image-1",
+                "--out",
+                "beret.png",
+            ],
+            Some(&url),
+            &d,
+        )
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(image::open(dir.path().join("beret.png")).is_ok());
+    let edit = fake.requests().into_iter().find(|r| r.path.ends_with("/edits")).unwrap();
+    assert!(edit.part("mask").is_some() && edit.part("image").is_some());
+
+    let url = fake.base_url();
+    let d = dir.path().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        imagegate(
+            &["generate", "otter", "--model", "gpt-image-1-mini", "--size", "1254x836", "--out", "x.png"],
+            Some(&url),
+            &d,
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("HTTP 400") && err.contains("size") && err.contains("1254x836"), "{err}");
+    assert!(!dir.path().join("x.png").exists());
+}
