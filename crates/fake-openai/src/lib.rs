@@ -67,6 +67,7 @@
 //! | `[fault:drop]` | status 200 then the body fails at once: the client gets a connection/body error |
 //! | `[fault:drop-mid]` | status 200, part of the body (for a stream: the first event), then the body fails |
 //! | `[fault:malformed]` | 200, `Content-Type: application/json`, a truncated JSON body |
+//! | `[fault:no-usage]` | a normal JSON answer without `usage`, like some gateways |
 //!
 //! The authorization check comes first; faults come before the request's fields are
 //! validated. "Once" counting is per exact prompt string and per directive.
@@ -1047,7 +1048,10 @@ async fn respond_json(state: &FakeState, job: Job, drop_mid: bool) -> Result<Res
         body["output_format"] = json!(job.format.name());
         body["size"] = json!(job.size());
         body["quality"] = json!(job.quality);
-        body["usage"] = job.usage(u64::from(job.n));
+        // Some OpenAI-compatible gateways report no usage: `[fault:no-usage]` plays one.
+        if !job.prompt.contains("[fault:no-usage]") {
+            body["usage"] = job.usage(u64::from(job.n));
+        }
     }
     let text = body.to_string();
     if drop_mid {

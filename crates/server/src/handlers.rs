@@ -146,6 +146,14 @@ async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &Header
             }
             let cost = billing::bill(state, &route, &job, &result.resolved, result.images.len() as u64, result.usage);
             let cost = billing::cost_extension(&route, cost);
+            // A provider that reports no usage gets imagegate's count in the response, marked as counted
+            // in the cost extension (`usage_source`).
+            if result.usage.is_none()
+                && let Some((c, _)) = &cost
+                && c.basis == pricing::BillingBasis::Tokens
+            {
+                result.usage = c.usage;
+            }
             let mut response = json_response(api::images_response_json(&result, cost.as_ref().map(|(_, v)| v)));
             if let Some((c, _)) = cost
                 && let Ok(value) = HeaderValue::from_str(&c.total_string())

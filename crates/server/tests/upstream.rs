@@ -207,6 +207,25 @@ async fn responses_carry_their_exact_cost() {
     assert_eq!(sum, header);
 }
 
+/// A gateway that reports no usage: imagegate counts the tokens (o200k prompt, the output table) and
+/// says so; the image is never billed as free.
+#[tokio::test]
+async fn usage_is_counted_when_the_upstream_reports_none() {
+    let g = gateway(Setup::default()).await;
+    let prompt = "a quiet harbour at dawn [fault:no-usage]";
+    let (status, headers, body) =
+        g.generate(json!({"model": "gpt-image-1-mini", "prompt": prompt, "quality": "low", "size": "1024x1024"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["imagegate"]["usage_source"], "counted");
+    let text = pricing::count_text_tokens(prompt);
+    assert_eq!(body["usage"]["input_tokens_details"]["text_tokens"], text);
+    assert_eq!(body["usage"]["output_tokens"], 272);
+    let expected = pricing::Decimal::from(text) * pricing::Decimal::new(2, 6)
+        + pricing::Decimal::from(272) * pricing::Decimal::new(8, 6);
+    let header: pricing::Decimal = headers["x-imagegate-cost-usd"].to_str().unwrap().parse().unwrap();
+    assert_eq!(header, expected);
+}
+
 #[tokio::test]
 async fn per_image_models_and_provider_discounts() {
     let g = gateway(Setup {
