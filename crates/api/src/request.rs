@@ -34,6 +34,8 @@ pub struct RawRequest {
     pub input_fidelity: Option<String>,
     pub service_tier: Option<String>,
     pub seed: Option<u64>,
+    /// Extension for local models: denoising steps instead of the quality's.
+    pub steps: Option<i64>,
 }
 
 /// The fields each endpoint accepts besides files.
@@ -54,6 +56,7 @@ const GENERATION_FIELDS: &[&str] = &[
     "user",
     "service_tier",
     "seed",
+    "steps",
 ];
 const EDIT_FIELDS: &[&str] = &[
     "prompt",
@@ -72,7 +75,11 @@ const EDIT_FIELDS: &[&str] = &[
     "input_fidelity",
     "service_tier",
     "seed",
+    "steps",
 ];
+
+/// The most denoising steps a request may ask a local model for.
+const MAX_STEPS: i64 = 150;
 
 /// Prompt length limits, in characters.
 const GPT_PROMPT_MAX: usize = 32_000;
@@ -112,6 +119,7 @@ impl RawRequest {
             input_fidelity: fields.string("input_fidelity")?,
             service_tier: fields.string("service_tier")?,
             seed: fields.unsigned("seed")?,
+            steps: fields.integer("steps")?,
         })
     }
 
@@ -140,7 +148,7 @@ impl RawRequest {
         family: ModelFamily,
         kind: JobKind,
     ) -> Result<(String, ImageOptions, Option<InputFidelity>), ApiError> {
-        let gpt = family.is_gpt_image();
+        let gpt = family.has_gpt_options();
         let only_gpt = |param: &str| ApiError::unsupported_parameter(param, model, "the GPT image models");
 
         if kind == JobKind::Edit && family == ModelFamily::DallE3 {
@@ -155,7 +163,7 @@ impl RawRequest {
             return Err(ApiError::empty_string("prompt"));
         }
         let max = match family {
-            ModelFamily::GptImage | ModelFamily::GptImageMini => GPT_PROMPT_MAX,
+            ModelFamily::GptImage | ModelFamily::GptImageMini | ModelFamily::Local => GPT_PROMPT_MAX,
             ModelFamily::DallE3 => DALL_E_3_PROMPT_MAX,
             ModelFamily::DallE2 => DALL_E_2_PROMPT_MAX,
         };
@@ -182,7 +190,7 @@ impl RawRequest {
         let quality = parse_enum::<Quality>("quality", self.quality.as_deref())?;
         if let Some(q) = quality {
             let allowed: &[Quality] = match family {
-                ModelFamily::GptImage | ModelFamily::GptImageMini => {
+                ModelFamily::GptImage | ModelFamily::GptImageMini | ModelFamily::Local => {
                     &[Quality::Low, Quality::Medium, Quality::High, Quality::Auto]
                 }
                 ModelFamily::DallE3 => &[Quality::Standard, Quality::Hd, Quality::Auto],
@@ -241,6 +249,15 @@ impl RawRequest {
             ));
         }
 
+        if family == ModelFamily::Local && background == Some(Background::Transparent) {
+            return Err(ApiError::invalid_value_msg(
+                "background",
+                format!(
+                    "Invalid value: 'transparent'. The local model '{model}' cannot produce a transparent background: use 'opaque' or 'auto'."
+                ),
+            ));
+        }
+
         let partial_images = match self.partial_images {
             None => 0,
             Some(p) if p < 0 => return Err(ApiError::below_min("partial_images", 0, p)),
@@ -257,15 +274,25 @@ impl RawRequest {
         }
 
         let input_fidelity = parse_enum::<InputFidelity>("input_fidelity", self.input_fidelity.as_deref())?;
-        if input_fidelity.is_some() && family != ModelFamily::GptImage {
+        if input_fidelity.is_some() && !matches!(family, ModelFamily::GptImage | ModelFamily::Local) {
             return Err(ApiError::unsupported_parameter(
                 "input_fidelity",
                 model,
-                "gpt-image-1 and gpt-image-1.5 (not gpt-image-1-mini)",
+                "gpt-image-1, gpt-image-1.5 and local models (not gpt-image-1-mini)",
             ));
         }
 
         let service_tier = parse_enum::<ServiceTier>("service_tier", self.service_tier.as_deref())?;
+
+        let steps = match self.steps {
+            None => None,
+            Some(_) if family != ModelFamily::Local => {
+                return Err(ApiError::unsupported_parameter("steps", model, "local models"));
+            }
+            Some(s) if s < 1 => return Err(ApiError::below_min("steps", 1, s)),
+            Some(s) if s > MAX_STEPS => return Err(ApiError::above_max("steps", MAX_STEPS, s)),
+            Some(s) => Some(s as u16),
+        };
 
         let options = ImageOptions {
             n,
@@ -282,6 +309,7 @@ impl RawRequest {
             partial_images,
             service_tier,
             seed: self.seed,
+            steps,
         };
         Ok((prompt, options, input_fidelity))
     }
@@ -310,7 +338,7 @@ all_values!(Quality, ResponseFormat, OutputFormat, Background, Moderation, Style
 /// The sizes a family accepts for an operation, as OpenAI lists them.
 pub fn allowed_sizes(family: ModelFamily, kind: JobKind) -> &'static [&'static str] {
     match (family, kind) {
-        (ModelFamily::GptImage | ModelFamily::GptImageMini, _) => GPT_SIZES,
+        (ModelFamily::GptImage | ModelFamily::GptImageMini | ModelFamily::Local, _) => GPT_SIZES,
         (ModelFamily::DallE3, _) => DALL_E_3_SIZES,
         (ModelFamily::DallE2, _) => DALL_E_2_SIZES,
     }
@@ -321,6 +349,16 @@ fn parse_size(value: &str, family: ModelFamily, kind: JobKind) -> Result<SizeCho
     // `auto` is OpenAI's default for every model, so it is accepted for all (it resolves per model).
     if value == "auto" {
         return Ok(SizeChoice::Auto);
+    }
+    if family == ModelFamily::Local {
+        // Any WIDTHxHEIGHT: the model's own rule (a multiple of 8 within bounds) is checked by its
+        // provider, which knows the checkpoint.
+        return value.parse::<Size>().map(SizeChoice::Exact).map_err(|()| {
+            ApiError::invalid_value_msg(
+                "size",
+                format!("Invalid value: '{value}'. Local models take 'auto' or WIDTHxHEIGHT in pixels, such as '512x512' or '1024x1536'."),
+            )
+        });
     }
     if !allowed.contains(&value) {
         return Err(ApiError::invalid_value("size", value, allowed));

@@ -170,6 +170,7 @@ pub fn parse_images_response(body: &[u8]) -> Result<ImageResult, String> {
         images,
         resolved: resolved_from_wire(r.size, r.quality, r.background, r.output_format),
         usage: r.usage.map(Usage::from),
+        compute_ms: None,
     })
 }
 
@@ -214,7 +215,7 @@ pub fn stream_event_json(kind: JobKind, event: &StreamEvent, extension: Option<&
         StreamEvent::Partial { b64_json, partial_image_index, created_at, resolved } => {
             ("partial_image", b64_json, Some(*partial_image_index), *created_at, resolved, None)
         }
-        StreamEvent::Completed { b64_json, created_at, resolved, usage } => {
+        StreamEvent::Completed { b64_json, created_at, resolved, usage, .. } => {
             ("completed", b64_json, None, *created_at, resolved, usage.as_ref().map(UsageWire::from))
         }
     };
@@ -291,6 +292,7 @@ pub fn parse_stream_event(data: &str) -> Result<UpstreamStreamItem, String> {
             created_at,
             resolved,
             usage: e.usage.map(Usage::from),
+            compute_ms: None,
         }))
     } else {
         Ok(UpstreamStreamItem::Other(kind))

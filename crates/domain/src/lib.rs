@@ -21,6 +21,9 @@ pub enum ModelFamily {
     GptImage,
     DallE3,
     DallE2,
+    /// A model of the local engine: GPT-image-style options, any size the model supports, no
+    /// transparency.
+    Local,
 }
 
 impl ModelFamily {
@@ -37,6 +40,12 @@ impl ModelFamily {
 
     pub fn is_gpt_image(self) -> bool {
         matches!(self, ModelFamily::GptImage | ModelFamily::GptImageMini)
+    }
+
+    /// Whether the GPT image options (output format, compression, background, streaming, partial
+    /// images, quality low/medium/high) apply.
+    pub fn has_gpt_options(self) -> bool {
+        self.is_gpt_image() || self == ModelFamily::Local
     }
 }
 
@@ -163,6 +172,8 @@ pub struct ImageOptions {
     pub partial_images: u8,
     pub service_tier: Option<ServiceTier>,
     pub seed: Option<u64>,
+    /// Denoising steps instead of the quality's (local models only).
+    pub steps: Option<u16>,
 }
 
 impl Default for ImageOptions {
@@ -182,6 +193,7 @@ impl Default for ImageOptions {
             partial_images: 0,
             service_tier: None,
             seed: None,
+            steps: None,
         }
     }
 }
@@ -317,17 +329,18 @@ pub struct Resolved {
 impl Resolved {
     /// Fills what a provider did not report from the request, resolving `auto` the way OpenAI documents
     /// it: size 1024x1024, background opaque, format png; quality `auto` becomes `high` for the GPT image
-    /// models (the best quality, and the most expensive: a bill never understates it) and `standard` for
-    /// DALL-E.
+    /// models (the best quality, and the most expensive: a bill never understates it), `standard` for
+    /// DALL-E, and `medium` for local models (whose providers report what they ran).
     pub fn fill_from(self, options: &ImageOptions, family: ModelFamily) -> Resolved {
         let size = self.size.or(match options.size {
             Some(SizeChoice::Exact(s)) => Some(s),
             _ => Some(Size::new(1024, 1024)),
         });
-        let quality = self.quality.or(match (options.quality, family.is_gpt_image()) {
+        let quality = self.quality.or(match (options.quality, family) {
             (Some(q), _) if q != Quality::Auto => Some(q),
-            (_, true) => Some(Quality::High),
-            (_, false) => Some(Quality::Standard),
+            (_, ModelFamily::Local) => Some(Quality::Medium),
+            (_, f) if f.is_gpt_image() => Some(Quality::High),
+            _ => Some(Quality::Standard),
         });
         let background = self.background.or(match options.background {
             Some(Background::Transparent) => Some(Background::Transparent),
@@ -345,13 +358,15 @@ pub struct ImageResult {
     pub images: Vec<GeneratedImage>,
     pub resolved: Resolved,
     pub usage: Option<Usage>,
+    /// Measured device time, for providers that bill it (the local engine).
+    pub compute_ms: Option<u64>,
 }
 
 /// One event of a streamed job.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
     Partial { b64_json: String, partial_image_index: u32, created_at: i64, resolved: Resolved },
-    Completed { b64_json: String, created_at: i64, resolved: Resolved, usage: Option<Usage> },
+    Completed { b64_json: String, created_at: i64, resolved: Resolved, usage: Option<Usage>, compute_ms: Option<u64> },
 }
 
 #[cfg(test)]

@@ -39,6 +39,9 @@ pub struct CommonArgs {
     /// Seed for reproducible results (local models).
     #[arg(long)]
     seed: Option<u64>,
+    /// Denoising steps, instead of the quality's (local models).
+    #[arg(long)]
+    steps: Option<u16>,
     /// Output file; with several images, `-2`, `-3`... are added before the extension.
     #[arg(long)]
     out: PathBuf,
@@ -102,17 +105,20 @@ impl CommonArgs {
         if let Some(s) = self.seed {
             out.push(("seed", s.into()));
         }
+        if let Some(s) = self.steps {
+            out.push(("steps", s.into()));
+        }
         out
     }
 }
 
 pub async fn generate(args: GenerateArgs) -> Result<(), String> {
+    let target = Target::start(&args.common).await?;
     let mut body = Map::new();
     body.insert("prompt".into(), args.prompt.clone().into());
-    for (k, v) in args.common.fields() {
+    for (k, v) in target.fields(&args.common) {
         body.insert(k.into(), v);
     }
-    let target = Target::start(&args.common).await?;
     let response = target
         .request("images/generations")
         .json(&Value::Object(body))
@@ -123,8 +129,9 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
 }
 
 pub async fn edit(args: EditArgs) -> Result<(), String> {
+    let target = Target::start(&args.common).await?;
     let mut form = Form::new().text("prompt", args.prompt.clone());
-    for (k, v) in args.common.fields() {
+    for (k, v) in target.fields(&args.common) {
         form = form.text(k, v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()));
     }
     if let Some(f) = &args.input_fidelity {
@@ -137,7 +144,6 @@ pub async fn edit(args: EditArgs) -> Result<(), String> {
     if let Some(mask) = &args.mask {
         form = form.part("mask", file_part(mask).await?);
     }
-    let target = Target::start(&args.common).await?;
     let response =
         target.request("images/edits").multipart(form).send().await.map_err(|e| format!("request failed: {e}"))?;
     write_images(&target, response, &args.common.out).await
@@ -159,6 +165,8 @@ struct Target {
     base: String,
     api_key: Option<String>,
     http: reqwest::Client,
+    /// The model name to send, when `--model` named a directory served under another name.
+    model: Option<String>,
     /// Keeps the in-process server alive for the command's duration.
     _server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -169,10 +177,11 @@ impl Target {
         if let Some(url) = &args.server {
             let base = url.trim_end_matches('/');
             let base = if base.ends_with("/v1") { base.to_owned() } else { format!("{base}/v1") };
-            return Ok(Target { base, api_key: args.api_key.clone(), http, _server: None });
+            return Ok(Target { base, api_key: args.api_key.clone(), http, model: None, _server: None });
         }
-        // In-process: open (no keys), on an ephemeral loopback port nobody else knows.
-        let state = args.config.state(&[])?;
+        // In-process: open (no keys), on an ephemeral loopback port nobody else knows. A model directory
+        // or built-in local model named by --model is served too (pulled first if need be).
+        let (state, model) = args.config.state_with(&[], args.model.as_deref())?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let app = server::app(state);
@@ -181,7 +190,20 @@ impl Target {
                 tracing::error!(error = %e, "in-process server stopped");
             }
         });
-        Ok(Target { base: format!("http://{addr}/v1"), api_key: None, http, _server: Some(handle) })
+        Ok(Target { base: format!("http://{addr}/v1"), api_key: None, http, model, _server: Some(handle) })
+    }
+
+    /// The request fields, with the model name this target knows the model by.
+    fn fields(&self, args: &CommonArgs) -> Vec<(&'static str, Value)> {
+        let mut fields = args.fields();
+        if let Some(m) = &self.model {
+            for (k, v) in &mut fields {
+                if *k == "model" {
+                    *v = Value::from(m.clone());
+                }
+            }
+        }
+        fields
     }
 
     fn request(&self, path: &str) -> reqwest::RequestBuilder {

@@ -4,13 +4,14 @@
 
 mod client;
 mod estimate;
+mod models;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use server::config::{Config, ProcessEnv};
+use server::config::{Config, ConfigFile, Env, LocalModelFile, ProcessEnv};
 use server::{AppState, KeySet, Limits};
 
 #[derive(Parser)]
@@ -30,6 +31,8 @@ enum Command {
     Edit(client::EditArgs),
     /// Estimate what a job would cost, itemized, before spending anything.
     Estimate(estimate::EstimateArgs),
+    /// List the built-in local models, or download one (`models pull NAME`) from the Hugging Face hub.
+    Models(models::ModelsArgs),
 }
 
 /// Where the providers, keys and limits come from. Shared by `serve` and the in-process client.
@@ -45,6 +48,22 @@ pub struct ConfigArgs {
     /// Largest input image in pixels, checked before decoding (guards against decompression bombs).
     #[arg(long, env = "IMAGEGATE_MAX_IMAGE_PIXELS", default_value_t = Limits::default().max_image_pixels)]
     max_image_pixels: u64,
+    /// Where pulled models (and stored data) live [default: $XDG_DATA_HOME/imagegate or
+    /// ~/.local/share/imagegate].
+    #[arg(long, env = "IMAGEGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// The process environment, with `--data-dir` in place of `IMAGEGATE_DATA_DIR`.
+struct CliEnv<'a>(Option<&'a std::path::Path>);
+
+impl Env for CliEnv<'_> {
+    fn var(&self, name: &str) -> Option<String> {
+        match (name, self.0) {
+            ("IMAGEGATE_DATA_DIR", Some(dir)) => Some(dir.to_string_lossy().into_owned()),
+            _ => ProcessEnv.var(name),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -62,17 +81,68 @@ struct ServeArgs {
 impl ConfigArgs {
     /// The validated application state, or a message for the operator.
     pub fn state(&self, plain_keys: &[String]) -> Result<AppState, String> {
-        let mut config = match &self.config {
-            Some(path) => Config::load(path, &ProcessEnv).map_err(|e| e.to_string())?,
-            None => Config::from_file(Default::default(), &ProcessEnv).map_err(|e| e.to_string())?,
+        self.state_with(plain_keys, None).map(|(state, _)| state)
+    }
+
+    /// [`ConfigArgs::state`], also serving `model` locally when it names a model directory or a built-in
+    /// model the config does not serve (pulling a built-in one that is missing, after saying what and
+    /// how large). Returns the name requests must use for it.
+    pub fn state_with(&self, plain_keys: &[String], model: Option<&str>) -> Result<(AppState, Option<String>), String> {
+        let env = CliEnv(self.data_dir.as_deref());
+        let mut file = match &self.config {
+            Some(path) => ConfigFile::load(path).map_err(|e| e.to_string())?,
+            None => ConfigFile::default(),
         };
+        let renamed = match model {
+            Some(spec) => add_local_model(&mut file, spec, &env)?,
+            None => None,
+        };
+        let mut config = Config::from_file(file, &env).map_err(|e| match &self.config {
+            Some(path) => format!("{}: {e}", path.display()),
+            None => e.to_string(),
+        })?;
         config.limits = Limits { max_body_bytes: self.max_body_bytes, max_image_pixels: self.max_image_pixels };
         let mut state = AppState::from_config(&config).map_err(|e| e.to_string())?;
         let mut keys = KeySet::new(config.api_key_hashes.clone());
         keys.add_plain(plain_keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()));
         state.keys = std::sync::Arc::new(keys);
-        Ok(state)
+        Ok((state, renamed))
     }
+}
+
+/// Adds `spec` to the config's local models when it is a directory, or a built-in model name that the
+/// config does not already serve; returns the model name to request when it differs from `spec`.
+fn add_local_model(file: &mut ConfigFile, spec: &str, env: &dyn Env) -> Result<Option<String>, String> {
+    use engine::registry;
+    let path = std::path::Path::new(spec);
+    if file.models.contains_key(spec) {
+        return Ok(None);
+    }
+    if path.is_dir() {
+        // A directory: served under its folder name (a model name cannot contain '/').
+        let name = path
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "local".to_owned());
+        file.models.insert(name.clone(), LocalModelFile { path: Some(path.to_path_buf()), profile: None });
+        return Ok(Some(name));
+    }
+    let served_upstream = file.providers.values().any(|p| !p.models.is_empty()) && registry::builtin(spec).is_none();
+    if let (Some(builtin), false) = (registry::builtin(spec), served_upstream) {
+        let data_dir = registry::default_data_dir_from(|k| env.var(k).map(std::ffi::OsString::from));
+        let models_dir = registry::models_dir(&data_dir);
+        let use_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let dir = models::ensure_installed(builtin, &models_dir, models::endpoint_from_env(), use_bar)
+            .map_err(|e| e.to_string())?;
+        file.models.insert(spec.to_owned(), LocalModelFile { path: Some(dir), profile: None });
+        return Ok(None);
+    }
+    if spec.contains('/') && (spec.starts_with('.') || spec.starts_with('/')) {
+        return Err(format!("--model {spec}: no such directory"));
+    }
+    Ok(None)
 }
 
 fn main() -> ExitCode {
@@ -98,6 +168,8 @@ fn main() -> ExitCode {
             Command::Generate(args) => client::generate(args).await,
             Command::Edit(args) => client::edit(args).await,
             Command::Estimate(args) => estimate::run(args),
+            // Blocking file downloads: fine here, on the main thread, outside the runtime's workers.
+            Command::Models(args) => models::run(args),
         }
     });
     match result {

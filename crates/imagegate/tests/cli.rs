@@ -127,3 +127,27 @@ async fn generate_and_edit_write_real_images() {
     assert!(err.contains("HTTP 400") && err.contains("size") && err.contains("1254x836"), "{err}");
     assert!(!dir.path().join("x.png").exists());
 }
+
+#[test]
+fn generate_and_edit_run_a_local_model_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-model");
+    engine::testing::write_checkpoint(&model, &engine::testing::TinySpec::default()).unwrap();
+    let model = model.to_str().unwrap();
+    let args = ["generate", "a cute baby sea otter", "--model", model, "--size", "64x64", "--seed", "1"];
+    let out = imagegate(&[&args[..], &["--steps", "1", "--out", "otter.png"]].concat(), None, dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(dir.path().join("otter.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+
+    let args = ["edit", "a red cat", "--image", "otter.png", "--model", model, "--output-format", "jpeg"];
+    let out = imagegate(&[&args[..], &["--out", "cat.jpg"]].concat(), None, dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(dir.path().join("cat.jpg")).unwrap();
+    assert_eq!(image::guess_format(&bytes).unwrap(), image::ImageFormat::Jpeg);
+
+    // A path that is not there is named.
+    let out = imagegate(&["generate", "x", "--model", "./nowhere/model", "--out", "x.png"], None, dir.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere"), "{}", String::from_utf8_lossy(&out.stderr));
+}

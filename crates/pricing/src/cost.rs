@@ -204,7 +204,13 @@ pub fn compute_cost(usd_per_hour: Decimal, ms: u64) -> Decimal {
 /// The usage imagegate counts for a job when the provider reports none, or `None` when the model has no
 /// output token count for the job's quality and size.
 pub fn count_usage(price: &ModelPrice, job: &JobShape) -> Option<Usage> {
-    let per_image = price.output_tokens_per_image(job.quality, job.size)?;
+    let per_image = match price.billing_basis {
+        // Models billed by time or per image report usage on the GPT image scale, for comparison.
+        BillingBasis::Compute | BillingBasis::Flat => price
+            .output_tokens_per_image(job.quality, job.size)
+            .or_else(|| reference_output_tokens(job.quality, job.size))?,
+        _ => price.output_tokens_per_image(job.quality, job.size)?,
+    };
     let output = job.n * (per_image + PARTIAL_IMAGE_TOKENS * job.partial_images);
     let image_in: u64 = job.input_images.iter().map(|s| image_input_tokens(*s, job.input_fidelity_high)).sum();
     let input = job.text_tokens + image_in;
@@ -217,6 +223,19 @@ pub fn count_usage(price: &ModelPrice, job: &JobShape) -> Option<Usage> {
         output_image_tokens: None,
         output_text_tokens: None,
     })
+}
+
+/// Output tokens of one image on the GPT image scale (272, 1056 and 4160 at 1024x1024 for low, medium
+/// and high, proportional to the area as OpenAI's table is), rounded up. For models that bill by time or
+/// per image, whose usage is reported on this scale so that it compares with OpenAI's.
+pub fn reference_output_tokens(quality: Quality, size: Size) -> Option<u64> {
+    let square = match quality {
+        Quality::Low => 272u64,
+        Quality::Medium | Quality::Standard | Quality::Auto => 1056,
+        Quality::High | Quality::Hd => 4160,
+    };
+    let area = u64::from(size.width) * u64::from(size.height);
+    Some((square * area).div_ceil(1024 * 1024))
 }
 
 /// Image input tokens of one input image: fit inside 2048x2048, scale down so the shortest side is at

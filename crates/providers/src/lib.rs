@@ -1,15 +1,16 @@
 //! Providers: whatever turns a validated image job into images.
 //!
-//! The server routes each request to one [`Provider`]. Today there is the upstream OpenAI-compatible HTTP
-//! API ([`openai::OpenAiUpstream`]); the local diffusion engine plugs in behind the same trait. A provider
+//! The server routes each request to one [`Provider`]: an upstream OpenAI-compatible HTTP API
+//! ([`openai::OpenAiUpstream`]) or the local diffusion engine ([`local::LocalProvider`]). A provider
 //! gets domain types and returns domain types: it never sees the client's HTTP request, and the server
 //! never sees how the provider talks to its backend.
 
+pub mod local;
 pub mod openai;
 
 use std::time::Duration;
 
-use api::ErrorBody;
+use api::{ApiError, ErrorBody};
 use async_trait::async_trait;
 use domain::{ImageJob, ImageResult, StreamEvent};
 use futures_util::stream::BoxStream;
@@ -46,4 +47,8 @@ pub enum ProviderError {
     /// The backend answered 2xx with something that is not a valid response.
     #[error("malformed response: {0}")]
     InvalidResponse(String),
+    /// The provider refused or failed the job with this error, as the client should see it (a local
+    /// model's size rule, a full queue, a model that failed to load).
+    #[error("{}", .0.body.message)]
+    Api(ApiError),
 }

@@ -14,7 +14,8 @@ use crate::routing::Route;
 /// The tier served requests run on today.
 pub const SERVED_TIER: &str = "default";
 
-/// Prices a finished job. `images` is the number of images produced; `usage` what the provider reported.
+/// Prices a finished job. `images` is the number of images produced; `usage` what the provider reported;
+/// `compute_ms` the device time it measured (the compute basis of local models).
 pub fn bill(
     state: &AppState,
     route: &Route,
@@ -22,6 +23,7 @@ pub fn bill(
     resolved: &Resolved,
     images: u64,
     usage: Option<Usage>,
+    compute_ms: Option<u64>,
 ) -> Result<Cost, PriceError> {
     let model = &route.upstream_model;
     let price = state.prices.model(model).ok_or_else(|| PriceError(format!("model '{model}' has no price")))?;
@@ -33,9 +35,9 @@ pub fn bill(
         }
     };
     // Counting text tokens only matters when the provider reported no usage for a token-billed model.
-    let text_tokens = match (usage, price.billing_basis) {
-        (None, pricing::BillingBasis::Tokens) => pricing::count_text_tokens(job.prompt()),
-        _ => 0,
+    let text_tokens = match usage {
+        None => pricing::count_text_tokens(job.prompt()),
+        Some(_) => 0,
     };
     let shape = JobShape {
         n: images,
@@ -52,7 +54,7 @@ pub fn bill(
         provider: route.provider.name().to_owned(),
         discount_percent: route.discount_percent,
     };
-    pricing::cost(model, price, &shape, usage, None, &adjustments)
+    pricing::cost(model, price, &shape, usage, compute_ms, &adjustments)
 }
 
 /// The cost as the response's extension object, or `None` (logged) when it could not be priced.

@@ -19,6 +19,15 @@
 //! [prices."flux-dev"]                         # every served model needs a price (see pricing)
 //! billing_basis = "flat"
 //! flat_per_image = "0.003"
+//!
+//! [models.sd-turbo]                           # a local model: a built-in name (pulled) or a path
+//! [models.my-finetune]
+//! path = "/srv/models/my-finetune"            # a diffusers-layout directory
+//! profile = "standard"                        # steps per quality: "turbo" (1/2/4) or "standard" (15/25/40)
+//!
+//! [engine]
+//! queue_capacity = 8                          # requests queued or running before 429
+//! resident_models = 2                         # models kept loaded
 //! ```
 
 use std::collections::BTreeMap;
@@ -46,6 +55,29 @@ pub struct ConfigFile {
     /// Service tier multipliers laid over the built-in ones.
     #[serde(default)]
     pub tiers: BTreeMap<String, pricing::Price>,
+    /// Local models served by the engine, by the name requests use.
+    #[serde(default)]
+    pub models: BTreeMap<String, LocalModelFile>,
+    #[serde(default)]
+    pub engine: EngineFile,
+}
+
+/// `[models.NAME]`: a local model.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalModelFile {
+    /// A diffusers-layout directory; without it NAME must be a built-in model that was pulled.
+    pub path: Option<std::path::PathBuf>,
+    /// `turbo` or `standard`; guessed from the name when absent.
+    pub profile: Option<String>,
+}
+
+/// `[engine]`: the local engine's queue.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineFile {
+    pub queue_capacity: Option<usize>,
+    pub resident_models: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +133,9 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     pub aliases: BTreeMap<String, String>,
     pub limits: Limits,
+    /// Local models, served by the provider named `local`.
+    pub local_models: Vec<providers::local::LocalModel>,
+    pub engine: providers::local::LocalOptions,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -136,6 +171,15 @@ pub struct ProcessEnv;
 impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl ConfigFile {
+    /// Reads and parses a config file (not yet validated: see [`Config::from_file`]).
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
     }
 }
 
@@ -185,9 +229,27 @@ impl Config {
                 ))
             })?);
         }
-        let prices = pricing::Catalog::builtin()
+        let mut prices = pricing::Catalog::builtin()
             .and_then(|c| c.with_overrides(file.prices, file.tiers))
             .map_err(|e| ConfigError(e.0))?;
+        if providers.iter().any(|p| p.name == LOCAL_PROVIDER) {
+            return err(format!(
+                "providers.{LOCAL_PROVIDER}: the name is reserved for the local engine ([models.NAME])"
+            ));
+        }
+        let data_dir = engine::registry::default_data_dir_from(|k| env.var(k).map(std::ffi::OsString::from));
+        let mut local_models = Vec::new();
+        for (name, m) in file.models {
+            let model = local_model(&name, m, &data_dir)?;
+            // A local model without a price of its own is billed by measured compute time.
+            prices.models.entry(name).or_insert_with(|| local_price(&prices.local));
+            local_models.push(model);
+        }
+        let defaults = providers::local::LocalOptions::default();
+        let engine = providers::local::LocalOptions {
+            queue_capacity: file.engine.queue_capacity.unwrap_or(defaults.queue_capacity).max(1),
+            resident_models: file.engine.resident_models.unwrap_or(defaults.resident_models).max(1),
+        };
         for p in &providers {
             for (i, (model, _)) in p.models.iter().enumerate() {
                 if prices.model(model).is_none() {
@@ -205,7 +267,66 @@ impl Config {
             providers,
             aliases: file.aliases,
             limits: Limits::default(),
+            local_models,
+            engine,
         })
+    }
+}
+
+/// The provider name of the local engine.
+pub const LOCAL_PROVIDER: &str = "local";
+
+fn local_model(name: &str, m: LocalModelFile, data_dir: &Path) -> Result<providers::local::LocalModel, ConfigError> {
+    use engine::registry;
+    if name.is_empty() || name.contains('/') {
+        return err(format!("models.{name}: a model name must be non-empty and contain no '/'"));
+    }
+    let dir = match (m.path, registry::builtin(name)) {
+        (Some(path), _) => {
+            if !path.is_dir() {
+                return err(format!("models.{name}.path: '{}' is not a directory", path.display()));
+            }
+            path
+        }
+        (None, Some(builtin)) => registry::installed_dir(&registry::models_dir(data_dir), builtin).ok_or_else(|| {
+            ConfigError(format!(
+                "models.{name}: the built-in model is not installed under {}: run `imagegate models pull {name}` (about {}), or set path = \"DIR\"",
+                registry::models_dir(data_dir).display(),
+                approx_size(builtin.approx_download_bytes)
+            ))
+        })?,
+        (None, None) => {
+            return err(format!(
+                "models.{name}: set path = \"DIR\" (a diffusers-layout directory), or use a built-in name ({})",
+                registry::builtin_names()
+            ));
+        }
+    };
+    let profile = match m.profile.as_deref() {
+        None => providers::local::Profile::guess(name, &dir),
+        Some("turbo") => providers::local::Profile::TURBO,
+        Some("standard") => providers::local::Profile::STANDARD,
+        Some(other) => return err(format!("models.{name}.profile: '{other}' is not one of 'turbo', 'standard'")),
+    };
+    Ok(providers::local::LocalModel { name: name.to_owned(), dir, profile })
+}
+
+fn approx_size(bytes: u64) -> String {
+    format!("{:.1} GB", bytes as f64 / 1e9)
+}
+
+/// The price of a local model without an entry: compute time at the catalog's CPU or GPU rate.
+fn local_price(local: &pricing::LocalPrices) -> pricing::ModelPrice {
+    let per_hour = if engine::uses_gpu() { local.gpu_usd_per_hour } else { local.cpu_usd_per_hour };
+    pricing::ModelPrice {
+        billing_basis: pricing::BillingBasis::Compute,
+        as_of: None,
+        source: Some("[local] compute price of the catalog".to_owned()),
+        tokens: None,
+        per_image: BTreeMap::new(),
+        output_tokens: BTreeMap::new(),
+        usd_per_hour: Some(per_hour),
+        flat_per_image: None,
     }
 }
 

@@ -144,13 +144,13 @@ async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &Header
             if result.created == 0 {
                 result.created = now();
             }
-            let cost = billing::bill(state, &route, &job, &result.resolved, result.images.len() as u64, result.usage);
+            let images = result.images.len() as u64;
+            let cost = billing::bill(state, &route, &job, &result.resolved, images, result.usage, result.compute_ms);
             let cost = billing::cost_extension(&route, cost);
             // A provider that reports no usage gets imagegate's count in the response, marked as counted
             // in the cost extension (`usage_source`).
             if result.usage.is_none()
                 && let Some((c, _)) = &cost
-                && c.basis == pricing::BillingBasis::Tokens
             {
                 result.usage = c.usage;
             }
@@ -169,12 +169,19 @@ async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &Header
             let sse = events.map(move |item| -> Result<Event, Infallible> {
                 Ok(match item {
                     Ok(event) => {
-                        let event = resolve_event(event, &options, family);
-                        let cost = match &event {
-                            StreamEvent::Completed { resolved, usage, .. } => billing::cost_extension(
-                                &route,
-                                billing::bill(&state, &route, &job, resolved, 1, *usage),
-                            ),
+                        let mut event = resolve_event(event, &options, family);
+                        let cost = match &mut event {
+                            StreamEvent::Completed { resolved, usage, compute_ms, .. } => {
+                                let cost = billing::cost_extension(
+                                    &route,
+                                    billing::bill(&state, &route, &job, resolved, 1, *usage, *compute_ms),
+                                );
+                                // As in a JSON response: imagegate's count when the provider reports none.
+                                if usage.is_none() {
+                                    *usage = cost.as_ref().and_then(|(c, _)| c.usage);
+                                }
+                                cost
+                            }
                             StreamEvent::Partial { .. } => None,
                         };
                         let (name, data) = api::stream_event_json(kind, &event, cost.as_ref().map(|(_, v)| v));
@@ -199,11 +206,12 @@ fn resolve_event(event: StreamEvent, options: &ImageOptions, family: ModelFamily
             created_at: if created_at == 0 { now() } else { created_at },
             resolved: resolved.fill_from(options, family),
         },
-        StreamEvent::Completed { b64_json, created_at, resolved, usage } => StreamEvent::Completed {
+        StreamEvent::Completed { b64_json, created_at, resolved, usage, compute_ms } => StreamEvent::Completed {
             b64_json,
             created_at: if created_at == 0 { now() } else { created_at },
             resolved: resolved.fill_from(options, family),
             usage,
+            compute_ms,
         },
     }
 }
@@ -225,6 +233,7 @@ fn provider_error(e: ProviderError, provider: &str, headers: &HeaderMap) -> ApiE
             )
         }
         ProviderError::Upstream { status, body, retry_after } => ApiError { status, body, retry_after },
+        ProviderError::Api(e) => e,
         ProviderError::Timeout(d) => {
             ApiError::upstream_unavailable(504, provider, &format!("did not answer within {} s", d.as_secs()))
         }

@@ -21,6 +21,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use providers::local::LocalProvider;
 use providers::openai::{OpenAiUpstream, UpstreamConfig};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -43,6 +44,16 @@ impl AppState {
     /// Builds the providers of `config` and the routing over them.
     pub fn from_config(config: &Config) -> Result<AppState, ConfigError> {
         let mut providers: Vec<routing::ProviderModels> = Vec::new();
+        if !config.local_models.is_empty() {
+            let local = LocalProvider::new(config::LOCAL_PROVIDER, config.local_models.clone(), config.engine)
+                .map_err(|e| ConfigError(format!("models: {e}")))?;
+            let models = local.model_names().into_iter().map(|m| (m, domain::ModelFamily::Local)).collect();
+            providers.push(routing::ProviderModels {
+                provider: Arc::new(local),
+                models,
+                discount_percent: rust_decimal::Decimal::ZERO,
+            });
+        }
         for p in &config.providers {
             let mut upstream = UpstreamConfig::new(&p.name, &p.base_url, p.api_key.clone());
             upstream.timeout = p.timeout;

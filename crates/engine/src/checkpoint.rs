@@ -1,0 +1,378 @@
+//! Reading a diffusers-layout checkpoint: `model_index.json`, `unet/config.json`, `vae/config.json`,
+//! `text_encoder/config.json`, `scheduler/scheduler_config.json`, and the weight files next to them.
+//!
+//! The architecture is read from these files, never assumed from a model's name, and anything the engine
+//! cannot run is refused here with a message naming the file and the key (candle's own constructors
+//! assert and would panic instead).
+
+use std::path::{Path, PathBuf};
+
+use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModelConfig};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::EngineError;
+
+/// A number or one number per block, as diffusers writes `attention_head_dim` and friends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl OneOrMany {
+    fn at(&self, i: usize) -> Option<usize> {
+        match self {
+            OneOrMany::One(v) => Some(*v),
+            OneOrMany::Many(v) => v.get(i).copied(),
+        }
+    }
+}
+
+fn default_4() -> usize {
+    4
+}
+fn default_2() -> usize {
+    2
+}
+fn default_32() -> usize {
+    32
+}
+fn default_1() -> usize {
+    1
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_one_f() -> f64 {
+    1.0
+}
+fn default_heads() -> OneOrMany {
+    OneOrMany::One(8)
+}
+
+/// `unet/config.json`, the keys the engine reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UnetFile {
+    #[serde(default = "default_4")]
+    pub in_channels: usize,
+    #[serde(default = "default_4")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default = "default_2")]
+    pub layers_per_block: usize,
+    #[serde(default = "default_heads")]
+    pub attention_head_dim: OneOrMany,
+    pub cross_attention_dim: usize,
+    #[serde(default = "default_32")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    pub transformer_layers_per_block: Option<OneOrMany>,
+    pub addition_embed_type: Option<String>,
+    pub class_embed_type: Option<String>,
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "default_1")]
+    pub downsample_padding: usize,
+    #[serde(default = "default_one_f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    /// Latent size the model was trained at (x8 for pixels).
+    pub sample_size: Option<usize>,
+}
+
+/// `vae/config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeFile {
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_2")]
+    pub layers_per_block: usize,
+    #[serde(default = "default_4")]
+    pub latent_channels: usize,
+    #[serde(default = "default_32")]
+    pub norm_num_groups: usize,
+    /// 0.18215 for SD 1/2, 0.13025 for SDXL: always read, never assumed.
+    pub scaling_factor: Option<f64>,
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+}
+
+/// `text_encoder/config.json` (a CLIP text model).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextEncoderFile {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "quick_gelu")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn quick_gelu() -> String {
+    "quick_gelu".to_owned()
+}
+
+/// `scheduler/scheduler_config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchedulerFile {
+    #[serde(rename = "_class_name")]
+    pub class_name: String,
+    #[serde(default = "default_train_steps")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "default_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "default_beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "scaled_linear")]
+    pub beta_schedule: String,
+    #[serde(default = "epsilon")]
+    pub prediction_type: String,
+    #[serde(default = "leading")]
+    pub timestep_spacing: String,
+    #[serde(default)]
+    pub steps_offset: usize,
+    #[serde(default = "default_true")]
+    pub set_alpha_to_one: bool,
+}
+
+fn default_train_steps() -> usize {
+    1000
+}
+fn default_beta_start() -> f64 {
+    0.00085
+}
+fn default_beta_end() -> f64 {
+    0.012
+}
+fn scaled_linear() -> String {
+    "scaled_linear".to_owned()
+}
+fn epsilon() -> String {
+    "epsilon".to_owned()
+}
+fn leading() -> String {
+    "leading".to_owned()
+}
+
+/// A checkpoint directory whose configs have been read and checked.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub unet: UnetFile,
+    pub vae: VaeFile,
+    pub text_encoder: TextEncoderFile,
+    pub scheduler: SchedulerFile,
+}
+
+impl Checkpoint {
+    /// Reads and checks every config of the checkpoint at `dir`.
+    pub fn open(dir: &Path) -> Result<Checkpoint, EngineError> {
+        if !dir.join("model_index.json").is_file() {
+            return Err(EngineError::MissingFile(dir.join("model_index.json")));
+        }
+        let ckpt = Checkpoint {
+            dir: dir.to_path_buf(),
+            unet: read_json(&dir.join("unet/config.json"))?,
+            vae: read_json(&dir.join("vae/config.json"))?,
+            text_encoder: read_json(&dir.join("text_encoder/config.json"))?,
+            scheduler: read_json(&dir.join("scheduler/scheduler_config.json"))?,
+        };
+        ckpt.unet_config()?;
+        ckpt.vae_config()?;
+        ckpt.check_text_encoder()?;
+        Ok(ckpt)
+    }
+
+    /// The weight file of a component: `diffusion_pytorch_model.safetensors` or `model.safetensors`,
+    /// with their `.fp16` variants.
+    pub fn weights(&self, component: &str) -> Result<PathBuf, EngineError> {
+        let stems = ["diffusion_pytorch_model", "model"];
+        for stem in stems {
+            for variant in ["", ".fp16"] {
+                let p = self.dir.join(component).join(format!("{stem}{variant}.safetensors"));
+                if p.is_file() {
+                    return Ok(p);
+                }
+            }
+        }
+        Err(EngineError::MissingFile(self.dir.join(component).join("diffusion_pytorch_model.safetensors")))
+    }
+
+    /// candle's UNet config, from `unet/config.json`.
+    pub fn unet_config(&self) -> Result<UNet2DConditionModelConfig, EngineError> {
+        let u = &self.unet;
+        let bad =
+            |key: &str, why: String| EngineError::Unsupported { file: "unet/config.json".into(), key: key.into(), why };
+        if let Some(t) = &u.addition_embed_type {
+            return Err(bad(
+                "addition_embed_type",
+                format!("'{t}' (SDXL micro-conditioning) is not supported by this engine yet"),
+            ));
+        }
+        if let Some(t) = &u.class_embed_type {
+            return Err(bad("class_embed_type", format!("'{t}' (class-conditioned UNets) is not supported")));
+        }
+        if u.time_cond_proj_dim.is_some() {
+            return Err(bad("time_cond_proj_dim", "guidance-embedded (LCM) UNets are not supported".into()));
+        }
+        let n = u.block_out_channels.len();
+        if n == 0 || u.down_block_types.len() != n || u.up_block_types.len() != n {
+            return Err(bad(
+                "down_block_types",
+                format!(
+                    "block_out_channels, down_block_types and up_block_types must have the same non-zero length ({}, {}, {})",
+                    n,
+                    u.down_block_types.len(),
+                    u.up_block_types.len()
+                ),
+            ));
+        }
+        let mut blocks = Vec::with_capacity(n);
+        for (i, kind) in u.down_block_types.iter().enumerate() {
+            let cross = match kind.as_str() {
+                "CrossAttnDownBlock2D" => true,
+                "DownBlock2D" => false,
+                other => return Err(bad(&format!("down_block_types[{i}]"), format!("'{other}' is not supported"))),
+            };
+            // candle builds the up path as the mirror of the down path: the config must say the same.
+            let up = &u.up_block_types[n - 1 - i];
+            let up_cross = match up.as_str() {
+                "CrossAttnUpBlock2D" => true,
+                "UpBlock2D" => false,
+                other => {
+                    return Err(bad(&format!("up_block_types[{}]", n - 1 - i), format!("'{other}' is not supported")));
+                }
+            };
+            if up_cross != cross {
+                return Err(bad("up_block_types", "the up blocks must mirror the down blocks".into()));
+            }
+            let heads = u
+                .attention_head_dim
+                .at(i)
+                .ok_or_else(|| bad("attention_head_dim", format!("no value for block {i}")))?;
+            let layers = u.transformer_layers_per_block.as_ref().and_then(|t| t.at(i)).unwrap_or(1);
+            let out_channels = u.block_out_channels[i];
+            if heads == 0 || !out_channels.is_multiple_of(heads) {
+                return Err(bad(
+                    "attention_head_dim",
+                    format!("block {i}: {out_channels} channels do not split into {heads} heads"),
+                ));
+            }
+            if u.norm_num_groups == 0 || !out_channels.is_multiple_of(u.norm_num_groups) {
+                return Err(bad(
+                    "norm_num_groups",
+                    format!("block {i}: {out_channels} channels do not split into {} groups", u.norm_num_groups),
+                ));
+            }
+            blocks.push(BlockConfig {
+                out_channels,
+                use_cross_attn: cross.then_some(layers),
+                attention_head_dim: heads,
+            });
+        }
+        Ok(UNet2DConditionModelConfig {
+            center_input_sample: u.center_input_sample,
+            flip_sin_to_cos: u.flip_sin_to_cos,
+            freq_shift: u.freq_shift,
+            blocks,
+            layers_per_block: u.layers_per_block,
+            downsample_padding: u.downsample_padding,
+            mid_block_scale_factor: u.mid_block_scale_factor,
+            norm_num_groups: u.norm_num_groups,
+            norm_eps: u.norm_eps,
+            cross_attention_dim: u.cross_attention_dim,
+            sliced_attention_size: None,
+            use_linear_projection: u.use_linear_projection,
+        })
+    }
+
+    pub fn vae_config(&self) -> Result<AutoEncoderKLConfig, EngineError> {
+        let v = &self.vae;
+        if v.block_out_channels.is_empty()
+            || v.norm_num_groups == 0
+            || v.block_out_channels.iter().any(|c| !c.is_multiple_of(v.norm_num_groups))
+        {
+            return Err(EngineError::Unsupported {
+                file: "vae/config.json".into(),
+                key: "block_out_channels".into(),
+                why: format!("every entry must be a non-zero multiple of norm_num_groups ({})", v.norm_num_groups),
+            });
+        }
+        Ok(AutoEncoderKLConfig {
+            block_out_channels: v.block_out_channels.clone(),
+            layers_per_block: v.layers_per_block,
+            latent_channels: v.latent_channels,
+            norm_num_groups: v.norm_num_groups,
+            use_quant_conv: v.use_quant_conv,
+            use_post_quant_conv: v.use_post_quant_conv,
+        })
+    }
+
+    /// The VAE's latent scaling factor (0.18215 when the config does not say, as diffusers assumes).
+    pub fn vae_scale(&self) -> f64 {
+        self.vae.scaling_factor.unwrap_or(0.18215)
+    }
+
+    /// Pixels per latent: 2 to the number of VAE down blocks minus one (8 for every SD VAE).
+    pub fn vae_factor(&self) -> usize {
+        1 << (self.vae.block_out_channels.len().saturating_sub(1))
+    }
+
+    /// The size the model was trained at, in pixels.
+    pub fn native_size(&self) -> usize {
+        self.unet.sample_size.unwrap_or(64) * self.vae_factor()
+    }
+
+    fn check_text_encoder(&self) -> Result<(), EngineError> {
+        let t = &self.text_encoder;
+        let bad = |key: &str, why: String| EngineError::Unsupported {
+            file: "text_encoder/config.json".into(),
+            key: key.into(),
+            why,
+        };
+        if !matches!(t.hidden_act.as_str(), "quick_gelu" | "gelu") {
+            return Err(bad("hidden_act", format!("'{}' is not one of 'quick_gelu', 'gelu'", t.hidden_act)));
+        }
+        if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
+            return Err(bad(
+                "num_attention_heads",
+                format!("{} does not divide hidden_size {}", t.num_attention_heads, t.hidden_size),
+            ));
+        }
+        if t.hidden_size != self.unet.cross_attention_dim {
+            return Err(bad(
+                "hidden_size",
+                format!(
+                    "{} differs from the UNet's cross_attention_dim {}",
+                    t.hidden_size, self.unet.cross_attention_dim
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, EngineError> {
+    let text = std::fs::read_to_string(path).map_err(|_| EngineError::MissingFile(path.to_path_buf()))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::InvalidFile { path: path.to_path_buf(), why: e.to_string() })
+}

@@ -1,0 +1,42 @@
+//! imagegate's local diffusion engine: diffusers-layout checkpoints run on candle.
+//!
+//! Knows nothing of HTTP, SQL or prices. The architecture of every model is read from its checkpoint's
+//! config files ([`checkpoint`]), sampling is seeded end to end ([`scheduler`], [`pipeline`]), and
+//! everything a request can get wrong is checked before candle (which asserts) sees it.
+
+pub mod checkpoint;
+pub mod encode;
+pub mod pipeline;
+pub mod registry;
+pub mod scheduler;
+pub mod testing;
+pub mod text_encoder;
+pub mod tokenizer;
+mod vae_encoder;
+
+use std::path::PathBuf;
+
+pub use checkpoint::Checkpoint;
+pub use pipeline::{Edit, GenerateParams, Hooks, NoHooks, Pipeline, default_device};
+
+/// Whether this build runs models on a GPU (the `cuda` or `metal` feature).
+pub fn uses_gpu() -> bool {
+    cfg!(any(feature = "cuda", feature = "metal"))
+}
+
+/// What can go wrong loading or running a model, with the file or key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("missing file {0}")]
+    MissingFile(PathBuf),
+    #[error("cannot read {path}: {why}")]
+    InvalidFile { path: PathBuf, why: String },
+    #[error("{file}: {key}: {why}")]
+    Unsupported { file: String, key: String, why: String },
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("model computation failed: {0}")]
+    Compute(#[from] candle_core::Error),
+}

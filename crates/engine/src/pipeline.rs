@@ -1,0 +1,489 @@
+//! Text-to-image, image-to-image and inpainting over one loaded checkpoint.
+//!
+//! Every random number comes from a generator seeded by the request (`seed + image index`), so a seed
+//! reproduces an image exactly, also inside a batch. Sizes and inputs are checked here before candle,
+//! which asserts, sees them.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
+use image::imageops::FilterType;
+use image::{GrayImage, RgbImage};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::EngineError;
+use crate::checkpoint::Checkpoint;
+use crate::scheduler::Scheduler;
+use crate::text_encoder::TextEncoder;
+use crate::tokenizer::ClipTokenizer;
+use crate::vae_encoder::VaeEncoder;
+
+/// Smallest and largest image side in pixels.
+pub const MIN_SIDE: u32 = 64;
+pub const MAX_SIDE: u32 = 2048;
+
+/// One generation request, in the engine's terms.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: String,
+    /// What classifier-free guidance steers away from (empty: the unconditional embedding).
+    pub negative_prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub n: usize,
+    /// Denoising steps of the full schedule (an edit runs the last `strength` share of them).
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance off (turbo models).
+    pub guidance_scale: f64,
+    pub seed: u64,
+    pub edit: Option<Edit>,
+    /// How many intermediate images to hand to [`Hooks::partial`] (at most one per intermediate step).
+    pub partial_images: usize,
+}
+
+/// The inputs of an edit.
+#[derive(Debug, Clone)]
+pub struct Edit {
+    /// The image to edit first, then reference images; all are resized to the output size.
+    pub images: Vec<RgbImage>,
+    /// Where to repaint: 255 repaints, 0 keeps the first image's pixel exactly, values between blend.
+    pub mask: Option<GrayImage>,
+    /// How far into the noise the edit starts, 0..=1 (1 ignores the input's content where repainted).
+    pub strength: f64,
+}
+
+/// What a caller hears while a generation runs.
+pub trait Hooks {
+    /// Checked before every step: `true` stops the run with [`EngineError::Cancelled`].
+    fn cancelled(&self) -> bool {
+        false
+    }
+    /// An intermediate image of the first image of the request (`index` counts from 0).
+    fn partial(&mut self, _index: usize, _image: RgbImage) {}
+}
+
+/// Hooks that do nothing.
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+pub struct Pipeline {
+    pub checkpoint: Checkpoint,
+    device: Device,
+    dtype: DType,
+    tokenizer: ClipTokenizer,
+    text_encoder: TextEncoder,
+    unet: UNet2DConditionModel,
+    vae: AutoEncoderKL,
+    /// Built on the first edit (text-to-image never needs it).
+    vae_encoder: Mutex<Option<Arc<VaeEncoder>>>,
+    /// Images per forward pass.
+    pub max_batch: usize,
+}
+
+/// The device the engine runs on: the first GPU when built with `cuda` or `metal`, else the CPU.
+pub fn default_device() -> Result<Device, EngineError> {
+    #[cfg(feature = "cuda")]
+    return Ok(Device::new_cuda(0)?);
+    #[cfg(all(feature = "metal", not(feature = "cuda")))]
+    return Ok(Device::new_metal(0)?);
+    #[cfg(not(any(feature = "cuda", feature = "metal")))]
+    Ok(Device::Cpu)
+}
+
+impl Pipeline {
+    /// Loads the checkpoint at `dir`: configs first (refusing what cannot run), then every weight file.
+    pub fn load(dir: &Path, device: &Device) -> Result<Pipeline, EngineError> {
+        let checkpoint = Checkpoint::open(dir)?;
+        if dir.join("text_encoder_2").is_dir() {
+            return Err(EngineError::Unsupported {
+                file: "text_encoder_2".into(),
+                key: "text_encoder_2".into(),
+                why: "two-encoder (SDXL-family) checkpoints are not supported by this engine yet".into(),
+            });
+        }
+        let u = &checkpoint.unet;
+        if !matches!(u.in_channels, 4 | 9) || u.out_channels != checkpoint.vae.latent_channels {
+            return Err(EngineError::Unsupported {
+                file: "unet/config.json".into(),
+                key: "in_channels".into(),
+                why: format!(
+                    "in_channels {} / out_channels {}: expected 4 (or 9 for inpainting) in and the VAE's {} latent channels out",
+                    u.in_channels, u.out_channels, checkpoint.vae.latent_channels
+                ),
+            });
+        }
+        let dtype = if device.is_cpu() { DType::F32 } else { DType::F16 };
+        let tokenizer = ClipTokenizer::load(&dir.join("tokenizer"), checkpoint.text_encoder.max_position_embeddings)?;
+
+        let text_path = checkpoint.weights("text_encoder")?;
+        let text_encoder =
+            with_weights(&text_path, dtype, device, |vb| TextEncoder::new(vb, &checkpoint.text_encoder))?;
+        let unet_path = checkpoint.weights("unet")?;
+        let unet_cfg = checkpoint.unet_config()?;
+        let unet = with_weights(&unet_path, dtype, device, |vb| {
+            UNet2DConditionModel::new(vb, u.in_channels, u.out_channels, false, unet_cfg)
+        })?;
+        let vae_path = checkpoint.weights("vae")?;
+        let vae_cfg = checkpoint.vae_config()?;
+        let vae = with_weights(&vae_path, dtype, device, |vb| AutoEncoderKL::new(vb, 3, 3, vae_cfg))?;
+        tracing::info!(dir = %dir.display(), ?dtype, "checkpoint loaded");
+        Ok(Pipeline {
+            checkpoint,
+            device: device.clone(),
+            dtype,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            vae_encoder: Mutex::new(None),
+            max_batch: 4,
+        })
+    }
+
+    /// Whether the UNet is a 9-channel inpainting model.
+    pub fn is_inpainting(&self) -> bool {
+        self.checkpoint.unet.in_channels == 9
+    }
+
+    /// Image sides must be multiples of this: one latent pixel per `vae_factor` pixels (8 for every SD
+    /// VAE). The UNet copes with latent sides its down blocks do not halve evenly.
+    pub fn size_multiple(&self) -> u32 {
+        self.checkpoint.vae_factor() as u32
+    }
+
+    /// Checks a requested size, with a message that says what is allowed.
+    pub fn check_size(&self, width: u32, height: u32) -> Result<(), String> {
+        let m = self.size_multiple();
+        let ok = |s: u32| (MIN_SIDE..=MAX_SIDE).contains(&s) && s.is_multiple_of(m);
+        if ok(width) && ok(height) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{width}x{height} is not a size this model can generate: each side must be a multiple of {m} from {MIN_SIDE} to {MAX_SIDE}"
+            ))
+        }
+    }
+
+    /// Runs one request and returns its `n` images.
+    pub fn generate(&self, p: &GenerateParams, hooks: &mut dyn Hooks) -> Result<Vec<RgbImage>, EngineError> {
+        self.check_size(p.width, p.height).map_err(EngineError::InvalidInput)?;
+        if p.n == 0 || p.steps == 0 {
+            return Err(EngineError::InvalidInput("n and steps must be at least 1".into()));
+        }
+        if let Some(edit) = &p.edit {
+            if edit.images.is_empty() {
+                return Err(EngineError::InvalidInput("an edit needs at least one image".into()));
+            }
+            if !(0.0..=1.0).contains(&edit.strength) {
+                return Err(EngineError::InvalidInput(format!("strength {} is not within 0..=1", edit.strength)));
+            }
+        }
+        let guided = p.guidance_scale > 1.0;
+        let cond = self.embed(&p.prompt)?;
+        let uncond = if guided { Some(self.embed(&p.negative_prompt)?) } else { None };
+        let inputs = match &p.edit {
+            Some(edit) => Some(self.prepare_edit(edit, p.width, p.height)?),
+            // An inpainting UNet asked for a plain image repaints a blank canvas everywhere.
+            None if self.is_inpainting() => {
+                let blank = RgbImage::from_pixel(p.width, p.height, image::Rgb([127, 127, 127]));
+                let all = GrayImage::from_pixel(p.width, p.height, image::Luma([255]));
+                let edit = Edit { images: vec![blank], mask: Some(all), strength: 1.0 };
+                let mut inputs = self.prepare_edit(&edit, p.width, p.height)?;
+                inputs.mask_pixels = None;
+                Some(inputs)
+            }
+            None => None,
+        };
+
+        let mut images = Vec::with_capacity(p.n);
+        let mut first = 0;
+        while first < p.n {
+            let batch = (p.n - first).min(self.max_batch.max(1));
+            let seeds: Vec<u64> = (first..first + batch).map(|i| p.seed.wrapping_add(i as u64)).collect();
+            let mut partial = if first == 0 { p.partial_images } else { 0 };
+            let latents = self.denoise(p, &seeds, &cond, uncond.as_ref(), inputs.as_ref(), hooks, &mut partial)?;
+            images.extend(self.decode(&latents)?);
+            first += batch;
+        }
+        if let Some(EditInputs { mask_pixels: Some(mask), first_image, .. }) = &inputs {
+            // Outside the mask the result is the input, pixel for pixel.
+            for img in &mut images {
+                composite(img, first_image, mask);
+            }
+        }
+        Ok(images)
+    }
+
+    /// The text embedding of one prompt, `[1, tokens, hidden]`.
+    fn embed(&self, prompt: &str) -> Result<Tensor, EngineError> {
+        let ids = self.tokenizer.encode(prompt)?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    fn prepare_edit(&self, edit: &Edit, width: u32, height: u32) -> Result<EditInputs, EngineError> {
+        let resize = |img: &RgbImage| {
+            if img.dimensions() == (width, height) {
+                img.clone()
+            } else {
+                image::imageops::resize(img, width, height, FilterType::Lanczos3)
+            }
+        };
+        let resized: Vec<RgbImage> = edit.images.iter().map(resize).collect();
+        let encoder = self.vae_encoder()?;
+        let scale = self.checkpoint.vae_scale();
+        // The starting point: the first image's latents, or the mean of all references' latents.
+        let mut sum: Option<Tensor> = None;
+        for img in &resized {
+            let lat = encoder.encode_mean(&self.to_pixels(img)?)?;
+            sum = Some(match sum {
+                Some(s) => (s + lat)?,
+                None => lat,
+            });
+        }
+        let sum = sum.ok_or_else(|| EngineError::InvalidInput("an edit needs at least one image".into()))?;
+        let latents = ((sum / resized.len() as f64)? * scale)?;
+
+        let mask_pixels = edit.mask.as_ref().map(|m| {
+            if m.dimensions() == (width, height) {
+                m.clone()
+            } else {
+                image::imageops::resize(m, width, height, FilterType::Triangle)
+            }
+        });
+        let (lh, lw) = self.latent_size(width, height);
+        let latent_mask = match &mask_pixels {
+            Some(m) => {
+                let small = image::imageops::resize(m, lw as u32, lh as u32, FilterType::Triangle);
+                let values: Vec<f32> = small.pixels().map(|p| f32::from(p.0[0]) / 255.0).collect();
+                Some(Tensor::from_vec(values, (1, 1, lh, lw), &self.device)?.to_dtype(self.dtype)?)
+            }
+            None => None,
+        };
+        // Inpainting UNets also see the mask and the image with the repainted area blanked out.
+        let inpaint_extra = if self.is_inpainting() {
+            let mask = match &latent_mask {
+                Some(m) => m.clone(),
+                None => Tensor::ones((1, 1, lh, lw), self.dtype, &self.device)?,
+            };
+            let first = &resized[0];
+            let blanked = match &mask_pixels {
+                Some(m) => RgbImage::from_fn(width, height, |x, y| {
+                    if m.get_pixel(x, y).0[0] >= 128 { image::Rgb([127, 127, 127]) } else { *first.get_pixel(x, y) }
+                }),
+                None => RgbImage::from_pixel(width, height, image::Rgb([127, 127, 127])),
+            };
+            let masked_latents = (encoder.encode_mean(&self.to_pixels(&blanked)?)? * scale)?;
+            Some(Tensor::cat(&[&mask, &masked_latents], 1)?)
+        } else {
+            None
+        };
+        Ok(EditInputs {
+            latents,
+            latent_mask,
+            inpaint_extra,
+            first_image: resized.into_iter().next().unwrap_or_default(),
+            mask_pixels,
+        })
+    }
+
+    fn vae_encoder(&self) -> Result<Arc<VaeEncoder>, EngineError> {
+        let mut slot =
+            self.vae_encoder.lock().map_err(|_| EngineError::InvalidInput("VAE encoder lock poisoned".into()))?;
+        if let Some(enc) = slot.as_ref() {
+            return Ok(enc.clone());
+        }
+        let path = self.checkpoint.weights("vae")?;
+        let cfg = self.checkpoint.vae_config()?;
+        let enc = Arc::new(with_weights(&path, self.dtype, &self.device, |vb| VaeEncoder::new(vb, &cfg))?);
+        *slot = Some(enc.clone());
+        Ok(enc)
+    }
+
+    fn latent_size(&self, width: u32, height: u32) -> (usize, usize) {
+        let f = self.checkpoint.vae_factor();
+        (height as usize / f, width as usize / f)
+    }
+
+    /// The denoising loop for one batch; returns the final latents (scaled as the UNet sees them).
+    #[allow(clippy::too_many_arguments)]
+    fn denoise(
+        &self,
+        p: &GenerateParams,
+        seeds: &[u64],
+        cond: &Tensor,
+        uncond: Option<&Tensor>,
+        edit: Option<&EditInputs>,
+        hooks: &mut dyn Hooks,
+        partials: &mut usize,
+    ) -> Result<Tensor, EngineError> {
+        let sched = Scheduler::new(&self.checkpoint.scheduler, p.steps)?;
+        let n = seeds.len();
+        let (lh, lw) = self.latent_size(p.width, p.height);
+        let channels = self.checkpoint.vae.latent_channels;
+        let mut rngs: Vec<StdRng> = seeds.iter().map(|s| StdRng::seed_from_u64(*s)).collect();
+        let noise = gaussian(&mut rngs, (channels, lh, lw), &self.device)?.to_dtype(self.dtype)?;
+
+        // Where the schedule starts: the top for text-to-image, `strength` of the way down for edits,
+        // and always at least one step.
+        let strength = p.edit.as_ref().map_or(1.0, |e| e.strength);
+        let run = ((p.steps as f64 * strength).round() as usize).clamp(1, p.steps);
+        let start = p.steps - run;
+        let init = edit.map(|e| e.latents.repeat((n, 1, 1, 1))).transpose()?;
+        let mut latents = match &init {
+            Some(init) if strength < 1.0 => sched.add_noise(init, &noise, start)?,
+            _ => (&noise * sched.init_noise_sigma())?,
+        };
+
+        let context = match uncond {
+            Some(u) => Tensor::cat(&[u.repeat((n, 1, 1))?, cond.repeat((n, 1, 1))?], 0)?,
+            None => cond.repeat((n, 1, 1))?,
+        };
+        let extra = edit.and_then(|e| e.inpaint_extra.as_ref()).map(|x| x.repeat((n, 1, 1, 1))).transpose()?;
+        let blend_mask = if self.is_inpainting() { None } else { edit.and_then(|e| e.latent_mask.as_ref()) };
+
+        let partial_after: Vec<usize> = partial_points(run, *partials);
+        let mut emitted = 0;
+        for (k, i) in (start..p.steps).enumerate() {
+            if hooks.cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let t = sched.timesteps()[i];
+            let scaled = sched.scale_model_input(&latents, i)?;
+            let mut input = match &extra {
+                Some(x) => Tensor::cat(&[&scaled, x], 1)?,
+                None => scaled,
+            };
+            if uncond.is_some() {
+                input = Tensor::cat(&[&input, &input], 0)?;
+            }
+            let out = self.unet.forward(&input, t, &context)?;
+            let out = if uncond.is_some() {
+                let (u, c) = (out.i(0..n)?, out.i(n..2 * n)?);
+                (&u + ((c - &u)? * p.guidance_scale)?)?
+            } else {
+                out
+            };
+            if partial_after.contains(&(k + 1)) {
+                let clean = sched.predict_original(&latents, &out, i)?;
+                if let Some(img) = self.decode(&clean.i(0..1)?)?.into_iter().next() {
+                    hooks.partial(emitted, img);
+                    emitted += 1;
+                }
+            }
+            let step_noise = if sched.needs_noise() {
+                Some(gaussian(&mut rngs, (channels, lh, lw), &self.device)?.to_dtype(self.dtype)?)
+            } else {
+                None
+            };
+            latents = sched.step(&out, i, &latents, step_noise.as_ref())?;
+            if let (Some(mask), Some(init)) = (blend_mask, &init) {
+                // Keep the original outside the mask, noised to the level the next step expects.
+                let known = if i + 1 < p.steps { sched.add_noise(init, &noise, i + 1)? } else { init.clone() };
+                let keep = (1.0 - mask)?;
+                latents = (latents.broadcast_mul(mask)? + known.broadcast_mul(&keep)?)?;
+            }
+        }
+        *partials = emitted;
+        Ok(latents)
+    }
+
+    /// Latents to images.
+    fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>, EngineError> {
+        let scaled = (latents / self.checkpoint.vae_scale())?;
+        let pixels = self.vae.decode(&scaled)?;
+        let pixels =
+            ((pixels.to_dtype(DType::F32)? + 1.0)? * 127.5)?.clamp(0.0, 255.0)?.round()?.to_dtype(DType::U8)?;
+        let (n, _, h, w) = pixels.dims4()?;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let hwc = pixels.i(i)?.permute((1, 2, 0))?.flatten_all()?.to_vec1::<u8>()?;
+            let img = RgbImage::from_raw(w as u32, h as u32, hwc)
+                .ok_or_else(|| EngineError::InvalidInput("decoded image has the wrong size".into()))?;
+            out.push(img);
+        }
+        Ok(out)
+    }
+
+    /// An image as `[1, 3, h, w]` in -1..1.
+    fn to_pixels(&self, img: &RgbImage) -> Result<Tensor, EngineError> {
+        let (w, h) = img.dimensions();
+        let t = Tensor::from_vec(img.as_raw().clone(), (h as usize, w as usize, 3), &self.device)?
+            .permute((2, 0, 1))?
+            .to_dtype(DType::F32)?;
+        Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?.to_dtype(self.dtype)?)
+    }
+}
+
+struct EditInputs {
+    /// Scaled latents of the input(s), `[1, c, h, w]`.
+    latents: Tensor,
+    /// The mask at latent size, 1 = repaint.
+    latent_mask: Option<Tensor>,
+    /// For 9-channel UNets: mask and masked-image latents, `[1, 5, h, w]`.
+    inpaint_extra: Option<Tensor>,
+    first_image: RgbImage,
+    mask_pixels: Option<GrayImage>,
+}
+
+/// After how many completed steps the partial images are taken: evenly spread, never after the last.
+fn partial_points(run: usize, wanted: usize) -> Vec<usize> {
+    let mut points: Vec<usize> = (1..=wanted).map(|k| k * run / (wanted + 1)).filter(|&j| j >= 1 && j < run).collect();
+    points.dedup();
+    points
+}
+
+/// Unit gaussian noise `[n, c, h, w]`, one generator per image.
+fn gaussian(rngs: &mut [StdRng], (c, h, w): (usize, usize, usize), device: &Device) -> Result<Tensor, EngineError> {
+    let per = c * h * w;
+    let mut values = Vec::with_capacity(rngs.len() * per);
+    for rng in rngs.iter_mut() {
+        values.extend((0..per).map(|_| -> f32 { StandardNormal.sample(rng) }));
+    }
+    Ok(Tensor::from_vec(values, (rngs.len(), c, h, w), device)?)
+}
+
+/// `out = input * (1 - m) + out * m` per pixel, with `m` the mask (255 = repaint).
+fn composite(out: &mut RgbImage, input: &RgbImage, mask: &GrayImage) {
+    for (x, y, px) in out.enumerate_pixels_mut() {
+        let m = u32::from(mask.get_pixel(x, y).0[0]);
+        let src = input.get_pixel(x, y).0;
+        for (value, source) in px.0.iter_mut().zip(src) {
+            *value = ((u32::from(source) * (255 - m) + u32::from(*value) * m + 127) / 255) as u8;
+        }
+    }
+}
+
+/// Builds a module from one safetensors file, naming the file in any error (a missing tensor or a shape
+/// that does not match the config).
+fn with_weights<T>(
+    path: &PathBuf,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
+) -> Result<T, EngineError> {
+    let invalid = |why: String| EngineError::InvalidFile { path: path.clone(), why };
+    let tensors = candle_core::safetensors::load(path, device).map_err(|e| invalid(e.to_string()))?;
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    build(vb).map_err(|e| invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_points_spread_and_skip_the_end() {
+        assert_eq!(partial_points(1, 3), Vec::<usize>::new());
+        assert_eq!(partial_points(4, 1), vec![2]);
+        assert_eq!(partial_points(4, 3), vec![1, 2, 3]);
+        assert_eq!(partial_points(10, 2), vec![3, 6]);
+        assert_eq!(partial_points(2, 3), vec![1]);
+    }
+}

@@ -1,0 +1,239 @@
+//! Tiny checkpoints with random weights in the real diffusers layout, for tests and benchmarks.
+//!
+//! The weights are created by building the very modules the loader builds, over a variable map, so every
+//! tensor has the name and shape a real checkpoint has; they are then refilled from a seeded generator
+//! (candle's CPU RNG cannot be seeded) and written as safetensors next to configs in diffusers' format.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+use serde_json::json;
+
+use crate::EngineError;
+use crate::checkpoint::{Checkpoint, TextEncoderFile};
+use crate::text_encoder::TextEncoder;
+use crate::tokenizer::byte_alphabet;
+
+/// What varies between the tiny test checkpoints.
+#[derive(Debug, Clone)]
+pub struct TinySpec {
+    /// 4 for an ordinary UNet, 9 for an inpainting one.
+    pub in_channels: usize,
+    pub scheduler: String,
+    pub prediction_type: String,
+    pub timestep_spacing: String,
+    pub hidden_act: String,
+    /// Context length of the text encoder (77 in real models).
+    pub max_tokens: usize,
+    pub seed: u64,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        TinySpec {
+            in_channels: 4,
+            scheduler: "EulerDiscreteScheduler".into(),
+            prediction_type: "epsilon".into(),
+            timestep_spacing: "trailing".into(),
+            hidden_act: "gelu".into(),
+            max_tokens: 16,
+            seed: 7,
+        }
+    }
+}
+
+/// Words the tiny vocabulary knows whole; anything else falls back to bytes.
+const WORDS: [&str; 8] = ["a", "cute", "baby", "sea", "otter", "red", "cat", "photo"];
+
+/// Writes a tiny CLIP tokenizer (`vocab.json`, `merges.txt`, `tokenizer_config.json`) to `dir`, and
+/// returns its vocabulary size.
+pub fn write_tokenizer(dir: &Path, pad_token: Option<&str>) -> Result<usize, EngineError> {
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let alphabet = byte_alphabet();
+    let mut vocab: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
+    vocab.extend(alphabet.iter().map(|c| format!("{c}</w>")));
+    let mut merges = vec!["#version: 0.2".to_owned()];
+    for word in WORDS {
+        // Merge left to right: c u -> cu, cu t -> cut, cut e</w> -> cute</w>.
+        let chars: Vec<String> = word.chars().map(|c| c.to_string()).collect();
+        let mut acc = chars[0].clone();
+        for (i, c) in chars.iter().enumerate().skip(1) {
+            let right = if i + 1 == chars.len() { format!("{c}</w>") } else { c.clone() };
+            merges.push(format!("{acc} {right}"));
+            acc = format!("{acc}{right}");
+            if !vocab.contains(&acc) {
+                vocab.push(acc.clone());
+            }
+        }
+    }
+    vocab.push("<|startoftext|>".into());
+    vocab.push("<|endoftext|>".into());
+    let map: serde_json::Map<String, serde_json::Value> =
+        vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    write(&dir.join("vocab.json"), &serde_json::Value::Object(map).to_string())?;
+    write(&dir.join("merges.txt"), &(merges.join("\n") + "\n"))?;
+    let pad = pad_token.unwrap_or("<|endoftext|>");
+    let config = json!({"tokenizer_class": "CLIPTokenizer", "pad_token": pad, "model_max_length": 77});
+    write(&dir.join("tokenizer_config.json"), &config.to_string())?;
+    Ok(vocab.len())
+}
+
+/// Writes a complete tiny checkpoint to `dir` (UNet 32/64 channels, a 2-level VAE, a 2-layer text
+/// encoder): a few megabytes, a fraction of a second per image on a CPU.
+pub fn write_checkpoint(dir: &Path, spec: &TinySpec) -> Result<(), EngineError> {
+    let vocab_size = write_tokenizer(&dir.join("tokenizer"), Some("!"))?;
+    let inpaint = spec.in_channels == 9;
+    let pipeline = if inpaint { "StableDiffusionInpaintPipeline" } else { "StableDiffusionPipeline" };
+    write_json(
+        &dir.join("model_index.json"),
+        &json!({
+            "_class_name": pipeline,
+            "_diffusers_version": "0.30.0",
+            "scheduler": ["diffusers", spec.scheduler],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }),
+    )?;
+    write_json(
+        &dir.join("unet/config.json"),
+        &json!({
+            "_class_name": "UNet2DConditionModel",
+            "in_channels": spec.in_channels,
+            "out_channels": 4,
+            "block_out_channels": [32, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 1,
+            "attention_head_dim": [2, 4],
+            "cross_attention_dim": 32,
+            "norm_num_groups": 32,
+            "use_linear_projection": true,
+            "sample_size": 32,
+        }),
+    )?;
+    write_json(
+        &dir.join("vae/config.json"),
+        &json!({
+            "_class_name": "AutoencoderKL",
+            "in_channels": 3,
+            "out_channels": 3,
+            "block_out_channels": [32, 32],
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+            "scaling_factor": 0.18215,
+        }),
+    )?;
+    write_json(
+        &dir.join("text_encoder/config.json"),
+        &json!({
+            "architectures": ["CLIPTextModel"],
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": spec.max_tokens,
+            "hidden_act": spec.hidden_act,
+            "layer_norm_eps": 1e-5,
+        }),
+    )?;
+    write_json(
+        &dir.join("scheduler/scheduler_config.json"),
+        &json!({
+            "_class_name": spec.scheduler,
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "prediction_type": spec.prediction_type,
+            "timestep_spacing": spec.timestep_spacing,
+            "steps_offset": 1,
+            "set_alpha_to_one": false,
+        }),
+    )?;
+
+    let ckpt = Checkpoint::open(dir)?;
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let unet_cfg = ckpt.unet_config()?;
+    save_random(&dir.join("unet/diffusion_pytorch_model.safetensors"), &mut rng, |vb| {
+        UNet2DConditionModel::new(vb, spec.in_channels, 4, false, unet_cfg.clone()).map(drop)
+    })?;
+    let vae_cfg = ckpt.vae_config()?;
+    save_random(&dir.join("vae/diffusion_pytorch_model.safetensors"), &mut rng, |vb| {
+        AutoEncoderKL::new(vb, 3, 3, vae_cfg.clone()).map(drop)
+    })?;
+    let text_cfg: TextEncoderFile = ckpt.text_encoder.clone();
+    save_random(&dir.join("text_encoder/model.safetensors"), &mut rng, |vb| TextEncoder::new(vb, &text_cfg).map(drop))?;
+    Ok(())
+}
+
+/// Builds a module over a fresh variable map, refills every variable from `rng` in name order, and saves
+/// the map as safetensors.
+fn save_random(
+    path: &Path,
+    rng: &mut StdRng,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<()>,
+) -> Result<(), EngineError> {
+    let varmap = VarMap::new();
+    build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+    {
+        let data = varmap.data().lock().map_err(|_| EngineError::InvalidInput("variable map poisoned".into()))?;
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            let var = &data[name];
+            let shape = var.shape().clone();
+            let dims = shape.dims();
+            let count = shape.elem_count();
+            let (mean, std) = if dims.len() >= 2 {
+                // Weights: variance 1/fan_in keeps activations in range through the layers.
+                let fan_in: usize = dims[1..].iter().product();
+                (0.0, 1.0 / (fan_in.max(1) as f32).sqrt())
+            } else if name.ends_with("weight") {
+                // Norm scales near one.
+                (1.0, 0.1)
+            } else {
+                (0.0, 0.02)
+            };
+            let values: Vec<f32> = (0..count)
+                .map(|_| {
+                    let z: f32 = StandardNormal.sample(rng);
+                    mean + std * z
+                })
+                .collect();
+            var.set(&Tensor::from_vec(values, shape, &Device::Cpu)?)?;
+        }
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    }
+    varmap.save(path)?;
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), EngineError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+    write(path, &text)
+}
+
+fn write(path: &Path, text: &str) -> Result<(), EngineError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    }
+    std::fs::write(path, text).map_err(|e| io(path, e))
+}
+
+fn io(path: &Path, e: std::io::Error) -> EngineError {
+    EngineError::InvalidFile { path: path.to_path_buf(), why: e.to_string() }
+}

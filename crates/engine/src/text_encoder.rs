@@ -1,0 +1,120 @@
+//! The CLIP text encoder, built from `text_encoder/config.json`.
+//!
+//! candle's configurable CLIP text model knows only QuickGELU, while SD 2.x (and SD-Turbo) encoders use
+//! GELU, and its Stable Diffusion variant hard-codes each model's sizes; this one reads every size and the
+//! activation from the config, with the tensor names of diffusers/transformers checkpoints.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+
+use crate::checkpoint::TextEncoderFile;
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    QuickGelu,
+    Gelu,
+}
+
+impl Activation {
+    fn forward(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702f64)?)?,
+            Activation::Gelu => xs.gelu_erf(),
+        }
+    }
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+pub struct TextEncoder {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+    heads: usize,
+    activation: Activation,
+}
+
+impl TextEncoder {
+    pub fn new(vb: VarBuilder, c: &TextEncoderFile) -> Result<TextEncoder> {
+        let vb = vb.pp("text_model");
+        let d = c.hidden_size;
+        let emb = vb.pp("embeddings");
+        let token_embedding = candle_nn::embedding(c.vocab_size, d, emb.pp("token_embedding"))?;
+        let position_embedding = candle_nn::embedding(c.max_position_embeddings, d, emb.pp("position_embedding"))?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = vb.pp("encoder.layers").pp(i.to_string());
+            let attn = l.pp("self_attn");
+            layers.push(Layer {
+                q: candle_nn::linear(d, d, attn.pp("q_proj"))?,
+                k: candle_nn::linear(d, d, attn.pp("k_proj"))?,
+                v: candle_nn::linear(d, d, attn.pp("v_proj"))?,
+                out: candle_nn::linear(d, d, attn.pp("out_proj"))?,
+                norm1: candle_nn::layer_norm(d, c.layer_norm_eps, l.pp("layer_norm1"))?,
+                norm2: candle_nn::layer_norm(d, c.layer_norm_eps, l.pp("layer_norm2"))?,
+                fc1: candle_nn::linear(d, c.intermediate_size, l.pp("mlp.fc1"))?,
+                fc2: candle_nn::linear(c.intermediate_size, d, l.pp("mlp.fc2"))?,
+            });
+        }
+        let final_norm = candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        let activation = if c.hidden_act == "gelu" { Activation::Gelu } else { Activation::QuickGelu };
+        Ok(TextEncoder {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_norm,
+            heads: c.num_attention_heads,
+            activation,
+        })
+    }
+
+    /// The last hidden state (after the final layer norm) for a batch of token ids, `[batch, seq, hidden]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
+        let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(seq, ids.device(), xs.dtype())?;
+        for layer in &self.layers {
+            let residual = xs.clone();
+            let h = layer.norm1.forward(&xs)?;
+            let h = self.attention(layer, &h, &mask, batch, seq)?;
+            xs = (h + residual)?;
+            let residual = xs.clone();
+            let h = layer.norm2.forward(&xs)?;
+            let h = layer.fc2.forward(&self.activation.forward(&layer.fc1.forward(&h)?)?)?;
+            xs = (h + residual)?;
+        }
+        self.final_norm.forward(&xs)
+    }
+
+    fn attention(&self, l: &Layer, xs: &Tensor, mask: &Tensor, batch: usize, seq: usize) -> Result<Tensor> {
+        let d = xs.dim(D::Minus1)?;
+        let head_dim = d / self.heads;
+        let scale = (head_dim as f64).powf(-0.5);
+        let split = |t: Tensor| t.reshape((batch, seq, self.heads, head_dim))?.transpose(1, 2)?.contiguous();
+        let q = split((l.q.forward(xs)? * scale)?)?;
+        let k = split(l.k.forward(xs)?)?;
+        let v = split(l.v.forward(xs)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, seq, d))?;
+        l.out.forward(&out)
+    }
+}
+
+/// `-inf` above the diagonal: each token sees itself and the tokens before it.
+fn causal_mask(seq: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+    let values: Vec<f32> =
+        (0..seq).flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    Tensor::from_vec(values, (seq, seq), device)?.to_dtype(dtype)
+}

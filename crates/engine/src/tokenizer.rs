@@ -1,0 +1,176 @@
+//! The CLIP tokenizer, from the `tokenizer/` folder of a Stable Diffusion checkpoint.
+//!
+//! Those folders ship the BPE files `vocab.json` and `merges.txt` (and `tokenizer_config.json`), usually
+//! without a `tokenizer.json`; the `tokenizers` crate builds the same BPE from the two files. CLIP's text
+//! pipeline around it: NFC, whitespace collapsed, lower case, split by CLIP's pattern, byte-level
+//! alphabet, `</w>` ending each word; then start and end tokens, truncation and padding to the text
+//! encoder's context length.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSequence};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+use crate::EngineError;
+
+const START: &str = "<|startoftext|>";
+const END: &str = "<|endoftext|>";
+/// CLIP's word pattern (what a "word" is before BPE).
+const PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+pub struct ClipTokenizer {
+    inner: Tokenizer,
+    start: u32,
+    end: u32,
+    pad: u32,
+    max_len: usize,
+}
+
+impl ClipTokenizer {
+    /// Loads `dir/vocab.json` and `dir/merges.txt`; the padding token comes from
+    /// `tokenizer_config.json` (`pad_token`: `<|endoftext|>` for SD 1.x, `!` for SD 2.x), and `max_len` is
+    /// the text encoder's context length (77).
+    pub fn load(dir: &Path, max_len: usize) -> Result<ClipTokenizer, EngineError> {
+        let vocab = existing(dir.join("vocab.json"))?;
+        let merges = existing(dir.join("merges.txt"))?;
+        let invalid = |path: &Path, why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
+        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+            .unk_token(END.to_owned())
+            .end_of_word_suffix("</w>".to_owned())
+            .build()
+            .map_err(|e| invalid(&vocab, e.to_string()))?;
+        let mut inner = Tokenizer::new(bpe);
+        let internal = |e: tokenizers::Error| invalid(dir, e.to_string());
+        let normalizer = NormalizerSequence::new(vec![
+            NormalizerWrapper::from(NFC),
+            NormalizerWrapper::from(
+                Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
+                    .map_err(internal)?,
+            ),
+            NormalizerWrapper::from(Lowercase),
+        ]);
+        inner.with_normalizer(Some(normalizer));
+        let split =
+            Split::new(SplitPattern::Regex(PATTERN.into()), SplitDelimiterBehavior::Removed, true).map_err(internal)?;
+        inner.with_pre_tokenizer(Some(PreSequence::new(vec![
+            PreTokenizerWrapper::from(split),
+            PreTokenizerWrapper::from(ByteLevel::new(false, true, false)),
+        ])));
+
+        let id = |token: &str| {
+            inner.token_to_id(token).ok_or_else(|| invalid(&vocab, format!("the vocabulary has no '{token}'")))
+        };
+        let (start, end) = (id(START)?, id(END)?);
+        let pad = match pad_token(dir)? {
+            Some(token) => id(&token)?,
+            None => end,
+        };
+        if max_len < 2 {
+            return Err(invalid(dir, format!("a context of {max_len} tokens cannot hold the start and end tokens")));
+        }
+        Ok(ClipTokenizer { inner, start, end, pad, max_len })
+    }
+
+    /// Token ids for one prompt: start, the prompt's tokens (truncated), end, then padding up to `max_len`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::InvalidInput(format!("cannot tokenize the prompt: {e}")))?;
+        let body = encoding.get_ids();
+        let keep = body.len().min(self.max_len - 2);
+        let mut ids = Vec::with_capacity(self.max_len);
+        ids.push(self.start);
+        ids.extend_from_slice(&body[..keep]);
+        ids.push(self.end);
+        ids.resize(self.max_len, self.pad);
+        Ok(ids)
+    }
+
+    /// Where the end token sits in `ids` (the pooled output is read there).
+    pub fn eos_position(&self, ids: &[u32]) -> usize {
+        ids.iter().position(|&t| t == self.end).unwrap_or(ids.len().saturating_sub(1))
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+}
+
+fn existing(path: PathBuf) -> Result<PathBuf, EngineError> {
+    if path.is_file() { Ok(path) } else { Err(EngineError::MissingFile(path)) }
+}
+
+/// `pad_token` from `tokenizer_config.json` or `special_tokens_map.json`: a string or `{"content": ..}`.
+fn pad_token(dir: &Path) -> Result<Option<String>, EngineError> {
+    for name in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let path = dir.join(name);
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| EngineError::InvalidFile { path: path.clone(), why: e.to_string() })?;
+        match json.get("pad_token") {
+            Some(serde_json::Value::String(s)) => return Ok(Some(s.clone())),
+            Some(v) => {
+                if let Some(s) = v.get("content").and_then(|c| c.as_str()) {
+                    return Ok(Some(s.to_owned()));
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(None)
+}
+
+/// GPT-2's byte-to-character table, which CLIP's vocabulary is written in: printable bytes stand for
+/// themselves, the others for the characters from U+0100 on, in byte order.
+pub fn byte_alphabet() -> Vec<char> {
+    let printable = |b: u32| matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 256;
+    (0..256u32)
+        .map(|b| {
+            let code = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_tokenizer_merges_words_and_pads() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::testing::write_tokenizer(dir.path(), Some("!")).unwrap();
+        let t = ClipTokenizer::load(dir.path(), 16).unwrap();
+        let ids = t.encode("A  cute   Otter!").unwrap();
+        assert_eq!(ids.len(), 16);
+        assert_eq!(ids[0], t.start);
+        // "a", "cute", "otter" are whole words in the tiny vocabulary, "!" a single byte.
+        let word = |w: &str| t.inner.token_to_id(w).unwrap();
+        assert_eq!(&ids[1..5], &[word("a</w>"), word("cute</w>"), word("otter</w>"), word("!</w>")]);
+        assert_eq!(ids[5], t.end);
+        assert_eq!(t.eos_position(&ids), 5);
+        assert!(ids[6..].iter().all(|&i| i == word("!")));
+        // Long prompts are cut to the context, still ending with the end token.
+        let long = t.encode(&"otter ".repeat(40)).unwrap();
+        assert_eq!(long.len(), 16);
+        assert_eq!(long[15], t.end);
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = ClipTokenizer::load(dir.path(), 77).err().unwrap();
+        assert!(e.to_string().contains("vocab.json"), "{e}");
+    }
+}

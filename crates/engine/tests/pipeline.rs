@@ -1,0 +1,234 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The pipelines on tiny random checkpoints written in the real diffusers layout and loaded through the
+//! real loader.
+
+use std::path::Path;
+
+use candle_core::Device;
+use engine::testing::{TinySpec, write_checkpoint};
+use engine::{Edit, EngineError, GenerateParams, Hooks, NoHooks, Pipeline};
+use image::{GrayImage, Luma, Rgb, RgbImage};
+
+fn tiny(spec: &TinySpec) -> (tempfile::TempDir, Pipeline) {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), spec).unwrap();
+    let p = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    (dir, p)
+}
+
+fn params(seed: u64) -> GenerateParams {
+    GenerateParams {
+        prompt: "a cute baby sea otter".into(),
+        negative_prompt: String::new(),
+        width: 80,
+        height: 64,
+        n: 1,
+        steps: 2,
+        guidance_scale: 0.0,
+        seed,
+        edit: None,
+        partial_images: 0,
+    }
+}
+
+fn photo(w: u32, h: u32) -> RgbImage {
+    RgbImage::from_fn(w, h, |x, y| Rgb([(x * 4) as u8, (y * 5) as u8, ((x + y) * 2) as u8]))
+}
+
+#[test]
+fn text_to_image_has_the_size_and_the_seed_decides_the_pixels() {
+    let (_dir, p) = tiny(&TinySpec::default());
+    let a = p.generate(&params(1), &mut NoHooks).unwrap();
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].dimensions(), (80, 64));
+    let again = p.generate(&params(1), &mut NoHooks).unwrap();
+    assert_eq!(a[0], again[0], "same seed, same pixels");
+    let other = p.generate(&params(2), &mut NoHooks).unwrap();
+    assert_ne!(a[0], other[0], "another seed, another image");
+    // Not a constant image: the model really ran.
+    let first = a[0].get_pixel(0, 0);
+    assert!(a[0].pixels().any(|px| px != first));
+}
+
+#[test]
+fn batches_give_n_images_each_as_its_own_seed_would() {
+    let (_dir, mut p) = tiny(&TinySpec::default());
+    p.max_batch = 2;
+    let batch = p.generate(&GenerateParams { n: 3, ..params(10) }, &mut NoHooks).unwrap();
+    assert_eq!(batch.len(), 3);
+    let single = p.generate(&params(12), &mut NoHooks).unwrap();
+    // Image 2 of a batch seeded 10 is the image of seed 12 (up to float noise of batched kernels).
+    let diff = max_diff(&batch[2], &single[0]);
+    assert!(diff <= 2, "max pixel difference {diff}");
+    assert_ne!(batch[0], batch[1]);
+}
+
+fn max_diff(a: &RgbImage, b: &RgbImage) -> u8 {
+    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap()
+}
+
+#[test]
+fn every_scheduler_and_prediction_type_runs_with_guidance() {
+    for (class, prediction, spacing) in [
+        ("EulerAncestralDiscreteScheduler", "epsilon", "trailing"),
+        ("DDIMScheduler", "v_prediction", "leading"),
+        ("EulerDiscreteScheduler", "v_prediction", "linspace"),
+    ] {
+        let spec = TinySpec {
+            scheduler: class.into(),
+            prediction_type: prediction.into(),
+            timestep_spacing: spacing.into(),
+            hidden_act: "quick_gelu".into(),
+            ..TinySpec::default()
+        };
+        let (_dir, p) = tiny(&spec);
+        let run = || p.generate(&GenerateParams { steps: 3, guidance_scale: 7.5, ..params(5) }, &mut NoHooks).unwrap();
+        let (a, b) = (run(), run());
+        assert_eq!(a[0], b[0], "{class}: seeded runs must match, also with ancestral noise");
+    }
+}
+
+fn ring_mask(w: u32, h: u32) -> GrayImage {
+    // Repaint the centre, keep a border.
+    GrayImage::from_fn(w, h, |x, y| if x > 16 && x < 48 && y > 12 && y < 36 { Luma([255]) } else { Luma([0]) })
+}
+
+fn assert_outside_mask_kept(out: &RgbImage, input: &RgbImage, mask: &GrayImage) {
+    let mut changed_inside = false;
+    for (x, y, m) in mask.enumerate_pixels() {
+        if m.0[0] == 0 {
+            assert_eq!(out.get_pixel(x, y), input.get_pixel(x, y), "pixel {x},{y} outside the mask changed");
+        } else if out.get_pixel(x, y) != input.get_pixel(x, y) {
+            changed_inside = true;
+        }
+    }
+    assert!(changed_inside, "nothing was repainted inside the mask");
+}
+
+#[test]
+fn inpainting_keeps_every_unmasked_pixel_with_blending_and_with_9_channel_unets() {
+    let input = photo(80, 64);
+    let mask = ring_mask(80, 64);
+    for in_channels in [4, 9] {
+        let (_dir, p) = tiny(&TinySpec { in_channels, ..TinySpec::default() });
+        assert_eq!(p.is_inpainting(), in_channels == 9);
+        let edit = Edit { images: vec![input.clone()], mask: Some(mask.clone()), strength: 1.0 };
+        let out = p.generate(&GenerateParams { edit: Some(edit), steps: 3, ..params(3) }, &mut NoHooks).unwrap();
+        assert_eq!(out[0].dimensions(), (80, 64));
+        assert_outside_mask_kept(&out[0], &input, &mask);
+        // Text-to-image works on both kinds too.
+        let plain = p.generate(&params(3), &mut NoHooks).unwrap();
+        assert_eq!(plain[0].dimensions(), (80, 64));
+    }
+}
+
+#[test]
+fn image_to_image_runs_at_least_one_step_and_depends_on_the_input() {
+    let (_dir, p) = tiny(&TinySpec::default());
+    let edit = |img: RgbImage, strength| Edit { images: vec![img], mask: None, strength };
+    // One turbo step at a low strength still runs one step.
+    let a = p
+        .generate(&GenerateParams { steps: 1, edit: Some(edit(photo(80, 64), 0.3)), ..params(4) }, &mut NoHooks)
+        .unwrap();
+    let b = p
+        .generate(&GenerateParams { steps: 1, edit: Some(edit(RgbImage::new(80, 64), 0.3)), ..params(4) }, &mut NoHooks)
+        .unwrap();
+    assert_ne!(a[0], b[0], "the input image must matter");
+    // Inputs of another size are resized to the output size; reference images are accepted.
+    let refs = Edit { images: vec![photo(100, 70), photo(30, 30)], mask: None, strength: 0.6 };
+    let c = p.generate(&GenerateParams { edit: Some(refs), ..params(4) }, &mut NoHooks).unwrap();
+    assert_eq!(c[0].dimensions(), (80, 64));
+}
+
+struct Collect {
+    partials: Vec<(usize, RgbImage)>,
+    cancel_after: Option<usize>,
+}
+
+impl Hooks for Collect {
+    fn cancelled(&self) -> bool {
+        self.cancel_after.is_some_and(|n| self.partials.len() >= n)
+    }
+    fn partial(&mut self, index: usize, image: RgbImage) {
+        self.partials.push((index, image));
+    }
+}
+
+#[test]
+fn partial_images_come_from_intermediate_steps_and_cancellation_stops_the_run() {
+    let (_dir, p) = tiny(&TinySpec::default());
+    let mut hooks = Collect { partials: vec![], cancel_after: None };
+    let out = p.generate(&GenerateParams { steps: 4, partial_images: 2, ..params(9) }, &mut hooks).unwrap();
+    assert_eq!(hooks.partials.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(hooks.partials[0].1.dimensions(), (80, 64));
+    assert_ne!(hooks.partials[1].1, out[0]);
+    // One step leaves no intermediate step to show.
+    let mut hooks = Collect { partials: vec![], cancel_after: None };
+    p.generate(&GenerateParams { steps: 1, partial_images: 3, ..params(9) }, &mut hooks).unwrap();
+    assert!(hooks.partials.is_empty());
+    let mut hooks = Collect { partials: vec![], cancel_after: Some(1) };
+    let e = p.generate(&GenerateParams { steps: 4, partial_images: 3, ..params(9) }, &mut hooks).unwrap_err();
+    assert!(matches!(e, EngineError::Cancelled), "{e}");
+}
+
+#[test]
+fn sizes_are_checked_before_candle_sees_them() {
+    let (_dir, p) = tiny(&TinySpec::default());
+    for (w, h) in [(63, 64), (64, 0), (4096, 64), (65, 64), (32, 64)] {
+        let e = p.generate(&GenerateParams { width: w, height: h, ..params(1) }, &mut NoHooks).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("{w}x{h}")) && msg.contains("multiple of"), "{msg}");
+    }
+}
+
+fn corrupt_tensor(path: &Path, name: &str) {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let wrong = candle_core::Tensor::zeros((3, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+    tensors.insert(name.to_owned(), wrong);
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+#[test]
+fn broken_checkpoints_are_refused_with_the_file_and_tensor_named() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
+    let unet = dir.path().join("unet/diffusion_pytorch_model.safetensors");
+    corrupt_tensor(&unet, "conv_in.weight");
+    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("unet/diffusion_pytorch_model.safetensors") && msg.contains("conv_in.weight"), "{msg}");
+
+    std::fs::remove_file(&unet).unwrap();
+    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("missing file") && msg.contains("unet"), "{msg}");
+
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
+    std::fs::remove_file(dir.path().join("tokenizer/merges.txt")).unwrap();
+    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("merges.txt"), "{msg}");
+}
+
+#[test]
+fn configs_the_engine_cannot_run_are_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
+    let path = dir.path().join("unet/config.json");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+        f(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+        Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string()
+    };
+    let msg = edit(&|v| v["addition_embed_type"] = "text_time".into());
+    assert!(msg.contains("addition_embed_type"), "{msg}");
+    let msg = edit(&|v| v["attention_head_dim"] = serde_json::json!([3, 4]));
+    assert!(msg.contains("attention_head_dim"), "{msg}");
+    let msg = edit(&|v| v["down_block_types"] = serde_json::json!(["CrossAttnDownBlock2D"]));
+    assert!(msg.contains("down_block_types"), "{msg}");
+    let msg = edit(&|v| v["in_channels"] = 5.into());
+    assert!(msg.contains("in_channels"), "{msg}");
+    std::fs::write(&path, "{ not json").unwrap();
+    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("unet/config.json"), "{msg}");
+}

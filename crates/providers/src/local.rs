@@ -1,0 +1,572 @@
+//! The local engine as a provider: OpenAI requests mapped onto diffusion runs on this machine.
+//!
+//! Generation runs on one dedicated worker thread per engine (candle spreads each operation over the
+//! cores itself), never on the async runtime. In front of it sits a bounded queue: a request that finds
+//! it full gets 429 with `Retry-After` at once. Models load on first use and stay resident (the least
+//! recently used is dropped beyond `resident_models`). A request whose client went away is skipped if
+//! still queued and stopped at the next step if running.
+//!
+//! How the OpenAI controls map (the table is in README.md):
+//! - `quality` low/medium/high (auto: medium) picks the steps of the model's [`Profile`];
+//! - `size` is any WIDTHxHEIGHT in multiples of the VAE factor (8) from 64 to 2048, `auto` being the
+//!   model's native size (or the input's, scaled down to fit, for edits);
+//! - edits with a mask repaint the masked area (strength 1); edits without one, and reference images,
+//!   run image-to-image at strength 0.6 (0.4 with `input_fidelity=high`), with the steps scaled so the
+//!   steps actually run match the quality;
+//! - `seed` fixes every random number; without it a random seed is drawn.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
+
+use api::ApiError;
+use async_trait::async_trait;
+use base64::Engine as _;
+use domain::{
+    Background, GeneratedImage, ImageJob, ImagePayload, ImageResult, OutputFormat, Quality, Resolved, Size, SizeChoice,
+    StreamEvent,
+};
+use engine::encode::Format;
+use engine::pipeline::{MAX_SIDE, MIN_SIDE};
+use engine::{Checkpoint, Edit, EngineError, GenerateParams, Hooks, Pipeline};
+use futures_util::StreamExt;
+use image::{GrayImage, RgbImage};
+use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+
+use crate::{Provider, ProviderError, ProviderOutput};
+
+/// Steps per quality and the guidance scale of a model family.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Profile {
+    /// Steps for low, medium and high.
+    pub steps: [usize; 3],
+    /// Classifier-free guidance; 0 for distilled (turbo) models, which are trained without it.
+    pub guidance: f64,
+}
+
+impl Profile {
+    /// Adversarially distilled models (SD-Turbo, SDXL-Turbo): 1, 2 or 4 steps, no guidance.
+    pub const TURBO: Profile = Profile { steps: [1, 2, 4], guidance: 0.0 };
+    /// Ordinary Stable Diffusion checkpoints.
+    pub const STANDARD: Profile = Profile { steps: [15, 25, 40], guidance: 7.5 };
+
+    /// Turbo when the model's name or directory says so, else standard.
+    pub fn guess(name: &str, dir: &Path) -> Profile {
+        let says_turbo = |s: &str| s.to_ascii_lowercase().contains("turbo");
+        if says_turbo(name) || says_turbo(&dir.to_string_lossy()) { Profile::TURBO } else { Profile::STANDARD }
+    }
+
+    pub fn steps_for(&self, quality: Quality) -> usize {
+        match quality {
+            Quality::Low => self.steps[0],
+            Quality::High | Quality::Hd => self.steps[2],
+            _ => self.steps[1],
+        }
+    }
+}
+
+/// One model the provider serves.
+#[derive(Debug, Clone)]
+pub struct LocalModel {
+    pub name: String,
+    pub dir: PathBuf,
+    pub profile: Profile,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LocalOptions {
+    /// Requests waiting or running at most; beyond, 429.
+    pub queue_capacity: usize,
+    /// Models kept loaded at once.
+    pub resident_models: usize,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        LocalOptions { queue_capacity: 8, resident_models: 2 }
+    }
+}
+
+struct Served {
+    model: LocalModel,
+    /// Pixels per latent, from the checkpoint's VAE.
+    size_multiple: u32,
+    native: u32,
+}
+
+pub struct LocalProvider {
+    name: String,
+    models: BTreeMap<String, Served>,
+    queue: mpsc::Sender<Task>,
+    pending: Arc<AtomicUsize>,
+    capacity: usize,
+    /// Recent generation time, for `Retry-After`.
+    recent_ms: Arc<AtomicU64>,
+}
+
+impl LocalProvider {
+    /// Reads every model's configs now (so a broken checkpoint fails at start, naming the file) and
+    /// starts the worker. Weights load on first use.
+    pub fn new(name: &str, models: Vec<LocalModel>, options: LocalOptions) -> Result<LocalProvider, EngineError> {
+        let mut served = BTreeMap::new();
+        for m in models {
+            let ckpt = Checkpoint::open(&m.dir)?;
+            for component in ["unet", "vae", "text_encoder"] {
+                ckpt.weights(component)?;
+            }
+            let size_multiple = ckpt.vae_factor() as u32;
+            let native = (ckpt.native_size() as u32).clamp(MIN_SIDE, MAX_SIDE);
+            served.insert(m.name.clone(), Served { model: m, size_multiple, native });
+        }
+        let (queue, tasks) = mpsc::channel::<Task>();
+        let recent_ms = Arc::new(AtomicU64::new(0));
+        let resident = options.resident_models.max(1);
+        let recent = Arc::clone(&recent_ms);
+        std::thread::Builder::new()
+            .name("imagegate-engine".into())
+            .spawn(move || worker(tasks, resident, recent))
+            .map_err(|e| EngineError::InvalidInput(format!("cannot start the engine thread: {e}")))?;
+        Ok(LocalProvider {
+            name: name.to_owned(),
+            models: served,
+            queue,
+            pending: Arc::new(AtomicUsize::new(0)),
+            capacity: options.queue_capacity.max(1),
+            recent_ms,
+        })
+    }
+
+    /// The model names served, in order.
+    pub fn model_names(&self) -> Vec<String> {
+        self.models.keys().cloned().collect()
+    }
+
+    fn plan(&self, served: &Served, job: &ImageJob) -> Result<Plan, ApiError> {
+        let options = job.options();
+        let quality = match options.quality {
+            Some(q @ (Quality::Low | Quality::Medium | Quality::High)) => q,
+            _ => Quality::Medium,
+        };
+        if options.background == Some(Background::Transparent) {
+            return Err(ApiError::invalid_value_msg(
+                "background",
+                format!(
+                    "Invalid value: 'transparent'. The local model '{}' cannot produce a transparent background: use 'opaque' or 'auto'.",
+                    served.model.name
+                ),
+            ));
+        }
+        let edit = match job {
+            ImageJob::Generate(_) => None,
+            ImageJob::Edit(e) => Some(decode_edit(e)?),
+        };
+        let size = match options.size {
+            Some(SizeChoice::Exact(s)) => {
+                let m = served.size_multiple;
+                let ok = |v: u32| (MIN_SIDE..=MAX_SIDE).contains(&v) && v.is_multiple_of(m);
+                if !ok(s.width) || !ok(s.height) {
+                    return Err(ApiError::invalid_value_msg(
+                        "size",
+                        format!(
+                            "Invalid value: '{s}'. The local model '{}' takes 'auto' or WIDTHxHEIGHT with each side a multiple of {m} from {MIN_SIDE} to {MAX_SIDE}, such as '{n}x{n}'.",
+                            served.model.name,
+                            n = served.native
+                        ),
+                    ));
+                }
+                s
+            }
+            _ => match &edit {
+                Some(e) => fit(e.images[0].dimensions(), served.size_multiple, served.native.max(1024)),
+                None => Size::new(served.native, served.native),
+            },
+        };
+        let steps = options.steps.map_or_else(|| served.model.profile.steps_for(quality), usize::from);
+        let (edit, steps) = match edit {
+            None => (None, steps),
+            Some(mut e) => {
+                e.strength = if e.mask.is_some() {
+                    1.0
+                } else if matches!(job, ImageJob::Edit(r) if r.input_fidelity == Some(domain::InputFidelity::High)) {
+                    0.4
+                } else {
+                    0.6
+                };
+                // Run about as many steps as the quality asks for, whatever the strength.
+                let total = (steps as f64 / e.strength).ceil() as usize;
+                (Some(e), total.max(1))
+            }
+        };
+        let params = GenerateParams {
+            prompt: job.prompt().to_owned(),
+            negative_prompt: String::new(),
+            width: size.width,
+            height: size.height,
+            n: usize::from(options.n.max(1)),
+            steps,
+            guidance_scale: served.model.profile.guidance,
+            seed: options.seed.unwrap_or_else(rand::random),
+            edit,
+            partial_images: if options.stream { usize::from(options.partial_images) } else { 0 },
+        };
+        let format = options.output_format.unwrap_or(OutputFormat::Png);
+        let resolved = Resolved {
+            size: Some(size),
+            quality: Some(quality),
+            background: Some(Background::Opaque),
+            output_format: Some(format),
+        };
+        Ok(Plan { params, format, compression: options.output_compression, resolved })
+    }
+
+    fn retry_after(&self) -> u64 {
+        let per_job = self.recent_ms.load(Ordering::Relaxed).max(1000);
+        (per_job * self.capacity as u64).div_ceil(1000).clamp(1, 600)
+    }
+}
+
+/// The largest size with the input's aspect within `max_side`, in multiples of `multiple`.
+fn fit((w, h): (u32, u32), multiple: u32, max_side: u32) -> Size {
+    let scale = (f64::from(max_side) / f64::from(w.max(h))).min(1.0);
+    let side = |v: u32| {
+        let scaled = (f64::from(v) * scale) as u32;
+        (scaled / multiple * multiple).clamp(MIN_SIDE, MAX_SIDE)
+    };
+    Size::new(side(w), side(h))
+}
+
+fn decode_edit(e: &domain::EditRequest) -> Result<Edit, ApiError> {
+    let mut images = Vec::with_capacity(e.images.len());
+    for (i, input) in e.images.iter().enumerate() {
+        let img = image::load_from_memory(&input.bytes).map_err(|err| {
+            ApiError::invalid_value_msg("image", format!("Invalid image {i}: it could not be decoded ({err})."))
+        })?;
+        images.push(img.to_rgb8());
+    }
+    let mask = match &e.mask {
+        None => None,
+        Some(m) => {
+            let rgba = image::load_from_memory(&m.bytes)
+                .map_err(|err| {
+                    ApiError::invalid_value_msg("mask", format!("Invalid mask: it could not be decoded ({err})."))
+                })?
+                .to_rgba8();
+            // OpenAI's masks: fully transparent pixels are edited, opaque ones kept.
+            Some(GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| image::Luma([255 - rgba.get_pixel(x, y).0[3]])))
+        }
+    };
+    Ok(Edit { images, mask, strength: 1.0 })
+}
+
+struct Plan {
+    params: GenerateParams,
+    format: OutputFormat,
+    compression: Option<u8>,
+    resolved: Resolved,
+}
+
+enum Reply {
+    Complete(oneshot::Sender<Result<ImageResult, ProviderError>>),
+    Stream(tokio_mpsc::UnboundedSender<Result<StreamEvent, ProviderError>>),
+}
+
+struct Task {
+    model: LocalModel,
+    plan: Plan,
+    reply: Reply,
+    cancel: Arc<AtomicBool>,
+    pending: Arc<AtomicUsize>,
+}
+
+/// Sets the cancel flag when the request's future (or stream) is dropped.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(&self, model: &str, job: &ImageJob) -> Result<ProviderOutput, ProviderError> {
+        let served = self
+            .models
+            .get(model)
+            .ok_or_else(|| ProviderError::Api(ApiError::model_not_found(model, &self.model_names())))?;
+        let plan = self.plan(served, job).map_err(ProviderError::Api)?;
+        // Admission: a slot in the queue or an honest 429 now.
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            let retry = self.retry_after();
+            let mut e = ApiError::new(
+                429,
+                "requests",
+                None,
+                Some("engine_busy"),
+                format!(
+                    "The local engine is busy: {} requests are queued or running for this device. Retry in about {retry} s.",
+                    self.capacity
+                ),
+            );
+            e.retry_after = Some(retry);
+            return Err(ProviderError::Api(e));
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        let guard = CancelOnDrop(Arc::clone(&cancel));
+        let stream = job.options().stream;
+        let model = served.model.clone();
+        let pending = Arc::clone(&self.pending);
+        if stream {
+            let (tx, rx) = tokio_mpsc::unbounded_channel();
+            let task = Task { model, plan, reply: Reply::Stream(tx), cancel, pending };
+            self.queue.send(task).map_err(|_| engine_gone())?;
+            let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |e| {
+                let _keep = &guard;
+                e
+            });
+            Ok(ProviderOutput::Stream(events.boxed()))
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let task = Task { model, plan, reply: Reply::Complete(tx), cancel, pending };
+            self.queue.send(task).map_err(|_| engine_gone())?;
+            let result = rx.await.map_err(|_| engine_gone())?;
+            drop(guard);
+            result.map(ProviderOutput::Complete)
+        }
+    }
+}
+
+fn engine_gone() -> ProviderError {
+    ProviderError::Api(ApiError::new(500, "server_error", None, None, "The local engine stopped.".to_owned()))
+}
+
+/// The worker: one task at a time, models cached by directory.
+fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64>) {
+    let device = match engine::default_device() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "no device for the local engine");
+            for task in tasks {
+                task.pending.fetch_sub(1, Ordering::AcqRel);
+                task.fail(ProviderError::Api(ApiError::new(
+                    500,
+                    "server_error",
+                    None,
+                    Some("engine_unavailable"),
+                    format!("The local engine has no device: {e}"),
+                )));
+            }
+            return;
+        }
+    };
+    let mut loaded: Vec<(PathBuf, Arc<Pipeline>)> = Vec::new();
+    for task in tasks {
+        let pending = Arc::clone(&task.pending);
+        if task.cancel.load(Ordering::Relaxed) {
+            pending.fetch_sub(1, Ordering::AcqRel);
+            continue;
+        }
+        let pipeline = match loaded.iter().position(|(dir, _)| *dir == task.model.dir) {
+            Some(i) => {
+                let entry = loaded.remove(i);
+                let p = Arc::clone(&entry.1);
+                loaded.push(entry);
+                p
+            }
+            None => match Pipeline::load(&task.model.dir, &device) {
+                Ok(p) => {
+                    let p = Arc::new(p);
+                    if loaded.len() >= resident {
+                        loaded.remove(0);
+                    }
+                    loaded.push((task.model.dir.clone(), Arc::clone(&p)));
+                    p
+                }
+                Err(e) => {
+                    tracing::error!(model = %task.model.name, error = %e, "local model failed to load");
+                    let msg = format!("The local model '{}' could not be loaded: {e}", task.model.name);
+                    task.fail(ProviderError::Api(ApiError::new(
+                        500,
+                        "server_error",
+                        None,
+                        Some("model_load_failed"),
+                        msg,
+                    )));
+                    pending.fetch_sub(1, Ordering::AcqRel);
+                    continue;
+                }
+            },
+        };
+        let started = Instant::now();
+        task.run(&pipeline);
+        recent_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct StreamHooks<'a> {
+    cancel: &'a AtomicBool,
+    sender: Option<&'a tokio_mpsc::UnboundedSender<Result<StreamEvent, ProviderError>>>,
+    format: OutputFormat,
+    compression: Option<u8>,
+    resolved: Resolved,
+}
+
+impl Hooks for StreamHooks<'_> {
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.sender.is_some_and(|s| s.is_closed())
+    }
+
+    fn partial(&mut self, index: usize, image: RgbImage) {
+        let Some(sender) = self.sender else { return };
+        match encode(&image, self.format, self.compression) {
+            Ok(b64_json) => {
+                let _ = sender.send(Ok(StreamEvent::Partial {
+                    b64_json,
+                    partial_image_index: index as u32,
+                    created_at: now(),
+                    resolved: self.resolved,
+                }));
+            }
+            Err(e) => tracing::warn!(error = %e, "a partial image could not be encoded"),
+        }
+    }
+}
+
+impl Task {
+    fn fail(self, e: ProviderError) {
+        match self.reply {
+            Reply::Complete(tx) => {
+                let _ = tx.send(Err(e));
+            }
+            Reply::Stream(tx) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+
+    fn run(self, pipeline: &Pipeline) {
+        let Plan { params, format, compression, resolved } = &self.plan;
+        let started = Instant::now();
+        let sender = match &self.reply {
+            Reply::Stream(tx) => Some(tx),
+            Reply::Complete(_) => None,
+        };
+        let mut hooks = StreamHooks {
+            cancel: &self.cancel,
+            sender,
+            format: *format,
+            compression: *compression,
+            resolved: *resolved,
+        };
+        let outcome =
+            pipeline.generate(params, &mut hooks).map_err(|e| engine_error(e, &self.model.name)).and_then(|images| {
+                images.iter().map(|img| encode(img, *format, *compression)).collect::<Result<Vec<_>, _>>()
+            });
+        let compute_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(model = %self.model.name, ms = compute_ms, n = params.n, steps = params.steps, "local generation");
+        let created = now();
+        match (self.reply, outcome) {
+            (Reply::Complete(tx), Ok(b64s)) => {
+                let images = b64s
+                    .into_iter()
+                    .map(|b| GeneratedImage { payload: ImagePayload::Base64(b), revised_prompt: None })
+                    .collect();
+                let _ = tx.send(Ok(ImageResult {
+                    created,
+                    images,
+                    resolved: *resolved,
+                    usage: None,
+                    compute_ms: Some(compute_ms),
+                }));
+            }
+            (Reply::Stream(tx), Ok(b64s)) => {
+                // The measured time is billed once, with the first completed image.
+                for (i, b64_json) in b64s.into_iter().enumerate() {
+                    let compute_ms = if i == 0 { Some(compute_ms) } else { Some(0) };
+                    let event = StreamEvent::Completed {
+                        b64_json,
+                        created_at: created,
+                        resolved: *resolved,
+                        usage: None,
+                        compute_ms,
+                    };
+                    let _ = tx.send(Ok(event));
+                }
+            }
+            (Reply::Complete(tx), Err(e)) => {
+                let _ = tx.send(Err(e));
+            }
+            (Reply::Stream(tx), Err(e)) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+}
+
+fn engine_error(e: EngineError, model: &str) -> ProviderError {
+    let api = match e {
+        EngineError::InvalidInput(msg) => ApiError::new(400, "invalid_request_error", None, Some("invalid_value"), msg),
+        EngineError::Cancelled => ApiError::new(
+            499,
+            "invalid_request_error",
+            None,
+            Some("cancelled"),
+            "The request was cancelled.".to_owned(),
+        ),
+        other => {
+            tracing::error!(model, error = %other, "local generation failed");
+            ApiError::new(
+                500,
+                "server_error",
+                None,
+                Some("generation_failed"),
+                format!("The local model '{model}' failed to generate the image; the server log has the details."),
+            )
+        }
+    };
+    ProviderError::Api(api)
+}
+
+fn encode(img: &RgbImage, format: OutputFormat, compression: Option<u8>) -> Result<String, ProviderError> {
+    let f = match format {
+        OutputFormat::Png => Format::Png,
+        OutputFormat::Jpeg => Format::Jpeg,
+        OutputFormat::Webp => Format::Webp,
+    };
+    let bytes = engine::encode::encode(img, f, compression).map_err(|e| engine_error(e, "local"))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_edit_sizes_keep_the_aspect_in_multiples_of_eight() {
+        assert_eq!(fit((1254, 836), 8, 1024), Size::new(1024, 680));
+        assert_eq!(fit((500, 300), 8, 1024), Size::new(496, 296));
+        assert_eq!(fit((4000, 40), 8, 1024), Size::new(1024, 64));
+    }
+
+    #[test]
+    fn profiles_map_quality_to_steps() {
+        assert_eq!(Profile::TURBO.steps_for(Quality::Low), 1);
+        assert_eq!(Profile::TURBO.steps_for(Quality::Auto), 2);
+        assert_eq!(Profile::STANDARD.steps_for(Quality::High), 40);
+        assert_eq!(Profile::guess("sd-turbo", Path::new("/m")), Profile::TURBO);
+        assert_eq!(Profile::guess("x", Path::new("/m/sdxl-turbo")), Profile::TURBO);
+        assert_eq!(Profile::guess("sd-1.5", Path::new("/m/x")), Profile::STANDARD);
+    }
+}

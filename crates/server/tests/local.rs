@@ -1,0 +1,296 @@
+//! Local models through the OpenAI HTTP API: tiny checkpoints with random weights, written by the test in
+//! the diffusers layout, loaded by the real loader and served by `imagegate`'s server on 127.0.0.1.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Cursor;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use engine::testing::{TinySpec, write_checkpoint};
+use image::{DynamicImage, ImageFormat, Rgba, RgbaImage};
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+use server::config::{Config, Env};
+
+struct NoEnv;
+impl Env for NoEnv {
+    fn var(&self, _: &str) -> Option<String> {
+        None
+    }
+}
+
+struct Local {
+    url: String,
+    http: reqwest::Client,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// A server with the tiny model `tiny` (and `tiny-inpaint`, a 9-channel one), `extra` appended to the
+/// config.
+async fn serve(extra: &str) -> Local {
+    let plain = tempfile::tempdir().unwrap();
+    write_checkpoint(plain.path(), &TinySpec::default()).unwrap();
+    let inpaint = tempfile::tempdir().unwrap();
+    write_checkpoint(inpaint.path(), &TinySpec { in_channels: 9, ..TinySpec::default() }).unwrap();
+    let toml = format!(
+        "[models.tiny]\npath = {:?}\nprofile = \"turbo\"\n[models.tiny-inpaint]\npath = {:?}\n[aliases]\n\"gpt-image-1-mini\" = \"tiny\"\n{extra}",
+        plain.path().to_str().unwrap(),
+        inpaint.path().to_str().unwrap(),
+    );
+    start(&toml, vec![plain, inpaint]).await
+}
+
+async fn start(toml: &str, dirs: Vec<tempfile::TempDir>) -> Local {
+    let config = Config::from_toml(toml, &NoEnv).unwrap();
+    let state = server::AppState::from_config(&config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server::run(listener, server::app(state), std::future::pending()));
+    Local { url: format!("http://{addr}/v1"), http: reqwest::Client::new(), _dirs: dirs }
+}
+
+impl Local {
+    async fn generate(&self, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
+        let r = self.http.post(format!("{}/images/generations", self.url)).json(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        (status, headers, r.json().await.unwrap())
+    }
+}
+
+fn image_bytes(v: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap()
+}
+
+fn decode(v: &Value) -> DynamicImage {
+    image::load_from_memory(&image_bytes(v)).unwrap()
+}
+
+#[tokio::test]
+async fn a_generation_has_the_requested_size_format_usage_and_cost() {
+    let s = serve("").await;
+    for (format, expect) in [("png", ImageFormat::Png), ("jpeg", ImageFormat::Jpeg), ("webp", ImageFormat::WebP)] {
+        let (status, headers, body) = s
+            .generate(json!({"model": "tiny", "prompt": "a cute baby sea otter", "size": "96x64", "output_format": format, "seed": 1}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let bytes = image_bytes(&body["data"][0]["b64_json"]);
+        assert_eq!(image::guess_format(&bytes).unwrap(), expect);
+        let img = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((img.width(), img.height()), (96, 64));
+        assert_eq!(body["size"], "96x64");
+        assert_eq!(body["quality"], "medium");
+        assert_eq!(body["background"], "opaque");
+        assert_eq!(body["output_format"], format);
+        // Usage on the GPT image scale: 1056 medium tokens per 1024x1024, by area, rounded up.
+        assert_eq!(body["usage"]["output_tokens"], json!((1056u64 * 96 * 64).div_ceil(1024 * 1024)));
+        assert!(body["usage"]["input_tokens_details"]["text_tokens"].as_u64().unwrap() > 0);
+        // Billed by measured compute time: a cost header and an itemized line.
+        let cost: f64 = headers["x-imagegate-cost-usd"].to_str().unwrap().parse().unwrap();
+        assert!(cost >= 0.0);
+        assert_eq!(body["imagegate"]["billing_basis"], "compute", "{}", body["imagegate"]);
+        assert!(headers.contains_key("x-request-id"));
+    }
+    // Compression really changes the size of lossy formats.
+    let sized = |c: u8| {
+        let s = &s;
+        async move {
+            let (_, _, b) = s
+                .generate(json!({"model": "tiny", "prompt": "a red cat", "size": "128x128", "output_format": "jpeg", "output_compression": c, "seed": 3}))
+                .await;
+            image_bytes(&b["data"][0]["b64_json"]).len()
+        }
+    };
+    assert!(sized(10).await < sized(95).await);
+}
+
+#[tokio::test]
+async fn the_seed_reproduces_bytes_and_n_images_come_back() {
+    let s = serve("").await;
+    let body = |seed: u64| json!({"model": "tiny", "prompt": "a cute baby sea otter", "size": "64x64", "seed": seed});
+    let (_, _, a) = s.generate(body(7)).await;
+    let (_, _, b) = s.generate(body(7)).await;
+    let (_, _, c) = s.generate(body(8)).await;
+    assert_eq!(a["data"][0]["b64_json"], b["data"][0]["b64_json"], "same seed, same bytes");
+    assert_ne!(a["data"][0]["b64_json"], c["data"][0]["b64_json"], "another seed, another image");
+
+    let (status, _, three) =
+        s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64", "n": 3, "seed": 1})).await;
+    assert_eq!(status, 200, "{three}");
+    let data = three["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    assert_ne!(data[0]["b64_json"], data[1]["b64_json"]);
+    // The alias points an OpenAI model name at the local model.
+    let (status, _, aliased) = s
+        .generate(json!({"model": "gpt-image-1-mini", "prompt": "a cute baby sea otter", "size": "64x64", "seed": 7}))
+        .await;
+    assert_eq!(status, 200, "{aliased}");
+    assert_eq!(aliased["data"][0]["b64_json"], a["data"][0]["b64_json"]);
+}
+
+#[tokio::test]
+async fn invalid_sizes_and_options_get_clear_errors_and_never_panic() {
+    let s = serve("").await;
+    for size in ["65x64", "4096x4096", "8x8", "abc", "0x64", "64x"] {
+        let (status, _, body) = s.generate(json!({"model": "tiny", "prompt": "otter", "size": size})).await;
+        assert_eq!(status, 400, "{size}: {body}");
+        assert_eq!(body["error"]["param"], "size", "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains(size), "{body}");
+    }
+    let (status, _, body) = s.generate(json!({"model": "tiny", "prompt": "otter", "background": "transparent"})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["param"], "background");
+    let (status, _, body) = s.generate(json!({"model": "tiny", "prompt": "otter", "steps": 0})).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("steps")));
+    // The server still serves after all that.
+    let (status, _, _) = s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": 1})).await;
+    assert_eq!(status, 200);
+}
+
+fn png(img: &RgbaImage) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[tokio::test]
+async fn inpainting_over_http_keeps_every_unmasked_pixel() {
+    let s = serve("").await;
+    let input = RgbaImage::from_fn(64, 64, |x, y| Rgba([(x * 4) as u8, (y * 4) as u8, 100, 255]));
+    // Transparent (edited) square in the middle, opaque (kept) elsewhere.
+    let mask = RgbaImage::from_fn(64, 64, |x, y| {
+        let inside = (16..48).contains(&x) && (16..48).contains(&y);
+        Rgba([0, 0, 0, if inside { 0 } else { 255 }])
+    });
+    for model in ["tiny", "tiny-inpaint"] {
+        let form = Form::new()
+            .text("model", model)
+            .text("prompt", "a red cat")
+            .text("seed", "5")
+            .part("image", Part::bytes(png(&input)).file_name("in.png").mime_str("image/png").unwrap())
+            .part("mask", Part::bytes(png(&mask)).file_name("mask.png").mime_str("image/png").unwrap());
+        let r = s.http.post(format!("{}/images/edits", s.url)).multipart(form).send().await.unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(status, 200, "{model}: {body}");
+        let out = decode(&body["data"][0]["b64_json"]).to_rgba8();
+        assert_eq!(out.dimensions(), (64, 64), "auto size is the input's");
+        let mut repainted = false;
+        for (x, y, m) in mask.enumerate_pixels() {
+            if m.0[3] == 255 {
+                assert_eq!(out.get_pixel(x, y), input.get_pixel(x, y), "{model}: kept pixel {x},{y} changed");
+            } else if out.get_pixel(x, y) != input.get_pixel(x, y) {
+                repainted = true;
+            }
+        }
+        assert!(repainted, "{model}: nothing repainted");
+    }
+    // Without a mask, image-to-image: the input matters, and reference images are accepted.
+    let form = Form::new()
+        .text("model", "tiny")
+        .text("prompt", "a photo")
+        .part("image[]", Part::bytes(png(&input)).file_name("a.png").mime_str("image/png").unwrap())
+        .part("image[]", Part::bytes(png(&mask)).file_name("b.png").mime_str("image/png").unwrap());
+    let r = s.http.post(format!("{}/images/edits", s.url)).multipart(form).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn streaming_sends_partial_images_from_intermediate_steps_then_the_image() {
+    let s = serve("").await;
+    let r = s
+        .http
+        .post(format!("{}/images/generations", s.url))
+        .json(&json!({"model": "tiny", "prompt": "otter", "size": "64x64", "stream": true, "partial_images": 2, "steps": 4, "seed": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(|d| serde_json::from_str(d.trim()).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap_or("?")).collect();
+    assert_eq!(
+        kinds,
+        ["image_generation.partial_image", "image_generation.partial_image", "image_generation.completed"],
+        "{text}"
+    );
+    assert_eq!(events[1]["partial_image_index"], 1);
+    assert_eq!(decode(&events[0]["b64_json"]).width(), 64);
+    assert!(events[2]["usage"]["output_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let s = serve("[engine]\nqueue_capacity = 1\n").await;
+    let slow = {
+        let http = s.http.clone();
+        let url = format!("{}/images/generations", s.url);
+        tokio::spawn(async move {
+            http.post(url)
+                .json(&json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": 25}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, headers, body) = s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64"})).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "engine_busy");
+    assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(slow.await.unwrap(), 200);
+    // Once the queue drains, requests are served again.
+    let (status, _, _) = s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": 1})).await;
+    assert_eq!(status, 200);
+}
+
+fn corrupt(path: &Path, tensor: &str) {
+    let mut tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    let wrong = candle_core::Tensor::zeros((2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    tensors.insert(tensor.to_owned(), wrong);
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+#[tokio::test]
+async fn broken_checkpoints_give_clear_errors() {
+    // A missing weight file is refused at start, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
+    std::fs::remove_file(dir.path().join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let toml = format!("[models.tiny]\npath = {:?}\n", dir.path().to_str().unwrap());
+    let config = Config::from_toml(&toml, &NoEnv).unwrap();
+    let msg = server::AppState::from_config(&config).err().unwrap().to_string();
+    assert!(msg.contains("vae") && msg.contains("missing file"), "{msg}");
+
+    // A tensor of the wrong shape is found when the model loads, and named in the error.
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
+    corrupt(&dir.path().join("unet/diffusion_pytorch_model.safetensors"), "conv_out.weight");
+    let toml = format!("[models.tiny]\npath = {:?}\n", dir.path().to_str().unwrap());
+    let s = start(&toml, vec![dir]).await;
+    let (status, _, body) = s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64"})).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "model_load_failed");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("conv_out.weight") && msg.contains("unet"), "{msg}");
+
+    // A built-in model that was never pulled: the error says how to get it.
+    let toml = "[models.sd-turbo]\n";
+    let err = Config::from_toml(toml, &DataDirEnv(tempfile::tempdir().unwrap())).err().unwrap().to_string();
+    assert!(err.contains("imagegate models pull sd-turbo"), "{err}");
+}
+
+struct DataDirEnv(tempfile::TempDir);
+impl Env for DataDirEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        (name == "IMAGEGATE_DATA_DIR").then(|| self.0.path().to_string_lossy().into_owned())
+    }
+}
