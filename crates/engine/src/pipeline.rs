@@ -121,18 +121,19 @@ impl Pipeline {
         let dtype = if device.is_cpu() { DType::F32 } else { DType::F16 };
         let tokenizer = ClipTokenizer::load(&dir.join("tokenizer"), checkpoint.text_encoder.max_position_embeddings)?;
 
+        let started = std::time::Instant::now();
         let text_path = checkpoint.weights("text_encoder")?;
         let text_encoder =
             with_weights(&text_path, dtype, device, |vb| TextEncoder::new(vb, &checkpoint.text_encoder))?;
         let unet_path = checkpoint.weights("unet")?;
         let unet_cfg = checkpoint.unet_config()?;
         let unet = with_weights(&unet_path, dtype, device, |vb| {
-            UNet2DConditionModel::new(vb, u.in_channels, u.out_channels, false, unet_cfg)
+            UNet2DConditionModel::new(vb, u.in_channels, u.out_channels, cfg!(feature = "flash-attn"), unet_cfg)
         })?;
         let vae_path = checkpoint.weights("vae")?;
         let vae_cfg = checkpoint.vae_config()?;
         let vae = with_weights(&vae_path, dtype, device, |vb| AutoEncoderKL::new(vb, 3, 3, vae_cfg))?;
-        tracing::info!(dir = %dir.display(), ?dtype, "checkpoint loaded");
+        tracing::info!(dir = %dir.display(), ?dtype, secs = started.elapsed().as_secs_f64(), "checkpoint loaded");
         Ok(Pipeline {
             checkpoint,
             device: device.clone(),
@@ -207,8 +208,16 @@ impl Pipeline {
             let batch = (p.n - first).min(self.max_batch.max(1));
             let seeds: Vec<u64> = (first..first + batch).map(|i| p.seed.wrapping_add(i as u64)).collect();
             let mut partial = if first == 0 { p.partial_images } else { 0 };
+            let t0 = std::time::Instant::now();
             let latents = self.denoise(p, &seeds, &cond, uncond.as_ref(), inputs.as_ref(), hooks, &mut partial)?;
+            let t1 = std::time::Instant::now();
             images.extend(self.decode(&latents)?);
+            tracing::info!(
+                images = batch,
+                denoise_secs = (t1 - t0).as_secs_f64(),
+                decode_secs = t1.elapsed().as_secs_f64(),
+                "batch generated"
+            );
             first += batch;
         }
         if let Some(EditInputs { mask_pixels: Some(mask), first_image, .. }) = &inputs {

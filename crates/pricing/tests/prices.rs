@@ -7,7 +7,7 @@
 use domain::{Quality, Size, Usage};
 use pricing::{
     Adjustments, BillingBasis, Catalog, Decimal, JobShape, PlannedRequest, UsageSource, cost, count_text_tokens,
-    count_usage, estimate, image_input_tokens, tokens_for_words,
+    count_usage, estimate, image_input_tokens, reference_output_tokens, tokens_for_words,
 };
 use proptest::prelude::*;
 
@@ -103,6 +103,22 @@ fn output_token_table() {
             }
         }
     }
+}
+
+#[test]
+fn local_models_report_usage_on_the_gpt_image_scale_by_area() {
+    let c = catalog();
+    let table = c.model("gpt-image-1").unwrap();
+    for q in ["low", "medium", "high"] {
+        for s in ["1024x1024", "1024x1536", "1536x1024"] {
+            let listed = table.output_tokens_per_image(quality(q), size(s)).unwrap();
+            let reference = reference_output_tokens(quality(q), size(s)).unwrap();
+            // Equal where the table is proportional to the area; within 2% where it is not (landscape).
+            assert!(reference.abs_diff(listed) * 50 <= listed, "{q} {s}: {reference} vs {listed}");
+        }
+    }
+    assert_eq!(reference_output_tokens(quality("low"), size("512x512")), Some(68));
+    assert_eq!(reference_output_tokens(quality("medium"), size("96x64")), Some(7));
 }
 
 #[test]
