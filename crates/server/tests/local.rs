@@ -294,3 +294,37 @@ impl Env for DataDirEnv {
         (name == "IMAGEGATE_DATA_DIR").then(|| self.0.path().to_string_lossy().into_owned())
     }
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_frees_the_engine() {
+    let s = serve("[engine]\nqueue_capacity = 1\n").await;
+    let slow = {
+        let http = s.http.clone();
+        let url = format!("{}/images/generations", s.url);
+        tokio::spawn(async move {
+            let _ = http
+                .post(url)
+                .json(&json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": 150}))
+                .send()
+                .await;
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The slow job holds the only slot.
+    let (status, _, _) = s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": 1})).await;
+    assert_eq!(status, 429);
+    // The client hangs up: the run stops at its next step and the slot frees long before 150 steps.
+    slow.abort();
+    let _ = slow.await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) =
+            s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": 1})).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429, "{body}");
+        assert!(std::time::Instant::now() < deadline, "the abandoned run still holds the engine");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
