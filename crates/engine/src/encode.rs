@@ -18,7 +18,7 @@ pub enum Format {
 /// Encodes `img`; `compression` is ignored for PNG (lossless) and defaults to 100 for the others.
 pub fn encode(img: &RgbImage, format: Format, compression: Option<u8>) -> Result<Vec<u8>, EngineError> {
     let quality = compression.unwrap_or(100).clamp(1, 100);
-    let failed = |e: &dyn std::fmt::Display| EngineError::InvalidInput(format!("cannot encode the image: {e}"));
+    let failed = |e: &dyn std::fmt::Display| EngineError::Encode(e.to_string());
     match format {
         Format::Png => {
             let mut out = Cursor::new(Vec::new());

@@ -37,6 +37,8 @@ pub enum EngineError {
     InvalidInput(String),
     #[error("cancelled")]
     Cancelled,
+    #[error("cannot encode the image: {0}")]
+    Encode(String),
     #[error("model computation failed: {0}")]
     Compute(#[from] candle_core::Error),
 }

@@ -2,8 +2,6 @@
 //! The pipelines on tiny random checkpoints written in the real diffusers layout and loaded through the
 //! real loader.
 
-use std::path::Path;
-
 use candle_core::Device;
 use engine::testing::{TinySpec, write_checkpoint};
 use engine::{Edit, EngineError, GenerateParams, Hooks, NoHooks, Pipeline};
@@ -181,19 +179,12 @@ fn sizes_are_checked_before_candle_sees_them() {
     }
 }
 
-fn corrupt_tensor(path: &Path, name: &str) {
-    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
-    let wrong = candle_core::Tensor::zeros((3, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
-    tensors.insert(name.to_owned(), wrong);
-    candle_core::safetensors::save(&tensors, path).unwrap();
-}
-
 #[test]
 fn broken_checkpoints_are_refused_with_the_file_and_tensor_named() {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
     let unet = dir.path().join("unet/diffusion_pytorch_model.safetensors");
-    corrupt_tensor(&unet, "conv_in.weight");
+    engine::testing::replace_tensor(&unet, "conv_in.weight").unwrap();
     let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("unet/diffusion_pytorch_model.safetensors") && msg.contains("conv_in.weight"), "{msg}");
 

@@ -129,8 +129,7 @@ fn add_local_model(file: &mut ConfigFile, spec: &str, env: &dyn Env) -> Result<O
         file.models.insert(name.clone(), LocalModelFile { path: Some(path.to_path_buf()), profile: None });
         return Ok(Some(name));
     }
-    let served_upstream = file.providers.values().any(|p| !p.models.is_empty()) && registry::builtin(spec).is_none();
-    if let (Some(builtin), false) = (registry::builtin(spec), served_upstream) {
+    if let Some(builtin) = registry::builtin(spec) {
         let data_dir = registry::default_data_dir_from(|k| env.var(k).map(std::ffi::OsString::from));
         let models_dir = registry::models_dir(&data_dir);
         let use_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());

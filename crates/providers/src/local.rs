@@ -149,18 +149,11 @@ impl LocalProvider {
             Some(q @ (Quality::Low | Quality::Medium | Quality::High)) => q,
             _ => Quality::Medium,
         };
-        if options.background == Some(Background::Transparent) {
-            return Err(ApiError::invalid_value_msg(
-                "background",
-                format!(
-                    "Invalid value: 'transparent'. The local model '{}' cannot produce a transparent background: use 'opaque' or 'auto'.",
-                    served.model.name
-                ),
-            ));
-        }
+        // Input images are decoded on the worker thread, not here on the async runtime; their sizes
+        // were read from the headers when the request was checked.
         let edit = match job {
             ImageJob::Generate(_) => None,
-            ImageJob::Edit(e) => Some(decode_edit(e)?),
+            ImageJob::Edit(e) => Some(e),
         };
         let size = match options.size {
             Some(SizeChoice::Exact(s)) => {
@@ -179,24 +172,27 @@ impl LocalProvider {
                 s
             }
             _ => match &edit {
-                Some(e) => fit(e.images[0].dimensions(), served.size_multiple, served.native.max(1024)),
+                Some(e) => {
+                    let first = e.images.first().map_or(Size::new(served.native, served.native), |i| i.size);
+                    fit((first.width, first.height), served.size_multiple, served.native.max(1024))
+                }
                 None => Size::new(served.native, served.native),
             },
         };
         let steps = options.steps.map_or_else(|| served.model.profile.steps_for(quality), usize::from);
         let (edit, steps) = match edit {
             None => (None, steps),
-            Some(mut e) => {
-                e.strength = if e.mask.is_some() {
+            Some(e) => {
+                let strength = if e.mask.is_some() {
                     1.0
-                } else if matches!(job, ImageJob::Edit(r) if r.input_fidelity == Some(domain::InputFidelity::High)) {
+                } else if e.input_fidelity == Some(domain::InputFidelity::High) {
                     0.4
                 } else {
                     0.6
                 };
                 // Run about as many steps as the quality asks for, whatever the strength.
-                let total = (steps as f64 / e.strength).ceil() as usize;
-                (Some(e), total.max(1))
+                let total = (steps as f64 / strength).ceil() as usize;
+                (Some(PendingEdit { request: e.clone(), strength }), total.max(1))
             }
         };
         let params = GenerateParams {
@@ -208,7 +204,7 @@ impl LocalProvider {
             steps,
             guidance_scale: served.model.profile.guidance,
             seed: options.seed.unwrap_or_else(rand::random),
-            edit,
+            edit: None,
             partial_images: if options.stream { usize::from(options.partial_images) } else { 0 },
         };
         let format = options.output_format.unwrap_or(OutputFormat::Png);
@@ -218,7 +214,7 @@ impl LocalProvider {
             background: Some(Background::Opaque),
             output_format: Some(format),
         };
-        Ok(Plan { params, format, compression: options.output_compression, resolved })
+        Ok(Plan { params, edit, format, compression: options.output_compression, resolved })
     }
 
     fn retry_after(&self) -> u64 {
@@ -237,7 +233,8 @@ fn fit((w, h): (u32, u32), multiple: u32, max_side: u32) -> Size {
     Size::new(side(w), side(h))
 }
 
-fn decode_edit(e: &domain::EditRequest) -> Result<Edit, ApiError> {
+/// Decodes an edit's inputs (on the worker thread).
+fn decode_edit(e: &domain::EditRequest, strength: f64) -> Result<Edit, ApiError> {
     let mut images = Vec::with_capacity(e.images.len());
     for (i, input) in e.images.iter().enumerate() {
         let img = image::load_from_memory(&input.bytes).map_err(|err| {
@@ -257,11 +254,19 @@ fn decode_edit(e: &domain::EditRequest) -> Result<Edit, ApiError> {
             Some(GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| image::Luma([255 - rgba.get_pixel(x, y).0[3]])))
         }
     };
-    Ok(Edit { images, mask, strength: 1.0 })
+    Ok(Edit { images, mask, strength })
+}
+
+/// An edit whose input images are still encoded (the input bytes are shared, not copied).
+struct PendingEdit {
+    request: domain::EditRequest,
+    strength: f64,
 }
 
 struct Plan {
+    /// Everything but the edit's decoded inputs.
     params: GenerateParams,
+    edit: Option<PendingEdit>,
     format: OutputFormat,
     compression: Option<u8>,
     resolved: Resolved,
@@ -442,69 +447,65 @@ impl Hooks for StreamHooks<'_> {
 
 impl Task {
     fn fail(self, e: ProviderError) {
-        match self.reply {
-            Reply::Complete(tx) => {
-                let _ = tx.send(Err(e));
-            }
-            Reply::Stream(tx) => {
-                let _ = tx.send(Err(e));
-            }
-        }
+        self.reply.send_err(e);
     }
 
     fn run(self, pipeline: &Pipeline) {
-        let Plan { params, format, compression, resolved } = &self.plan;
+        let Task { model, plan, reply, cancel, .. } = self;
+        let Plan { mut params, edit, format, compression, resolved } = plan;
         let started = Instant::now();
-        let sender = match &self.reply {
+        if let Some(pending) = edit {
+            match decode_edit(&pending.request, pending.strength) {
+                Ok(e) => params.edit = Some(e),
+                Err(e) => return reply.send_err(ProviderError::Api(e)),
+            }
+        }
+        let sender = match &reply {
             Reply::Stream(tx) => Some(tx),
             Reply::Complete(_) => None,
         };
-        let mut hooks = StreamHooks {
-            cancel: &self.cancel,
-            sender,
-            format: *format,
-            compression: *compression,
-            resolved: *resolved,
-        };
+        let mut hooks = StreamHooks { cancel: &cancel, sender, format, compression, resolved };
         let outcome =
-            pipeline.generate(params, &mut hooks).map_err(|e| engine_error(e, &self.model.name)).and_then(|images| {
-                images.iter().map(|img| encode(img, *format, *compression)).collect::<Result<Vec<_>, _>>()
+            pipeline.generate(&params, &mut hooks).map_err(|e| engine_error(e, &model.name)).and_then(|images| {
+                images.iter().map(|img| encode(img, format, compression)).collect::<Result<Vec<_>, _>>()
             });
         let compute_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(model = %self.model.name, ms = compute_ms, n = params.n, steps = params.steps, "local generation");
+        tracing::info!(model = %model.name, ms = compute_ms, n = params.n, steps = params.steps, "local generation");
         let created = now();
-        match (self.reply, outcome) {
-            (Reply::Complete(tx), Ok(b64s)) => {
+        let b64s = match outcome {
+            Ok(b64s) => b64s,
+            Err(e) => return reply.send_err(e),
+        };
+        match reply {
+            Reply::Complete(tx) => {
                 let images = b64s
                     .into_iter()
                     .map(|b| GeneratedImage { payload: ImagePayload::Base64(b), revised_prompt: None })
                     .collect();
-                let _ = tx.send(Ok(ImageResult {
-                    created,
-                    images,
-                    resolved: *resolved,
-                    usage: None,
-                    compute_ms: Some(compute_ms),
-                }));
+                let result = ImageResult { created, images, resolved, usage: None, compute_ms: Some(compute_ms) };
+                let _ = tx.send(Ok(result));
             }
-            (Reply::Stream(tx), Ok(b64s)) => {
+            Reply::Stream(tx) => {
                 // The measured time is billed once, with the first completed image.
                 for (i, b64_json) in b64s.into_iter().enumerate() {
-                    let compute_ms = if i == 0 { Some(compute_ms) } else { Some(0) };
-                    let event = StreamEvent::Completed {
-                        b64_json,
-                        created_at: created,
-                        resolved: *resolved,
-                        usage: None,
-                        compute_ms,
-                    };
+                    let compute_ms = Some(if i == 0 { compute_ms } else { 0 });
+                    let event =
+                        StreamEvent::Completed { b64_json, created_at: created, resolved, usage: None, compute_ms };
                     let _ = tx.send(Ok(event));
                 }
             }
-            (Reply::Complete(tx), Err(e)) => {
+        }
+    }
+}
+
+impl Reply {
+    /// Hands the client an error (ignored when it has gone).
+    fn send_err(self, e: ProviderError) {
+        match self {
+            Reply::Complete(tx) => {
                 let _ = tx.send(Err(e));
             }
-            (Reply::Stream(tx), Err(e)) => {
+            Reply::Stream(tx) => {
                 let _ = tx.send(Err(e));
             }
         }

@@ -30,12 +30,7 @@ pub async fn generations(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HandlerResult {
-    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), &state))?;
-    let ct = content_type(&headers);
-    if !ct.is_empty() && !is_json(ct) {
-        return Err(ApiError::unsupported_media_type(ct, "'application/json'").into());
-    }
-    let map = json_object(&body)?;
+    let map = json_body(&state, &headers, body)?;
     let raw = RawRequest::parse(&Fields::Json(&map), JobKind::Generate, &[])?;
     let (model, route) = route(&state, &raw, JobKind::Generate)?;
     let (prompt, options, _) = raw.validate(&model, route.family, JobKind::Generate)?;
@@ -77,12 +72,7 @@ pub async fn estimates(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HandlerResult {
-    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), &state))?;
-    let ct = content_type(&headers);
-    if !ct.is_empty() && !is_json(ct) {
-        return Err(ApiError::unsupported_media_type(ct, "'application/json'").into());
-    }
-    let map = json_object(&body)?;
+    let map = json_body(&state, &headers, body)?;
     let items = api::estimates::parse_estimate_request(&map)?;
     let outcome = crate::estimates::estimate(&state, &items)?;
     Ok(json_response(serde_json::to_vec(&outcome.json).unwrap_or_default()))
@@ -376,6 +366,21 @@ fn body_rejection(status: u16, text: &str, state: &AppState) -> HttpError {
     } else {
         HttpError(ApiError::malformed_body(format!("The request body could not be read: {text}")))
     }
+}
+
+/// A JSON-only endpoint's body as an object: 413 when too large, 415 for another content type, 400 when
+/// it is not a JSON object.
+fn json_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, HttpError> {
+    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), state))?;
+    let ct = content_type(headers);
+    if !ct.is_empty() && !is_json(ct) {
+        return Err(ApiError::unsupported_media_type(ct, "'application/json'").into());
+    }
+    json_object(&body)
 }
 
 fn json_object(body: &[u8]) -> Result<Map<String, Value>, HttpError> {

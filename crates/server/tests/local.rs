@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Cursor;
-use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -252,13 +251,6 @@ async fn a_full_queue_answers_429_with_retry_after() {
     assert_eq!(status, 200);
 }
 
-fn corrupt(path: &Path, tensor: &str) {
-    let mut tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
-    let wrong = candle_core::Tensor::zeros((2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-    tensors.insert(tensor.to_owned(), wrong);
-    candle_core::safetensors::save(&tensors, path).unwrap();
-}
-
 #[tokio::test]
 async fn broken_checkpoints_give_clear_errors() {
     // A missing weight file is refused at start, naming it.
@@ -273,7 +265,8 @@ async fn broken_checkpoints_give_clear_errors() {
     // A tensor of the wrong shape is found when the model loads, and named in the error.
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
-    corrupt(&dir.path().join("unet/diffusion_pytorch_model.safetensors"), "conv_out.weight");
+    engine::testing::replace_tensor(&dir.path().join("unet/diffusion_pytorch_model.safetensors"), "conv_out.weight")
+        .unwrap();
     let toml = format!("[models.tiny]\npath = {:?}\n", dir.path().to_str().unwrap());
     let s = start(&toml, vec![dir]).await;
     let (status, _, body) = s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64"})).await;
