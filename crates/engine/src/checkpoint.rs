@@ -78,7 +78,13 @@ pub struct UnetFile {
     #[serde(default)]
     pub use_linear_projection: bool,
     pub transformer_layers_per_block: Option<OneOrMany>,
+    /// Heads per block when set (diffusers' `attention_head_dim` then really is the head count's
+    /// fallback: SD checkpoints name the head count `attention_head_dim`).
+    pub num_attention_heads: Option<OneOrMany>,
+    /// `"text_time"` for SDXL: the pooled text embedding and six size ids join the time embedding.
     pub addition_embed_type: Option<String>,
+    pub addition_time_embed_dim: Option<usize>,
+    pub projection_class_embeddings_input_dim: Option<usize>,
     pub class_embed_type: Option<String>,
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default = "default_true")]
@@ -111,6 +117,9 @@ pub struct VaeFile {
     pub use_quant_conv: bool,
     #[serde(default = "default_true")]
     pub use_post_quant_conv: bool,
+    /// The VAE overflows in f16 (SDXL's): it runs in f32 on GPUs too.
+    #[serde(default)]
+    pub force_upcast: bool,
 }
 
 /// `text_encoder/config.json` (a CLIP text model).
@@ -126,6 +135,8 @@ pub struct TextEncoderFile {
     pub hidden_act: String,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// Size of the pooled-output projection (`CLIPTextModelWithProjection`, SDXL's second encoder).
+    pub projection_dim: Option<usize>,
 }
 
 fn quick_gelu() -> String {
@@ -174,27 +185,58 @@ fn leading() -> String {
     "leading".to_owned()
 }
 
+/// `model_index.json`, the keys the engine reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelIndexFile {
+    /// SDXL pipelines: an empty negative prompt means zero embeddings, not the empty prompt's.
+    #[serde(default)]
+    pub force_zeros_for_empty_prompt: bool,
+}
+
 /// A checkpoint directory whose configs have been read and checked.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub dir: PathBuf,
+    pub index: ModelIndexFile,
     pub unet: UnetFile,
     pub vae: VaeFile,
     pub text_encoder: TextEncoderFile,
+    /// SDXL's second text encoder (`text_encoder_2/`), when the checkpoint has one.
+    pub text_encoder_2: Option<TextEncoderFile>,
     pub scheduler: SchedulerFile,
 }
+
+/// The UNet's architecture: candle's block configuration plus SDXL's added conditioning.
+#[derive(Debug, Clone)]
+pub struct UnetConfig {
+    pub blocks: UNet2DConditionModelConfig,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub text_time: Option<TextTimeConfig>,
+}
+
+/// SDXL's `addition_embed_type: "text_time"`: six size ids, each embedded sinusoidally in `time_dim`
+/// channels, joined to the pooled text embedding (`pooled_dim`) and projected into the time embedding.
+#[derive(Debug, Clone, Copy)]
+pub struct TextTimeConfig {
+    pub time_dim: usize,
+    pub pooled_dim: usize,
+}
+
+/// SDXL's micro-conditioning ids: original height and width, crop top and left, target height and width.
+pub const TIME_IDS: usize = 6;
 
 impl Checkpoint {
     /// Reads and checks every config of the checkpoint at `dir`.
     pub fn open(dir: &Path) -> Result<Checkpoint, EngineError> {
-        if !dir.join("model_index.json").is_file() {
-            return Err(EngineError::MissingFile(dir.join("model_index.json")));
-        }
+        let second = dir.join("text_encoder_2");
         let ckpt = Checkpoint {
             dir: dir.to_path_buf(),
+            index: read_json(&dir.join("model_index.json"))?,
             unet: read_json(&dir.join("unet/config.json"))?,
             vae: read_json(&dir.join("vae/config.json"))?,
             text_encoder: read_json(&dir.join("text_encoder/config.json"))?,
+            text_encoder_2: if second.is_dir() { Some(read_json(&second.join("config.json"))?) } else { None },
             scheduler: read_json(&dir.join("scheduler/scheduler_config.json"))?,
         };
         ckpt.unet_config()?;
@@ -218,17 +260,18 @@ impl Checkpoint {
         Err(EngineError::MissingFile(self.dir.join(component).join("diffusion_pytorch_model.safetensors")))
     }
 
-    /// candle's UNet config, from `unet/config.json`.
-    pub fn unet_config(&self) -> Result<UNet2DConditionModelConfig, EngineError> {
+    /// The UNet's architecture, from `unet/config.json`.
+    pub fn unet_config(&self) -> Result<UnetConfig, EngineError> {
         let u = &self.unet;
         let bad =
             |key: &str, why: String| EngineError::Unsupported { file: "unet/config.json".into(), key: key.into(), why };
-        if let Some(t) = &u.addition_embed_type {
-            return Err(bad(
-                "addition_embed_type",
-                format!("'{t}' (SDXL micro-conditioning) is not supported by this engine yet"),
-            ));
-        }
+        let text_time = match u.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => Some(self.text_time_config()?),
+            Some(t) => {
+                return Err(bad("addition_embed_type", format!("'{t}' is not supported (only 'text_time', SDXL's)")));
+            }
+        };
         if let Some(t) = &u.class_embed_type {
             return Err(bad("class_embed_type", format!("'{t}' (class-conditioned UNets) is not supported")));
         }
@@ -266,15 +309,16 @@ impl Checkpoint {
             if up_cross != cross {
                 return Err(bad("up_block_types", "the up blocks must mirror the down blocks".into()));
             }
-            let heads = u
-                .attention_head_dim
-                .at(i)
-                .ok_or_else(|| bad("attention_head_dim", format!("no value for block {i}")))?;
+            let (heads_key, heads) = match &u.num_attention_heads {
+                Some(h) => ("num_attention_heads", h),
+                None => ("attention_head_dim", &u.attention_head_dim),
+            };
+            let heads = heads.at(i).ok_or_else(|| bad(heads_key, format!("no value for block {i}")))?;
             let layers = u.transformer_layers_per_block.as_ref().and_then(|t| t.at(i)).unwrap_or(1);
             let out_channels = u.block_out_channels[i];
             if heads == 0 || !out_channels.is_multiple_of(heads) {
                 return Err(bad(
-                    "attention_head_dim",
+                    heads_key,
                     format!("block {i}: {out_channels} channels do not split into {heads} heads"),
                 ));
             }
@@ -290,7 +334,7 @@ impl Checkpoint {
                 attention_head_dim: heads,
             });
         }
-        Ok(UNet2DConditionModelConfig {
+        let blocks = UNet2DConditionModelConfig {
             center_input_sample: u.center_input_sample,
             flip_sin_to_cos: u.flip_sin_to_cos,
             freq_shift: u.freq_shift,
@@ -303,7 +347,36 @@ impl Checkpoint {
             cross_attention_dim: u.cross_attention_dim,
             sliced_attention_size: None,
             use_linear_projection: u.use_linear_projection,
-        })
+        };
+        Ok(UnetConfig { blocks, in_channels: u.in_channels, out_channels: u.out_channels, text_time })
+    }
+
+    /// SDXL's added conditioning: the pooled embedding of the second text encoder (its projection) and
+    /// the six size ids must add up to the UNet's `projection_class_embeddings_input_dim`.
+    fn text_time_config(&self) -> Result<TextTimeConfig, EngineError> {
+        let u = &self.unet;
+        let bad =
+            |key: &str, why: String| EngineError::Unsupported { file: "unet/config.json".into(), key: key.into(), why };
+        let pooler = self.text_encoder_2.as_ref().ok_or_else(|| {
+            bad("addition_embed_type", "'text_time' needs a second text encoder (text_encoder_2/)".into())
+        })?;
+        let time_dim = u
+            .addition_time_embed_dim
+            .ok_or_else(|| bad("addition_time_embed_dim", "required with addition_embed_type 'text_time'".into()))?;
+        let input_dim = u.projection_class_embeddings_input_dim.ok_or_else(|| {
+            bad("projection_class_embeddings_input_dim", "required with addition_embed_type 'text_time'".into())
+        })?;
+        let pooled_dim = pooler.projection_dim.unwrap_or(pooler.hidden_size);
+        if time_dim == 0 || !time_dim.is_multiple_of(2) || pooled_dim + TIME_IDS * time_dim != input_dim {
+            return Err(bad(
+                "projection_class_embeddings_input_dim",
+                format!(
+                    "{input_dim} is not the pooled text embedding ({pooled_dim}) plus {TIME_IDS} size ids of \
+                     {time_dim} channels (an SDXL refiner's aesthetic-score conditioning is not supported)"
+                ),
+            ));
+        }
+        Ok(TextTimeConfig { time_dim, pooled_dim })
     }
 
     pub fn vae_config(&self) -> Result<AutoEncoderKLConfig, EngineError> {
@@ -343,33 +416,50 @@ impl Checkpoint {
         self.unet.sample_size.unwrap_or(64) * self.vae_factor()
     }
 
+    /// The width of the UNet's text context: the encoders' hidden sizes side by side.
+    pub fn context_dim(&self) -> usize {
+        self.text_encoder.hidden_size + self.text_encoder_2.as_ref().map_or(0, |t| t.hidden_size)
+    }
+
     fn check_text_encoder(&self) -> Result<(), EngineError> {
-        let t = &self.text_encoder;
-        let bad = |key: &str, why: String| EngineError::Unsupported {
-            file: "text_encoder/config.json".into(),
-            key: key.into(),
-            why,
-        };
-        if !matches!(t.hidden_act.as_str(), "quick_gelu" | "gelu") {
-            return Err(bad("hidden_act", format!("'{}' is not one of 'quick_gelu', 'gelu'", t.hidden_act)));
+        check_encoder("text_encoder/config.json", &self.text_encoder)?;
+        if let Some(second) = &self.text_encoder_2 {
+            check_encoder("text_encoder_2/config.json", second)?;
         }
-        if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
-            return Err(bad(
-                "num_attention_heads",
-                format!("{} does not divide hidden_size {}", t.num_attention_heads, t.hidden_size),
-            ));
-        }
-        if t.hidden_size != self.unet.cross_attention_dim {
-            return Err(bad(
-                "hidden_size",
-                format!(
-                    "{} differs from the UNet's cross_attention_dim {}",
-                    t.hidden_size, self.unet.cross_attention_dim
+        if self.context_dim() != self.unet.cross_attention_dim {
+            let (file, key) = match &self.text_encoder_2 {
+                Some(_) => ("text_encoder_2/config.json", "hidden_size"),
+                None => ("text_encoder/config.json", "hidden_size"),
+            };
+            return Err(EngineError::Unsupported {
+                file: file.into(),
+                key: key.into(),
+                why: format!(
+                    "the text context is {} wide but the UNet's cross_attention_dim is {}",
+                    self.context_dim(),
+                    self.unet.cross_attention_dim
                 ),
-            ));
+            });
         }
         Ok(())
     }
+}
+
+fn check_encoder(file: &str, t: &TextEncoderFile) -> Result<(), EngineError> {
+    let bad = |key: &str, why: String| EngineError::Unsupported { file: file.into(), key: key.into(), why };
+    if !matches!(t.hidden_act.as_str(), "quick_gelu" | "gelu") {
+        return Err(bad("hidden_act", format!("'{}' is not one of 'quick_gelu', 'gelu'", t.hidden_act)));
+    }
+    if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
+        return Err(bad(
+            "num_attention_heads",
+            format!("{} does not divide hidden_size {}", t.num_attention_heads, t.hidden_size),
+        ));
+    }
+    if t.num_hidden_layers < 2 {
+        return Err(bad("num_hidden_layers", "at least 2 layers are needed (SDXL reads the penultimate one)".into()));
+    }
+    Ok(())
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, EngineError> {

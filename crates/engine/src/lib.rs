@@ -12,6 +12,7 @@ pub mod scheduler;
 pub mod testing;
 pub mod text_encoder;
 pub mod tokenizer;
+pub mod unet;
 mod vae_encoder;
 
 use std::path::PathBuf;

@@ -7,9 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{D, DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
@@ -22,6 +21,7 @@ use crate::checkpoint::Checkpoint;
 use crate::scheduler::Scheduler;
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::ClipTokenizer;
+use crate::unet::{AddedCond, Unet};
 use crate::vae_encoder::VaeEncoder;
 
 /// Smallest and largest image side in pixels.
@@ -78,8 +78,12 @@ pub struct Pipeline {
     dtype: DType,
     tokenizer: ClipTokenizer,
     text_encoder: TextEncoder,
-    unet: UNet2DConditionModel,
+    /// SDXL's second tokenizer and encoder.
+    second: Option<(ClipTokenizer, TextEncoder)>,
+    unet: Unet,
     vae: AutoEncoderKL,
+    /// f32 when the VAE overflows in f16 (`force_upcast`), else the model dtype.
+    vae_dtype: DType,
     /// Built on the first edit (text-to-image never needs it).
     vae_encoder: Mutex<Option<Arc<VaeEncoder>>>,
     /// Images per forward pass.
@@ -100,13 +104,6 @@ impl Pipeline {
     /// Loads the checkpoint at `dir`: configs first (refusing what cannot run), then every weight file.
     pub fn load(dir: &Path, device: &Device) -> Result<Pipeline, EngineError> {
         let checkpoint = Checkpoint::open(dir)?;
-        if dir.join("text_encoder_2").is_dir() {
-            return Err(EngineError::Unsupported {
-                file: "text_encoder_2".into(),
-                key: "text_encoder_2".into(),
-                why: "two-encoder (SDXL-family) checkpoints are not supported by this engine yet".into(),
-            });
-        }
         let u = &checkpoint.unet;
         if !matches!(u.in_channels, 4 | 9) || u.out_channels != checkpoint.vae.latent_channels {
             return Err(EngineError::Unsupported {
@@ -125,14 +122,25 @@ impl Pipeline {
         let text_path = checkpoint.weights("text_encoder")?;
         let text_encoder =
             with_weights(&text_path, dtype, device, |vb| TextEncoder::new(vb, &checkpoint.text_encoder))?;
+        let second = match &checkpoint.text_encoder_2 {
+            Some(config) => {
+                let tokenizer = ClipTokenizer::load(&dir.join("tokenizer_2"), config.max_position_embeddings)?;
+                let path = checkpoint.weights("text_encoder_2")?;
+                Some((tokenizer, with_weights(&path, dtype, device, |vb| TextEncoder::new(vb, config))?))
+            }
+            None => None,
+        };
         let unet_path = checkpoint.weights("unet")?;
         let unet_cfg = checkpoint.unet_config()?;
-        let unet = with_weights(&unet_path, dtype, device, |vb| {
-            UNet2DConditionModel::new(vb, u.in_channels, u.out_channels, cfg!(feature = "flash-attn"), unet_cfg)
-        })?;
+        let unet =
+            with_weights(&unet_path, dtype, device, |vb| Unet::new(vb, &unet_cfg, cfg!(feature = "flash-attn")))?;
+        if unet.needs_added_cond() && second.is_none() {
+            return Err(EngineError::MissingFile(dir.join("text_encoder_2/config.json")));
+        }
         let vae_path = checkpoint.weights("vae")?;
         let vae_cfg = checkpoint.vae_config()?;
-        let vae = with_weights(&vae_path, dtype, device, |vb| AutoEncoderKL::new(vb, 3, 3, vae_cfg))?;
+        let vae_dtype = if checkpoint.vae.force_upcast { DType::F32 } else { dtype };
+        let vae = with_weights(&vae_path, vae_dtype, device, |vb| AutoEncoderKL::new(vb, 3, 3, vae_cfg))?;
         tracing::info!(dir = %dir.display(), ?dtype, secs = started.elapsed().as_secs_f64(), "checkpoint loaded");
         Ok(Pipeline {
             checkpoint,
@@ -140,8 +148,10 @@ impl Pipeline {
             dtype,
             tokenizer,
             text_encoder,
+            second,
             unet,
             vae,
+            vae_dtype,
             vae_encoder: Mutex::new(None),
             max_batch: 4,
         })
@@ -187,7 +197,13 @@ impl Pipeline {
         }
         let guided = p.guidance_scale > 1.0;
         let cond = self.embed(&p.prompt)?;
-        let uncond = if guided { Some(self.embed(&p.negative_prompt)?) } else { None };
+        let uncond = if !guided {
+            None
+        } else if p.negative_prompt.is_empty() && self.checkpoint.index.force_zeros_for_empty_prompt {
+            Some(cond.zeros_like()?)
+        } else {
+            Some(self.embed(&p.negative_prompt)?)
+        };
         let inputs = match &p.edit {
             Some(edit) => Some(self.prepare_edit(edit, p.width, p.height)?),
             // An inpainting UNet asked for a plain image repaints a blank canvas everywhere.
@@ -229,11 +245,25 @@ impl Pipeline {
         Ok(images)
     }
 
-    /// The text embedding of one prompt, `[1, tokens, hidden]`.
-    fn embed(&self, prompt: &str) -> Result<Tensor, EngineError> {
-        let ids = self.tokenizer.encode(prompt)?;
-        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        Ok(self.text_encoder.forward(&ids)?)
+    /// The conditioning of one prompt: the text context, and for SDXL the pooled embedding.
+    fn embed(&self, prompt: &str) -> Result<TextCond, EngineError> {
+        let tokens = |tokenizer: &ClipTokenizer| -> Result<(Tensor, usize), EngineError> {
+            let ids = tokenizer.encode(prompt)?;
+            let eos = tokenizer.eos_position(&ids);
+            Ok((Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?, eos))
+        };
+        let (ids, eos) = tokens(&self.tokenizer)?;
+        match &self.second {
+            None => Ok(TextCond { context: self.text_encoder.forward(&ids)?, pooled: None }),
+            // SDXL: both encoders' penultimate states side by side, the second's pooled output.
+            Some((tokenizer_2, encoder_2)) => {
+                let first = self.text_encoder.forward_sdxl(&ids, eos)?;
+                let (ids_2, eos_2) = tokens(tokenizer_2)?;
+                let second = encoder_2.forward_sdxl(&ids_2, eos_2)?;
+                let context = Tensor::cat(&[&first.penultimate, &second.penultimate], D::Minus1)?;
+                Ok(TextCond { context, pooled: Some(second.pooled) })
+            }
+        }
     }
 
     fn prepare_edit(&self, edit: &Edit, width: u32, height: u32) -> Result<EditInputs, EngineError> {
@@ -250,7 +280,7 @@ impl Pipeline {
         // The starting point: the first image's latents, or the mean of all references' latents.
         let mut sum: Option<Tensor> = None;
         for img in &resized {
-            let lat = encoder.encode_mean(&self.to_pixels(img)?)?;
+            let lat = encoder.encode_mean(&self.to_pixels(img)?)?.to_dtype(self.dtype)?;
             sum = Some(match sum {
                 Some(s) => (s + lat)?,
                 None => lat,
@@ -288,7 +318,7 @@ impl Pipeline {
                 }),
                 None => RgbImage::from_pixel(width, height, image::Rgb([127, 127, 127])),
             };
-            let masked_latents = (encoder.encode_mean(&self.to_pixels(&blanked)?)? * scale)?;
+            let masked_latents = (encoder.encode_mean(&self.to_pixels(&blanked)?)?.to_dtype(self.dtype)? * scale)?;
             Some(Tensor::cat(&[&mask, &masked_latents], 1)?)
         } else {
             None
@@ -310,7 +340,7 @@ impl Pipeline {
         }
         let path = self.checkpoint.weights("vae")?;
         let cfg = self.checkpoint.vae_config()?;
-        let enc = Arc::new(with_weights(&path, self.dtype, &self.device, |vb| VaeEncoder::new(vb, &cfg))?);
+        let enc = Arc::new(with_weights(&path, self.vae_dtype, &self.device, |vb| VaeEncoder::new(vb, &cfg))?);
         *slot = Some(enc.clone());
         Ok(enc)
     }
@@ -326,8 +356,8 @@ impl Pipeline {
         &self,
         p: &GenerateParams,
         seeds: &[u64],
-        cond: &Tensor,
-        uncond: Option<&Tensor>,
+        cond: &TextCond,
+        uncond: Option<&TextCond>,
         edit: Option<&EditInputs>,
         hooks: &mut dyn Hooks,
         partials: &mut usize,
@@ -351,8 +381,22 @@ impl Pipeline {
         };
 
         let context = match uncond {
-            Some(u) => Tensor::cat(&[u.repeat((n, 1, 1))?, cond.repeat((n, 1, 1))?], 0)?,
-            None => cond.repeat((n, 1, 1))?,
+            Some(u) => Tensor::cat(&[u.context.repeat((n, 1, 1))?, cond.context.repeat((n, 1, 1))?], 0)?,
+            None => cond.context.repeat((n, 1, 1))?,
+        };
+        let added = match &cond.pooled {
+            Some(pooled) => {
+                let text_embeds = match uncond.and_then(|u| u.pooled.as_ref()) {
+                    Some(u) => Tensor::cat(&[u.repeat((n, 1))?, pooled.repeat((n, 1))?], 0)?,
+                    None => pooled.repeat((n, 1))?,
+                };
+                // SDXL's size conditioning: generated at the requested size, uncropped.
+                let (h, w) = (f64::from(p.height), f64::from(p.width));
+                let ids = Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &self.device)?.to_dtype(DType::F32)?;
+                let time_ids = ids.repeat((text_embeds.dim(0)?, 1))?;
+                Some(AddedCond { text_embeds, time_ids })
+            }
+            None => None,
         };
         let extra = edit.and_then(|e| e.inpaint_extra.as_ref()).map(|x| x.repeat((n, 1, 1, 1))).transpose()?;
         let blend_mask = if self.is_inpainting() { None } else { edit.and_then(|e| e.latent_mask.as_ref()) };
@@ -372,7 +416,7 @@ impl Pipeline {
             if uncond.is_some() {
                 input = Tensor::cat(&[&input, &input], 0)?;
             }
-            let out = self.unet.forward(&input, t, &context)?;
+            let out = self.unet.forward(&input, t, &context, added.as_ref())?;
             let out = if uncond.is_some() {
                 let (u, c) = (out.i(0..n)?, out.i(n..2 * n)?);
                 (&u + ((c - &u)? * p.guidance_scale)?)?
@@ -405,7 +449,7 @@ impl Pipeline {
 
     /// Latents to images.
     fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>, EngineError> {
-        let scaled = (latents / self.checkpoint.vae_scale())?;
+        let scaled = (latents / self.checkpoint.vae_scale())?.to_dtype(self.vae_dtype)?;
         let pixels = self.vae.decode(&scaled)?;
         let pixels =
             ((pixels.to_dtype(DType::F32)? + 1.0)? * 127.5)?.clamp(0.0, 255.0)?.round()?.to_dtype(DType::U8)?;
@@ -420,13 +464,31 @@ impl Pipeline {
         Ok(out)
     }
 
-    /// An image as `[1, 3, h, w]` in -1..1.
+    /// An image as `[1, 3, h, w]` in -1..1, in the VAE's dtype.
     fn to_pixels(&self, img: &RgbImage) -> Result<Tensor, EngineError> {
         let (w, h) = img.dimensions();
         let t = Tensor::from_vec(img.as_raw().clone(), (h as usize, w as usize, 3), &self.device)?
             .permute((2, 0, 1))?
             .to_dtype(DType::F32)?;
-        Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?.to_dtype(self.dtype)?)
+        Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?.to_dtype(self.vae_dtype)?)
+    }
+}
+
+/// A prompt's conditioning.
+struct TextCond {
+    /// `[1, tokens, context width]`.
+    context: Tensor,
+    /// SDXL's pooled text embedding, `[1, pooled_dim]`.
+    pooled: Option<Tensor>,
+}
+
+impl TextCond {
+    /// The same shapes, all zeros (SDXL's empty negative prompt).
+    fn zeros_like(&self) -> Result<TextCond, EngineError> {
+        Ok(TextCond {
+            context: self.context.zeros_like()?,
+            pooled: self.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+        })
     }
 }
 

@@ -8,7 +8,6 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -19,6 +18,7 @@ use crate::EngineError;
 use crate::checkpoint::Checkpoint;
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::byte_alphabet;
+use crate::unet::Unet;
 
 /// What varies between the tiny test checkpoints.
 #[derive(Debug, Clone)]
@@ -32,6 +32,9 @@ pub struct TinySpec {
     /// Context length of the text encoder (77 in real models).
     pub max_tokens: usize,
     pub seed: u64,
+    /// An SDXL-shaped checkpoint: a second text encoder with a projection, `text_time` conditioning,
+    /// several transformer layers per block, and SDXL's VAE scale.
+    pub sdxl: bool,
 }
 
 impl Default for TinySpec {
@@ -44,6 +47,7 @@ impl Default for TinySpec {
             hidden_act: "gelu".into(),
             max_tokens: 16,
             seed: 7,
+            sdxl: false,
         }
     }
 }
@@ -89,36 +93,69 @@ pub fn write_tokenizer(dir: &Path, pad_token: Option<&str>) -> Result<usize, Eng
 pub fn write_checkpoint(dir: &Path, spec: &TinySpec) -> Result<(), EngineError> {
     let vocab_size = write_tokenizer(&dir.join("tokenizer"), Some("!"))?;
     let inpaint = spec.in_channels == 9;
-    let pipeline = if inpaint { "StableDiffusionInpaintPipeline" } else { "StableDiffusionPipeline" };
-    write_json(
-        &dir.join("model_index.json"),
-        &json!({
-            "_class_name": pipeline,
-            "_diffusers_version": "0.30.0",
-            "scheduler": ["diffusers", spec.scheduler],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }),
-    )?;
-    write_json(
-        &dir.join("unet/config.json"),
-        &json!({
-            "_class_name": "UNet2DConditionModel",
-            "in_channels": spec.in_channels,
-            "out_channels": 4,
-            "block_out_channels": [32, 64],
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "layers_per_block": 1,
-            "attention_head_dim": [2, 4],
-            "cross_attention_dim": 32,
-            "norm_num_groups": 32,
-            "use_linear_projection": true,
-            "sample_size": 32,
-        }),
-    )?;
+    let pipeline = match (spec.sdxl, inpaint) {
+        (true, _) => "StableDiffusionXLPipeline",
+        (false, true) => "StableDiffusionInpaintPipeline",
+        (false, false) => "StableDiffusionPipeline",
+    };
+    let mut index = json!({
+        "_class_name": pipeline,
+        "_diffusers_version": "0.30.0",
+        "scheduler": ["diffusers", spec.scheduler],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    });
+    let mut unet = json!({
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": spec.in_channels,
+        "out_channels": 4,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 1,
+        "attention_head_dim": [2, 4],
+        "cross_attention_dim": 32,
+        "norm_num_groups": 32,
+        "use_linear_projection": true,
+        "sample_size": 32,
+    });
+    let mut vae_scale = json!(0.18215);
+    if spec.sdxl {
+        // SDXL's layout: attention only in the deeper block, with two transformer layers there (and in the
+        // mid block); the context is both encoders' states side by side (32 + 32); the added conditioning
+        // is the second encoder's 16-wide projection plus six 8-channel size ids.
+        index["text_encoder_2"] = json!(["transformers", "CLIPTextModelWithProjection"]);
+        index["tokenizer_2"] = json!(["transformers", "CLIPTokenizer"]);
+        index["force_zeros_for_empty_prompt"] = json!(true);
+        unet["down_block_types"] = json!(["DownBlock2D", "CrossAttnDownBlock2D"]);
+        unet["up_block_types"] = json!(["CrossAttnUpBlock2D", "UpBlock2D"]);
+        unet["transformer_layers_per_block"] = json!([1, 2]);
+        unet["cross_attention_dim"] = json!(64);
+        unet["addition_embed_type"] = json!("text_time");
+        unet["addition_time_embed_dim"] = json!(8);
+        unet["projection_class_embeddings_input_dim"] = json!(16 + 6 * 8);
+        vae_scale = json!(0.13025);
+        write_tokenizer(&dir.join("tokenizer_2"), Some("!"))?;
+        write_json(
+            &dir.join("text_encoder_2/config.json"),
+            &json!({
+                "architectures": ["CLIPTextModelWithProjection"],
+                "vocab_size": vocab_size,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "max_position_embeddings": spec.max_tokens,
+                "hidden_act": "gelu",
+                "layer_norm_eps": 1e-5,
+                "projection_dim": 16,
+            }),
+        )?;
+    }
+    write_json(&dir.join("model_index.json"), &index)?;
+    write_json(&dir.join("unet/config.json"), &unet)?;
     write_json(
         &dir.join("vae/config.json"),
         &json!({
@@ -131,7 +168,8 @@ pub fn write_checkpoint(dir: &Path, spec: &TinySpec) -> Result<(), EngineError> 
             "layers_per_block": 1,
             "latent_channels": 4,
             "norm_num_groups": 32,
-            "scaling_factor": 0.18215,
+            "scaling_factor": vae_scale,
+            "force_upcast": spec.sdxl,
         }),
     )?;
     write_json(
@@ -167,7 +205,7 @@ pub fn write_checkpoint(dir: &Path, spec: &TinySpec) -> Result<(), EngineError> 
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let unet_cfg = ckpt.unet_config()?;
     save_random(&dir.join("unet/diffusion_pytorch_model.safetensors"), &mut rng, |vb| {
-        UNet2DConditionModel::new(vb, spec.in_channels, 4, false, unet_cfg.clone()).map(drop)
+        Unet::new(vb, &unet_cfg, false).map(drop)
     })?;
     let vae_cfg = ckpt.vae_config()?;
     save_random(&dir.join("vae/diffusion_pytorch_model.safetensors"), &mut rng, |vb| {
@@ -176,6 +214,11 @@ pub fn write_checkpoint(dir: &Path, spec: &TinySpec) -> Result<(), EngineError> 
     save_random(&dir.join("text_encoder/model.safetensors"), &mut rng, |vb| {
         TextEncoder::new(vb, &ckpt.text_encoder).map(drop)
     })?;
+    if let Some(config) = &ckpt.text_encoder_2 {
+        save_random(&dir.join("text_encoder_2/model.safetensors"), &mut rng, |vb| {
+            TextEncoder::new(vb, config).map(drop)
+        })?;
+    }
     Ok(())
 }
 

@@ -3,6 +3,9 @@
 //! candle's configurable CLIP text model knows only QuickGELU, while SD 2.x (and SD-Turbo) encoders use
 //! GELU, and its Stable Diffusion variant hard-codes each model's sizes; this one reads every size and the
 //! activation from the config, with the tensor names of diffusers/transformers checkpoints.
+//!
+//! SDXL conditions on two encoders: the penultimate layer's hidden states of both, side by side, and the
+//! second one's pooled output (its end token after the final norm) through `text_projection`.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
@@ -42,6 +45,16 @@ pub struct TextEncoder {
     final_norm: LayerNorm,
     heads: usize,
     activation: Activation,
+    /// `text_projection` (no bias), on encoders whose config has a `projection_dim`.
+    projection: Option<Linear>,
+}
+
+/// What SDXL reads from an encoder.
+pub struct SdxlOutput {
+    /// The hidden states before the last layer, `[batch, seq, hidden]`.
+    pub penultimate: Tensor,
+    /// The end token's final state, projected when the encoder has a projection, `[batch, dim]`.
+    pub pooled: Tensor,
 }
 
 impl TextEncoder {
@@ -68,7 +81,12 @@ impl TextEncoder {
         }
         let final_norm = candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
         let activation = if c.hidden_act == "gelu" { Activation::Gelu } else { Activation::QuickGelu };
+        let projection = match c.projection_dim {
+            Some(p) => Some(candle_nn::linear_no_bias(d, p, vb.root().pp("text_projection"))?),
+            None => None,
+        };
         Ok(TextEncoder {
+            projection,
             token_embedding,
             position_embedding,
             layers,
@@ -80,21 +98,40 @@ impl TextEncoder {
 
     /// The last hidden state (after the final layer norm) for a batch of token ids, `[batch, seq, hidden]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (last, _) = self.run(ids)?;
+        self.final_norm.forward(&last)
+    }
+
+    /// SDXL's reading of the encoder: the penultimate hidden states, and the pooled output at `eos`
+    /// (the end token's position in every row of `ids`).
+    pub fn forward_sdxl(&self, ids: &Tensor, eos: usize) -> Result<SdxlOutput> {
+        let (last, penultimate) = self.run(ids)?;
+        let pooled = self.final_norm.forward(&last.narrow(1, eos, 1)?.squeeze(1)?)?;
+        let pooled = match &self.projection {
+            Some(p) => p.forward(&pooled)?,
+            None => pooled,
+        };
+        Ok(SdxlOutput { penultimate, pooled })
+    }
+
+    /// Every layer: the last hidden states (before the final norm) and the ones before the last layer.
+    fn run(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (batch, seq) = ids.dims2()?;
         let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
         let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(seq, ids.device(), xs.dtype())?;
+        let mut previous = xs.clone();
         for layer in &self.layers {
-            let residual = xs.clone();
+            previous = xs.clone();
             let h = layer.norm1.forward(&xs)?;
             let h = self.attention(layer, &h, &mask, batch, seq)?;
-            xs = (h + residual)?;
+            xs = (h + &previous)?;
             let residual = xs.clone();
             let h = layer.norm2.forward(&xs)?;
             let h = layer.fc2.forward(&self.activation.forward(&layer.fc1.forward(&h)?)?)?;
             xs = (h + residual)?;
         }
-        self.final_norm.forward(&xs)
+        Ok((xs, previous))
     }
 
     fn attention(&self, l: &Layer, xs: &Tensor, mask: &Tensor, batch: usize, seq: usize) -> Result<Tensor> {

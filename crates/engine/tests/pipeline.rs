@@ -212,7 +212,9 @@ fn configs_the_engine_cannot_run_are_refused_with_a_message() {
         Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string()
     };
     let msg = edit(&|v| v["addition_embed_type"] = "text_time".into());
-    assert!(msg.contains("addition_embed_type"), "{msg}");
+    assert!(msg.contains("addition_embed_type") && msg.contains("second text encoder"), "{msg}");
+    let msg = edit(&|v| v["addition_embed_type"] = "image".into());
+    assert!(msg.contains("addition_embed_type") && msg.contains("'image'"), "{msg}");
     let msg = edit(&|v| v["attention_head_dim"] = serde_json::json!([3, 4]));
     assert!(msg.contains("attention_head_dim"), "{msg}");
     let msg = edit(&|v| v["down_block_types"] = serde_json::json!(["CrossAttnDownBlock2D"]));
@@ -222,4 +224,64 @@ fn configs_the_engine_cannot_run_are_refused_with_a_message() {
     std::fs::write(&path, "{ not json").unwrap();
     let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("unet/config.json"), "{msg}");
+}
+
+/// Multiplies one tensor of a safetensors file by `factor`.
+fn scale_tensor(path: &std::path::Path, name: &str, factor: f64) {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let t = tensors.get(name).unwrap_or_else(|| panic!("{name} not in {}", path.display()));
+    let scaled = (t * factor).unwrap();
+    tensors.insert(name.to_owned(), scaled);
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+#[test]
+fn sdxl_checkpoints_run_with_two_encoders_and_their_added_conditioning() {
+    let spec = TinySpec { sdxl: true, ..TinySpec::default() };
+    let (dir, p) = tiny(&spec);
+    let a = p.generate(&params(1), &mut NoHooks).unwrap();
+    assert_eq!(a[0].dimensions(), (80, 64));
+    assert_eq!(a, p.generate(&params(1), &mut NoHooks).unwrap(), "same seed, same pixels");
+    assert_ne!(a, p.generate(&params(2), &mut NoHooks).unwrap());
+    // Guidance with SDXL's zero embedding for an empty negative prompt, and with a real one.
+    let guided = GenerateParams { guidance_scale: 5.0, ..params(1) };
+    let zeros = p.generate(&guided, &mut NoHooks).unwrap();
+    let negative = GenerateParams { negative_prompt: "red cat".into(), ..guided };
+    assert_ne!(zeros, p.generate(&negative, &mut NoHooks).unwrap());
+
+    // The pooled embedding reaches the UNet: text_projection only acts on it.
+    let te2 = dir.path().join("text_encoder_2/model.safetensors");
+    scale_tensor(&te2, "text_projection.weight", 3.0);
+    let p2 = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    let projected = p2.generate(&params(1), &mut NoHooks).unwrap();
+    assert_ne!(a, projected, "the pooled text embedding changed nothing");
+
+    // The add_embedding tensors are read: changing them changes the image, a wrong shape is named.
+    let unet = dir.path().join("unet/diffusion_pytorch_model.safetensors");
+    scale_tensor(&unet, "add_embedding.linear_2.weight", 3.0);
+    let p3 = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    assert_ne!(projected, p3.generate(&params(1), &mut NoHooks).unwrap(), "add_embedding changed nothing");
+    engine::testing::replace_tensor(&unet, "add_embedding.linear_1.weight").unwrap();
+    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("add_embedding.linear_1.weight"), "{msg}");
+
+    // The second encoder is required, and its files are named when missing.
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &spec).unwrap();
+    std::fs::remove_file(dir.path().join("text_encoder_2/model.safetensors")).unwrap();
+    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("text_encoder_2"), "{msg}");
+    std::fs::remove_dir_all(dir.path().join("text_encoder_2")).unwrap();
+    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    assert!(msg.contains("addition_embed_type") && msg.contains("second text encoder"), "{msg}");
+}
+
+#[test]
+fn sdxl_inpainting_by_blending_keeps_unmasked_pixels() {
+    let (_dir, p) = tiny(&TinySpec { sdxl: true, ..TinySpec::default() });
+    let input = photo(80, 64);
+    let mask = ring_mask(80, 64);
+    let edit = Edit { images: vec![input.clone()], mask: Some(mask.clone()), strength: 1.0 };
+    let out = p.generate(&GenerateParams { edit: Some(edit), ..params(3) }, &mut NoHooks).unwrap();
+    assert_outside_mask_kept(&out[0], &input, &mask);
 }

@@ -130,6 +130,25 @@ async fn the_seed_reproduces_bytes_and_n_images_come_back() {
 }
 
 #[tokio::test]
+async fn an_sdxl_checkpoint_serves_with_its_native_size_and_seeds() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &TinySpec { sdxl: true, ..TinySpec::default() }).unwrap();
+    let toml = format!("[models.tiny-xl]\npath = {:?}\nprofile = \"turbo\"\n", dir.path().to_str().unwrap());
+    let s = start(&toml, vec![dir]).await;
+    let body = |seed: u64| json!({"model": "tiny-xl", "prompt": "a cute baby sea otter", "seed": seed});
+    let (status, _, a) = s.generate(body(5)).await;
+    assert_eq!(status, 200, "{a}");
+    // `auto` is the native size: sample_size 32 latents x the tiny VAE's factor 2.
+    assert_eq!(a["size"], "64x64");
+    let img = decode(&a["data"][0]["b64_json"]);
+    assert_eq!((img.width(), img.height()), (64, 64));
+    let (_, _, again) = s.generate(body(5)).await;
+    let (_, _, other) = s.generate(body(6)).await;
+    assert_eq!(a["data"][0]["b64_json"], again["data"][0]["b64_json"]);
+    assert_ne!(a["data"][0]["b64_json"], other["data"][0]["b64_json"]);
+}
+
+#[tokio::test]
 async fn invalid_sizes_and_options_get_clear_errors_and_never_panic() {
     let s = serve("").await;
     for size in ["65x64", "4096x4096", "8x8", "abc", "0x64", "64x"] {
