@@ -52,6 +52,11 @@ pub struct ConfigArgs {
     /// ~/.local/share/imagegate].
     #[arg(long, env = "IMAGEGATE_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The database of keys, budgets and the usage ledger: `sqlite://PATH` or `postgres://...`
+    /// (instances sharing one PostgreSQL database share budgets, limits and keys)
+    /// [default: imagegate.db in the data dir].
+    #[arg(long, env = "IMAGEGATE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
 }
 
 /// The process environment, with `--data-dir` in place of `IMAGEGATE_DATA_DIR`.
@@ -74,11 +79,35 @@ struct ServeArgs {
     /// Accepted client API keys, comma-separated. Without any, the server is open (loopback only).
     #[arg(long, env = "IMAGEGATE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     api_keys: Vec<String>,
+    /// Seconds a request's budget hold lasts before it is presumed abandoned (a crashed instance) and
+    /// released; also a local job's worst-case compute time.
+    #[arg(long, env = "IMAGEGATE_RESERVATION_TTL_SECS", default_value_t = 3600)]
+    reservation_ttl_secs: u64,
     #[command(flatten)]
     config: ConfigArgs,
 }
 
 impl ConfigArgs {
+    /// The data dir: `--data-dir`, `IMAGEGATE_DATA_DIR`, or the XDG default.
+    pub fn data_dir(&self) -> PathBuf {
+        let env = CliEnv(self.data_dir.as_deref());
+        engine::registry::default_data_dir_from(|k| env.var(k).map(std::ffi::OsString::from))
+    }
+
+    /// Connects to the ledger database (running its migrations), creating the data dir for the default
+    /// SQLite file.
+    pub async fn open_ledger(&self, options: ledger::LedgerOptions) -> Result<ledger::Ledger, String> {
+        let url = match &self.database_url {
+            Some(url) => url.clone(),
+            None => {
+                let dir = self.data_dir();
+                std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                ledger::sqlite_url(&dir).map_err(|e| e.to_string())?
+            }
+        };
+        ledger::Ledger::connect_with(&url, options).await.map_err(|e| format!("the database: {e}"))
+    }
+
     /// The validated application state, or a message for the operator.
     pub fn state(&self, plain_keys: &[String]) -> Result<AppState, String> {
         self.state_with(plain_keys, None).map(|(state, _)| state)
@@ -182,7 +211,21 @@ fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let state = args.config.state(&args.api_keys)?;
-    server::check_listen_address(&args.listen, &state.keys).map_err(|e| e.to_string())?;
+    let ttl = std::time::Duration::from_secs(args.reservation_ttl_secs.max(1));
+    let ledger = args.config.open_ledger(ledger::LedgerOptions { reservation_ttl: ttl, ..Default::default() }).await?;
+    let state = state.with_ledger(ledger.clone(), ttl).await.map_err(|e| e.to_string())?;
+    let open = state.is_open().await.map_err(|e| e.to_string())?;
+    server::check_listen_address(&args.listen, open).map_err(|e| e.to_string())?;
+    // Holds of requests whose instance died are released once they expire, by whichever instance looks.
+    let sweep = (ttl / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(sweep).await;
+            if let Err(e) = ledger.release_expired(ledger.now()).await {
+                tracing::warn!(error = %e, "could not release expired reservations");
+            }
+        }
+    });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -193,8 +236,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             "no provider is configured: set OPENAI_API_KEY or pass --config; every image request will be a 404"
         );
     }
-    if state.keys.is_open() {
-        tracing::warn!(%addr, "no API keys configured: serving WITHOUT authentication, on loopback only");
+    if open {
+        tracing::warn!(
+            %addr,
+            "no API keys yet: serving WITHOUT authentication, on loopback only (imagegate keys create --name NAME)"
+        );
     }
     tracing::info!(%addr, models = %models.join(", "), "imagegate listening");
     server::run(listener, server::app(state), shutdown_signal()).await.map_err(|e| e.to_string())?;

@@ -2,11 +2,12 @@
 //! provider, and write the response. Image decoding runs on blocking threads, never on the runtime.
 
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use api::{ApiError, Fields, RawRequest};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{Extension, FromRequest, Multipart, Path, Request, State};
 use axum::http::header::{ALLOW, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use axum::response::sse::{Event, Sse};
@@ -14,9 +15,12 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use domain::{EditRequest, GenerateRequest, ImageJob, ImageOptions, InputImage, JobKind, ModelFamily, StreamEvent};
 use futures_util::StreamExt;
+use pricing::Cost;
 use providers::{ProviderError, ProviderOutput};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
+use crate::accounts::{self, Admit, Caller, Finished, RequestInfo, Ticket};
 use crate::routing::Route;
 use crate::{AppState, HttpError, billing};
 
@@ -27,18 +31,24 @@ type HandlerResult = Result<Response, HttpError>;
 
 pub async fn generations(
     State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HandlerResult {
-    let map = json_body(&state, &headers, body)?;
+    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), &state))?;
+    let fingerprint = fingerprint(&[&body]);
+    let map = json_body(&state, &headers, Ok(body))?;
     let raw = RawRequest::parse(&Fields::Json(&map), JobKind::Generate, &[])?;
     let (model, route) = route(&state, &raw, JobKind::Generate)?;
     let (prompt, options, _) = raw.validate(&model, route.family, JobKind::Generate)?;
-    execute(&state, route, ImageJob::Generate(GenerateRequest { prompt, options }), &headers).await
+    let job = ImageJob::Generate(GenerateRequest { prompt, options });
+    let who = Who { caller: caller.map(|Extension(c)| c), model, fingerprint };
+    execute(&state, route, job, &headers, who).await
 }
 
 pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerResult {
     let headers = request.headers().clone();
+    let caller = request.extensions().get::<Caller>().cloned();
     let ct = content_type(&headers).to_owned();
     let form = if ct.starts_with("multipart/form-data") {
         read_multipart(request, &state).await?
@@ -57,13 +67,33 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
     };
     let (model, route) = route(&state, &raw, JobKind::Edit)?;
     let (prompt, options, input_fidelity) = raw.validate(&model, route.family, JobKind::Edit)?;
+    let fingerprint = form.fingerprint();
     let (images, mask) = inspect_inputs(form.images, form.mask, state.limits.max_image_pixels, &headers).await?;
     api::images::check_inputs(&images, route.family, &model)?;
     if let Some(m) = &mask {
         api::images::check_mask(m, &images[0])?;
     }
     let job = ImageJob::Edit(EditRequest { prompt, images, mask, input_fidelity, options });
-    execute(&state, route, job, &headers).await
+    execute(&state, route, job, &headers, Who { caller, model, fingerprint }).await
+}
+
+/// Who asked for a job, for its accounting.
+struct Who {
+    caller: Option<Caller>,
+    /// The model name as the client gave it (what key model lists name).
+    model: String,
+    /// The request's content, to tell an idempotent retry from a reused key.
+    fingerprint: String,
+}
+
+/// SHA-256 over length-prefixed parts, as hex.
+fn fingerprint(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `POST /v1/images/estimates`: what planned requests would cost, before spending anything.
@@ -103,7 +133,16 @@ pub async fn not_found(method: Method, uri: Uri) -> HttpError {
 }
 
 pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    let allowed = if uri.path().starts_with("/v1/models") || uri.path() == "/health" { "GET" } else { "POST" };
+    let path = uri.path();
+    let allowed = if path.starts_with("/v1/models") || path.starts_with("/v1/organization/") || path == "/health" {
+        "GET"
+    } else if path.starts_with("/v1/admin/keys/") {
+        "DELETE"
+    } else if path == "/v1/admin/keys" {
+        "GET, POST"
+    } else {
+        "POST"
+    };
     let mut response = HttpError(ApiError::method_not_allowed(method.as_str(), uri.path(), allowed)).into_response();
     response.headers_mut().insert(ALLOW, HeaderValue::from_static(allowed));
     response
@@ -123,12 +162,42 @@ fn route(state: &AppState, raw: &RawRequest, kind: JobKind) -> Result<(String, R
 /// Runs the job on its provider and writes the response: JSON, or server-sent events when streaming.
 /// Every billed response carries its cost: the `x-imagegate-cost-usd` header and the `imagegate` body
 /// extension; a stream carries it in each completed event, since its headers leave before the cost is known.
-async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &HeaderMap) -> HandlerResult {
+async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &HeaderMap, who: Who) -> HandlerResult {
     let provider = route.provider.name().to_owned();
     let options = job.options().clone();
     let kind = job.kind();
+    // Before any provider runs: the key's model list, rate limit, idempotency, and the worst case held.
+    let ticket = match &state.ledger {
+        Some(ledger) => {
+            let info = RequestInfo {
+                request_id: request_id(headers).to_owned(),
+                operation: if kind == JobKind::Edit { "edit" } else { "generation" },
+                model: who.model.clone(),
+                provider: provider.clone(),
+                n: u32::from(options.n.max(1)),
+            };
+            match accounts::admit(ledger, who.caller.as_ref(), headers, info, &who.fingerprint).await? {
+                Admit::Replay(stored) => {
+                    let mut response = json_response(stored.into_bytes());
+                    response.headers_mut().insert(accounts::REPLAYED_HEADER, HeaderValue::from_static("true"));
+                    return Ok(response);
+                }
+                Admit::Go(admission) => {
+                    let worst = billing::worst_case(state, &route, &job, state.reservation_ttl_ms);
+                    Some(admission.reserve(worst).await?)
+                }
+            }
+        }
+        None => None,
+    };
     match route.provider.run(&route.upstream_model, &job).await {
-        Err(e) => Err(HttpError(provider_error(e, &provider, headers))),
+        Err(e) => {
+            let error = provider_error(e, &provider, headers);
+            if let Some(t) = ticket {
+                t.fail(&error).await;
+            }
+            Err(HttpError(error))
+        }
         Ok(ProviderOutput::Complete(mut result)) => {
             result.resolved = result.resolved.fill_from(&options, route.family);
             if result.created == 0 {
@@ -144,11 +213,31 @@ async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &Header
             {
                 result.usage = c.usage;
             }
-            let mut response = json_response(api::images_response_json(&result, cost.as_ref().map(|(_, v)| v)));
+            let body = api::images_response_json(&result, cost.as_ref().map(|(_, v)| v));
+            let outcome = match ticket {
+                Some(t) => {
+                    let r = &result.resolved;
+                    let finished = Finished {
+                        cost: cost.as_ref().map(|(c, _)| c),
+                        images: u32::try_from(images).unwrap_or(u32::MAX),
+                        quality: r.quality.map(|q| q.to_string()),
+                        size: r.size.map(|s| s.to_string()),
+                        response: Some(&body),
+                    };
+                    t.settle(finished).await
+                }
+                None => accounts::Outcome::default(),
+            };
+            let mut response = json_response(body);
             if let Some((c, _)) = cost
                 && let Ok(value) = HeaderValue::from_str(&c.total_string())
             {
                 response.headers_mut().insert(COST_HEADER, value);
+            }
+            if outcome.over_soft_limit {
+                response
+                    .headers_mut()
+                    .insert(accounts::BUDGET_WARNING_HEADER, HeaderValue::from_static("soft budget exceeded"));
             }
             Ok(response)
         }
@@ -156,6 +245,9 @@ async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &Header
             let headers = headers.clone();
             let family = route.family;
             let state = state.clone();
+            // What the stream cost so far, settled when it ends (a dropped stream releases its hold).
+            let tally = Arc::new(Mutex::new(StreamTally { ticket, ..StreamTally::default() }));
+            let settle = tally.clone();
             let sse = events.map(move |item| -> Result<Event, Infallible> {
                 Ok(match item {
                     Ok(event) => {
@@ -170,6 +262,12 @@ async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &Header
                                 if usage.is_none() {
                                     *usage = cost.as_ref().and_then(|(c, _)| c.usage);
                                 }
+                                if let Ok(mut t) = tally.lock() {
+                                    t.images += 1;
+                                    t.quality = resolved.quality.map(|q| q.to_string());
+                                    t.size = resolved.size.map(|s| s.to_string());
+                                    t.costs.extend(cost.as_ref().map(|(c, _)| c.clone()));
+                                }
                                 cost
                             }
                             StreamEvent::Partial { .. } => None,
@@ -179,13 +277,41 @@ async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &Header
                     }
                     Err(e) => {
                         let error = provider_error(e, &provider, &headers);
+                        if let Ok(mut t) = tally.lock() {
+                            t.failed = Some(error.clone());
+                        }
                         Event::default().event("error").data(api::stream_error_json(&error.body))
                     }
                 })
             });
-            Ok(Sse::new(sse).into_response())
+            let finish = futures_util::stream::once(async move {
+                let taken = settle.lock().map(|mut t| std::mem::take(&mut *t)).ok();
+                if let Some(StreamTally { ticket: Some(ticket), costs, images, quality, size, failed }) = taken {
+                    match failed {
+                        Some(error) if images == 0 => ticket.fail(&error).await,
+                        _ => {
+                            let cost = billing::sum(costs);
+                            let finished = Finished { cost: cost.as_ref(), images, quality, size, response: None };
+                            ticket.settle(finished).await;
+                        }
+                    }
+                }
+            })
+            .filter_map(|()| async { None::<Result<Event, Infallible>> });
+            Ok(Sse::new(sse.chain(finish)).into_response())
         }
     }
+}
+
+/// A stream's spending so far.
+#[derive(Default)]
+struct StreamTally {
+    ticket: Option<Ticket>,
+    costs: Vec<Cost>,
+    images: u32,
+    quality: Option<String>,
+    size: Option<String>,
+    failed: Option<ApiError>,
 }
 
 fn resolve_event(event: StreamEvent, options: &ImageOptions, family: ModelFamily) -> StreamEvent {
@@ -252,6 +378,25 @@ struct EditForm {
     /// (field name for errors, bytes, client file name)
     images: Vec<(String, Bytes, Option<String>)>,
     mask: Option<(Bytes, Option<String>)>,
+}
+
+impl EditForm {
+    /// The form's content: fields in order, then every image and the mask.
+    fn fingerprint(&self) -> String {
+        let fields = match &self.fields {
+            EditFields::Text(parts) => parts.iter().map(|(k, v)| format!("{k}={v}\n")).collect::<String>(),
+            EditFields::Json(map) => {
+                let mut rest = map.clone();
+                rest.remove("images");
+                rest.remove("mask");
+                Value::Object(rest).to_string()
+            }
+        };
+        let mut parts: Vec<&[u8]> = vec![fields.as_bytes()];
+        parts.extend(self.images.iter().map(|(_, bytes, _)| bytes.as_ref()));
+        parts.extend(self.mask.iter().map(|(bytes, _)| bytes.as_ref()));
+        fingerprint(&parts)
+    }
 }
 
 async fn read_multipart(request: Request, state: &AppState) -> Result<EditForm, HttpError> {

@@ -4,6 +4,8 @@
 //! [`app`] builds the router from an [`AppState`] (tests call it without a socket); [`run`] serves it on a
 //! listener until a shutdown future resolves, letting in-flight requests finish.
 
+pub mod accounts;
+mod admin;
 pub mod auth;
 pub mod billing;
 pub mod config;
@@ -38,6 +40,12 @@ pub struct AppState {
     pub keys: Arc<KeySet>,
     pub limits: Limits,
     pub default_model: Option<Arc<str>>,
+    /// Keys, budgets and the usage ledger. `None` only for embedded uses without accounting (tests,
+    /// the CLI's in-process server): `imagegate serve` always has one.
+    pub ledger: Option<ledger::Ledger>,
+    /// How long a reservation holds before it is presumed abandoned; also a local job's worst-case
+    /// compute time.
+    pub reservation_ttl_ms: u64,
 }
 
 impl AppState {
@@ -78,9 +86,43 @@ impl AppState {
             keys: Arc::new(KeySet::new(config.api_key_hashes.clone())),
             limits: config.limits,
             default_model: config.default_model.as_deref().map(Arc::from),
+            ledger: None,
+            reservation_ttl_ms: DEFAULT_RESERVATION_TTL.as_millis() as u64,
         })
     }
+
+    /// The same state, accounting on `ledger`; its static keys (config `api_keys`, `IMAGEGATE_API_KEYS`)
+    /// are imported into it as user keys, so that they keep working and get budgets like any other.
+    pub async fn with_ledger(
+        mut self,
+        ledger: ledger::Ledger,
+        reservation_ttl: std::time::Duration,
+    ) -> Result<AppState, ConfigError> {
+        for (i, digest) in self.keys.digests().iter().enumerate() {
+            ledger
+                .import_key(&format!("static-{}", i + 1), digest, ledger::Scope::User)
+                .await
+                .map_err(|e| ConfigError(format!("cannot import the static API keys into the database: {e}")))?;
+        }
+        self.ledger = Some(ledger);
+        self.reservation_ttl_ms = u64::try_from(reservation_ttl.as_millis()).unwrap_or(u64::MAX);
+        Ok(self)
+    }
+
+    /// Whether requests without a key are served: no static key, and no key in the ledger.
+    pub async fn is_open(&self) -> Result<bool, ConfigError> {
+        if !self.keys.is_open() && self.ledger.is_none() {
+            return Ok(false);
+        }
+        match &self.ledger {
+            Some(l) => l.has_keys().await.map(|has| !has).map_err(|e| ConfigError(format!("the database: {e}"))),
+            None => Ok(true),
+        }
+    }
 }
+
+/// How long a reservation holds by default: longer than any request should run.
+pub const DEFAULT_RESERVATION_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The application: every route, with request ids, tracing, the body limit and OpenAI-shaped errors for
 /// anything unrouted.
@@ -92,6 +134,10 @@ pub fn app(state: AppState) -> Router {
         .route("/images/estimates", post(handlers::estimates))
         .route("/models", get(handlers::list_models))
         .route("/models/{*id}", get(handlers::get_model))
+        .route("/admin/keys", get(admin::list_keys).post(admin::create_key))
+        .route("/admin/keys/{id}", axum::routing::delete(admin::revoke_key))
+        .route("/organization/usage/images", get(admin::usage_images))
+        .route("/organization/costs", get(admin::costs))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
     Router::new()
         .route("/health", get(handlers::health))
@@ -105,11 +151,11 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Refuses to serve without keys on an address other machines can reach.
-pub fn check_listen_address(addr: &SocketAddr, keys: &KeySet) -> Result<(), ConfigError> {
-    if keys.is_open() && !addr.ip().is_loopback() {
+/// Refuses to serve without keys (`open`) on an address other machines can reach.
+pub fn check_listen_address(addr: &SocketAddr, open: bool) -> Result<(), ConfigError> {
+    if open && !addr.ip().is_loopback() {
         return Err(ConfigError(format!(
-            "refusing to listen on {addr} without API keys: anyone who can reach it could spend your money. Set IMAGEGATE_API_KEYS (or api_keys in the config), or listen on 127.0.0.1"
+            "refusing to listen on {addr} without API keys: anyone who can reach it could spend your money. Create one with `imagegate keys create --name NAME` (or set IMAGEGATE_API_KEYS), or listen on 127.0.0.1"
         )));
     }
     Ok(())

@@ -1,0 +1,115 @@
+//! Idempotency keys: a retried request with the same `Idempotency-Key` gets the first answer
+//! instead of running (and billing) twice.
+//!
+//! Entries are per API key. [`Ledger::begin_idempotent`] claims an entry with one
+//! `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired` statement, so of two concurrent requests with
+//! the same key exactly one gets [`Idempotency::New`]. The winner then either
+//! [`Ledger::complete_idempotent`]s it (storing the response metadata, replayed for
+//! `idempotency_retention`) or [`Ledger::fail_idempotent`]s it (removing it, so a retry runs again).
+//! An in-flight entry whose process died is taken over after `idempotency_in_flight_ttl`.
+
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+use crate::db::{Ledger, to_ms};
+use crate::error::{LedgerError, Result};
+use crate::keys::hex;
+
+/// The answer to [`Ledger::begin_idempotent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Idempotency {
+    /// This request owns the key: run it, then complete or fail it.
+    New,
+    /// The same request is running elsewhere (the server answers 409 and the client retries later).
+    InFlight,
+    /// The request already ran; here is what [`Ledger::complete_idempotent`] stored for it.
+    Completed(String),
+    /// The key was used for a different request body (the server answers 400 or 422).
+    Mismatch,
+}
+
+/// A request fingerprint: lowercase hex SHA-256 of the bytes (e.g. the method, path and body).
+pub fn fingerprint(request: &[u8]) -> String {
+    hex(&Sha256::digest(request))
+}
+
+impl Ledger {
+    /// Claims `idempotency_key` for this request, or says why not.
+    pub async fn begin_idempotent(
+        &self,
+        key_id: &str,
+        idempotency_key: &str,
+        fingerprint: &str,
+    ) -> Result<Idempotency> {
+        let now_ms = to_ms(self.clock.now());
+        // The entry can vanish between the claim and the read (its owner failed): claim again.
+        for _ in 0..3 {
+            let claimed = sqlx::query(
+                "INSERT INTO idempotency (key_id, idempotency_key, fingerprint, state, response,
+                     created_at_ms, expires_at_ms)
+                 VALUES ($1, $2, $3, 'in_flight', NULL, $4, $5)
+                 ON CONFLICT (key_id, idempotency_key) DO UPDATE
+                 SET fingerprint = excluded.fingerprint, state = 'in_flight', response = NULL,
+                     created_at_ms = excluded.created_at_ms, expires_at_ms = excluded.expires_at_ms
+                 WHERE idempotency.expires_at_ms <= $4",
+            )
+            .bind(key_id)
+            .bind(idempotency_key)
+            .bind(fingerprint)
+            .bind(now_ms)
+            .bind(now_ms + self.in_flight_ttl_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            if claimed == 1 {
+                return Ok(Idempotency::New);
+            }
+            let row = sqlx::query(
+                "SELECT fingerprint, state, response FROM idempotency
+                 WHERE key_id = $1 AND idempotency_key = $2",
+            )
+            .bind(key_id)
+            .bind(idempotency_key)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(row) = row else { continue };
+            let stored: String = row.try_get("fingerprint")?;
+            let state: String = row.try_get("state")?;
+            let response: Option<String> = row.try_get("response")?;
+            return Ok(match (stored == fingerprint, state.as_str(), response) {
+                (false, _, _) => Idempotency::Mismatch,
+                (true, "completed", Some(response)) => Idempotency::Completed(response),
+                (true, "in_flight", _) => Idempotency::InFlight,
+                (true, state, _) => return Err(LedgerError::Corrupt(format!("idempotency state {state:?}"))),
+            });
+        }
+        Ok(Idempotency::InFlight)
+    }
+
+    /// Stores the response metadata of a request that owns `idempotency_key`; retries get it back as
+    /// [`Idempotency::Completed`] for `idempotency_retention`.
+    pub async fn complete_idempotent(&self, key_id: &str, idempotency_key: &str, response: &str) -> Result<()> {
+        let now_ms = to_ms(self.clock.now());
+        sqlx::query(
+            "UPDATE idempotency SET state = 'completed', response = $3, expires_at_ms = $4
+             WHERE key_id = $1 AND idempotency_key = $2 AND state = 'in_flight'",
+        )
+        .bind(key_id)
+        .bind(idempotency_key)
+        .bind(response)
+        .bind(now_ms + self.retention_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets an in-flight entry whose request failed, so a retry runs again.
+    pub async fn fail_idempotent(&self, key_id: &str, idempotency_key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM idempotency WHERE key_id = $1 AND idempotency_key = $2 AND state = 'in_flight'")
+            .bind(key_id)
+            .bind(idempotency_key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,385 @@
+//! Money and limits around one request, on the ledger: the caller's key, its model list and rate
+//! limits, idempotent retries, the worst case held against its budgets before any provider runs, and
+//! the settlement with one ledger row after.
+//!
+//! The protocol (the `ledger` crate makes each step atomic, on SQLite and PostgreSQL):
+//! 1. [`admit`]: the model must be one the key may use; the rate limit counts the request; an
+//!    `Idempotency-Key` seen before replays its stored response (or is a 409 while in flight).
+//! 2. [`Admission::reserve`]: the request's worst case ([`crate::billing::worst_case`]) is reserved
+//!    against the key's and its project's budgets, or the request is refused with 429
+//!    `insufficient_quota` before any provider is called.
+//! 3. [`Ticket::settle`] charges the actual cost (never more than the hold: a budget is never overrun)
+//!    and writes the ledger row; [`Ticket::fail`] releases everything and writes a failed row. A ticket
+//!    dropped unsettled (a client that went away mid-stream) releases its hold from a spawned task, and
+//!    a process that dies leaves a hold that expires ([`ledger::Ledger::release_expired`]).
+//!
+//! Requests without a key (the loopback mode with no keys) are recorded too, with no key and no hold.
+
+use std::time::Instant;
+
+use api::ApiError;
+use axum::http::HeaderMap;
+use ledger::{ApiKey, Idempotency, Ledger, LedgerEntry, RateLimit, RequestStatus, Reservation, Reserve, TokenUsage};
+use pricing::Cost;
+use rust_decimal::Decimal;
+
+/// The authenticated caller, put in the request's extensions by [`crate::auth::require_key`].
+#[derive(Debug, Clone)]
+pub struct Caller(pub ApiKey);
+
+/// The header that makes a retry safe.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// Set on a response replayed for a repeated `Idempotency-Key`.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// Set when spending has passed the key's (or project's) soft budget.
+pub const BUDGET_WARNING_HEADER: &str = "x-imagegate-budget-warning";
+/// Responses larger than this are stored for idempotent replay without their images.
+const MAX_STORED_RESPONSE: usize = 16 << 20;
+
+/// What is known of a request before it runs, for its ledger row.
+#[derive(Debug, Clone)]
+pub struct RequestInfo {
+    pub request_id: String,
+    /// `generation` or `edit`.
+    pub operation: &'static str,
+    /// The model name the client asked for.
+    pub model: String,
+    pub provider: String,
+    pub n: u32,
+}
+
+/// A request that passed [`admit`]: go on to [`Admission::reserve`].
+pub struct Admission {
+    ledger: Ledger,
+    key: Option<ApiKey>,
+    idempotency_key: Option<String>,
+    info: RequestInfo,
+    started: Instant,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What [`admit`] decided.
+pub enum Admit {
+    Go(Box<Admission>),
+    /// The stored response of an earlier request with the same `Idempotency-Key`.
+    Replay(String),
+}
+
+/// A held worst case, to settle or fail.
+pub struct Ticket {
+    admission: Box<Admission>,
+    reservation: Option<Reservation>,
+    worst_case: Decimal,
+}
+
+/// How a request ended, for the response headers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Outcome {
+    pub over_soft_limit: bool,
+}
+
+/// Step 1: model list, rate limit, idempotency. `fingerprint` identifies the request's content, so a
+/// reused `Idempotency-Key` with another body is told apart from a retry.
+pub async fn admit(
+    ledger: &Ledger,
+    caller: Option<&Caller>,
+    headers: &HeaderMap,
+    info: RequestInfo,
+    fingerprint: &str,
+) -> Result<Admit, ApiError> {
+    let key = caller.map(|c| c.0.clone());
+    let admission = Admission {
+        ledger: ledger.clone(),
+        key,
+        idempotency_key: None,
+        created_at: ledger.now(),
+        started: Instant::now(),
+        info,
+    };
+    if let Some(key) = &admission.key {
+        if !key.allows_model(&admission.info.model) {
+            let allowed = key.allowed_models.clone().unwrap_or_default().join("', '");
+            let e = ApiError::new(
+                403,
+                "invalid_request_error",
+                Some("model"),
+                Some("model_not_allowed"),
+                format!("This API key may not use the model '{}'. It may use: '{allowed}'.", admission.info.model),
+            );
+            return Err(admission.refused(e).await);
+        }
+        match ledger.check_rate_limit(key, admission.info.n).await.map_err(|e| internal(&admission.info, e))? {
+            RateLimit::Allowed => {}
+            RateLimit::Limited { kind, per_minute, retry_after_secs } => {
+                let what = match kind {
+                    ledger::RateLimitKind::Requests => "requests",
+                    ledger::RateLimitKind::Images => "images",
+                };
+                let mut e = ApiError::new(
+                    429,
+                    "requests",
+                    None,
+                    Some("rate_limit_exceeded"),
+                    format!(
+                        "Rate limit reached for this API key: {per_minute} {what} per minute. Please try again in {retry_after_secs}s."
+                    ),
+                );
+                e.retry_after = Some(retry_after_secs);
+                return Err(admission.refused(e).await);
+            }
+        }
+    }
+    let Some(idem) = headers.get(IDEMPOTENCY_HEADER) else { return Ok(Admit::Go(Box::new(admission))) };
+    let idem = idem.to_str().ok().map(str::trim).filter(|v| !v.is_empty() && v.len() <= 255).ok_or_else(|| {
+        ApiError::new(
+            400,
+            "invalid_request_error",
+            Some(IDEMPOTENCY_HEADER),
+            Some("invalid_idempotency_key"),
+            "The Idempotency-Key header must be 1 to 255 visible characters.".into(),
+        )
+    })?;
+    let owner = admission.key.as_ref().map_or("anonymous", |k| k.id.as_str()).to_owned();
+    match ledger.begin_idempotent(&owner, idem, fingerprint).await.map_err(|e| internal(&admission.info, e))? {
+        Idempotency::New => Ok(Admit::Go(Box::new(Admission { idempotency_key: Some(idem.to_owned()), ..admission }))),
+        Idempotency::Completed(stored) => Ok(Admit::Replay(stored)),
+        Idempotency::InFlight => Err(ApiError::new(
+            409,
+            "invalid_request_error",
+            Some(IDEMPOTENCY_HEADER),
+            Some("idempotency_key_in_use"),
+            format!("A request with the Idempotency-Key '{idem}' is still running; retry when it has finished."),
+        )),
+        Idempotency::Mismatch => Err(ApiError::new(
+            409,
+            "invalid_request_error",
+            Some(IDEMPOTENCY_HEADER),
+            Some("idempotency_key_reused"),
+            format!(
+                "The Idempotency-Key '{idem}' was already used for a different request; use a new key for a new request."
+            ),
+        )),
+    }
+}
+
+impl Admission {
+    /// Step 2: holds `worst` against the key's budgets, or refuses with 429 `insufficient_quota`.
+    pub async fn reserve(self: Box<Self>, worst: Result<Cost, pricing::PriceError>) -> Result<Ticket, ApiError> {
+        let worst_case = match worst {
+            Ok(c) => c.total,
+            Err(e) => {
+                // Fail closed: what cannot be priced cannot be held against a budget.
+                tracing::error!(model = %self.info.model, error = %e, "cannot price a request's worst case");
+                let e = ApiError::new(
+                    500,
+                    "server_error",
+                    Some("model"),
+                    Some("unpriced_model"),
+                    format!(
+                        "The model '{}' has no price, so its cost cannot be held against a budget: {e}",
+                        self.info.model
+                    ),
+                );
+                return Err(self.refused(e).await);
+            }
+        };
+        let Some(key) = &self.key else {
+            return Ok(Ticket { admission: self, reservation: None, worst_case });
+        };
+        let reserve = self.ledger.reserve(&key.id, &self.info.request_id, worst_case, self.info.n).await;
+        match reserve {
+            Ok(Reserve::Reserved(r)) => Ok(Ticket { admission: self, reservation: Some(r), worst_case }),
+            Ok(Reserve::Refused(refusal)) => {
+                let owner = match refusal.usage.owner {
+                    ledger::BudgetOwner::Key(_) => "this API key's",
+                    ledger::BudgetOwner::Project(_) => "its project's",
+                };
+                let period = refusal.usage.budget.period.as_str();
+                let resets =
+                    refusal.usage.resets_at.map(|t| format!(" It resets at {}.", t.to_rfc3339())).unwrap_or_default();
+                let message = match refusal.reason {
+                    ledger::RefusalReason::Budget => format!(
+                        "You exceeded your current quota: {owner} {period} budget has ${} left, and this request could cost up to ${} (its worst case).{resets}",
+                        refusal.remaining_usd().normalize(),
+                        worst_case.normalize(),
+                    ),
+                    ledger::RefusalReason::ImageQuota => format!(
+                        "You exceeded your current quota: {owner} {period} image quota has {} images left, and this request asks for {}.{resets}",
+                        refusal.usage.remaining_images().unwrap_or(0),
+                        refusal.images,
+                    ),
+                };
+                let e = ApiError::new(429, "insufficient_quota", None, Some("insufficient_quota"), message);
+                Err(self.refused(e).await)
+            }
+            Err(e) => Err(internal(&self.info, e)),
+        }
+    }
+
+    /// Records a request refused before any provider ran (cost 0) and hands back its error.
+    async fn refused(self, error: ApiError) -> ApiError {
+        let entry = self.entry(None, error.body.code.as_deref(), 0, None, None, "none");
+        let key = self.key.as_ref().map(|k| k.id.as_str());
+        if let Err(e) = self.ledger.record(key, RequestStatus::Refused, Decimal::ZERO, &entry).await {
+            tracing::error!(request_id = %self.info.request_id, error = %e, "could not record a refused request");
+        }
+        if let Some(idem) = &self.idempotency_key {
+            self.forget(idem).await;
+        }
+        error
+    }
+
+    async fn forget(&self, idem: &str) {
+        let owner = self.key.as_ref().map_or("anonymous", |k| k.id.as_str());
+        if let Err(e) = self.ledger.fail_idempotent(owner, idem).await {
+            tracing::warn!(error = %e, "could not clear an idempotency key");
+        }
+    }
+
+    fn entry(
+        &self,
+        cost: Option<&Cost>,
+        error_code: Option<&str>,
+        images: u32,
+        quality: Option<String>,
+        size: Option<String>,
+        basis: &str,
+    ) -> LedgerEntry {
+        let usage = cost.and_then(|c| c.usage);
+        LedgerEntry {
+            request_id: self.info.request_id.clone(),
+            operation: self.info.operation.into(),
+            model: self.info.model.clone(),
+            provider: self.info.provider.clone(),
+            tier: crate::billing::SERVED_TIER.into(),
+            quality,
+            size,
+            n: images,
+            tokens: TokenUsage {
+                input_text: usage.map_or(0, |u| u.input_text_tokens),
+                input_image: usage.map_or(0, |u| u.input_image_tokens),
+                output: usage.map_or(0, |u| u.output_tokens),
+            },
+            cost_breakdown: cost.map(|c| {
+                api::cost_json(c, &self.info.provider, &self.info.model, crate::billing::SERVED_TIER).to_string()
+            }),
+            billing_basis: cost.map_or(basis, |c| c.basis.as_str()).to_owned(),
+            error_code: error_code.map(str::to_owned),
+            latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            created_at: self.created_at,
+            finished_at: self.ledger.now(),
+        }
+    }
+}
+
+/// The settings a finished request ran at, for its ledger row.
+pub struct Finished<'a> {
+    pub cost: Option<&'a Cost>,
+    pub images: u32,
+    pub quality: Option<String>,
+    pub size: Option<String>,
+    /// The response to replay for a repeated `Idempotency-Key` (`None` for a stream).
+    pub response: Option<&'a [u8]>,
+}
+
+impl Ticket {
+    /// Step 3: charges the actual cost, capped at the hold, and writes the succeeded row.
+    pub async fn settle(mut self, done: Finished<'_>) -> Outcome {
+        let a = &self.admission;
+        let actual = done.cost.map_or(Decimal::ZERO, |c| c.total);
+        let charged = if actual > self.worst_case {
+            tracing::warn!(
+                request_id = %a.info.request_id,
+                actual = %actual,
+                held = %self.worst_case,
+                "a request cost more than its worst case; the budget is charged the worst case"
+            );
+            self.worst_case
+        } else {
+            actual
+        };
+        let entry = a.entry(done.cost, None, done.images, done.quality, done.size, "unpriced");
+        let key = a.key.as_ref().map(|k| k.id.clone());
+        let mut outcome = Outcome::default();
+        let result = match self.reservation.take() {
+            Some(r) => a.ledger.settle(r, charged, &entry).await.map(|s| {
+                outcome.over_soft_limit = s.over_soft_limit;
+                if s.crossed_soft_limit {
+                    tracing::warn!(key = key.as_deref().unwrap_or(""), "spending crossed a soft budget threshold");
+                }
+            }),
+            None => a.ledger.record(key.as_deref(), RequestStatus::Succeeded, charged, &entry).await,
+        };
+        if let Err(e) = result {
+            tracing::error!(request_id = %a.info.request_id, error = %e, "could not settle a request in the ledger");
+        }
+        if let Some(idem) = &a.idempotency_key {
+            let owner = a.key.as_ref().map_or("anonymous", |k| k.id.as_str());
+            let stored = match done.response {
+                Some(body) if body.len() <= MAX_STORED_RESPONSE => String::from_utf8_lossy(body).into_owned(),
+                other => {
+                    let why =
+                        if other.is_some() { "too large to store" } else { "streamed, and streams are not stored" };
+                    serde_json::json!({
+                        "request_id": a.info.request_id,
+                        "replay": format!("this request already succeeded and was charged once; its response was {why}"),
+                    })
+                    .to_string()
+                }
+            };
+            if let Err(e) = a.ledger.complete_idempotent(owner, idem, &stored).await {
+                tracing::error!(error = %e, "could not store an idempotent response");
+            }
+        }
+        outcome
+    }
+
+    /// The provider failed: release the hold, charge nothing, write the failed row.
+    pub async fn fail(mut self, error: &ApiError) {
+        let a = &self.admission;
+        let entry = a.entry(None, Some(error.body.code.as_deref().unwrap_or(&error.body.kind)), 0, None, None, "none");
+        let key = a.key.as_ref().map(|k| k.id.clone());
+        let result = match self.reservation.take() {
+            Some(r) => a.ledger.release(r, Decimal::ZERO, &entry).await.map(drop),
+            None => a.ledger.record(key.as_deref(), RequestStatus::Failed, Decimal::ZERO, &entry).await,
+        };
+        if let Err(e) = result {
+            tracing::error!(request_id = %a.info.request_id, error = %e, "could not release a failed request");
+        }
+        if let Some(idem) = &a.idempotency_key {
+            a.forget(idem).await;
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // Neither settled nor failed: the client went away (a stream dropped). Release from a task.
+        let Some(reservation) = self.reservation.take() else { return };
+        let ledger = self.admission.ledger.clone();
+        let entry = self.admission.entry(None, Some("client_disconnected"), 0, None, None, "none");
+        let owner = self.admission.key.as_ref().map_or("anonymous", |k| k.id.as_str()).to_owned();
+        let idem = self.admission.idempotency_key.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = ledger.release(reservation, Decimal::ZERO, &entry).await {
+                    tracing::error!(error = %e, "could not release an abandoned request; it expires instead");
+                }
+                if let Some(idem) = idem {
+                    let _ = ledger.fail_idempotent(&owner, &idem).await;
+                }
+            });
+        }
+    }
+}
+
+fn internal(info: &RequestInfo, e: ledger::LedgerError) -> ApiError {
+    tracing::error!(request_id = %info.request_id, error = %e, "ledger unavailable");
+    ApiError::new(
+        503,
+        "server_error",
+        None,
+        Some("ledger_unavailable"),
+        "The usage ledger is unavailable, so no spending can be authorized; please retry shortly.".into(),
+    )
+}
