@@ -4,7 +4,9 @@
 
 mod client;
 mod estimate;
+mod keys;
 mod models;
+mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +35,11 @@ enum Command {
     Estimate(estimate::EstimateArgs),
     /// List the built-in local models, or download one (`models pull NAME`) from the Hugging Face hub.
     Models(models::ModelsArgs),
+    /// Create, list, update and revoke API keys (and their projects and budgets).
+    Keys(keys::KeysArgs),
+    /// What was spent: requests, images, tokens and cost from the usage ledger, by model, key, project
+    /// or day.
+    Usage(usage::UsageArgs),
 }
 
 /// Where the providers, keys and limits come from. Shared by `serve` and the in-process client.
@@ -198,6 +205,8 @@ fn main() -> ExitCode {
             Command::Estimate(args) => estimate::run(args),
             // Blocking file downloads: fine here, on the main thread, outside the runtime's workers.
             Command::Models(args) => models::run(args),
+            Command::Keys(args) => keys::run(args).await,
+            Command::Usage(args) => usage::run(args).await,
         }
     });
     match result {

@@ -46,6 +46,8 @@ pub struct RequestInfo {
     pub model: String,
     pub provider: String,
     pub n: u32,
+    /// How the model is billed (`tokens`, `per_image`, ...): recorded on every row, also refused ones.
+    pub billing_basis: &'static str,
 }
 
 /// A request that passed [`admit`]: go on to [`Admission::reserve`].
@@ -218,7 +220,7 @@ impl Admission {
 
     /// Records a request refused before any provider ran (cost 0) and hands back its error.
     async fn refused(self, error: ApiError) -> ApiError {
-        let entry = self.entry(None, error.body.code.as_deref(), 0, None, None, "none");
+        let entry = self.entry(None, error.body.code.as_deref(), 0, None, None);
         let key = self.key.as_ref().map(|k| k.id.as_str());
         if let Err(e) = self.ledger.record(key, RequestStatus::Refused, Decimal::ZERO, &entry).await {
             tracing::error!(request_id = %self.info.request_id, error = %e, "could not record a refused request");
@@ -243,7 +245,6 @@ impl Admission {
         images: u32,
         quality: Option<String>,
         size: Option<String>,
-        basis: &str,
     ) -> LedgerEntry {
         let usage = cost.and_then(|c| c.usage);
         LedgerEntry {
@@ -263,7 +264,7 @@ impl Admission {
             cost_breakdown: cost.map(|c| {
                 api::cost_json(c, &self.info.provider, &self.info.model, crate::billing::SERVED_TIER).to_string()
             }),
-            billing_basis: cost.map_or(basis, |c| c.basis.as_str()).to_owned(),
+            billing_basis: cost.map_or(self.info.billing_basis, |c| c.basis.as_str()).to_owned(),
             error_code: error_code.map(str::to_owned),
             latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             created_at: self.created_at,
@@ -298,7 +299,7 @@ impl Ticket {
         } else {
             actual
         };
-        let entry = a.entry(done.cost, None, done.images, done.quality, done.size, "unpriced");
+        let entry = a.entry(done.cost, None, done.images, done.quality, done.size);
         let key = a.key.as_ref().map(|k| k.id.clone());
         let mut outcome = Outcome::default();
         let result = match self.reservation.take() {
@@ -337,7 +338,7 @@ impl Ticket {
     /// The provider failed: release the hold, charge nothing, write the failed row.
     pub async fn fail(mut self, error: &ApiError) {
         let a = &self.admission;
-        let entry = a.entry(None, Some(error.body.code.as_deref().unwrap_or(&error.body.kind)), 0, None, None, "none");
+        let entry = a.entry(None, Some(error.body.code.as_deref().unwrap_or(&error.body.kind)), 0, None, None);
         let key = a.key.as_ref().map(|k| k.id.clone());
         let result = match self.reservation.take() {
             Some(r) => a.ledger.release(r, Decimal::ZERO, &entry).await.map(drop),
@@ -357,7 +358,7 @@ impl Drop for Ticket {
         // Neither settled nor failed: the client went away (a stream dropped). Release from a task.
         let Some(reservation) = self.reservation.take() else { return };
         let ledger = self.admission.ledger.clone();
-        let entry = self.admission.entry(None, Some("client_disconnected"), 0, None, None, "none");
+        let entry = self.admission.entry(None, Some("client_disconnected"), 0, None, None);
         let owner = self.admission.key.as_ref().map_or("anonymous", |k| k.id.as_str()).to_owned();
         let idem = self.admission.idempotency_key.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {

@@ -175,6 +175,10 @@ async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &Header
                 model: who.model.clone(),
                 provider: provider.clone(),
                 n: u32::from(options.n.max(1)),
+                billing_basis: state
+                    .prices
+                    .model(&route.upstream_model)
+                    .map_or("unpriced", |p| p.billing_basis.as_str()),
             };
             match accounts::admit(ledger, who.caller.as_ref(), headers, info, &who.fingerprint).await? {
                 Admit::Replay(stored) => {

@@ -1,0 +1,184 @@
+//! imagegate's CPU compute kernels: a fast f32 2-D convolution for the diffusion models' UNet and VAE,
+//! called in place of candle's `Tensor::conv2d`.
+//!
+//! candle 0.11 convolves on the CPU by building the whole image's im2col matrix (1.2 GB for 128
+//! channels at 512x512) and then running one gemm. [`conv2d`] instead cuts the output into bands of
+//! rows that fit the cache and picks an algorithm per shape ([`Algorithm`], chosen by measurement):
+//!
+//! - **3x3, stride 1** (nearly every convolution of the UNet and the VAE): Winograd F(4x4, 3x3) from 32x32
+//!   outputs on (4x fewer multiplications than the direct method), F(2x2, 3x3) at 16x16 (2.25x), the
+//!   direct method below that (module `winograd`);
+//! - **1x1, stride 1, no padding**: the input already is the `[Cin x H*W]` matrix: a gemm per band
+//!   reading it in place (module `direct`);
+//! - **anything else** (3x3 stride 2 downsamplers, other kernels, 3x3 below 16x16 or with under 32
+//!   channels): blocked im2col, the column matrix of a band of output rows at a time multiplied by
+//!   the weight (module `direct`).
+//!
+//! Every matrix product goes through the `gemm` crate candle itself uses (module `gemm`, the crate's
+//! only unsafe code). Threads come from the current rayon pool: bands run in parallel when there are
+//! enough of them, otherwise the threads share the work inside each band.
+//!
+//! Invariants:
+//! - the result equals candle's `conv2d` plus the bias broadcast over `[1, Cout, 1, 1]`, up to f32
+//!   rounding (the tests bound the error: 1e-5 relative for the gemm paths and F(2x2), 1e-3 for F(4x4),
+//!   whose measured error is about 1e-5);
+//! - tensors that are not f32 on the CPU go to candle unchanged; the result tracks no gradient;
+//! - besides the output, memory is bounded: per thread a band (at most 16 MiB) and, for Winograd, the
+//!   transformed weight (at most 48 MiB at a time). These live in per-thread buffers that are kept for
+//!   the next call (module `scratch`): fresh pages cost about 0.5 ms per MB on the development VM.
+
+mod direct;
+mod gemm;
+mod geometry;
+mod scratch;
+mod winograd;
+
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, bail};
+
+use geometry::Geometry;
+
+/// How [`conv2d_with`] computes the convolution.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Algorithm {
+    /// The fastest of the ones below for the shape (measured on a 2-core AVX2 machine).
+    #[default]
+    Auto,
+    /// A plain gemm for 1x1 kernels at stride 1 without padding; blocked im2col and gemm otherwise.
+    Gemm,
+    /// Winograd F(2x2, 3x3): 3x3 kernels at stride 1 only.
+    Winograd2,
+    /// Winograd F(4x4, 3x3): 3x3 kernels at stride 1 only.
+    Winograd4,
+    /// candle's own `conv2d`, plus the bias: the reference, and the path for other devices and dtypes.
+    Candle,
+}
+
+/// 2-D convolution of an NCHW `input` `[N, Cin, H, W]` with `weight` `[Cout, Cin, kh, kw]` and an
+/// optional `bias` `[Cout]`, at the same `stride` and zero `padding` in both directions (note the
+/// order: stride, then padding; candle's `conv2d` takes padding first).
+///
+/// f32 tensors on the CPU take the fast path; anything else goes to candle's `conv2d`.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+///
+/// let x = Tensor::ones((1, 4, 8, 8), DType::F32, &Device::Cpu)?;
+/// let weight = Tensor::ones((16, 4, 3, 3), DType::F32, &Device::Cpu)?;
+/// let bias = Tensor::zeros(16, DType::F32, &Device::Cpu)?;
+/// let y = kernels::conv2d(&x, &weight, Some(&bias), 1, 1)?;
+/// assert_eq!(y.dims(), &[1, 16, 8, 8]);
+/// assert_eq!(y.get(0)?.get(0)?.get(3)?.get(3)?.to_scalar::<f32>()?, 36.0); // 4 channels x 9 taps
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn conv2d(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    conv2d_with(input, weight, bias, stride, padding, Algorithm::Auto)
+}
+
+/// [`conv2d`] with a chosen [`Algorithm`]. A forced fast algorithm fails, instead of falling back,
+/// on tensors that are not f32 on the CPU or on a shape it does not handle.
+pub fn conv2d_with(
+    input: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    algorithm: Algorithm,
+) -> Result<Tensor> {
+    let fast =
+        [Some(input), Some(weight), bias].into_iter().flatten().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    match algorithm {
+        Algorithm::Candle => return candle_conv2d(input, weight, bias, stride, padding),
+        Algorithm::Auto if !fast => return candle_conv2d(input, weight, bias, stride, padding),
+        _ if !fast => bail!("conv2d: {algorithm:?} needs f32 tensors on the CPU"),
+        _ => {}
+    }
+    let input = input.contiguous()?;
+    let weight = weight.contiguous()?;
+    let g = Geometry::new(input.dims4()?, weight.dims4()?, stride, padding)?;
+    let bias = match bias {
+        Some(b) if b.dims() != [g.cout] => bail!("conv2d: bias shape {:?}, expected [{}]", b.dims(), g.cout),
+        Some(b) => Some(b.to_vec1::<f32>()?),
+        None => None,
+    };
+    let algorithm = match algorithm {
+        Algorithm::Auto => choose(&g),
+        chosen => chosen,
+    };
+    let winograd = matches!(algorithm, Algorithm::Winograd2 | Algorithm::Winograd4);
+    if winograd && (g.kh, g.kw, g.stride) != (3, 3, 1) {
+        bail!("conv2d: {algorithm:?} needs a 3x3 kernel at stride 1, got {}x{} at stride {}", g.kh, g.kw, g.stride)
+    }
+
+    let (x_storage, x_layout) = input.storage_and_layout();
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let x = cpu_f32(&x_storage, x_layout, g.input_len())?;
+    let w = cpu_f32(&w_storage, w_layout, g.weight_len())?;
+    let bias = bias.as_deref();
+    let mut out = vec![0.0f32; g.output_len()];
+    let threads = rayon::current_num_threads();
+    match algorithm {
+        Algorithm::Winograd2 => winograd::conv::<winograd::F2>(x, w, bias, &g, &mut out, threads)?,
+        Algorithm::Winograd4 => winograd::conv::<winograd::F4>(x, w, bias, &g, &mut out, threads)?,
+        _ if is_pointwise(&g) => direct::conv_1x1(x, w, bias, &g, &mut out, threads)?,
+        _ => direct::conv_im2col(x, w, bias, &g, &mut out, threads)?,
+    }
+    drop((x_storage, w_storage));
+    Tensor::from_vec(out, (g.batch, g.cout, g.ho, g.wo), &Device::Cpu)
+}
+
+/// Frees the scratch buffers [`conv2d`] keeps between calls, on the calling thread and on every thread
+/// of the current rayon pool; the next call allocates them again. Each pool thread keeps up to 16 MiB
+/// (its band), the calling thread up to 48 MiB of transformed weight plus, after small images, one
+/// band sized for all the threads (16 MiB each).
+pub fn free_buffers() {
+    scratch::free_this_thread();
+    rayon::broadcast(|_| scratch::free_this_thread());
+}
+
+/// candle's `conv2d` plus the bias, as `candle_nn::Conv2d` computes it: the reference for the tests
+/// and the benchmark, and the path for other devices and dtypes.
+pub fn candle_conv2d(
+    input: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let out = input.conv2d(weight, padding, stride, 1, 1)?;
+    match bias {
+        Some(bias) => out.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+        None => Ok(out),
+    }
+}
+
+/// The algorithm [`Algorithm::Auto`] uses for a shape: the fastest measured (`examples/conv_bench.rs
+/// --all`, 2-core AVX2). Winograd needs enough tiles to amortize transforming the weight, and enough
+/// channels to amortize transforming the input and output: F(4x4) from 32x32 outputs on (twice the
+/// direct rate on the UNet's and the VAE's shapes, 2.5-3x at 64x64 and up), F(2x2) at 16x16 (1.3-1.6x),
+/// direct gemm below that (8x8: gemm 120 GFLOP/s, F(2x2) 75-90) and for 3-4 channel convolutions.
+fn choose(g: &Geometry) -> Algorithm {
+    let tiles = |m: usize| g.ho.div_ceil(m) * g.wo.div_ceil(m);
+    let winograd = (g.kh, g.kw, g.stride) == (3, 3, 1) && g.cin.min(g.cout) >= 32;
+    if winograd && tiles(4) >= 64 {
+        Algorithm::Winograd4
+    } else if winograd && tiles(2) >= 64 {
+        Algorithm::Winograd2
+    } else {
+        Algorithm::Gemm
+    }
+}
+
+fn is_pointwise(g: &Geometry) -> bool {
+    (g.kh, g.kw, g.stride, g.pad) == (1, 1, 1, 0)
+}
+
+/// The `len` f32 values of a contiguous CPU tensor, without copying them.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, len: usize) -> Result<&'a [f32]> {
+    let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        bail!("conv2d: expected a contiguous f32 CPU tensor")
+    };
+    match data.get(start..end) {
+        Some(values) if values.len() == len => Ok(values),
+        _ => bail!("conv2d: tensor storage holds {} values at {start}..{end}, expected {len}", data.len()),
+    }
+}

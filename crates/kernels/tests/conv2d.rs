@@ -1,0 +1,205 @@
+//! Every algorithm of `kernels::conv2d` against candle's own conv2d, on the models' shapes scaled down and
+//! on odd ones.
+//!
+//! Error measure: the largest absolute difference divided by the largest magnitude of the reference
+//! output, `max|a - b| / max(max|b|, 1e-6)`, so that the few outputs near zero do not dominate.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
+
+use candle_core::{DType, Device, Tensor};
+use kernels::{Algorithm, candle_conv2d, conv2d, conv2d_with};
+
+/// (N, Cin, H, W, Cout, k, stride, padding)
+type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+const SHAPES: &[Case] = &[
+    // The VAE decoder and the UNet, scaled down: 3x3 stride 1 padding 1.
+    (1, 32, 64, 64, 32, 3, 1, 1),
+    (1, 64, 32, 32, 64, 3, 1, 1),
+    (1, 40, 16, 16, 80, 3, 1, 1),
+    (2, 20, 24, 20, 20, 3, 1, 1),
+    // Odd sizes: channels not multiples of 8, width not a multiple of the tile, tiny images.
+    (1, 4, 17, 13, 3, 3, 1, 1),
+    (3, 5, 9, 11, 7, 3, 1, 1),
+    (1, 4, 5, 5, 4, 3, 1, 1),
+    (1, 3, 2, 3, 2, 3, 1, 1),
+    (1, 6, 10, 7, 5, 3, 1, 0),
+    (1, 6, 3, 3, 5, 3, 1, 0),
+    (1, 2, 6, 6, 3, 3, 1, 2),
+    // 1x1: gemm straight on the input; also with padding and stride (im2col).
+    (1, 64, 16, 16, 32, 1, 1, 0),
+    (2, 12, 7, 9, 5, 1, 1, 0),
+    (1, 12, 7, 9, 5, 1, 2, 0),
+    (1, 12, 7, 9, 5, 1, 1, 1),
+    // Downsamplers: 3x3 stride 2, padding 1 (UNet) and 0 (VAE encoder, after its own padding).
+    (1, 32, 32, 32, 32, 3, 2, 1),
+    (2, 10, 17, 16, 6, 3, 2, 0),
+    (1, 10, 16, 15, 6, 3, 2, 1),
+    // Other kernels: 5x5, 7x7 stride 3, and conv_in/conv_out style (Cin 4 -> 32, 32 -> Cout 3).
+    (1, 5, 12, 12, 4, 5, 1, 2),
+    (1, 3, 20, 19, 2, 7, 3, 3),
+    (1, 4, 16, 16, 32, 3, 1, 1),
+    (1, 32, 16, 16, 3, 3, 1, 1),
+];
+
+/// Seeded uniform values in [-scale, scale) (candle's CPU generator cannot be seeded).
+fn random(len: usize, scale: f32, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn tensors(case: Case, seed: u64) -> (Tensor, Tensor, Tensor) {
+    let (n, cin, h, w, cout, k, _, _) = case;
+    let dev = Device::Cpu;
+    let x = Tensor::from_vec(random(n * cin * h * w, 1.0, seed), (n, cin, h, w), &dev).unwrap();
+    // Unit-variance outputs, as in a trained network: uniform weights with variance 1 / fan-in.
+    let scale = (3.0 / (cin * k * k) as f32).sqrt();
+    let weight = Tensor::from_vec(random(cout * cin * k * k, scale, seed + 1000), (cout, cin, k, k), &dev).unwrap();
+    let bias = Tensor::from_vec(random(cout, 1.0, seed + 2000), cout, &dev).unwrap();
+    (x, weight, bias)
+}
+
+fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+/// Runs `algorithm` on every case it applies to, with and without bias, and returns the worst error.
+fn worst_error(algorithm: Algorithm, applies: impl Fn(&Case) -> bool) -> f32 {
+    let mut worst = 0f32;
+    for (i, &case) in SHAPES.iter().enumerate().filter(|(_, c)| applies(c)) {
+        let (x, weight, bias) = tensors(case, i as u64);
+        let (stride, padding) = (case.6, case.7);
+        for bias in [Some(&bias), None] {
+            let want = candle_conv2d(&x, &weight, bias, stride, padding).unwrap();
+            let got = conv2d_with(&x, &weight, bias, stride, padding, algorithm).unwrap();
+            let err = relative_error(&got, &want);
+            worst = worst.max(err);
+            println!("{algorithm:?} {case:?} bias {}: {err:.2e}", bias.is_some());
+            assert!(err < 1e-3, "{algorithm:?} {case:?} bias {}: relative error {err:e}", bias.is_some());
+        }
+    }
+    worst
+}
+
+fn is_winograd(c: &Case) -> bool {
+    c.5 == 3 && c.6 == 1
+}
+
+#[test]
+fn gemm_paths_match_candle() {
+    let err = worst_error(Algorithm::Gemm, |_| true);
+    assert!(err < 1e-5, "blocked im2col / 1x1 gemm: relative error {err:e}");
+}
+
+#[test]
+fn auto_matches_candle() {
+    let err = worst_error(Algorithm::Auto, |_| true);
+    assert!(err < 1e-3, "auto: relative error {err:e}");
+}
+
+#[test]
+fn winograd_2x2_matches_candle() {
+    let err = worst_error(Algorithm::Winograd2, is_winograd);
+    assert!(err < 1e-5, "Winograd F(2x2,3x3): relative error {err:e}");
+}
+
+#[test]
+fn winograd_4x4_matches_candle() {
+    let err = worst_error(Algorithm::Winograd4, is_winograd);
+    assert!(err < 1e-3, "Winograd F(4x4,3x3): relative error {err:e}");
+}
+
+/// F(4x4)'s error grows with the number of input channels summed: check it at the decoder's widest.
+#[test]
+fn winograd_4x4_error_at_512_channels() {
+    let case = (1, 512, 12, 12, 8, 3, 1, 1);
+    let (x, weight, bias) = tensors(case, 7);
+    let want = candle_conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
+    let got = conv2d_with(&x, &weight, Some(&bias), 1, 1, Algorithm::Winograd4).unwrap();
+    let err = relative_error(&got, &want);
+    println!("Winograd4 {case:?}: {err:.2e}");
+    assert!(err < 1e-3, "relative error {err:e}");
+}
+
+#[test]
+fn freeing_the_buffers_changes_nothing() {
+    let case = (1, 40, 16, 16, 80, 3, 1, 1);
+    let (x, weight, bias) = tensors(case, 11);
+    let want = candle_conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
+    for _ in 0..2 {
+        let got = conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
+        assert!(relative_error(&got, &want) < 1e-3);
+        kernels::free_buffers();
+    }
+}
+
+#[test]
+fn other_dtypes_fall_back_to_candle() {
+    let (x, weight, bias) = tensors((1, 4, 9, 9, 3, 3, 1, 1), 3);
+    let (x, weight, bias) =
+        (x.to_dtype(DType::F64).unwrap(), weight.to_dtype(DType::F64).unwrap(), bias.to_dtype(DType::F64).unwrap());
+    let got = conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
+    assert_eq!(got.dtype(), DType::F64);
+    let want = candle_conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
+    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    assert_eq!(diff, 0.0);
+    assert!(conv2d_with(&x, &weight, Some(&bias), 1, 1, Algorithm::Winograd4).is_err());
+}
+
+#[test]
+fn non_contiguous_input_is_fine() {
+    let (x, weight, bias) = tensors((1, 6, 10, 12, 4, 3, 1, 1), 5);
+    let x = x.transpose(2, 3).unwrap(); // [1, 6, 12, 10], strided
+    assert!(!x.is_contiguous());
+    let want = candle_conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
+    let got = conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
+    assert!(relative_error(&got, &want) < 1e-3);
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let (x, weight, bias) = tensors((1, 6, 10, 12, 4, 3, 1, 1), 5);
+    let wrong_cin = Tensor::zeros((4, 5, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d(&x, &wrong_cin, None, 1, 1).is_err());
+    let wrong_bias = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d(&x, &weight, Some(&wrong_bias), 1, 1).is_err());
+    assert!(conv2d(&x, &weight, Some(&bias), 0, 1).is_err());
+    let tiny = Tensor::zeros((1, 6, 1, 1), DType::F32, &Device::Cpu).unwrap();
+    assert!(conv2d(&tiny, &weight, None, 1, 0).is_err());
+    assert!(conv2d_with(&x, &weight, None, 2, 1, Algorithm::Winograd2).is_err());
+}
+
+/// Bands are split by thread count (and each gemm gets all threads when bands are few): 1 and 3
+/// threads must be right too.
+#[test]
+fn any_thread_count_matches_candle() {
+    let (x, weight, bias) = tensors((2, 8, 20, 18, 6, 3, 1, 1), 9);
+    for algorithm in [Algorithm::Gemm, Algorithm::Winograd4] {
+        let results: Vec<Vec<f32>> = [1, 3]
+            .into_iter()
+            .map(|threads| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let y = pool.install(|| conv2d_with(&x, &weight, Some(&bias), 1, 1, algorithm)).unwrap();
+                y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect();
+        let want = candle_conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
+        for r in &results {
+            let got = Tensor::from_vec(r.clone(), want.dims(), &Device::Cpu).unwrap();
+            assert!(relative_error(&got, &want) < 1e-3, "{algorithm:?}");
+        }
+    }
+}
