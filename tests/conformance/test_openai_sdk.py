@@ -17,6 +17,7 @@ import base64
 import io
 import os
 import select
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -88,6 +89,8 @@ class Servers:
 def servers():
     procs: list[subprocess.Popen] = []
     logs = []
+    # imagegate's database (keys, budgets, ledger) in a directory of its own, not the user's data dir.
+    data_dir = tempfile.mkdtemp(prefix="imagegate-conformance-")
     try:
         # 1. The fake upstream: it prints `listening on http://ADDR` once bound.
         fake_err = tempfile.TemporaryFile()
@@ -117,6 +120,7 @@ def servers():
             OPENAI_API_KEY="upstream-secret",
             OPENAI_BASE_URL=f"{fake_url}/v1",
             IMAGEGATE_API_KEYS=GATEWAY_KEY,
+            IMAGEGATE_DATA_DIR=data_dir,
         )
         gateway = subprocess.Popen(
             [str(binary("imagegate")), "serve", "--listen", f"127.0.0.1:{port}"],
@@ -159,6 +163,7 @@ def servers():
             stop(p)
         for f in logs:
             f.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture

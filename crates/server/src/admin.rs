@@ -139,12 +139,7 @@ pub async fn create_key(
         Some("admin") => Scope::Admin,
         Some(other) => return Err(ApiError::invalid_value("scope", other, &["user", "admin"]).into()),
     };
-    let period = match req.period.as_deref() {
-        None => Period::Month,
-        Some(p) => {
-            Period::parse(p).ok_or_else(|| ApiError::invalid_value("period", p, &["day", "week", "month", "total"]))?
-        }
-    };
+    let period = parse_period(req.period.as_deref())?;
     let budget =
         (req.budget_usd.is_some() || req.soft_budget_usd.is_some() || req.image_quota.is_some()).then_some(Budget {
             period,
@@ -165,6 +160,77 @@ pub async fn create_key(
     };
     let created = ledger.create_key(new).await.map_err(ledger_error)?;
     Ok(json(StatusCode::CREATED, &key_out(created.key, Some(created.secret))))
+}
+
+/// `POST /v1/admin/keys/{id}`: changes what the body names, as a JSON merge patch: `name`, `models`
+/// (null: all models), `budget` (`{budget_usd, period, soft_budget_usd, image_quota}`, null: none),
+/// `requests_per_minute`, `images_per_minute` (null: unlimited).
+pub async fn update_key(
+    State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> AdminResult {
+    require_admin(caller.as_ref().map(|Extension(c)| c))?;
+    let ledger = ledger(&state)?;
+    let patch: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&body).map_err(|e| ApiError::malformed_body(format!("Invalid key update: {e}")))?;
+    let current = ledger.get_key(&id).await.map_err(ledger_error)?;
+    let mut update = ledger::KeyUpdate::default();
+    let mut limits = current.rate_limits;
+    for (name, value) in &patch {
+        match name.as_str() {
+            "name" => update.name = Some(field(name, value)?),
+            "models" => update.allowed_models = Some(field(name, value)?),
+            "budget" => {
+                let budget: Option<CreateBudget> = field(name, value)?;
+                update.budget = Some(budget.map(|b| b.budget()).transpose()?);
+            }
+            "requests_per_minute" => limits.requests_per_minute = field(name, value)?,
+            "images_per_minute" => limits.images_per_minute = field(name, value)?,
+            other => return Err(ApiError::unknown_parameter(other).into()),
+        }
+    }
+    if limits != current.rate_limits {
+        update.rate_limits = Some(limits);
+    }
+    let key = ledger.update_key(&id, update).await.map_err(ledger_error)?;
+    Ok(json(StatusCode::OK, &key_out(key, None)))
+}
+
+/// One field of a merge patch, or an error naming it.
+fn field<T: serde::de::DeserializeOwned>(name: &str, v: &serde_json::Value) -> Result<T, ApiError> {
+    serde_json::from_value(v.clone()).map_err(|e| ApiError::invalid_value_msg(name, format!("'{name}': {e}")))
+}
+
+/// A budget in a key update.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBudget {
+    budget_usd: Option<Decimal>,
+    period: Option<String>,
+    soft_budget_usd: Option<Decimal>,
+    image_quota: Option<u64>,
+}
+
+impl CreateBudget {
+    fn budget(self) -> Result<Budget, ApiError> {
+        Ok(Budget {
+            period: parse_period(self.period.as_deref())?,
+            limit_usd: self.budget_usd,
+            soft_limit_usd: self.soft_budget_usd,
+            image_quota: self.image_quota,
+        })
+    }
+}
+
+fn parse_period(p: Option<&str>) -> Result<Period, ApiError> {
+    match p {
+        None => Ok(Period::Month),
+        Some(p) => {
+            Period::parse(p).ok_or_else(|| ApiError::invalid_value("period", p, &["day", "week", "month", "total"]))
+        }
+    }
 }
 
 pub async fn list_keys(State(state): State<AppState>, caller: Option<Extension<Caller>>) -> AdminResult {

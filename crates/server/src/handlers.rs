@@ -137,7 +137,7 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let allowed = if path.starts_with("/v1/models") || path.starts_with("/v1/organization/") || path == "/health" {
         "GET"
     } else if path.starts_with("/v1/admin/keys/") {
-        "DELETE"
+        "POST, DELETE"
     } else if path == "/v1/admin/keys" {
         "GET, POST"
     } else {

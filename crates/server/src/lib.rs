@@ -135,7 +135,7 @@ pub fn app(state: AppState) -> Router {
         .route("/models", get(handlers::list_models))
         .route("/models/{*id}", get(handlers::get_model))
         .route("/admin/keys", get(admin::list_keys).post(admin::create_key))
-        .route("/admin/keys/{id}", axum::routing::delete(admin::revoke_key))
+        .route("/admin/keys/{id}", axum::routing::delete(admin::revoke_key).post(admin::update_key))
         .route("/organization/usage/images", get(admin::usage_images))
         .route("/organization/costs", get(admin::costs))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));

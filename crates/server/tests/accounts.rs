@@ -308,8 +308,27 @@ async fn admins_manage_keys_and_read_usage_and_costs(db: &TestDatabase) {
     let (status, _) = get(format!("{}/organization/costs?start_time={start}", g.url), secret.clone()).await;
     assert_eq!(status, 403);
 
-    // Revoking through the API.
+    // Updating through the API: a merge patch; null removes.
     let id = created["id"].as_str().unwrap();
+    let patch = json!({"models": null, "budget": {"budget_usd": "5", "period": "day"}, "requests_per_minute": 30});
+    let r = g.http.post(format!("{}/admin/keys/{id}", g.url)).bearer_auth(&admin).json(&patch).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let updated: Value = r.json().await.unwrap();
+    assert_eq!((updated["allowed_models"].is_null(), &updated["budget"]["period"]), (true, &json!("day")));
+    assert_eq!((&updated["budget"]["limit_usd"], &updated["requests_per_minute"]), (&json!(5), &json!(30)));
+    let r = g
+        .http
+        .post(format!("{}/admin/keys/{id}", g.url))
+        .bearer_auth(&admin)
+        .json(&json!({"colour": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let mini = g.generate(&secret, "now any model").await;
+    assert_eq!(mini.status, 200, "{}", mini.body);
+
+    // Revoking through the API.
     let r = g.http.delete(format!("{}/admin/keys/{id}", g.url)).bearer_auth(&admin).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let body = json!({"model": "dall-e-2", "prompt": "a red cat", "size": "256x256"});
