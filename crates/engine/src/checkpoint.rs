@@ -425,6 +425,17 @@ impl Checkpoint {
         check_encoder("text_encoder/config.json", &self.text_encoder)?;
         if let Some(second) = &self.text_encoder_2 {
             check_encoder("text_encoder_2/config.json", second)?;
+            // SDXL reads both encoders' penultimate layer.
+            for (file, t) in [("text_encoder/config.json", &self.text_encoder), ("text_encoder_2/config.json", second)]
+            {
+                if t.num_hidden_layers < 2 {
+                    return Err(EngineError::Unsupported {
+                        file: file.into(),
+                        key: "num_hidden_layers".into(),
+                        why: "SDXL reads the penultimate layer: at least 2 are needed".into(),
+                    });
+                }
+            }
         }
         if self.context_dim() != self.unet.cross_attention_dim {
             let (file, key) = match &self.text_encoder_2 {
@@ -455,9 +466,6 @@ fn check_encoder(file: &str, t: &TextEncoderFile) -> Result<(), EngineError> {
             "num_attention_heads",
             format!("{} does not divide hidden_size {}", t.num_attention_heads, t.hidden_size),
         ));
-    }
-    if t.num_hidden_layers < 2 {
-        return Err(bad("num_hidden_layers", "at least 2 layers are needed (SDXL reads the penultimate one)".into()));
     }
     Ok(())
 }

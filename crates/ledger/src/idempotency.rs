@@ -33,6 +33,17 @@ pub fn fingerprint(request: &[u8]) -> String {
     hex(&Sha256::digest(request))
 }
 
+/// The fingerprint of a request in several parts (form fields, then files), each length-prefixed so
+/// that moving bytes from one part to the next changes it.
+pub fn fingerprint_parts(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    hex(&h.finalize())
+}
+
 impl Ledger {
     /// Claims `idempotency_key` for this request, or says why not.
     pub async fn begin_idempotent(

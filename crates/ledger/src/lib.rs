@@ -63,7 +63,7 @@ pub use budget::{Budget, BudgetOwner, BudgetUsage, Period, Refusal, RefusalReaso
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use db::{Backend, Ledger, LedgerOptions, sqlite_url};
 pub use error::{LedgerError, Result};
-pub use idempotency::{Idempotency, fingerprint};
+pub use idempotency::{Idempotency, fingerprint, fingerprint_parts};
 pub use keys::{ApiKey, CreatedKey, KeyUpdate, NewKey, NewProject, Project, ProjectUpdate, RateLimits, Scope};
 pub use rate::{RateLimit, RateLimitKind};
 pub use rust_decimal::Decimal;

@@ -80,14 +80,14 @@ pub struct Outcome {
     pub over_soft_limit: bool,
 }
 
-/// Step 1: model list, rate limit, idempotency. `fingerprint` identifies the request's content, so a
-/// reused `Idempotency-Key` with another body is told apart from a retry.
+/// Step 1: model list, rate limit, idempotency. `fingerprint` identifies the request's content (given
+/// when it carries an `Idempotency-Key`), so a reused key with another body is told apart from a retry.
 pub async fn admit(
     ledger: &Ledger,
     caller: Option<&Caller>,
     headers: &HeaderMap,
     info: RequestInfo,
-    fingerprint: &str,
+    fingerprint: Option<&str>,
 ) -> Result<Admit, ApiError> {
     let key = caller.map(|c| c.0.clone());
     let admission = Admission {
@@ -141,8 +141,12 @@ pub async fn admit(
             "The Idempotency-Key header must be 1 to 255 visible characters.".into(),
         )
     })?;
-    let owner = admission.key.as_ref().map_or("anonymous", |k| k.id.as_str()).to_owned();
-    match ledger.begin_idempotent(&owner, idem, fingerprint).await.map_err(|e| internal(&admission.info, e))? {
+    let owner = admission.owner().to_owned();
+    match ledger
+        .begin_idempotent(&owner, idem, fingerprint.unwrap_or_default())
+        .await
+        .map_err(|e| internal(&admission.info, e))?
+    {
         Idempotency::New => Ok(Admit::Go(Box::new(Admission { idempotency_key: Some(idem.to_owned()), ..admission }))),
         Idempotency::Completed(stored) => Ok(Admit::Replay(stored)),
         Idempotency::InFlight => Err(ApiError::new(
@@ -231,9 +235,13 @@ impl Admission {
         error
     }
 
+    /// Whose idempotency keys these are: the API key's, or the open server's.
+    fn owner(&self) -> &str {
+        self.key.as_ref().map_or("anonymous", |k| k.id.as_str())
+    }
+
     async fn forget(&self, idem: &str) {
-        let owner = self.key.as_ref().map_or("anonymous", |k| k.id.as_str());
-        if let Err(e) = self.ledger.fail_idempotent(owner, idem).await {
+        if let Err(e) = self.ledger.fail_idempotent(self.owner(), idem).await {
             tracing::warn!(error = %e, "could not clear an idempotency key");
         }
     }
@@ -315,7 +323,7 @@ impl Ticket {
             tracing::error!(request_id = %a.info.request_id, error = %e, "could not settle a request in the ledger");
         }
         if let Some(idem) = &a.idempotency_key {
-            let owner = a.key.as_ref().map_or("anonymous", |k| k.id.as_str());
+            let owner = a.owner();
             let stored = match done.response {
                 Some(body) if body.len() <= MAX_STORED_RESPONSE => String::from_utf8_lossy(body).into_owned(),
                 other => {
@@ -359,15 +367,17 @@ impl Drop for Ticket {
         let Some(reservation) = self.reservation.take() else { return };
         let ledger = self.admission.ledger.clone();
         let entry = self.admission.entry(None, Some("client_disconnected"), 0, None, None);
-        let owner = self.admission.key.as_ref().map_or("anonymous", |k| k.id.as_str()).to_owned();
+        let owner = self.admission.owner().to_owned();
         let idem = self.admission.idempotency_key.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
                 if let Err(e) = ledger.release(reservation, Decimal::ZERO, &entry).await {
                     tracing::error!(error = %e, "could not release an abandoned request; it expires instead");
                 }
-                if let Some(idem) = idem {
-                    let _ = ledger.fail_idempotent(&owner, &idem).await;
+                if let Some(idem) = idem
+                    && let Err(e) = ledger.fail_idempotent(&owner, &idem).await
+                {
+                    tracing::warn!(error = %e, "could not clear an idempotency key");
                 }
             });
         }

@@ -18,7 +18,6 @@ use futures_util::StreamExt;
 use pricing::Cost;
 use providers::{ProviderError, ProviderOutput};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 use crate::accounts::{self, Admit, Caller, Finished, RequestInfo, Ticket};
 use crate::routing::Route;
@@ -36,7 +35,7 @@ pub async fn generations(
     body: Result<Bytes, BytesRejection>,
 ) -> HandlerResult {
     let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), &state))?;
-    let fingerprint = fingerprint(&[&body]);
+    let fingerprint = wants_fingerprint(&state, &headers).then(|| ledger::fingerprint(&body));
     let map = json_body(&state, &headers, Ok(body))?;
     let raw = RawRequest::parse(&Fields::Json(&map), JobKind::Generate, &[])?;
     let (model, route) = route(&state, &raw, JobKind::Generate)?;
@@ -67,7 +66,11 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
     };
     let (model, route) = route(&state, &raw, JobKind::Edit)?;
     let (prompt, options, input_fidelity) = raw.validate(&model, route.family, JobKind::Edit)?;
-    let fingerprint = form.fingerprint();
+    let fingerprint = match wants_fingerprint(&state, &headers) {
+        // Hashing megabytes of images is work for a blocking thread.
+        true => Some(blocking(form.fingerprint_job(), &headers).await?),
+        false => None,
+    };
     let (images, mask) = inspect_inputs(form.images, form.mask, state.limits.max_image_pixels, &headers).await?;
     api::images::check_inputs(&images, route.family, &model)?;
     if let Some(m) = &mask {
@@ -82,18 +85,13 @@ struct Who {
     caller: Option<Caller>,
     /// The model name as the client gave it (what key model lists name).
     model: String,
-    /// The request's content, to tell an idempotent retry from a reused key.
-    fingerprint: String,
+    /// The request's content, to tell an idempotent retry from a reused key; only computed when the
+    /// request has an `Idempotency-Key` to check it against.
+    fingerprint: Option<String>,
 }
 
-/// SHA-256 over length-prefixed parts, as hex.
-fn fingerprint(parts: &[&[u8]]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p);
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+fn wants_fingerprint(state: &AppState, headers: &HeaderMap) -> bool {
+    state.ledger.is_some() && headers.contains_key(accounts::IDEMPOTENCY_HEADER)
 }
 
 /// `POST /v1/images/estimates`: what planned requests would cost, before spending anything.
@@ -180,7 +178,7 @@ async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &Header
                     .model(&route.upstream_model)
                     .map_or("unpriced", |p| p.billing_basis.as_str()),
             };
-            match accounts::admit(ledger, who.caller.as_ref(), headers, info, &who.fingerprint).await? {
+            match accounts::admit(ledger, who.caller.as_ref(), headers, info, who.fingerprint.as_deref()).await? {
                 Admit::Replay(stored) => {
                     let mut response = json_response(stored.into_bytes());
                     response.headers_mut().insert(accounts::REPLAYED_HEADER, HeaderValue::from_static("true"));
@@ -385,21 +383,23 @@ struct EditForm {
 }
 
 impl EditForm {
-    /// The form's content: fields in order, then every image and the mask.
-    fn fingerprint(&self) -> String {
+    /// The form's content (fields in order, then every image and the mask) as a fingerprint, computed
+    /// by the returned closure (the images are shared, not copied).
+    fn fingerprint_job(&self) -> impl FnOnce() -> String + Send + 'static {
         let fields = match &self.fields {
             EditFields::Text(parts) => parts.iter().map(|(k, v)| format!("{k}={v}\n")).collect::<String>(),
             EditFields::Json(map) => {
-                let mut rest = map.clone();
-                rest.remove("images");
-                rest.remove("mask");
-                Value::Object(rest).to_string()
+                let rest = map.iter().filter(|(k, _)| *k != "images" && *k != "mask");
+                Value::Object(rest.map(|(k, v)| (k.clone(), v.clone())).collect()).to_string()
             }
         };
-        let mut parts: Vec<&[u8]> = vec![fields.as_bytes()];
-        parts.extend(self.images.iter().map(|(_, bytes, _)| bytes.as_ref()));
-        parts.extend(self.mask.iter().map(|(bytes, _)| bytes.as_ref()));
-        fingerprint(&parts)
+        let mut files: Vec<Bytes> = self.images.iter().map(|(_, bytes, _)| bytes.clone()).collect();
+        files.extend(self.mask.iter().map(|(bytes, _)| bytes.clone()));
+        move || {
+            let mut parts: Vec<&[u8]> = vec![fields.as_bytes()];
+            parts.extend(files.iter().map(|b| b.as_ref()));
+            ledger::fingerprint_parts(&parts)
+        }
     }
 }
 
@@ -499,13 +499,18 @@ async fn inspect_inputs(
         let mask = mask.map(|(bytes, name)| api::images::inspect_image("mask", bytes, name, max_pixels)).transpose()?;
         Ok((images, mask))
     };
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => Ok(result?),
-        Err(e) => {
-            tracing::error!(error = %e, request_id = request_id(headers), "image inspection task failed");
-            Err(HttpError(ApiError::internal(request_id(headers))))
-        }
-    }
+    Ok(blocking(work, headers).await??)
+}
+
+/// Runs `work` on a blocking thread; a task that panics is a 500.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+    headers: &HeaderMap,
+) -> Result<T, HttpError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        tracing::error!(error = %e, request_id = request_id(headers), "a blocking task failed");
+        HttpError(ApiError::internal(request_id(headers)))
+    })
 }
 
 /// A body that could not be read: too large (413) or malformed (400).

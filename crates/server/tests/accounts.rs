@@ -200,6 +200,35 @@ async fn refusals_failures_and_retries_cost_nothing_extra(db: &TestDatabase) {
     let clash = g.generate_with(Some(&key), other, Some("idem-1")).await;
     assert_eq!(clash.status, 409, "{}", clash.body);
     assert_eq!(clash.body["error"]["code"], "idempotency_key_reused");
+    // Edits too: the form and its image bytes are the fingerprint.
+    let png = {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_pixel(64, 64, image::Rgb([9, 99, 199]))
+            .write_to(&mut out, image::ImageFormat::Png)
+            .unwrap();
+        out.into_inner()
+    };
+    let edit = |image: Vec<u8>| {
+        let form = reqwest::multipart::Form::new()
+            .text("model", "gpt-image-1-mini")
+            .text("prompt", "an edited otter")
+            .text("quality", "low")
+            .part("image", reqwest::multipart::Part::bytes(image).file_name("a.png").mime_str("image/png").unwrap());
+        g.http
+            .post(format!("{}/images/edits", g.url))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", "idem-edit")
+            .multipart(form)
+            .send()
+    };
+    assert_eq!(edit(png.clone()).await.unwrap().status().as_u16(), 200);
+    let replay = edit(png.clone()).await.unwrap();
+    assert_eq!((replay.status().as_u16(), replay.headers()["idempotent-replayed"].to_str().unwrap()), (200, "true"));
+    let mut other = png;
+    other.extend_from_slice(b"trailing bytes");
+    assert_eq!(edit(other).await.unwrap().status().as_u16(), 409, "another image under the same key");
+    assert_eq!(g.fake.count("an edited otter"), 1);
+
     // A failed request does not keep its key: the retry runs.
     let flaky = json!({"model": "gpt-image-1-mini", "prompt": "[fault:500-once] flaky otter", "quality": "low"});
     assert_eq!(g.generate_with(Some(&key), flaky.clone(), Some("idem-2")).await.status, 500);
