@@ -4,8 +4,10 @@
 //! config files ([`checkpoint`]), sampling is seeded end to end ([`scheduler`], [`pipeline`]), and
 //! everything a request can get wrong is checked before candle (which asserts) sees it.
 
+pub mod candle_unet;
 pub mod checkpoint;
 pub mod encode;
+pub mod layers;
 pub mod pipeline;
 pub mod registry;
 pub mod scheduler;
@@ -13,12 +15,14 @@ pub mod testing;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae_decoder;
 mod vae_encoder;
 
 use std::path::PathBuf;
 
 pub use checkpoint::Checkpoint;
-pub use pipeline::{Edit, GenerateParams, Hooks, NoHooks, Pipeline, default_device};
+pub use layers::Kernels;
+pub use pipeline::{Edit, GenerateParams, Hooks, LoadOptions, NoHooks, Pipeline, default_device};
 
 /// Whether this build runs models on a GPU (the `cuda` or `metal` feature).
 pub fn uses_gpu() -> bool {

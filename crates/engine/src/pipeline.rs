@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 use rand::SeedableRng;
@@ -18,10 +17,12 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::EngineError;
 use crate::checkpoint::Checkpoint;
+use crate::layers::Kernels;
 use crate::scheduler::Scheduler;
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{AddedCond, Unet};
+use crate::vae_decoder::VaeDecoder;
 use crate::vae_encoder::VaeEncoder;
 
 /// Smallest and largest image side in pixels.
@@ -81,7 +82,7 @@ pub struct Pipeline {
     /// SDXL's second tokenizer and encoder.
     second: Option<(ClipTokenizer, TextEncoder)>,
     unet: Unet,
-    vae: AutoEncoderKL,
+    vae: VaeDecoder,
     /// f32 when the VAE overflows in f16 (`force_upcast`), else the model dtype.
     vae_dtype: DType,
     /// Built on the first edit (text-to-image never needs it).
@@ -100,9 +101,21 @@ pub fn default_device() -> Result<Device, EngineError> {
     Ok(Device::Cpu)
 }
 
+/// How a [`Pipeline`] is built.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// The CPU kernels the UNet and the VAE decoder run on.
+    pub kernels: Kernels,
+}
+
 impl Pipeline {
     /// Loads the checkpoint at `dir`: configs first (refusing what cannot run), then every weight file.
     pub fn load(dir: &Path, device: &Device) -> Result<Pipeline, EngineError> {
+        Pipeline::load_with(dir, device, LoadOptions::default())
+    }
+
+    /// [`Pipeline::load`] with chosen [`LoadOptions`].
+    pub fn load_with(dir: &Path, device: &Device, options: LoadOptions) -> Result<Pipeline, EngineError> {
         let checkpoint = Checkpoint::open(dir)?;
         let u = &checkpoint.unet;
         if !matches!(u.in_channels, 4 | 9) || u.out_channels != checkpoint.vae.latent_channels {
@@ -133,14 +146,14 @@ impl Pipeline {
         let unet_path = checkpoint.weights("unet")?;
         let unet_cfg = checkpoint.unet_config()?;
         let unet =
-            with_weights(&unet_path, dtype, device, |vb| Unet::new(vb, &unet_cfg, cfg!(feature = "flash-attn")))?;
+            with_weights(&unet_path, dtype, device, |vb| Unet::new(vb, &unet_cfg, options.kernels))?;
         if unet.needs_added_cond() && second.is_none() {
             return Err(EngineError::MissingFile(dir.join("text_encoder_2/config.json")));
         }
         let vae_path = checkpoint.weights("vae")?;
         let vae_cfg = checkpoint.vae_config()?;
         let vae_dtype = if checkpoint.vae.force_upcast { DType::F32 } else { dtype };
-        let vae = with_weights(&vae_path, vae_dtype, device, |vb| AutoEncoderKL::new(vb, 3, 3, vae_cfg))?;
+        let vae = with_weights(&vae_path, vae_dtype, device, |vb| VaeDecoder::load(vb, &vae_cfg, options.kernels))?;
         tracing::info!(dir = %dir.display(), ?dtype, secs = started.elapsed().as_secs_f64(), "checkpoint loaded");
         Ok(Pipeline {
             checkpoint,

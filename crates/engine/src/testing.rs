@@ -18,7 +18,7 @@ use crate::EngineError;
 use crate::checkpoint::Checkpoint;
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::byte_alphabet;
-use crate::unet::Unet;
+use crate::candle_unet::Unet;
 
 /// What varies between the tiny test checkpoints.
 #[derive(Debug, Clone)]

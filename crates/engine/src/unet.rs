@@ -1,38 +1,185 @@
-//! The conditional UNet: candle's down, mid and up blocks, assembled here so that SDXL's added
-//! conditioning (`addition_embed_type: "text_time"`) joins the time embedding.
+//! The conditional UNet (diffusers' `UNet2DConditionModel`) on the engine's own layers, so that its
+//! convolutions, group norms and attention run on imagegate's kernels; with SDXL's added conditioning
+//! (`addition_embed_type: "text_time"`) joining the time embedding.
 //!
-//! candle's own `UNet2DConditionModel` has no place for that conditioning and silently ignores the
-//! `add_embedding` tensors of SDXL checkpoints; this one reads them whenever the config asks for them, so
-//! a checkpoint without them fails to load with the tensor named.
+//! It reads the tensors of diffusers checkpoints under their names. The tests check it against
+//! [`crate::candle_unet`], the same UNet assembled from candle's blocks.
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::unet_2d::BlockConfig;
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    CrossAttnDownBlock2D, CrossAttnDownBlock2DConfig, CrossAttnUpBlock2D, CrossAttnUpBlock2DConfig, DownBlock2D,
-    DownBlock2DConfig, UNetMidBlock2DCrossAttn, UNetMidBlock2DCrossAttnConfig, UpBlock2D, UpBlock2DConfig,
-};
 
 use crate::checkpoint::{TIME_IDS, TextTimeConfig, UnetConfig};
+use crate::layers::{Activation, Conv, GroupNorm, Kernels, Resnet, ResnetConfig, Upsample, attention};
 
-enum Down {
-    Basic(DownBlock2D),
-    CrossAttn(CrossAttnDownBlock2D),
+/// Multi-head attention: self-attention (`attn1`) or cross-attention on the text context (`attn2`).
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
 }
 
-enum Up {
-    Basic(UpBlock2D),
-    CrossAttn(CrossAttnUpBlock2D),
+impl Attention {
+    fn load(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Attention> {
+        Ok(Attention {
+            q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
+            k: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
+            v: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
+            out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let split = |t: Tensor| -> Result<Tensor> {
+            let (b, n, c) = t.dims3()?;
+            t.reshape((b, n, self.heads, c / self.heads))?.transpose(1, 2)?.reshape((b * self.heads, n, c / self.heads))
+        };
+        let (b, n, c) = xs.dims3()?;
+        let d = c / self.heads;
+        let dtype = xs.dtype();
+        let f32 = |t: Tensor| -> Result<Tensor> { split(t)?.contiguous()?.to_dtype(DType::F32) };
+        let q = f32(self.q.forward(xs)?)?;
+        let k = f32(self.k.forward(context)?)?;
+        let v = f32(self.v.forward(context)?)?;
+        let att = attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?.to_dtype(dtype)?;
+        let att = att.reshape((b, self.heads, n, d))?.transpose(1, 2)?.reshape((b, n, c))?;
+        self.out.forward(&att)
+    }
 }
 
-impl Up {
-    fn resnets(&self) -> usize {
-        match self {
-            Up::Basic(b) => b.resnets.len(),
-            Up::CrossAttn(b) => b.upblock.resnets.len(),
+/// diffusers' `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, each after a
+/// layer norm and added to its input.
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_in: Linear,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    fn load(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<TransformerBlock> {
+        let inner = 4 * dim;
+        Ok(TransformerBlock {
+            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::load(vb.pp("attn1"), dim, dim, heads)?,
+            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::load(vb.pp("attn2"), dim, context_dim, heads)?,
+            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff_in: candle_nn::linear(dim, 2 * inner, vb.pp("ff.net.0.proj"))?,
+            ff_out: candle_nn::linear(inner, dim, vb.pp("ff.net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let h = self.norm1.forward(xs)?;
+        let xs = (self.attn1.forward(&h, &h)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + &xs)?;
+        let gated = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
+        let halves = gated.chunk(2, D::Minus1)?;
+        let ff = self.ff_out.forward(&(&halves[0] * halves[1].gelu_erf()?)?)?;
+        ff + xs
+    }
+}
+
+/// The input and output projections of a [`SpatialTransformer`]: 1x1 convolutions (SD 1.x) or linears
+/// on the tokens (`use_linear_projection`, SD 2.x and SDXL).
+enum Proj {
+    Conv(Conv),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel`: group norm, projection to tokens, transformer blocks, projection
+/// back, added to the input.
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Proj,
+}
+
+impl SpatialTransformer {
+    fn load(vb: VarBuilder, channels: usize, heads: usize, depth: usize, c: &Sizes) -> Result<SpatialTransformer> {
+        let proj = |name: &str| -> Result<Proj> {
+            Ok(if c.linear_projection {
+                Proj::Linear(candle_nn::linear(channels, channels, vb.pp(name))?)
+            } else {
+                Proj::Conv(Conv::load(vb.pp(name), (channels, channels), 1, 1, 0, c.kernels)?)
+            })
+        };
+        let blocks = (0..depth)
+            .map(|i| TransformerBlock::load(vb.pp("transformer_blocks").pp(i), channels, c.context_dim, heads))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SpatialTransformer {
+            norm: GroupNorm::load(vb.pp("norm"), c.groups, channels, 1e-6, c.kernels)?,
+            proj_in: proj("proj_in")?,
+            blocks,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let normed = self.norm.forward(xs, Activation::None)?;
+        let to_tokens = |t: &Tensor| t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous();
+        let mut tokens = match &self.proj_in {
+            Proj::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Proj::Linear(linear) => linear.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let to_image = |t: &Tensor| t.transpose(1, 2)?.reshape((b, c, h, w));
+        let out = match &self.proj_out {
+            Proj::Conv(conv) => conv.forward(&to_image(&tokens)?.contiguous()?)?,
+            Proj::Linear(linear) => to_image(&linear.forward(&tokens)?)?,
+        };
+        out + xs
+    }
+}
+
+/// What every block of one UNet shares.
+struct Sizes {
+    temb: usize,
+    groups: usize,
+    eps: f64,
+    context_dim: usize,
+    linear_projection: bool,
+    kernels: Kernels,
+}
+
+impl Sizes {
+    fn resnet(&self, cin: usize, cout: usize, output_scale: f64) -> ResnetConfig {
+        ResnetConfig {
+            in_channels: cin,
+            out_channels: cout,
+            temb_channels: Some(self.temb),
+            groups: self.groups,
+            eps: self.eps,
+            output_scale,
         }
     }
+}
+
+/// A down block: resnets (each followed by a transformer in cross-attention blocks), then a stride-2
+/// convolution except in the last block. Every output is kept for the up path's skips.
+struct DownBlock {
+    layers: Vec<(Resnet, Option<SpatialTransformer>)>,
+    downsample: Option<Conv>,
+    /// `downsample_padding: 0` pads the right and bottom by one before an unpadded convolution.
+    pad_before_downsample: bool,
+}
+
+/// An up block: resnets on the input joined to a skip (each followed by a transformer in
+/// cross-attention blocks), then an upsampler except in the last block.
+struct UpBlock {
+    layers: Vec<(Resnet, Option<SpatialTransformer>)>,
+    upsample: Option<Upsample>,
 }
 
 /// SDXL's added conditioning: the size ids embedded like timesteps, joined to the pooled text
@@ -52,31 +199,35 @@ pub struct AddedCond {
 }
 
 pub struct Unet {
-    conv_in: Conv2d,
+    conv_in: Conv,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     text_time: Option<TextTime>,
-    down: Vec<Down>,
-    mid: UNetMidBlock2DCrossAttn,
-    up: Vec<Up>,
+    down: Vec<DownBlock>,
+    mid: (Resnet, Vec<(SpatialTransformer, Resnet)>),
+    up: Vec<UpBlock>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
     center_input_sample: bool,
 }
 
 impl Unet {
-    pub fn new(vb: VarBuilder, config: &UnetConfig, use_flash_attn: bool) -> Result<Unet> {
+    pub fn new(vb: VarBuilder, config: &UnetConfig, kernels: Kernels) -> Result<Unet> {
         let c = &config.blocks;
         let (Some(first), Some(last)) = (c.blocks.first(), c.blocks.last()) else {
-            return Err(candle_core::Error::Msg("a UNet needs at least one block".into()));
+            candle_core::bail!("a UNet needs at least one block")
         };
         let n = c.blocks.len();
         let base = first.out_channels;
         let time_dim = base * 4;
-        let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
-        let conv_in = candle_nn::conv2d(config.in_channels, base, 3, pad1, vb.pp("conv_in"))?;
-        let time_proj = Timesteps::new(base, c.flip_sin_to_cos, c.freq_shift);
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), base, time_dim)?;
+        let sizes = Sizes {
+            temb: time_dim,
+            groups: c.norm_num_groups,
+            eps: c.norm_eps,
+            context_dim: c.cross_attention_dim,
+            linear_projection: c.use_linear_projection,
+            kernels,
+        };
         let text_time = match config.text_time {
             Some(tt) => Some(TextTime {
                 time_proj: Timesteps::new(tt.time_dim, c.flip_sin_to_cos, c.freq_shift),
@@ -91,110 +242,83 @@ impl Unet {
         };
 
         let mut down = Vec::with_capacity(n);
+        let mut cin = base;
         for (i, block) in c.blocks.iter().enumerate() {
-            let in_channels = if i > 0 { c.blocks[i - 1].out_channels } else { base };
-            let basic = DownBlock2DConfig {
-                num_layers: c.layers_per_block,
-                resnet_eps: c.norm_eps,
-                resnet_groups: c.norm_num_groups,
-                add_downsample: i + 1 < n,
-                downsample_padding: c.downsample_padding,
-                ..Default::default()
-            };
             let vb = vb.pp("down_blocks").pp(i);
-            down.push(match block.use_cross_attn {
-                Some(layers) => {
-                    let cfg = CrossAttnDownBlock2DConfig {
-                        downblock: basic,
-                        attn_num_head_channels: block.attention_head_dim,
-                        cross_attention_dim: c.cross_attention_dim,
-                        sliced_attention_size: None,
-                        use_linear_projection: c.use_linear_projection,
-                        transformer_layers_per_block: layers,
-                    };
-                    let b = CrossAttnDownBlock2D::new(
-                        vb,
-                        in_channels,
-                        block.out_channels,
-                        Some(time_dim),
-                        use_flash_attn,
-                        cfg,
-                    )?;
-                    Down::CrossAttn(b)
-                }
-                None => Down::Basic(DownBlock2D::new(vb, in_channels, block.out_channels, Some(time_dim), basic)?),
-            });
+            let cout = block.out_channels;
+            let mut layers = Vec::with_capacity(c.layers_per_block);
+            for j in 0..c.layers_per_block {
+                let input = if j == 0 { cin } else { cout };
+                let resnet = Resnet::load(vb.pp("resnets").pp(j), sizes.resnet(input, cout, 1.0), kernels)?;
+                let attn = block
+                    .use_cross_attn
+                    .map(|depth| {
+                        let heads = block.attention_head_dim.max(1);
+                        SpatialTransformer::load(vb.pp("attentions").pp(j), cout, heads, depth, &sizes)
+                    })
+                    .transpose()?;
+                layers.push((resnet, attn));
+            }
+            let downsample = if i + 1 < n {
+                let padding = c.downsample_padding;
+                Some(Conv::load(vb.pp("downsamplers.0.conv"), (cout, cout), 3, 2, padding, kernels)?)
+            } else {
+                None
+            };
+            down.push(DownBlock { layers, downsample, pad_before_downsample: c.downsample_padding == 0 });
+            cin = cout;
         }
 
-        let mid_cfg = UNetMidBlock2DCrossAttnConfig {
-            resnet_eps: c.norm_eps,
-            output_scale_factor: c.mid_block_scale_factor,
-            cross_attn_dim: c.cross_attention_dim,
-            attn_num_head_channels: last.attention_head_dim,
-            resnet_groups: Some(c.norm_num_groups),
-            use_linear_projection: c.use_linear_projection,
-            transformer_layers_per_block: last.use_cross_attn.unwrap_or(1),
-            ..Default::default()
-        };
-        let mid = UNetMidBlock2DCrossAttn::new(
-            vb.pp("mid_block"),
-            last.out_channels,
-            Some(time_dim),
-            use_flash_attn,
-            mid_cfg,
-        )?;
+        let mid_vb = vb.pp("mid_block");
+        let top = last.out_channels;
+        let scale = c.mid_block_scale_factor;
+        let mid_first = Resnet::load(mid_vb.pp("resnets.0"), sizes.resnet(top, top, scale), kernels)?;
+        let depth = last.use_cross_attn.unwrap_or(1);
+        let heads = last.attention_head_dim.max(1);
+        let mid_rest = vec![(
+            SpatialTransformer::load(mid_vb.pp("attentions.0"), top, heads, depth, &sizes)?,
+            Resnet::load(mid_vb.pp("resnets.1"), sizes.resnet(top, top, scale), kernels)?,
+        )];
 
         // The up path mirrors the down path: up block i undoes down block n-1-i.
         let mut up = Vec::with_capacity(n);
+        let mut prev = top;
         for i in 0..n {
-            let block: BlockConfig = c.blocks[n - 1 - i];
-            let prev_out = if i > 0 { c.blocks[n - i].out_channels } else { last.out_channels };
-            let skip_in = c.blocks[if i + 1 == n { 0 } else { n - i - 2 }].out_channels;
-            let basic = UpBlock2DConfig {
-                num_layers: c.layers_per_block + 1,
-                resnet_eps: c.norm_eps,
-                resnet_groups: c.norm_num_groups,
-                add_upsample: i + 1 < n,
-                ..Default::default()
-            };
+            let block = c.blocks[n - 1 - i];
+            let cout = block.out_channels;
+            // The channels of the down block below this one: the last skip this block takes.
+            let below = c.blocks[(n - 1 - i).saturating_sub(1)].out_channels;
             let vb = vb.pp("up_blocks").pp(i);
-            up.push(match block.use_cross_attn {
-                Some(layers) => {
-                    let cfg = CrossAttnUpBlock2DConfig {
-                        upblock: basic,
-                        attn_num_head_channels: block.attention_head_dim,
-                        cross_attention_dim: c.cross_attention_dim,
-                        sliced_attention_size: None,
-                        use_linear_projection: c.use_linear_projection,
-                        transformer_layers_per_block: layers,
-                    };
-                    let b = CrossAttnUpBlock2D::new(
-                        vb,
-                        skip_in,
-                        prev_out,
-                        block.out_channels,
-                        Some(time_dim),
-                        use_flash_attn,
-                        cfg,
-                    )?;
-                    Up::CrossAttn(b)
-                }
-                None => Up::Basic(UpBlock2D::new(vb, skip_in, prev_out, block.out_channels, Some(time_dim), basic)?),
-            });
+            let layers_n = c.layers_per_block + 1;
+            let mut layers = Vec::with_capacity(layers_n);
+            for j in 0..layers_n {
+                let skip = if j + 1 == layers_n { below } else { cout };
+                let input = if j == 0 { prev } else { cout };
+                let resnet = Resnet::load(vb.pp("resnets").pp(j), sizes.resnet(input + skip, cout, 1.0), kernels)?;
+                let attn = block
+                    .use_cross_attn
+                    .map(|depth| {
+                        let heads = block.attention_head_dim.max(1);
+                        SpatialTransformer::load(vb.pp("attentions").pp(j), cout, heads, depth, &sizes)
+                    })
+                    .transpose()?;
+                layers.push((resnet, attn));
+            }
+            let upsample = if i + 1 < n { Some(Upsample::load(vb.pp("upsamplers.0"), cout, kernels)?) } else { None };
+            up.push(UpBlock { layers, upsample });
+            prev = cout;
         }
 
-        let norm_out = candle_nn::group_norm(c.norm_num_groups, base, c.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = candle_nn::conv2d(base, config.out_channels, 3, pad1, vb.pp("conv_out"))?;
         Ok(Unet {
-            conv_in,
-            time_proj,
-            time_embedding,
+            conv_in: Conv::same3(vb.pp("conv_in"), (config.in_channels, base), kernels)?,
+            time_proj: Timesteps::new(base, c.flip_sin_to_cos, c.freq_shift),
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), base, time_dim)?,
             text_time,
             down,
-            mid,
+            mid: (mid_first, mid_rest),
             up,
-            norm_out,
-            conv_out,
+            norm_out: GroupNorm::load(vb.pp("conv_norm_out"), c.norm_num_groups, base, c.norm_eps, kernels)?,
+            conv_out: Conv::same3(vb.pp("conv_out"), (base, config.out_channels), kernels)?,
             center_input_sample: c.center_input_sample,
         })
     }
@@ -218,46 +342,59 @@ impl Unet {
                 emb = (emb + tt.embedding.forward(&joined)?)?;
             }
             (Some(_), None) => {
-                return Err(candle_core::Error::Msg(
-                    "this UNet needs the pooled text embedding and size ids (SDXL conditioning)".into(),
-                ));
+                candle_core::bail!("this UNet needs the pooled text embedding and size ids (SDXL conditioning)")
             }
             (None, _) => {}
         }
+        // Every resnet applies SiLU to the embedding before its projection: do it once.
+        let temb = candle_nn::ops::silu(&emb)?;
+        let temb = Some(&temb);
 
-        let xs = self.conv_in.forward(&xs)?;
+        let mut xs = self.conv_in.forward(&xs)?;
         let mut skips = vec![xs.clone()];
-        let mut xs = xs;
         for block in &self.down {
-            let (out, res) = match block {
-                Down::Basic(b) => b.forward(&xs, Some(&emb))?,
-                Down::CrossAttn(b) => b.forward(&xs, Some(&emb), Some(context))?,
-            };
-            skips.extend(res);
-            xs = out;
+            for (resnet, attn) in &block.layers {
+                xs = resnet.forward(&xs, temb)?;
+                if let Some(attn) = attn {
+                    xs = attn.forward(&xs, context)?;
+                }
+                skips.push(xs.clone());
+            }
+            if let Some(conv) = &block.downsample {
+                if block.pad_before_downsample {
+                    xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+                }
+                xs = conv.forward(&xs)?;
+                skips.push(xs.clone());
+            }
         }
-        xs = self.mid.forward(&xs, Some(&emb), Some(context))?;
+        xs = self.mid.0.forward(&xs, temb)?;
+        for (attn, resnet) in &self.mid.1 {
+            xs = resnet.forward(&attn.forward(&xs, context)?, temb)?;
+        }
 
         // Latent sides the down path did not halve evenly: upsample to the skip's size, not 2x.
         let factor = 1usize << self.up.len().saturating_sub(1);
         let odd = !height.is_multiple_of(factor) || !width.is_multiple_of(factor);
-        let last = self.up.len().saturating_sub(1);
-        for (i, block) in self.up.iter().enumerate() {
-            let take = block.resnets().min(skips.len());
-            let res = skips.split_off(skips.len() - take);
-            let size = match skips.last() {
-                Some(s) if odd && i < last => {
-                    let (_, _, h, w) = s.dims4()?;
-                    Some((h, w))
+        for block in &self.up {
+            for (resnet, attn) in &block.layers {
+                let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip stack is empty".into()))?;
+                xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb)?;
+                if let Some(attn) = attn {
+                    xs = attn.forward(&xs, context)?;
                 }
-                _ => None,
-            };
-            xs = match block {
-                Up::Basic(b) => b.forward(&xs, &res, Some(&emb), size)?,
-                Up::CrossAttn(b) => b.forward(&xs, &res, Some(&emb), size, Some(context))?,
-            };
+            }
+            if let Some(up) = &block.upsample {
+                let size = match skips.last() {
+                    Some(s) if odd => {
+                        let (_, _, h, w) = s.dims4()?;
+                        Some((h, w))
+                    }
+                    _ => None,
+                };
+                xs = up.forward(&xs, size)?;
+            }
         }
-        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        self.conv_out.forward(&self.norm_out.forward(&xs, Activation::Silu)?)
     }
 }

@@ -30,12 +30,14 @@
 mod direct;
 mod gemm;
 mod geometry;
+mod norm;
 mod scratch;
 mod winograd;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, bail};
 
 use geometry::Geometry;
+pub use norm::Activation;
 
 /// How [`conv2d_with`] computes the convolution.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -124,6 +126,44 @@ pub fn conv2d_with(
     }
     drop((x_storage, w_storage));
     Tensor::from_vec(out, (g.batch, g.cout, g.ho, g.wo), &Device::Cpu)
+}
+
+/// Group normalization of an f32 CPU tensor `[batch, channels, ...]` over `groups` groups of
+/// consecutive channels, with the per-channel `gamma` and `beta`, then `activation`: what
+/// `candle_nn::GroupNorm` followed by SiLU computes, in one pass (module `norm`). Statistics are
+/// accumulated in f64. Tensors that are not f32 on the CPU are an error: the caller keeps candle's
+/// `GroupNorm` for those.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    eps: f64,
+    gamma: &Tensor,
+    beta: &Tensor,
+    activation: Activation,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (&batch, &channels) = match (dims.first(), dims.get(1)) {
+        (Some(b), Some(c)) => (b, c),
+        _ => bail!("group_norm: expected [batch, channels, ...], got {dims:?}"),
+    };
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        bail!("group_norm: {channels} channels do not split into {groups} groups")
+    }
+    if gamma.dims() != [channels] || beta.dims() != [channels] {
+        bail!("group_norm: gamma {:?} and beta {:?}, expected [{channels}]", gamma.dims(), beta.dims())
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        bail!("group_norm: needs an f32 CPU tensor, got {:?} on {:?}", x.dtype(), x.device())
+    }
+    let pixels: usize = dims[2..].iter().product();
+    let x = x.contiguous()?;
+    let (gamma, beta) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
+    let (storage, layout) = x.storage_and_layout();
+    let values = cpu_f32(&storage, layout, batch * channels * pixels)?;
+    let mut out = vec![0.0f32; values.len()];
+    norm::group_norm(values, &mut out, channels, pixels, groups, eps, &gamma, &beta, activation);
+    drop(storage);
+    Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
 /// Frees the scratch buffers [`conv2d`] keeps between calls, on the calling thread and on every thread

@@ -1,0 +1,253 @@
+//! The building blocks the engine's own VAE decoder and UNet are made of, on imagegate's CPU kernels.
+//!
+//! candle's Stable Diffusion blocks hold `candle_nn::Conv2d` and `GroupNorm`, which run candle's CPU
+//! convolution (a whole-image im2col then one gemm, 2-3x behind PyTorch) and group norm (eight tensor
+//! passes). These layers load the same tensors under the same names and run them on [`kernels`]:
+//! Winograd and blocked convolutions, a one-pass group norm fused with SiLU, attention in query
+//! chunks. With [`Kernels::Reference`] every layer runs candle's own op instead, which the tests use
+//! to check the fast path against; other devices and dtypes always take candle's ops.
+
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+pub use kernels::Activation;
+
+/// Which implementation the layers run on the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// imagegate's kernels for f32 CPU tensors (candle's ops elsewhere).
+    #[default]
+    Fast,
+    /// candle's own ops everywhere: the reference the fast path is tested against.
+    Reference,
+}
+
+/// A 2-D convolution with square kernel, stride and padding.
+pub struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+    kernels: Kernels,
+}
+
+impl Conv {
+    /// Reads `weight` `[cout, cin, k, k]` and `bias` `[cout]` under `vb`.
+    pub fn load(
+        vb: VarBuilder,
+        (cin, cout): (usize, usize),
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        kernels: Kernels,
+    ) -> Result<Conv> {
+        let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
+        let bias = Some(vb.get(cout, "bias")?);
+        Ok(Conv { weight, bias, stride, padding, kernels })
+    }
+
+    /// A 3x3 convolution at stride 1 that keeps the size (padding 1), the most common one.
+    pub fn same3(vb: VarBuilder, channels: (usize, usize), kernels: Kernels) -> Result<Conv> {
+        Conv::load(vb, channels, 3, 1, 1, kernels)
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let bias = self.bias.as_ref();
+        match self.kernels {
+            Kernels::Fast => kernels::conv2d(xs, &self.weight, bias, self.stride, self.padding),
+            Kernels::Reference => kernels::candle_conv2d(xs, &self.weight, bias, self.stride, self.padding),
+        }
+    }
+}
+
+/// Group normalization over `[batch, channels, ...]`, optionally followed by SiLU.
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    reference: candle_nn::GroupNorm,
+    kernels: Kernels,
+}
+
+impl GroupNorm {
+    pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64, kernels: Kernels) -> Result<GroupNorm> {
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
+        let reference = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        Ok(GroupNorm { weight, bias, groups, eps, reference, kernels })
+    }
+
+    pub fn forward(&self, xs: &Tensor, activation: Activation) -> Result<Tensor> {
+        let fast = self.kernels == Kernels::Fast && xs.device().is_cpu() && xs.dtype() == DType::F32;
+        if fast {
+            return kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, activation);
+        }
+        let ys = self.reference.forward(xs)?;
+        match activation {
+            Activation::None => Ok(ys),
+            Activation::Silu => candle_nn::ops::silu(&ys),
+        }
+    }
+}
+
+/// diffusers' `ResnetBlock2D`: two norm-SiLU-conv stages, the time embedding added between them, and
+/// a 1x1 shortcut when the channel count changes.
+pub struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+    output_scale: f64,
+}
+
+/// The sizes of a [`Resnet`].
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the time embedding (UNet), or `None` (VAE).
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    pub output_scale: f64,
+}
+
+impl Resnet {
+    pub fn load(vb: VarBuilder, c: ResnetConfig, kernels: Kernels) -> Result<Resnet> {
+        let (cin, cout) = (c.in_channels, c.out_channels);
+        let shortcut = if cin != cout {
+            Some(Conv::load(vb.pp("conv_shortcut"), (cin, cout), 1, 1, 0, kernels)?)
+        } else {
+            None
+        };
+        let time_emb_proj = match c.temb_channels {
+            Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+            None => None,
+        };
+        Ok(Resnet {
+            norm1: GroupNorm::load(vb.pp("norm1"), c.groups, cin, c.eps, kernels)?,
+            conv1: Conv::same3(vb.pp("conv1"), (cin, cout), kernels)?,
+            time_emb_proj,
+            norm2: GroupNorm::load(vb.pp("norm2"), c.groups, cout, c.eps, kernels)?,
+            conv2: Conv::same3(vb.pp("conv2"), (cout, cout), kernels)?,
+            shortcut,
+            output_scale: c.output_scale,
+        })
+    }
+
+    /// `temb` is the time embedding after its SiLU (the same for every resnet of a UNet pass).
+    pub fn forward(&self, xs: &Tensor, silu_temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(xs, Activation::Silu)?)?;
+        let h = match (silu_temb, &self.time_emb_proj) {
+            (Some(t), Some(proj)) => h.broadcast_add(&proj.forward(t)?.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?,
+            _ => h,
+        };
+        let h = self.conv2.forward(&self.norm2.forward(&h, Activation::Silu)?)?;
+        let shortcut = match &self.shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale == 1.0 { Ok(out) } else { out / self.output_scale }
+    }
+}
+
+/// Nearest-neighbour upsampling to `size` (twice the input's by default), then a 3x3 convolution.
+pub struct Upsample {
+    conv: Conv,
+}
+
+impl Upsample {
+    pub fn load(vb: VarBuilder, channels: usize, kernels: Kernels) -> Result<Upsample> {
+        Ok(Upsample { conv: Conv::same3(vb.pp("conv"), (channels, channels), kernels)? })
+    }
+
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+    }
+}
+
+/// Softmax attention `softmax(q k^T * scale) v` over `[batch * heads, tokens, head_dim]` tensors, in
+/// chunks of queries so that the score matrix never exceeds [`SCORE_FLOATS`] per chunk (at 64x64
+/// latents the whole matrix of one head is 64 MiB, of a 10-head layer 640 MiB).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (bh, tq, _) = q.dims3()?;
+    let tk = k.dim(1)?;
+    let chunk = (SCORE_FLOATS / (bh * tk).max(1)).clamp(1, tq.max(1));
+    let kt = k.t()?;
+    let one = |q: &Tensor| -> Result<Tensor> {
+        let scores = (q.matmul(&kt)? * scale)?;
+        candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+    };
+    if chunk >= tq {
+        return one(q);
+    }
+    let parts = (0..tq)
+        .step_by(chunk)
+        .map(|start| one(&q.narrow(1, start, chunk.min(tq - start))?))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1)
+}
+
+/// The largest score matrix [`attention`] builds at once, in floats (64 MiB).
+pub const SCORE_FLOATS: usize = 16 << 20;
+
+/// diffusers' VAE `Attention` block (one head over all channels by default), with either naming of
+/// its projections (`to_q`... or the older `query`...; 1x1 convolutions are read as linears).
+pub struct VaeAttention {
+    norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+}
+
+impl VaeAttention {
+    pub fn load(vb: VarBuilder, channels: usize, groups: usize, kernels: Kernels) -> Result<VaeAttention> {
+        let names = if vb.contains_tensor("to_q.weight") {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        } else {
+            ["query", "key", "value", "proj_attn"]
+        };
+        let linear = |name: &str| -> Result<Linear> {
+            let vb = vb.pp(name);
+            let weight = match vb.get((channels, channels), "weight") {
+                Ok(w) => w,
+                Err(_) => vb.get((channels, channels, 1, 1), "weight")?.reshape((channels, channels))?,
+            };
+            Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
+        };
+        Ok(VaeAttention {
+            norm: GroupNorm::load(vb.pp("group_norm"), groups, channels, 1e-6, kernels)?,
+            q: linear(names[0])?,
+            k: linear(names[1])?,
+            v: linear(names[2])?,
+            out: linear(names[3])?,
+            heads: 1,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let tokens = self.norm.forward(xs, Activation::None)?.reshape((b, c, h * w))?.transpose(1, 2)?;
+        let d = c / self.heads;
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape((b, h * w, self.heads, d))?.transpose(1, 2)?.reshape((b * self.heads, h * w, d))?.contiguous()
+        };
+        let q = split(self.q.forward(&tokens)?)?;
+        let k = split(self.k.forward(&tokens)?)?;
+        let v = split(self.v.forward(&tokens)?)?;
+        let dtype = q.dtype();
+        let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+        let att = attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?.to_dtype(dtype)?;
+        let att = att.reshape((b, self.heads, h * w, d))?.transpose(1, 2)?.reshape((b, h * w, c))?;
+        let out = self.out.forward(&att)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        out + xs
+    }
+}
