@@ -135,8 +135,20 @@ pub struct TextEncoderFile {
     pub hidden_act: String,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
-    /// Size of the pooled-output projection (`CLIPTextModelWithProjection`, SDXL's second encoder).
+    /// Size of the pooled-output projection. Only `CLIPTextModelWithProjection` (SDXL's second
+    /// encoder) has one: SD 2.x configs set it on a plain `CLIPTextModel` whose file has no
+    /// `text_projection` ([`TextEncoderFile::projection`]).
     pub projection_dim: Option<usize>,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+}
+
+impl TextEncoderFile {
+    /// The width of `text_projection`, for encoders that have one.
+    pub fn projection(&self) -> Option<usize> {
+        let with_projection = self.architectures.iter().any(|a| a == "CLIPTextModelWithProjection");
+        self.projection_dim.filter(|_| with_projection)
+    }
 }
 
 fn quick_gelu() -> String {
@@ -366,7 +378,7 @@ impl Checkpoint {
         let input_dim = u.projection_class_embeddings_input_dim.ok_or_else(|| {
             bad("projection_class_embeddings_input_dim", "required with addition_embed_type 'text_time'".into())
         })?;
-        let pooled_dim = pooler.projection_dim.unwrap_or(pooler.hidden_size);
+        let pooled_dim = pooler.projection().unwrap_or(pooler.hidden_size);
         if time_dim == 0 || !time_dim.is_multiple_of(2) || pooled_dim + TIME_IDS * time_dim != input_dim {
             return Err(bad(
                 "projection_class_embeddings_input_dim",

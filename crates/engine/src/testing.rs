@@ -176,6 +176,8 @@ pub fn write_checkpoint(dir: &Path, spec: &TinySpec) -> Result<(), EngineError> 
         &dir.join("text_encoder/config.json"),
         &json!({
             "architectures": ["CLIPTextModel"],
+            // SD 2.x configs name a projection their CLIPTextModel does not have.
+            "projection_dim": 16,
             "vocab_size": vocab_size,
             "hidden_size": 32,
             "intermediate_size": 64,

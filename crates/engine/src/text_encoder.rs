@@ -45,7 +45,7 @@ pub struct TextEncoder {
     final_norm: LayerNorm,
     heads: usize,
     activation: Activation,
-    /// `text_projection` (no bias), on encoders whose config has a `projection_dim`.
+    /// `text_projection` (no bias), on `CLIPTextModelWithProjection` encoders.
     projection: Option<Linear>,
 }
 
@@ -81,7 +81,7 @@ impl TextEncoder {
         }
         let final_norm = candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
         let activation = if c.hidden_act == "gelu" { Activation::Gelu } else { Activation::QuickGelu };
-        let projection = match c.projection_dim {
+        let projection = match c.projection() {
             Some(p) => Some(candle_nn::linear_no_bias(d, p, vb.root().pp("text_projection"))?),
             None => None,
         };
