@@ -17,6 +17,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae_decoder;
 mod vae_encoder;
+pub mod weights;
 
 use std::path::PathBuf;
 

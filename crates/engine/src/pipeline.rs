@@ -553,7 +553,7 @@ fn with_weights<T>(
     build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<T, EngineError> {
     let invalid = |why: String| EngineError::InvalidFile { path: path.clone(), why };
-    let tensors = candle_core::safetensors::load(path, device).map_err(|e| invalid(e.to_string()))?;
+    let tensors = crate::weights::load(path, device)?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     build(vb).map_err(|e| invalid(e.to_string()))
 }
