@@ -7,12 +7,15 @@
 # 1. bench/setup.sh: the Python venv at .venv-bench (torch, diffusers, ...).
 # 2. The checkpoint (bench/make_checkpoint.py), built once into $BENCH_MODEL_DIR and reused.
 # 3. cargo build --release -p imagegate.
-# 4. RUNS rounds of: imagegate generate, then bench/diffusers_generate.py, same prompt, size,
-#    steps and seed, each under /usr/bin/time -v for wall time and peak RSS. Prints every run,
-#    the medians, the median ratio diffusers/imagegate and the peak memory of each.
+# 4. RUNS rounds of: imagegate generate --decoder full, imagegate generate with the tiny decoder
+#    (a random TAESD from bench/make_taesd.py, built once into $BENCH_TAESD_DIR), then
+#    bench/diffusers_generate.py (full VAE), same prompt, size, steps and seed, each under
+#    /usr/bin/time -v for wall time and peak RSS. Prints every run, the medians, the median ratios
+#    diffusers/imagegate (full and tiny decoder) and the peak memory of each.
 #
 # Env (all optional):
 #   BENCH_MODEL_DIR  checkpoint dir, relative to the repo root (default target/bench/sd-turbo-random)
+#   BENCH_TAESD_DIR  tiny decoder dir (default target/bench/taesd-random); BENCH_TINY=0 skips that series
 #   BENCH_PROMPT     default "a cute baby sea otter"
 #   BENCH_SIZE       default 512x512
 #   BENCH_STEPS      default 1
@@ -36,6 +39,8 @@ if ! [[ "$runs" =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 model_dir="${BENCH_MODEL_DIR:-target/bench/sd-turbo-random}"
+taesd_dir="${BENCH_TAESD_DIR:-target/bench/taesd-random}"
+tiny="${BENCH_TINY:-1}"
 prompt="${BENCH_PROMPT:-a cute baby sea otter}"
 size="${BENCH_SIZE:-512x512}"
 steps="${BENCH_STEPS:-1}"
@@ -81,6 +86,10 @@ else
     mv "$model_dir.partial" "$model_dir"
 fi
 model_dir="$(cd "$model_dir" && pwd)"
+if want imagegate && [ "$tiny" != 0 ] && [ ! -f "$taesd_dir/diffusion_pytorch_model.safetensors" ]; then
+    note "building tiny decoder $taesd_dir"
+    "$py" "$here/make_taesd.py" "$taesd_dir"
+fi
 
 # --- 3. imagegate ---------------------------------------------------------------------------------
 if want imagegate; then
@@ -95,7 +104,7 @@ if want imagegate; then
     # Fail early and clearly if this build's CLI lacks a flag the benchmark passes.
     help="$("$bin" generate --help 2>&1)" || die "'$bin generate --help' failed:
 $help"
-    for flag in --model --size --steps --seed --out; do
+    for flag in --model --size --steps --seed --out --decoder; do
         grep -q -- "$flag" <<<"$help" ||
             die "'imagegate generate' has no $flag flag in this build (BENCH_ONLY=diffusers runs the other side alone)"
     done
@@ -153,7 +162,7 @@ timed() {
     others="$(awk -v a="$before" -v b="$after" -v own="$(own_cpu_seconds "$t")" -v w="$wall" -v n="$ncpu" \
         'BEGIN { o = 100 * (b - a - own) / (w * n); printf "%.0f", o < 0 ? 0 : o }')"
     echo "$wall $rss" >>"$work/$name"
-    printf '  run %d %-9s wall %7.2f s   peak RSS %6.0f MiB   others %3s%%' \
+    printf '  run %d %-14s wall %7.2f s   peak RSS %6.0f MiB   others %3s%%' \
         "$run" "$name" "$wall" "$((rss / 1024))" "$others"
 }
 
@@ -161,8 +170,13 @@ echo "prompt '$prompt', size $size, steps $steps, seed $seed, $runs run(s), chec
 for ((i = 1; i <= runs; i++)); do
     if want imagegate; then
         timed imagegate "$i" "$bin" generate "$prompt" --model "$model_dir" --size "$size" \
-            --steps "$steps" --seed "$seed" --out "$out_dir/imagegate.png"
+            --steps "$steps" --seed "$seed" --decoder full --out "$out_dir/imagegate.png"
         echo
+        if [ "$tiny" != 0 ]; then
+            timed imagegate-tiny "$i" "$bin" generate "$prompt" --model "$model_dir" --size "$size" \
+                --steps "$steps" --seed "$seed" --decoder "$taesd_dir" --out "$out_dir/imagegate-tiny.png"
+            echo
+        fi
     fi
     if want diffusers; then
         timed diffusers "$i" "$py" "$here/diffusers_generate.py" --model "$model_dir" --prompt "$prompt" \
@@ -184,16 +198,20 @@ median() {
 echo
 echo "| engine | median wall (s) | runs (s) | peak RSS (MiB) |"
 echo "|---|---:|---:|---:|"
-for name in imagegate diffusers; do
+for name in imagegate imagegate-tiny diffusers; do
     [ -f "$work/$name" ] || continue
     med="$(cut -d' ' -f1 "$work/$name" | median)"
     all="$(cut -d' ' -f1 "$work/$name" | paste -sd' ' -)"
     peak="$(cut -d' ' -f2 "$work/$name" | sort -n | tail -n 1)"
     printf '| %s | %.2f | %s | %.0f |\n' "$name" "$med" "$all" "$((peak / 1024))"
-    eval "median_$name=$med"
+    eval "median_${name//-/_}=$med"
 done
 if [ -n "${median_imagegate:-}" ] && [ -n "${median_diffusers:-}" ]; then
     awk -v d="$median_diffusers" -v g="$median_imagegate" \
         'BEGIN { printf "\nmedian ratio diffusers/imagegate: %.2fx (>1 means imagegate is faster)\n", d / g }'
+fi
+if [ -n "${median_imagegate_tiny:-}" ] && [ -n "${median_diffusers:-}" ]; then
+    awk -v d="$median_diffusers" -v g="$median_imagegate_tiny" \
+        'BEGIN { printf "median ratio diffusers (full VAE)/imagegate --decoder tiny: %.2fx\n", d / g }'
 fi
 echo "images: $out_dir/"

@@ -8,8 +8,8 @@
 use std::str::FromStr;
 
 use domain::{
-    Background, ImageOptions, InputFidelity, JobKind, ModelFamily, Moderation, OutputFormat, Quality, ResponseFormat,
-    ServiceTier, Size, SizeChoice, Style,
+    Background, Decoder, ImageOptions, InputFidelity, JobKind, ModelFamily, Moderation, OutputFormat, Quality,
+    ResponseFormat, ServiceTier, Size, SizeChoice, Style,
 };
 
 use crate::{ApiError, Fields};
@@ -36,6 +36,8 @@ pub struct RawRequest {
     pub seed: Option<u64>,
     /// Extension for local models: denoising steps instead of the quality's.
     pub steps: Option<i64>,
+    /// Extension for local models: `full` or `tiny` decoder instead of the quality's.
+    pub decoder: Option<String>,
 }
 
 /// The fields each endpoint accepts besides files.
@@ -57,6 +59,7 @@ const GENERATION_FIELDS: &[&str] = &[
     "service_tier",
     "seed",
     "steps",
+    "decoder",
 ];
 const EDIT_FIELDS: &[&str] = &[
     "prompt",
@@ -76,6 +79,7 @@ const EDIT_FIELDS: &[&str] = &[
     "service_tier",
     "seed",
     "steps",
+    "decoder",
 ];
 
 /// The most denoising steps a request may ask a local model for.
@@ -120,6 +124,7 @@ impl RawRequest {
             service_tier: fields.string("service_tier")?,
             seed: fields.unsigned("seed")?,
             steps: fields.integer("steps")?,
+            decoder: fields.string("decoder")?,
         })
     }
 
@@ -294,6 +299,11 @@ impl RawRequest {
             Some(s) => Some(s as u16),
         };
 
+        let decoder = parse_enum::<Decoder>("decoder", self.decoder.as_deref())?;
+        if decoder.is_some() && family != ModelFamily::Local {
+            return Err(ApiError::unsupported_parameter("decoder", model, "local models"));
+        }
+
         let options = ImageOptions {
             n,
             size,
@@ -310,6 +320,7 @@ impl RawRequest {
             service_tier,
             seed: self.seed,
             steps,
+            decoder,
         };
         Ok((prompt, options, input_fidelity))
     }
@@ -333,7 +344,7 @@ trait AllValues: Sized + 'static {
 macro_rules! all_values {
     ($($t:ty),*) => { $(impl AllValues for $t { fn all() -> &'static [Self] { <$t>::ALL } })* };
 }
-all_values!(Quality, ResponseFormat, OutputFormat, Background, Moderation, Style, InputFidelity, ServiceTier);
+all_values!(Quality, ResponseFormat, OutputFormat, Background, Moderation, Style, InputFidelity, ServiceTier, Decoder);
 
 /// The sizes a family accepts for an operation, as OpenAI lists them.
 pub fn allowed_sizes(family: ModelFamily, kind: JobKind) -> &'static [&'static str] {

@@ -269,6 +269,28 @@ fn extensions_service_tier_and_seed() {
 }
 
 #[test]
+fn the_decoder_extension_is_for_local_models_only() {
+    let validate = |body: Value, family: ModelFamily, kind: JobKind| {
+        let map = body.as_object().unwrap().clone();
+        let raw = RawRequest::parse(&Fields::Json(&map), kind, &[])?;
+        raw.validate("m", family, kind).map(|(_, options, _)| options.decoder)
+    };
+    for kind in [JobKind::Generate, JobKind::Edit] {
+        for (text, want) in [("full", domain::Decoder::Full), ("tiny", domain::Decoder::Tiny)] {
+            let body = json!({"prompt": "otter", "decoder": text});
+            assert_eq!(validate(body, ModelFamily::Local, kind).unwrap(), Some(want));
+        }
+        let none = validate(json!({"prompt": "otter"}), ModelFamily::Local, kind).unwrap();
+        assert_eq!(none, None);
+        let e = validate(json!({"prompt": "otter", "decoder": "small"}), ModelFamily::Local, kind).unwrap_err();
+        assert_eq!((e.body.param.as_deref(), e.body.code.as_deref()), (Some("decoder"), Some("invalid_value")));
+        assert!(e.body.message.contains("'full'") && e.body.message.contains("'tiny'"), "{}", e.body.message);
+    }
+    generation("gpt-image-1", json!({"decoder": "tiny"}), Err(("decoder", "unsupported_parameter")));
+    generation("gpt-image-1", json!({"decoder": 1}), Err(("decoder", "invalid_type")));
+}
+
+#[test]
 fn unknown_fields_are_named() {
     generation("gpt-image-1", json!({"colour": "red"}), Err(("colour", "unknown_parameter")));
     edit("gpt-image-1", json!({"image": "x"}), Err(("image", "unknown_parameter")));

@@ -139,6 +139,11 @@ wire_enum!(Style { Vivid => "vivid", Natural => "natural" });
 wire_enum!(ResponseFormat { Url => "url", B64Json => "b64_json" });
 wire_enum!(InputFidelity { High => "high", Low => "low" });
 wire_enum!(
+    /// imagegate's extension for local models: which VAE decoder makes the final images. `Tiny` is a
+    /// TAESD, far cheaper and softer than the model's own (`Full`).
+    Decoder { Full => "full", Tiny => "tiny" }
+);
+wire_enum!(
     /// imagegate's extension: which capacity a request runs on. `Flex` is half price and may be refused.
     ServiceTier { Auto => "auto", Default => "default", Flex => "flex" }
 );
@@ -174,6 +179,8 @@ pub struct ImageOptions {
     pub seed: Option<u64>,
     /// Denoising steps instead of the quality's (local models only).
     pub steps: Option<u16>,
+    /// The decoder instead of the quality's (local models only).
+    pub decoder: Option<Decoder>,
 }
 
 impl Default for ImageOptions {
@@ -194,6 +201,7 @@ impl Default for ImageOptions {
             service_tier: None,
             seed: None,
             steps: None,
+            decoder: None,
         }
     }
 }

@@ -6,9 +6,13 @@
 //! Winograd and blocked convolutions, a one-pass group norm fused with SiLU, attention in query
 //! chunks. With [`Kernels::Reference`] every layer runs candle's own op instead, which the tests use
 //! to check the fast path against; other devices and dtypes always take candle's ops.
+//!
+//! Every layer computes in its input's dtype and keeps its tensors in the dtype they were loaded in:
+//! on the CPU the big weights can stay in f16 (half the memory) and are widened to f32 one layer at a
+//! time, just before use ([`cast`]).
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 pub use kernels::Activation;
 
@@ -52,10 +56,12 @@ impl Conv {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let bias = self.bias.as_ref();
+        let weight = cast(&self.weight, xs.dtype())?;
+        let bias = self.bias.as_ref().map(|b| cast(b, xs.dtype())).transpose()?;
+        let bias = bias.as_ref();
         match self.kernels {
-            Kernels::Fast => kernels::conv2d(xs, &self.weight, bias, self.stride, self.padding),
-            Kernels::Reference => kernels::candle_conv2d(xs, &self.weight, bias, self.stride, self.padding),
+            Kernels::Fast => kernels::conv2d(xs, &weight, bias, self.stride, self.padding),
+            Kernels::Reference => kernels::candle_conv2d(xs, &weight, bias, self.stride, self.padding),
         }
     }
 }
@@ -66,7 +72,6 @@ pub struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
-    reference: candle_nn::GroupNorm,
     kernels: Kernels,
 }
 
@@ -74,16 +79,18 @@ impl GroupNorm {
     pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64, kernels: Kernels) -> Result<GroupNorm> {
         let weight = vb.get(channels, "weight")?;
         let bias = vb.get(channels, "bias")?;
-        let reference = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
-        Ok(GroupNorm { weight, bias, groups, eps, reference, kernels })
+        candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        Ok(GroupNorm { weight, bias, groups, eps, kernels })
     }
 
     pub fn forward(&self, xs: &Tensor, activation: Activation) -> Result<Tensor> {
+        let (weight, bias) = (cast(&self.weight, xs.dtype())?, cast(&self.bias, xs.dtype())?);
         let fast = self.kernels == Kernels::Fast && xs.device().is_cpu() && xs.dtype() == DType::F32;
         if fast {
-            return kernels::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, activation);
+            return kernels::group_norm(xs, self.groups, self.eps, &weight, &bias, activation);
         }
-        let ys = self.reference.forward(xs)?;
+        let channels = weight.dim(0)?;
+        let ys = candle_nn::GroupNorm::new(weight, bias, channels, self.groups, self.eps)?.forward(xs)?;
         match activation {
             Activation::None => Ok(ys),
             Activation::Silu => candle_nn::ops::silu(&ys),
@@ -118,13 +125,10 @@ pub struct ResnetConfig {
 impl Resnet {
     pub fn load(vb: VarBuilder, c: ResnetConfig, kernels: Kernels) -> Result<Resnet> {
         let (cin, cout) = (c.in_channels, c.out_channels);
-        let shortcut = if cin != cout {
-            Some(Conv::load(vb.pp("conv_shortcut"), (cin, cout), 1, 1, 0, kernels)?)
-        } else {
-            None
-        };
+        let shortcut =
+            if cin != cout { Some(Conv::load(vb.pp("conv_shortcut"), (cin, cout), 1, 1, 0, kernels)?) } else { None };
         let time_emb_proj = match c.temb_channels {
-            Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+            Some(t) => Some(Linear::load(vb.pp("time_emb_proj"), t, cout, true)?),
             None => None,
         };
         Ok(Resnet {
@@ -152,6 +156,57 @@ impl Resnet {
         };
         let out = (shortcut + h)?;
         if self.output_scale == 1.0 { Ok(out) } else { out / self.output_scale }
+    }
+}
+
+/// `t` in `dtype`: free when it already is; f16 weights meeting f32 activations on the CPU take the
+/// fast parallel widening of [`kernels::to_f32`].
+pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        Ok(t.clone())
+    } else if dtype == DType::F32 {
+        kernels::to_f32(t)
+    } else {
+        t.to_dtype(dtype)
+    }
+}
+
+/// A linear layer `x W^T + b` over the last dimension, in the input's dtype.
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Reads `weight` `[out, in]` and, with `bias`, `bias` `[out]`.
+    pub fn load(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> Result<Linear> {
+        let weight = vb.get((cout, cin), "weight")?;
+        let bias = if bias { Some(vb.get(cout, "bias")?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let weight = cast(&self.weight, xs.dtype())?;
+        let bias = self.bias.as_ref().map(|b| cast(b, xs.dtype())).transpose()?;
+        candle_nn::Linear::new(weight, bias).forward(xs)
+    }
+}
+
+/// Layer normalization over the last dimension, in the input's dtype.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (weight, bias) = (cast(&self.weight, xs.dtype())?, cast(&self.bias, xs.dtype())?);
+        candle_nn::LayerNorm::new(weight, bias, self.eps).forward(xs)
     }
 }
 
@@ -221,7 +276,7 @@ impl VaeAttention {
                 Ok(w) => w,
                 Err(_) => vb.get((channels, channels, 1, 1), "weight")?.reshape((channels, channels))?,
             };
-            Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
+            Ok(Linear { weight, bias: Some(vb.get(channels, "bias")?) })
         };
         Ok(VaeAttention {
             norm: GroupNorm::load(vb.pp("group_norm"), groups, channels, 1e-6, kernels)?,
@@ -249,5 +304,20 @@ impl VaeAttention {
         let att = att.reshape((b, self.heads, h * w, d))?.transpose(1, 2)?.reshape((b, h * w, c))?;
         let out = self.out.forward(&att)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
+    }
+}
+
+impl Conv {
+    /// [`Conv::load`] for a convolution without a bias (PyTorch's `bias=False`): reads only `weight`.
+    pub fn load_unbiased(
+        vb: VarBuilder,
+        (cin, cout): (usize, usize),
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        kernels: Kernels,
+    ) -> Result<Conv> {
+        let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
+        Ok(Conv { weight, bias: None, stride, padding, kernels })
     }
 }

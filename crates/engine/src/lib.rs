@@ -11,6 +11,7 @@ pub mod layers;
 pub mod pipeline;
 pub mod registry;
 pub mod scheduler;
+pub mod taesd;
 pub mod testing;
 pub mod text_encoder;
 pub mod tokenizer;
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 pub use checkpoint::Checkpoint;
 pub use layers::Kernels;
 pub use pipeline::{Edit, GenerateParams, Hooks, LoadOptions, NoHooks, Pipeline, default_device};
+pub use taesd::Decoder;
 
 /// Whether this build runs models on a GPU (the `cuda` or `metal` feature).
 pub fn uses_gpu() -> bool {

@@ -19,6 +19,7 @@ use crate::EngineError;
 use crate::checkpoint::Checkpoint;
 use crate::layers::Kernels;
 use crate::scheduler::Scheduler;
+use crate::taesd::{Decoder, TinyDecoder};
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{AddedCond, Unet};
@@ -45,7 +46,10 @@ pub struct GenerateParams {
     pub seed: u64,
     pub edit: Option<Edit>,
     /// How many intermediate images to hand to [`Hooks::partial`] (at most one per intermediate step).
+    /// They come from the tiny decoder when one is loaded, else from the full one.
     pub partial_images: usize,
+    /// Which decoder makes the final images; [`Decoder::Tiny`] needs [`LoadOptions::tiny_decoder`].
+    pub decoder: Decoder,
 }
 
 /// The inputs of an edit.
@@ -85,6 +89,8 @@ pub struct Pipeline {
     vae: VaeDecoder,
     /// f32 when the VAE overflows in f16 (`force_upcast`), else the model dtype.
     vae_dtype: DType,
+    /// The tiny decoder (TAESD), when loaded: partial images, and final ones on request.
+    tiny: Option<TinyDecoder>,
     /// Built on the first edit (text-to-image never needs it).
     vae_encoder: Mutex<Option<Arc<VaeEncoder>>>,
     /// Images per forward pass.
@@ -102,10 +108,17 @@ pub fn default_device() -> Result<Device, EngineError> {
 }
 
 /// How a [`Pipeline`] is built.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
-    /// The CPU kernels the UNet and the VAE decoder run on.
+    /// The CPU kernels the UNet and the VAE decoders run on.
     pub kernels: Kernels,
+    /// On the CPU, keep the text encoders' and the UNet's weights in f32 instead of f16. By default they
+    /// are stored in f16 (half the memory: SD-Turbo fits in under 4 GB) and widened to f32 one layer at a
+    /// time as they are used; every computation is in f32 either way.
+    pub f32_weights: bool,
+    /// A tiny decoder directory (`config.json` + `diffusion_pytorch_model.safetensors` of an
+    /// `AutoencoderTiny`: TAESD for SD 1.x/2.x, TAESDXL for SDXL) to load next to the checkpoint's VAE.
+    pub tiny_decoder: Option<PathBuf>,
 }
 
 impl Pipeline {
@@ -132,21 +145,23 @@ impl Pipeline {
         let tokenizer = ClipTokenizer::load(&dir.join("tokenizer"), checkpoint.text_encoder.max_position_embeddings)?;
 
         let started = std::time::Instant::now();
+        // How the text encoders' and the UNet's weights are kept: f16 on the CPU unless asked otherwise
+        // (computed in f32 all the same), the model dtype elsewhere.
+        let store = if device.is_cpu() && !options.f32_weights { DType::F16 } else { dtype };
         let text_path = checkpoint.weights("text_encoder")?;
         let text_encoder =
-            with_weights(&text_path, dtype, device, |vb| TextEncoder::new(vb, &checkpoint.text_encoder))?;
+            with_weights(&text_path, store, device, |vb| TextEncoder::new(vb, &checkpoint.text_encoder))?;
         let second = match &checkpoint.text_encoder_2 {
             Some(config) => {
                 let tokenizer = ClipTokenizer::load(&dir.join("tokenizer_2"), config.max_position_embeddings)?;
                 let path = checkpoint.weights("text_encoder_2")?;
-                Some((tokenizer, with_weights(&path, dtype, device, |vb| TextEncoder::new(vb, config))?))
+                Some((tokenizer, with_weights(&path, store, device, |vb| TextEncoder::new(vb, config))?))
             }
             None => None,
         };
         let unet_path = checkpoint.weights("unet")?;
         let unet_cfg = checkpoint.unet_config()?;
-        let unet =
-            with_weights(&unet_path, dtype, device, |vb| Unet::new(vb, &unet_cfg, options.kernels))?;
+        let unet = with_weights(&unet_path, store, device, |vb| Unet::new(vb, &unet_cfg, options.kernels))?;
         if unet.needs_added_cond() && second.is_none() {
             return Err(EngineError::MissingFile(dir.join("text_encoder_2/config.json")));
         }
@@ -154,6 +169,8 @@ impl Pipeline {
         let vae_cfg = checkpoint.vae_config()?;
         let vae_dtype = if checkpoint.vae.force_upcast { DType::F32 } else { dtype };
         let vae = with_weights(&vae_path, vae_dtype, device, |vb| VaeDecoder::load(vb, &vae_cfg, options.kernels))?;
+        let tiny = options.tiny_decoder.as_deref();
+        let tiny = tiny.map(|d| TinyDecoder::load_for(d, &checkpoint, dtype, device, options.kernels)).transpose()?;
         tracing::info!(dir = %dir.display(), ?dtype, secs = started.elapsed().as_secs_f64(), "checkpoint loaded");
         Ok(Pipeline {
             checkpoint,
@@ -165,9 +182,15 @@ impl Pipeline {
             unet,
             vae,
             vae_dtype,
+            tiny,
             vae_encoder: Mutex::new(None),
             max_batch: 4,
         })
+    }
+
+    /// Whether a tiny decoder is loaded ([`Decoder::Tiny`] can be asked for).
+    pub fn has_tiny_decoder(&self) -> bool {
+        self.tiny.is_some()
     }
 
     /// Whether the UNet is a 9-channel inpainting model.
@@ -199,6 +222,13 @@ impl Pipeline {
         self.check_size(p.width, p.height).map_err(EngineError::InvalidInput)?;
         if p.n == 0 || p.steps == 0 {
             return Err(EngineError::InvalidInput("n and steps must be at least 1".into()));
+        }
+        if p.decoder == Decoder::Tiny && self.tiny.is_none() {
+            let name = crate::registry::tiny_decoder_for(&self.checkpoint).name;
+            return Err(EngineError::InvalidInput(format!(
+                "the tiny decoder was asked for, but this model has none loaded: `imagegate models pull {name}` \
+                 installs the one for its latents"
+            )));
         }
         if let Some(edit) = &p.edit {
             if edit.images.is_empty() {
@@ -240,7 +270,7 @@ impl Pipeline {
             let t0 = std::time::Instant::now();
             let latents = self.denoise(p, &seeds, &cond, uncond.as_ref(), inputs.as_ref(), hooks, &mut partial)?;
             let t1 = std::time::Instant::now();
-            images.extend(self.decode(&latents)?);
+            images.extend(self.decode(&latents, p.decoder)?);
             tracing::info!(
                 images = batch,
                 denoise_secs = (t1 - t0).as_secs_f64(),
@@ -438,7 +468,9 @@ impl Pipeline {
             };
             if partial_after.contains(&(k + 1)) {
                 let clean = sched.predict_original(&latents, &out, i)?;
-                if let Some(img) = self.decode(&clean.i(0..1)?)?.into_iter().next() {
+                // Previews are what the tiny decoder is for: cheap, and thrown away.
+                let preview = if self.tiny.is_some() { Decoder::Tiny } else { Decoder::Full };
+                if let Some(img) = self.decode(&clean.i(0..1)?, preview)?.into_iter().next() {
                     hooks.partial(emitted, img);
                     emitted += 1;
                 }
@@ -460,10 +492,17 @@ impl Pipeline {
         Ok(latents)
     }
 
-    /// Latents to images.
-    fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>, EngineError> {
-        let scaled = (latents / self.checkpoint.vae_scale())?.to_dtype(self.vae_dtype)?;
-        let pixels = self.vae.decode(&scaled)?;
+    /// Latents (as the UNet has them) to images, by the chosen decoder. The KL decoder takes them
+    /// divided by the VAE's `scaling_factor`; the tiny one as they are (see [`crate::taesd`]).
+    fn decode(&self, latents: &Tensor, decoder: Decoder) -> Result<Vec<RgbImage>, EngineError> {
+        let pixels = match (decoder, &self.tiny) {
+            (Decoder::Tiny, Some(tiny)) => tiny.decode(&latents.to_dtype(self.dtype)?)?,
+            (Decoder::Tiny, None) => return Err(EngineError::InvalidInput("no tiny decoder is loaded".into())),
+            (Decoder::Full, _) => {
+                let scaled = (latents / self.checkpoint.vae_scale())?.to_dtype(self.vae_dtype)?;
+                self.vae.decode(&scaled)?
+            }
+        };
         let pixels =
             ((pixels.to_dtype(DType::F32)? + 1.0)? * 127.5)?.clamp(0.0, 255.0)?.round()?.to_dtype(DType::U8)?;
         let (n, _, h, w) = pixels.dims4()?;
@@ -547,13 +586,14 @@ fn composite(out: &mut RgbImage, input: &RgbImage, mask: &GrayImage) {
 /// Builds a module from one safetensors file, naming the file in any error (a missing tensor or a shape
 /// that does not match the config).
 fn with_weights<T>(
-    path: &PathBuf,
+    path: &Path,
     dtype: DType,
     device: &Device,
     build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
 ) -> Result<T, EngineError> {
-    let invalid = |why: String| EngineError::InvalidFile { path: path.clone(), why };
-    let tensors = crate::weights::load(path, device)?;
+    let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
+    let store = if dtype == DType::F16 { Some(DType::F16) } else { None };
+    let tensors = crate::weights::load_as(path, device, store)?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     build(vb).map_err(|e| invalid(e.to_string()))
 }

@@ -33,6 +33,18 @@ pub struct BuiltinModel {
     pub files: &'static [&'static str],
     /// Roughly how many bytes `files` add up to, to warn before a download.
     pub approx_download_bytes: u64,
+    /// What the repository holds: a model to serve, or a tiny decoder that goes with models.
+    pub kind: ModelKind,
+}
+
+/// What a built-in repository is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// A diffusers-layout pipeline: a model `--model` and `[models.NAME]` can serve.
+    Pipeline,
+    /// A tiny decoder (`AutoencoderTiny`: `config.json` and its weights) for the models whose latents it
+    /// reads; used by those models when installed, never served on its own.
+    TinyDecoder,
 }
 
 /// The files of a Stable Diffusion 1.x/2.x diffusers repository with fp16 weights: one CLIP text encoder.
@@ -74,12 +86,17 @@ const SDXL_FILES: &[&str] = &[
     "vae/diffusion_pytorch_model.fp16.safetensors",
 ];
 
+/// The files of a tiny decoder repository (diffusers' `AutoencoderTiny`).
+const TINY_DECODER_FILES: &[&str] = &["config.json", "diffusion_pytorch_model.safetensors"];
+
 /// fp16 UNet (865M parameters) + OpenCLIP ViT-H text encoder (340M) + VAE: SD 2.x and its derivatives.
 const SD2_BYTES: u64 = 1_732_000_000 + 681_000_000 + 167_000_000;
 /// fp16 UNet (860M) + CLIP ViT-L text encoder (123M) + VAE: SD 1.x.
 const SD1_BYTES: u64 = 1_720_000_000 + 246_000_000 + 167_000_000;
 /// fp16 UNet (2.6B) + CLIP ViT-L (123M) + OpenCLIP ViT-bigG (695M) + VAE: SDXL and its derivatives.
 const SDXL_BYTES: u64 = 5_135_000_000 + 246_000_000 + 1_389_000_000 + 167_000_000;
+/// An f32 tiny autoencoder, encoder and decoder (2.4M parameters).
+const TINY_BYTES: u64 = 9_800_000;
 
 static BUILTINS: &[BuiltinModel] = &[
     BuiltinModel {
@@ -89,6 +106,7 @@ static BUILTINS: &[BuiltinModel] = &[
         description: "SD 2.1 distilled for 1-4 steps, 512x512; the fastest, fine on a CPU",
         files: SD_FILES,
         approx_download_bytes: SD2_BYTES,
+        kind: ModelKind::Pipeline,
     },
     BuiltinModel {
         name: "sdxl-turbo",
@@ -97,6 +115,7 @@ static BUILTINS: &[BuiltinModel] = &[
         description: "SDXL distilled for 1-4 steps, 512x512; better images, wants a GPU",
         files: SDXL_FILES,
         approx_download_bytes: SDXL_BYTES,
+        kind: ModelKind::Pipeline,
     },
     BuiltinModel {
         name: "sd-1.5",
@@ -105,6 +124,7 @@ static BUILTINS: &[BuiltinModel] = &[
         description: "Stable Diffusion 1.5, 512x512, 20-50 steps with guidance",
         files: SD_FILES,
         approx_download_bytes: SD1_BYTES,
+        kind: ModelKind::Pipeline,
     },
     BuiltinModel {
         name: "sd-2.1",
@@ -113,6 +133,7 @@ static BUILTINS: &[BuiltinModel] = &[
         description: "Stable Diffusion 2.1 base, 512x512, 20-50 steps with guidance",
         files: SD_FILES,
         approx_download_bytes: SD2_BYTES,
+        kind: ModelKind::Pipeline,
     },
     BuiltinModel {
         name: "sd-2-inpainting",
@@ -121,6 +142,7 @@ static BUILTINS: &[BuiltinModel] = &[
         description: "Stable Diffusion 2 inpainting, 512x512: edits with a mask",
         files: SD_FILES,
         approx_download_bytes: SD2_BYTES,
+        kind: ModelKind::Pipeline,
     },
     BuiltinModel {
         name: "sdxl",
@@ -129,8 +151,33 @@ static BUILTINS: &[BuiltinModel] = &[
         description: "SDXL base 1.0, 1024x1024, 20-50 steps with guidance; wants a GPU",
         files: SDXL_FILES,
         approx_download_bytes: SDXL_BYTES,
+        kind: ModelKind::Pipeline,
     },
+    TAESD,
+    TAESDXL,
 ];
+
+/// The tiny decoder for SD 1.x/2.x latents.
+const TAESD: BuiltinModel = BuiltinModel {
+    name: "taesd",
+    repo: "madebyollin/taesd",
+    revision: "main",
+    description: "tiny decoder for SD 1.x/2.x models: quality=low and streamed previews decode ~20x cheaper, softer",
+    files: TINY_DECODER_FILES,
+    approx_download_bytes: TINY_BYTES,
+    kind: ModelKind::TinyDecoder,
+};
+
+/// The tiny decoder for SDXL latents.
+const TAESDXL: BuiltinModel = BuiltinModel {
+    name: "taesdxl",
+    repo: "madebyollin/taesdxl",
+    revision: "main",
+    description: "tiny decoder for SDXL models: quality=low and streamed previews decode ~20x cheaper, softer",
+    files: TINY_DECODER_FILES,
+    approx_download_bytes: TINY_BYTES,
+    kind: ModelKind::TinyDecoder,
+};
 
 /// The built-in model called `name`, if any.
 pub fn builtin(name: &str) -> Option<&'static BuiltinModel> {
@@ -145,6 +192,13 @@ pub fn builtins() -> &'static [BuiltinModel] {
 /// The built-in names, comma-separated, for messages.
 pub fn builtin_names() -> String {
     BUILTINS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+}
+
+/// The tiny decoder built for `checkpoint`'s latents: `taesdxl` for SDXL-family checkpoints (a second
+/// text encoder), `taesd` for SD 1.x/2.x. SDXL's VAE has a latent space of its own, so the other one
+/// decodes the same latents into wrong colours.
+pub fn tiny_decoder_for(checkpoint: &crate::Checkpoint) -> &'static BuiltinModel {
+    if checkpoint.text_encoder_2.is_some() { &TAESDXL } else { &TAESD }
 }
 
 /// Where downloaded models live under the data directory.
@@ -262,6 +316,11 @@ pub enum RegistryError {
     UnknownModel { name: String, known: String },
     #[error("model directory {0} does not exist or is not a directory")]
     NotADirectory(PathBuf),
+    #[error(
+        "`{0}` is a tiny decoder, not a model: once pulled, the models whose latents it reads use it by \
+         themselves (quality=low, streamed partial images, the `decoder` field)"
+    )]
+    NotAModel(String),
 }
 
 /// Resolves `--model SPEC`: a spec that looks like a path (contains a path separator, or starts with
@@ -280,9 +339,11 @@ fn resolve_with(spec: &str, is_dir: impl Fn(&Path) -> bool) -> Result<ModelSourc
     if looks_like_path {
         return Err(RegistryError::NotADirectory(path.to_path_buf()));
     }
-    builtin(spec)
-        .map(ModelSource::Builtin)
-        .ok_or_else(|| RegistryError::UnknownModel { name: spec.to_string(), known: builtin_names() })
+    match builtin(spec) {
+        Some(model) if model.kind == ModelKind::TinyDecoder => Err(RegistryError::NotAModel(spec.to_string())),
+        Some(model) => Ok(ModelSource::Builtin(model)),
+        None => Err(RegistryError::UnknownModel { name: spec.to_string(), known: builtin_names() }),
+    }
 }
 
 #[cfg(test)]
@@ -363,6 +424,32 @@ mod tests {
         assert_eq!(unique.len(), names.len());
         assert!(builtin("sd-3").is_none());
         assert!(builtin_names().starts_with("sd-turbo, sdxl-turbo"));
+    }
+
+    #[test]
+    fn the_tiny_decoders_are_pullable_but_not_models() {
+        for (name, repo) in [("taesd", "madebyollin/taesd"), ("taesdxl", "madebyollin/taesdxl")] {
+            let model = builtin(name).unwrap();
+            assert_eq!((model.repo, model.revision, model.kind), (repo, "main", ModelKind::TinyDecoder));
+            assert_eq!(model.files, &["config.json", "diffusion_pytorch_model.safetensors"]);
+            assert!(model.approx_download_bytes < 100_000_000, "{name}");
+            assert_eq!(resolve_with(name, |_| false), Err(RegistryError::NotAModel(name.into())));
+        }
+        assert!(builtins().iter().filter(|m| m.kind == ModelKind::Pipeline).all(|m| !m.name.starts_with("taesd")));
+        assert!(builtin_names().ends_with("taesd, taesdxl"));
+    }
+
+    #[test]
+    fn each_model_family_gets_the_tiny_decoder_of_its_latents() {
+        use crate::testing::{TinySpec, write_checkpoint};
+        let sd = tempfile::tempdir().unwrap();
+        write_checkpoint(sd.path(), &TinySpec::default()).unwrap();
+        let xl = tempfile::tempdir().unwrap();
+        write_checkpoint(xl.path(), &TinySpec { sdxl: true, ..TinySpec::default() }).unwrap();
+        let sd = crate::Checkpoint::open(sd.path()).unwrap();
+        let xl = crate::Checkpoint::open(xl.path()).unwrap();
+        assert_eq!(tiny_decoder_for(&sd).name, "taesd");
+        assert_eq!(tiny_decoder_for(&xl).name, "taesdxl");
     }
 
     #[test]

@@ -15,10 +15,12 @@ use rand_distr::{Distribution, StandardNormal};
 use serde_json::json;
 
 use crate::EngineError;
+use crate::candle_unet::Unet;
 use crate::checkpoint::Checkpoint;
+use crate::layers::Kernels;
+use crate::taesd::{TinyConfig, TinyDecoder};
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::byte_alphabet;
-use crate::candle_unet::Unet;
 
 /// What varies between the tiny test checkpoints.
 #[derive(Debug, Clone)]
@@ -224,6 +226,102 @@ pub fn write_checkpoint(dir: &Path, spec: &TinySpec) -> Result<(), EngineError> 
     Ok(())
 }
 
+/// What varies between tiny test decoders (diffusers' `AutoencoderTiny`, TAESD's layout).
+#[derive(Debug, Clone)]
+pub struct TinyDecoderSpec {
+    /// Width of every stage (64 in TAESD).
+    pub channels: usize,
+    /// Blocks per decoder stage; one 2x upsampling between stages (TAESD: `[3, 3, 3, 1]`, 8x).
+    pub num_blocks: Vec<usize>,
+    pub latent_channels: usize,
+    pub seed: u64,
+}
+
+impl Default for TinyDecoderSpec {
+    /// 16 channels in two stages: 2 pixels per latent, like [`write_checkpoint`]'s 2-level VAE.
+    fn default() -> Self {
+        TinyDecoderSpec { channels: 16, num_blocks: vec![2, 1], latent_channels: 4, seed: 11 }
+    }
+}
+
+impl TinyDecoderSpec {
+    /// The published TAESD's shape (64 channels, `[3, 3, 3, 1]` blocks, 8 pixels per latent).
+    pub fn taesd() -> TinyDecoderSpec {
+        TinyDecoderSpec { channels: 64, num_blocks: vec![3, 3, 3, 1], ..TinyDecoderSpec::default() }
+    }
+}
+
+/// Writes a tiny decoder with random weights to `dir` as the hub repositories hold one: `config.json`
+/// with the keys `madebyollin/taesd` has, and `diffusion_pytorch_model.safetensors` with every tensor of
+/// the encoder and the decoder under diffusers' names. The last convolution's bias is moved to 0.5 so
+/// that random images sit mid-range (0..1 before the map to -1..1) rather than clipped to black.
+pub fn write_tiny_decoder(dir: &Path, spec: &TinyDecoderSpec) -> Result<(), EngineError> {
+    let stages = spec.num_blocks.len();
+    let encoder_blocks: Vec<usize> = spec.num_blocks.iter().rev().copied().collect();
+    write_json(
+        &dir.join(crate::taesd::CONFIG_FILE),
+        &json!({
+            "_class_name": "AutoencoderTiny",
+            "_diffusers_version": "0.20.0.dev0",
+            "act_fn": "relu",
+            "decoder_block_out_channels": vec![spec.channels; stages],
+            "encoder_block_out_channels": vec![spec.channels; stages],
+            "force_upcast": false,
+            "in_channels": 3,
+            "latent_channels": spec.latent_channels,
+            "latent_magnitude": 3,
+            "latent_shift": 0.5,
+            "num_decoder_blocks": spec.num_blocks,
+            "num_encoder_blocks": encoder_blocks,
+            "out_channels": 3,
+            "scaling_factor": 1.0,
+            "upsampling_scaling_factor": 2,
+        }),
+    )?;
+    let config = TinyConfig::read(dir)?;
+    let path = dir.join(crate::taesd::WEIGHT_FILES[0]);
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    save_random(&path, &mut rng, |vb| {
+        encoder_tensors(vb.pp("encoder").pp("layers"), spec.channels, spec.latent_channels, &encoder_blocks)?;
+        TinyDecoder::new(vb, &config, Kernels::Reference).map(drop)
+    })?;
+    // conv_in and its ReLU, the blocks, an upsampling between stages, a conv closing each stage.
+    let last = 2 + spec.num_blocks.iter().sum::<usize>() + stages.saturating_sub(1) + stages - 1;
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    tensors.insert(format!("decoder.layers.{last}.bias"), Tensor::new(&[0.5f32; 3], &Device::Cpu)?);
+    candle_core::safetensors::save(&tensors, &path)?;
+    Ok(())
+}
+
+/// Declares the tensors of diffusers' `EncoderTiny` (the decoder never reads them, but real files hold
+/// them): per stage a 3x3 conv (from RGB with a bias first, then stride 2 without one) and its blocks,
+/// then a 3x3 conv to the latent channels.
+fn encoder_tensors(vb: VarBuilder, channels: usize, latent: usize, num_blocks: &[usize]) -> candle_core::Result<()> {
+    let c = channels;
+    let mut index = 0;
+    for (i, &blocks) in num_blocks.iter().enumerate() {
+        let conv = vb.pp(index);
+        if i == 0 {
+            conv.get((c, 3, 3, 3), "weight")?;
+            conv.get(c, "bias")?;
+        } else {
+            conv.get((c, c, 3, 3), "weight")?;
+        }
+        index += 1;
+        for _ in 0..blocks {
+            for j in [0, 2, 4] {
+                let conv = vb.pp(index).pp("conv").pp(j);
+                conv.get((c, c, 3, 3), "weight")?;
+                conv.get(c, "bias")?;
+            }
+            index += 1;
+        }
+    }
+    vb.pp(index).get((latent, c, 3, 3), "weight")?;
+    vb.pp(index).get(latent, "bias")?;
+    Ok(())
+}
+
 /// Builds a module over a fresh variable map, refills every variable from `rng` in name order, and saves
 /// the map as safetensors.
 fn save_random(
@@ -265,6 +363,14 @@ fn save_random(
         std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
     }
     varmap.save(path)?;
+    Ok(())
+}
+
+/// Removes one tensor from a safetensors file (a checkpoint that lacks it).
+pub fn remove_tensor(path: &Path, name: &str) -> Result<(), EngineError> {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
+    tensors.remove(name);
+    candle_core::safetensors::save(&tensors, path)?;
     Ok(())
 }
 

@@ -8,7 +8,9 @@
 //! second one's pooled output (its end token after the final norm) through `text_projection`.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
+
+use crate::layers::{LayerNorm, Linear, cast};
 
 use crate::checkpoint::TextEncoderFile;
 
@@ -47,6 +49,8 @@ pub struct TextEncoder {
     activation: Activation,
     /// `text_projection` (no bias), on `CLIPTextModelWithProjection` encoders.
     projection: Option<Linear>,
+    /// The dtype activations are computed in.
+    compute: DType,
 }
 
 /// What SDXL reads from an encoder.
@@ -69,23 +73,26 @@ impl TextEncoder {
             let l = vb.pp("encoder.layers").pp(i.to_string());
             let attn = l.pp("self_attn");
             layers.push(Layer {
-                q: candle_nn::linear(d, d, attn.pp("q_proj"))?,
-                k: candle_nn::linear(d, d, attn.pp("k_proj"))?,
-                v: candle_nn::linear(d, d, attn.pp("v_proj"))?,
-                out: candle_nn::linear(d, d, attn.pp("out_proj"))?,
-                norm1: candle_nn::layer_norm(d, c.layer_norm_eps, l.pp("layer_norm1"))?,
-                norm2: candle_nn::layer_norm(d, c.layer_norm_eps, l.pp("layer_norm2"))?,
-                fc1: candle_nn::linear(d, c.intermediate_size, l.pp("mlp.fc1"))?,
-                fc2: candle_nn::linear(c.intermediate_size, d, l.pp("mlp.fc2"))?,
+                q: Linear::load(attn.pp("q_proj"), d, d, true)?,
+                k: Linear::load(attn.pp("k_proj"), d, d, true)?,
+                v: Linear::load(attn.pp("v_proj"), d, d, true)?,
+                out: Linear::load(attn.pp("out_proj"), d, d, true)?,
+                norm1: LayerNorm::load(l.pp("layer_norm1"), d, c.layer_norm_eps)?,
+                norm2: LayerNorm::load(l.pp("layer_norm2"), d, c.layer_norm_eps)?,
+                fc1: Linear::load(l.pp("mlp.fc1"), d, c.intermediate_size, true)?,
+                fc2: Linear::load(l.pp("mlp.fc2"), c.intermediate_size, d, true)?,
             });
         }
-        let final_norm = candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        let final_norm = LayerNorm::load(vb.pp("final_layer_norm"), d, c.layer_norm_eps)?;
         let activation = if c.hidden_act == "gelu" { Activation::Gelu } else { Activation::QuickGelu };
         let projection = match c.projection() {
-            Some(p) => Some(candle_nn::linear_no_bias(d, p, vb.root().pp("text_projection"))?),
+            Some(p) => Some(Linear::load(vb.root().pp("text_projection"), d, p, false)?),
             None => None,
         };
+        // Weights stored in f16 on the CPU still compute in f32.
+        let compute = if vb.device().is_cpu() { DType::F32 } else { vb.dtype() };
         Ok(TextEncoder {
+            compute,
             projection,
             token_embedding,
             position_embedding,
@@ -118,7 +125,8 @@ impl TextEncoder {
     fn run(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (batch, seq) = ids.dims2()?;
         let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
-        let mut xs = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let tokens = cast(&self.token_embedding.forward(ids)?, self.compute)?;
+        let mut xs = tokens.broadcast_add(&cast(&self.position_embedding.forward(&positions)?, self.compute)?)?;
         let mask = causal_mask(seq, ids.device(), xs.dtype())?;
         let mut previous = xs.clone();
         for layer in &self.layers {

@@ -6,11 +6,13 @@
 //! [`crate::candle_unet`], the same UNet assembled from candle's blocks.
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
-use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 
 use crate::checkpoint::{TIME_IDS, TextTimeConfig, UnetConfig};
-use crate::layers::{Activation, Conv, GroupNorm, Kernels, Resnet, ResnetConfig, Upsample, attention};
+use crate::layers::{
+    Activation, Conv, GroupNorm, Kernels, LayerNorm, Linear, Resnet, ResnetConfig, Upsample, attention,
+};
 
 /// Multi-head attention: self-attention (`attn1`) or cross-attention on the text context (`attn2`).
 struct Attention {
@@ -24,10 +26,10 @@ struct Attention {
 impl Attention {
     fn load(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Attention> {
         Ok(Attention {
-            q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
-            k: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
-            v: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
-            out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            q: Linear::load(vb.pp("to_q"), dim, dim, false)?,
+            k: Linear::load(vb.pp("to_k"), context_dim, dim, false)?,
+            v: Linear::load(vb.pp("to_v"), context_dim, dim, false)?,
+            out: Linear::load(vb.pp("to_out.0"), dim, dim, true)?,
             heads,
         })
     }
@@ -66,13 +68,13 @@ impl TransformerBlock {
     fn load(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<TransformerBlock> {
         let inner = 4 * dim;
         Ok(TransformerBlock {
-            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: LayerNorm::load(vb.pp("norm1"), dim, 1e-5)?,
             attn1: Attention::load(vb.pp("attn1"), dim, dim, heads)?,
-            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: LayerNorm::load(vb.pp("norm2"), dim, 1e-5)?,
             attn2: Attention::load(vb.pp("attn2"), dim, context_dim, heads)?,
-            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
-            ff_in: candle_nn::linear(dim, 2 * inner, vb.pp("ff.net.0.proj"))?,
-            ff_out: candle_nn::linear(inner, dim, vb.pp("ff.net.2"))?,
+            norm3: LayerNorm::load(vb.pp("norm3"), dim, 1e-5)?,
+            ff_in: Linear::load(vb.pp("ff.net.0.proj"), dim, 2 * inner, true)?,
+            ff_out: Linear::load(vb.pp("ff.net.2"), inner, dim, true)?,
         })
     }
 
@@ -107,7 +109,7 @@ impl SpatialTransformer {
     fn load(vb: VarBuilder, channels: usize, heads: usize, depth: usize, c: &Sizes) -> Result<SpatialTransformer> {
         let proj = |name: &str| -> Result<Proj> {
             Ok(if c.linear_projection {
-                Proj::Linear(candle_nn::linear(channels, channels, vb.pp(name))?)
+                Proj::Linear(Linear::load(vb.pp(name), channels, channels, true)?)
             } else {
                 Proj::Conv(Conv::load(vb.pp(name), (channels, channels), 1, 1, 0, c.kernels)?)
             })
@@ -180,6 +182,25 @@ struct DownBlock {
 struct UpBlock {
     layers: Vec<(Resnet, Option<SpatialTransformer>)>,
     upsample: Option<Upsample>,
+}
+
+/// diffusers' `TimestepEmbedding`: linear, SiLU, linear.
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(vb: VarBuilder, channels: usize, dim: usize) -> Result<TimestepEmbedding> {
+        Ok(TimestepEmbedding {
+            linear_1: Linear::load(vb.pp("linear_1"), channels, dim, true)?,
+            linear_2: Linear::load(vb.pp("linear_2"), dim, dim, true)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&candle_nn::ops::silu(&self.linear_1.forward(xs)?)?)
+    }
 }
 
 /// SDXL's added conditioning: the size ids embedded like timesteps, joined to the pooled text

@@ -63,11 +63,8 @@ impl VaeDecoder {
                 let input = if j == 0 { cin } else { cout };
                 resnets.push(Resnet::load(vb.pp("resnets").pp(j), resnet(input, cout), kernels)?);
             }
-            let upsample = if i + 1 < channels.len() {
-                Some(Upsample::load(vb.pp("upsamplers.0"), cout, kernels)?)
-            } else {
-                None
-            };
+            let upsample =
+                if i + 1 < channels.len() { Some(Upsample::load(vb.pp("upsamplers.0"), cout, kernels)?) } else { None };
             up.push(UpBlock { resnets, upsample });
             cin = cout;
         }

@@ -34,6 +34,12 @@ struct Entry {
 
 /// Every tensor of the safetensors file at `path`, on `device`, in the file's dtype.
 pub fn load(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, EngineError> {
+    load_as(path, device, None)
+}
+
+/// [`load`], with f32 tensors of the file stored as `store` (f16: half the memory) when given; the
+/// conversion happens chunk by chunk as the file is read, so the f32 tensor never exists whole.
+pub fn load_as(path: &Path, device: &Device, store: Option<DType>) -> Result<HashMap<String, Tensor>, EngineError> {
     let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
     let mut file = File::open(path).map_err(|e| invalid(e.to_string()))?;
     let file_len = file.metadata().map_err(|e| invalid(e.to_string()))?.len();
@@ -80,10 +86,11 @@ pub fn load(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, Eng
                 let mut file = File::open(path).map_err(|e| e.to_string())?;
                 file.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
                 let tensor = match dtype {
-                    DType::F16 => Tensor::from_vec(read_values(&mut file, count, f16::from_le_bytes)?, shape, device),
-                    DType::BF16 => {
-                        Tensor::from_vec(read_values(&mut file, count, bf16::from_le_bytes)?, shape, device)
+                    DType::F32 if store == Some(DType::F16) => {
+                        Tensor::from_vec(read_f32_as_f16(&mut file, count)?, shape, device)
                     }
+                    DType::F16 => Tensor::from_vec(read_values(&mut file, count, f16::from_le_bytes)?, shape, device),
+                    DType::BF16 => Tensor::from_vec(read_values(&mut file, count, bf16::from_le_bytes)?, shape, device),
                     _ => Tensor::from_vec(read_values(&mut file, count, f32::from_le_bytes)?, shape, device),
                 };
                 tensor.map_err(|e| e.to_string())
@@ -91,6 +98,28 @@ pub fn load(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, Eng
             read().map(|t| (name.clone(), t)).map_err(|why| invalid(format!("tensor {name}: {why}")))
         })
         .collect()
+}
+
+/// `count` little-endian f32 values from the file's current position, narrowed to f16 a chunk at a time
+/// (with the CPU's conversion instructions where it has them).
+fn read_f32_as_f16(file: &mut File, count: usize) -> Result<Vec<f16>, String> {
+    use half::slice::HalfFloatSliceExt;
+    let mut out = Vec::with_capacity(count);
+    let mut wide = Vec::with_capacity(CHUNK / 4);
+    let mut narrow = Vec::with_capacity(CHUNK / 4);
+    let mut bytes = vec![0u8; CHUNK.min(count * 4)];
+    while out.len() < count {
+        let take = ((count - out.len()) * 4).min(bytes.len());
+        let buf = &mut bytes[..take];
+        file.read_exact(buf).map_err(|e| e.to_string())?;
+        wide.clear();
+        wide.extend(buf.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        narrow.clear();
+        narrow.resize(wide.len(), f16::ZERO);
+        narrow.convert_from_f32_slice(&wide);
+        out.extend_from_slice(&narrow);
+    }
+    Ok(out)
 }
 
 /// `count` little-endian values of `N` bytes each from the file's current position.

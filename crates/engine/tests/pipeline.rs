@@ -26,6 +26,7 @@ fn params(seed: u64) -> GenerateParams {
         seed,
         edit: None,
         partial_images: 0,
+        decoder: engine::Decoder::Full,
     }
 }
 

@@ -42,6 +42,11 @@ pub struct CommonArgs {
     /// Denoising steps, instead of the quality's (local models).
     #[arg(long)]
     steps: Option<u16>,
+    /// The decoder of local models: `full` (the model's own VAE), `tiny` (TAESD: far faster, softer;
+    /// `imagegate models pull taesd`, or `taesdxl` for SDXL), or the directory of a tiny decoder to use
+    /// (without --server). Default: tiny for --quality low when one is installed, else full.
+    #[arg(long, value_name = "full|tiny|DIR")]
+    decoder: Option<String>,
     /// Output file; with several images, `-2`, `-3`... are added before the extension.
     #[arg(long)]
     out: PathBuf,
@@ -108,8 +113,35 @@ impl CommonArgs {
         if let Some(s) = self.steps {
             out.push(("steps", s.into()));
         }
+        match self.decoder() {
+            Ok(Some(DecoderArg::Full)) => out.push(("decoder", "full".into())),
+            Ok(Some(DecoderArg::Tiny | DecoderArg::Dir(_))) => out.push(("decoder", "tiny".into())),
+            Ok(None) | Err(_) => {}
+        }
         out
     }
+
+    /// `--decoder`, read: `full`, `tiny`, or an existing directory.
+    fn decoder(&self) -> Result<Option<DecoderArg<'_>>, String> {
+        match self.decoder.as_deref() {
+            None => Ok(None),
+            Some("full") => Ok(Some(DecoderArg::Full)),
+            Some("tiny") => Ok(Some(DecoderArg::Tiny)),
+            Some(dir) if Path::new(dir).is_dir() => Ok(Some(DecoderArg::Dir(Path::new(dir)))),
+            Some(other) => Err(format!(
+                "--decoder {other}: expected full, tiny, or the directory of a tiny decoder (config.json and \
+                 diffusion_pytorch_model.safetensors), and no such directory exists"
+            )),
+        }
+    }
+}
+
+/// What `--decoder` says.
+enum DecoderArg<'a> {
+    Full,
+    Tiny,
+    /// A tiny decoder directory, given to the in-process server's local model.
+    Dir(&'a Path),
 }
 
 pub async fn generate(args: GenerateArgs) -> Result<(), String> {
@@ -174,14 +206,25 @@ struct Target {
 impl Target {
     async fn start(args: &CommonArgs) -> Result<Target, String> {
         let http = reqwest::Client::new();
+        let tiny_dir = match args.decoder()? {
+            Some(DecoderArg::Dir(dir)) => Some(dir),
+            _ => None,
+        };
         if let Some(url) = &args.server {
+            if let Some(dir) = tiny_dir {
+                return Err(format!(
+                    "--decoder {}: a tiny decoder directory only works without --server (a server uses the tiny \
+                     decoders it was configured with: pass --decoder tiny)",
+                    dir.display()
+                ));
+            }
             let base = url.trim_end_matches('/');
             let base = if base.ends_with("/v1") { base.to_owned() } else { format!("{base}/v1") };
             return Ok(Target { base, api_key: args.api_key.clone(), http, model: None, _server: None });
         }
         // In-process: open (no keys), on an ephemeral loopback port nobody else knows. A model directory
         // or built-in local model named by --model is served too (pulled first if need be).
-        let (state, model) = args.config.state_with(&[], args.model.as_deref())?;
+        let (state, model) = args.config.state_with(&[], args.model.as_deref(), tiny_dir)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let app = server::app(state);

@@ -29,6 +29,9 @@ use server::{AppState, KeySet, Limits};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads for the local engine's computations (default: one per CPU core).
+    #[arg(long, global = true, env = "IMAGEGATE_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -125,13 +128,19 @@ impl ConfigArgs {
 
     /// The validated application state, or a message for the operator.
     pub fn state(&self, plain_keys: &[String]) -> Result<AppState, String> {
-        self.state_with(plain_keys, None).map(|(state, _)| state)
+        self.state_with(plain_keys, None, None).map(|(state, _)| state)
     }
 
     /// [`ConfigArgs::state`], also serving `model` locally when it names a model directory or a built-in
     /// model the config does not serve (pulling a built-in one that is missing, after saying what and
-    /// how large). Returns the name requests must use for it.
-    pub fn state_with(&self, plain_keys: &[String], model: Option<&str>) -> Result<(AppState, Option<String>), String> {
+    /// how large), with `tiny_decoder` as that local model's tiny decoder when given. Returns the name
+    /// requests must use for it.
+    pub fn state_with(
+        &self,
+        plain_keys: &[String],
+        model: Option<&str>,
+        tiny_decoder: Option<&std::path::Path>,
+    ) -> Result<(AppState, Option<String>), String> {
         let env = CliEnv(self.data_dir.as_deref());
         let mut file = match &self.config {
             Some(path) => ConfigFile::load(path).map_err(|e| e.to_string())?,
@@ -141,6 +150,14 @@ impl ConfigArgs {
             Some(spec) => add_local_model(&mut file, spec, &env)?,
             None => None,
         };
+        if let Some(tiny) = tiny_decoder {
+            let local = renamed.as_deref().or(model).and_then(|name| file.models.get_mut(name)).ok_or_else(|| {
+                "--decoder DIR gives a local model its tiny decoder: --model must name a local model (a directory, \
+                 a built-in model, or a [models.NAME] of the config)"
+                    .to_owned()
+            })?;
+            local.tiny_decoder = Some(tiny.to_path_buf());
+        }
         let mut config = Config::from_file(file, &env).map_err(|e| match &self.config {
             Some(path) => format!("{}: {e}", path.display()),
             None => e.to_string(),
@@ -170,16 +187,20 @@ fn add_local_model(file: &mut ConfigFile, spec: &str, env: &dyn Env) -> Result<O
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "local".to_owned());
-        file.models.insert(name.clone(), LocalModelFile { path: Some(path.to_path_buf()), profile: None });
+        file.models
+            .insert(name.clone(), LocalModelFile { path: Some(path.to_path_buf()), profile: None, tiny_decoder: None });
         return Ok(Some(name));
     }
     if let Some(builtin) = registry::builtin(spec) {
+        if builtin.kind == registry::ModelKind::TinyDecoder {
+            return Err(format!("--model {spec}: {}", registry::RegistryError::NotAModel(spec.to_owned())));
+        }
         let data_dir = registry::default_data_dir_from(|k| env.var(k).map(std::ffi::OsString::from));
         let models_dir = registry::models_dir(&data_dir);
         let use_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let dir = models::ensure_installed(builtin, &models_dir, models::endpoint_from_env(), use_bar)
             .map_err(|e| e.to_string())?;
-        file.models.insert(spec.to_owned(), LocalModelFile { path: Some(dir), profile: None });
+        file.models.insert(spec.to_owned(), LocalModelFile { path: Some(dir), profile: None, tiny_decoder: None });
         return Ok(None);
     }
     if spec.contains('/') && (spec.starts_with('.') || spec.starts_with('/')) {
@@ -198,6 +219,13 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(threads) = cli.threads {
+        // The engine's kernels and candle's matrix products both run on rayon's global pool.
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads.into()).build_global() {
+            eprintln!("error: cannot start {threads} compute threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

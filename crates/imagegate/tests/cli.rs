@@ -151,3 +151,42 @@ fn generate_and_edit_run_a_local_model_directory() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn the_decoder_flag_picks_the_tiny_decoder_or_says_what_to_pull() {
+    use engine::testing::{TinyDecoderSpec, TinySpec, write_checkpoint, write_tiny_decoder};
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(&dir.path().join("tiny-model"), &TinySpec::default()).unwrap();
+    write_tiny_decoder(&dir.path().join("taesd-dir"), &TinyDecoderSpec::default()).unwrap();
+    // An empty data dir: no tiny decoder is installed.
+    let base = ["generate", "otter", "--model", "./tiny-model", "--size", "64x64", "--seed", "1", "--steps", "2"];
+    let run = |extra: &[&str]| imagegate(&[&base[..], &["--data-dir", "data"], extra].concat(), None, dir.path());
+    let stderr = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    let out = run(&["--decoder", "tiny", "--out", "x.png"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("HTTP 400") && err.contains("decoder") && err.contains("imagegate models pull taesd"),
+        "{err}"
+    );
+
+    let out = run(&["--decoder", "full", "--out", "full.png"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["--decoder", "./taesd-dir", "--out", "tiny.png"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let full = image::open(dir.path().join("full.png")).unwrap().to_rgb8();
+    let tiny = image::open(dir.path().join("tiny.png")).unwrap().to_rgb8();
+    assert_eq!(tiny.dimensions(), (64, 64));
+    assert_ne!(full, tiny, "the tiny decoder's image is the full decoder's");
+
+    let out = run(&["--decoder", "./nowhere", "--out", "x.png"]);
+    assert!(!out.status.success() && stderr(&out).contains("--decoder ./nowhere"), "{}", stderr(&out));
+    let out = run(&["--decoder", "./taesd-dir", "--server", "http://127.0.0.1:9", "--out", "x.png"]);
+    assert!(!out.status.success() && stderr(&out).contains("without --server"), "{}", stderr(&out));
+    // A tiny decoder is pulled, never served.
+    let out =
+        imagegate(&["generate", "x", "--model", "taesd", "--data-dir", "data", "--out", "x.png"], None, dir.path());
+    assert!(!out.status.success() && stderr(&out).contains("is a tiny decoder"), "{}", stderr(&out));
+    assert!(!dir.path().join("x.png").exists());
+}

@@ -324,3 +324,40 @@ fn an_unreachable_hub_is_named_in_the_error() {
     let err = stderr(&out);
     assert!(err.contains(&format!("cannot reach {url}")) && err.contains("HF_ENDPOINT"), "{err}");
 }
+
+#[test]
+fn a_pulled_tiny_decoder_is_used_by_the_models_of_its_family() {
+    use engine::testing::{TinyDecoderSpec, TinySpec, write_checkpoint, write_tiny_decoder};
+    let model = registry::builtin("taesd").unwrap();
+    assert_eq!(model.kind, registry::ModelKind::TinyDecoder);
+    // The hub serves a real (tiny, random) AutoencoderTiny under the repository's file names.
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny_decoder(&tmp.path().join("source"), &TinyDecoderSpec::default()).unwrap();
+    let files: HashMap<String, Vec<u8>> = model
+        .files
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(tmp.path().join("source").join(f)).unwrap()))
+        .collect();
+    let hub = spawn_hub(HashMap::from([(model.repo.to_string(), files)]), None);
+
+    let out = imagegate(&["models", "pull", "taesd", "--data-dir", "data"], Some(&hub), &[], tmp.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("madebyollin/taesd") && stderr(&out).contains("2 files"), "{}", stderr(&out));
+    let models_dir = registry::models_dir(&tmp.path().join("data"));
+    assert!(registry::installed_dir(&models_dir, model).is_some());
+
+    // An SD-family model now decodes quality=low, and --decoder tiny, with it.
+    write_checkpoint(&tmp.path().join("tiny-model"), &TinySpec::default()).unwrap();
+    let generate = |extra: &[&str], out: &str| {
+        let base = ["generate", "otter", "--model", "./tiny-model", "--data-dir", "data", "--size", "64x64"];
+        let args = [&base[..], &["--seed", "1", "--steps", "2", "--out", out], extra].concat();
+        let result = imagegate(&args, None, &[], tmp.path());
+        assert!(result.status.success(), "{}", stderr(&result));
+        std::fs::read(tmp.path().join(out)).unwrap()
+    };
+    let tiny = generate(&["--decoder", "tiny"], "tiny.png");
+    let low = generate(&["--quality", "low"], "low.png");
+    let full = generate(&["--quality", "low", "--decoder", "full"], "full.png");
+    assert_eq!(tiny, low);
+    assert_ne!(tiny, full);
+}

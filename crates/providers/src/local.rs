@@ -7,7 +7,11 @@
 //! still queued and stopped at the next step if running.
 //!
 //! How the OpenAI controls map (the table is in README.md):
-//! - `quality` low/medium/high (auto: medium) picks the steps of the model's [`Profile`];
+//! - `quality` low/medium/high (auto: medium) picks the steps of the model's [`Profile`]; `low` also
+//!   picks the tiny decoder (TAESD) when the model has one, and the `decoder` extension (`full` or
+//!   `tiny`) overrides that. A model has a tiny decoder when [`LocalModel::tiny_decoder`] names one,
+//!   or else when the one for its latents (`taesd`, or `taesdxl` for SDXL) is installed in
+//!   [`LocalOptions::models_dir`]; streamed partial images then come from it too;
 //! - `size` is any WIDTHxHEIGHT in multiples of the VAE factor (8) from 64 to 2048, `auto` being the
 //!   model's native size (or the input's, scaled down to fit, for edits);
 //! - edits with a mask repaint the masked area (strength 1); edits without one, and reference images,
@@ -30,7 +34,8 @@ use domain::{
 };
 use engine::encode::Format;
 use engine::pipeline::{MAX_SIDE, MIN_SIDE};
-use engine::{Checkpoint, Edit, EngineError, GenerateParams, Hooks, Pipeline};
+use engine::taesd::TinyConfig;
+use engine::{Checkpoint, Decoder, Edit, EngineError, GenerateParams, Hooks, LoadOptions, Pipeline, registry};
 use futures_util::StreamExt;
 use image::{GrayImage, RgbImage};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
@@ -73,27 +78,36 @@ pub struct LocalModel {
     pub name: String,
     pub dir: PathBuf,
     pub profile: Profile,
+    /// A tiny decoder directory (an `AutoencoderTiny`: `config.json` and its weights) for this model;
+    /// `None` uses the one for its latents from [`LocalOptions::models_dir`] when it is installed there.
+    pub tiny_decoder: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LocalOptions {
     /// Requests waiting or running at most; beyond, 429.
     pub queue_capacity: usize,
     /// Models kept loaded at once.
     pub resident_models: usize,
+    /// Where pulled models live (hub-cache layout, `engine::registry`): a model without a tiny decoder
+    /// of its own uses `taesd` (SD 1.x/2.x) or `taesdxl` (SDXL) from here when it is installed.
+    pub models_dir: Option<PathBuf>,
 }
 
 impl Default for LocalOptions {
     fn default() -> Self {
-        LocalOptions { queue_capacity: 8, resident_models: 2 }
+        LocalOptions { queue_capacity: 8, resident_models: 2, models_dir: None }
     }
 }
 
 struct Served {
+    /// With `tiny_decoder` resolved: the model's own, the installed one, or none.
     model: LocalModel,
     /// Pixels per latent, from the checkpoint's VAE.
     size_multiple: u32,
     native: u32,
+    /// The built-in tiny decoder for the model's latents (`taesd` or `taesdxl`), for messages.
+    tiny_name: &'static str,
 }
 
 pub struct LocalProvider {
@@ -111,14 +125,30 @@ impl LocalProvider {
     /// starts the worker. Weights load on first use.
     pub fn new(name: &str, models: Vec<LocalModel>, options: LocalOptions) -> Result<LocalProvider, EngineError> {
         let mut served = BTreeMap::new();
-        for m in models {
+        for mut m in models {
             let ckpt = Checkpoint::open(&m.dir)?;
             for component in ["unet", "vae", "text_encoder"] {
                 ckpt.weights(component)?;
             }
             let size_multiple = ckpt.vae_factor() as u32;
             let native = (ckpt.native_size() as u32).clamp(MIN_SIDE, MAX_SIDE);
-            served.insert(m.name.clone(), Served { model: m, size_multiple, native });
+            let tiny = registry::tiny_decoder_for(&ckpt);
+            m.tiny_decoder = match m.tiny_decoder.take() {
+                // Named for this model: it must fit, or the model does not start.
+                Some(dir) => {
+                    TinyConfig::read(&dir)?.check_matches(&ckpt, &dir)?;
+                    Some(dir)
+                }
+                // Found among the pulled models: used when it fits, else passed over with a warning.
+                None => {
+                    let installed = options.models_dir.as_deref().and_then(|dir| registry::installed_dir(dir, tiny));
+                    installed.filter(|dir| fits(dir, &ckpt, &m.name))
+                }
+            };
+            if let Some(dir) = &m.tiny_decoder {
+                tracing::info!(model = %m.name, tiny_decoder = %dir.display(), "tiny decoder for quality=low and previews");
+            }
+            served.insert(m.name.clone(), Served { model: m, size_multiple, native, tiny_name: tiny.name });
         }
         let (queue, tasks) = mpsc::channel::<Task>();
         let recent_ms = Arc::new(AtomicU64::new(0));
@@ -180,6 +210,23 @@ impl LocalProvider {
             },
         };
         let steps = options.steps.map_or_else(|| served.model.profile.steps_for(quality), usize::from);
+        let has_tiny = served.model.tiny_decoder.is_some();
+        let decoder = match options.decoder {
+            Some(domain::Decoder::Tiny) if !has_tiny => {
+                return Err(ApiError::invalid_value_msg(
+                    "decoder",
+                    format!(
+                        "The local model '{}' has no tiny decoder: install one with `imagegate models pull {}`, or use 'full'.",
+                        served.model.name, served.tiny_name
+                    ),
+                ));
+            }
+            Some(domain::Decoder::Tiny) => Decoder::Tiny,
+            Some(domain::Decoder::Full) => Decoder::Full,
+            // Low quality trades the decoder's detail for time too, when there is a tiny one.
+            None if quality == Quality::Low && has_tiny => Decoder::Tiny,
+            None => Decoder::Full,
+        };
         let (edit, steps) = match edit {
             None => (None, steps),
             Some(e) => {
@@ -206,6 +253,7 @@ impl LocalProvider {
             seed: options.seed.unwrap_or_else(rand::random),
             edit: None,
             partial_images: if options.stream { usize::from(options.partial_images) } else { 0 },
+            decoder,
         };
         let format = options.output_format.unwrap_or(OutputFormat::Png);
         let resolved = Resolved {
@@ -220,6 +268,17 @@ impl LocalProvider {
     fn retry_after(&self) -> u64 {
         let per_job = self.recent_ms.load(Ordering::Relaxed).max(1000);
         (per_job * self.capacity as u64).div_ceil(1000).clamp(1, 600)
+    }
+}
+
+/// Whether the installed tiny decoder in `dir` reads `ckpt`'s latents (a warning when not).
+fn fits(dir: &Path, ckpt: &Checkpoint, model: &str) -> bool {
+    match TinyConfig::read(dir).and_then(|c| c.check_matches(ckpt, dir)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(model, error = %e, "the installed tiny decoder does not fit the model: not used");
+            false
+        }
     }
 }
 
@@ -352,6 +411,9 @@ fn engine_gone() -> ProviderError {
     ProviderError::Api(ApiError::new(500, "server_error", None, None, "The local engine stopped.".to_owned()))
 }
 
+/// What a loaded pipeline is cached by: the model's directory and its tiny decoder's.
+type Resident = (PathBuf, Option<PathBuf>);
+
 /// The worker: one task at a time, models cached by directory.
 fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64>) {
     let device = match engine::default_device() {
@@ -371,27 +433,32 @@ fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64
             return;
         }
     };
-    let mut loaded: Vec<(PathBuf, Arc<Pipeline>)> = Vec::new();
+    let mut loaded: Vec<(Resident, Arc<Pipeline>)> = Vec::new();
     for task in tasks {
         let pending = Arc::clone(&task.pending);
         if task.cancel.load(Ordering::Relaxed) {
             pending.fetch_sub(1, Ordering::AcqRel);
             continue;
         }
-        let pipeline = match loaded.iter().position(|(dir, _)| *dir == task.model.dir) {
+        let key = (task.model.dir.clone(), task.model.tiny_decoder.clone());
+        let pipeline = match loaded.iter().position(|(k, _)| *k == key) {
             Some(i) => {
                 let entry = loaded.remove(i);
                 let p = Arc::clone(&entry.1);
                 loaded.push(entry);
                 p
             }
-            None => match Pipeline::load(&task.model.dir, &device) {
+            None => match Pipeline::load_with(
+                &task.model.dir,
+                &device,
+                LoadOptions { tiny_decoder: key.1.clone(), ..LoadOptions::default() },
+            ) {
                 Ok(p) => {
                     let p = Arc::new(p);
                     if loaded.len() >= resident {
                         loaded.remove(0);
                     }
-                    loaded.push((task.model.dir.clone(), Arc::clone(&p)));
+                    loaded.push((key, Arc::clone(&p)));
                     p
                 }
                 Err(e) => {

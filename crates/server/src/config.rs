@@ -24,6 +24,7 @@
 //! [models.my-finetune]
 //! path = "/srv/models/my-finetune"            # a diffusers-layout directory
 //! profile = "standard"                        # steps per quality: "turbo" (1/2/4) or "standard" (15/25/40)
+//! tiny_decoder = "/srv/models/taesd"          # optional TAESD directory (default: the pulled taesd/taesdxl)
 //!
 //! [engine]
 //! queue_capacity = 8                          # requests queued or running before 429
@@ -70,6 +71,10 @@ pub struct LocalModelFile {
     pub path: Option<std::path::PathBuf>,
     /// `turbo` or `standard`; guessed from the name when absent.
     pub profile: Option<String>,
+    /// A tiny decoder directory (`config.json` + `diffusion_pytorch_model.safetensors` of an
+    /// `AutoencoderTiny`) for `quality=low`, the `decoder` field and streamed previews; without it the
+    /// pulled `taesd` or `taesdxl` matching the model is used when installed.
+    pub tiny_decoder: Option<std::path::PathBuf>,
 }
 
 /// `[engine]`: the local engine's queue.
@@ -249,6 +254,7 @@ impl Config {
         let engine = providers::local::LocalOptions {
             queue_capacity: file.engine.queue_capacity.unwrap_or(defaults.queue_capacity).max(1),
             resident_models: file.engine.resident_models.unwrap_or(defaults.resident_models).max(1),
+            models_dir: Some(engine::registry::models_dir(&data_dir)),
         };
         for p in &providers {
             for (i, (model, _)) in p.models.iter().enumerate() {
@@ -282,6 +288,9 @@ fn local_model(name: &str, m: LocalModelFile, data_dir: &Path) -> Result<provide
         return err(format!("models.{name}: a model name must be non-empty and contain no '/'"));
     }
     let dir = match (m.path, registry::builtin(name)) {
+        (None, Some(builtin)) if builtin.kind == registry::ModelKind::TinyDecoder => {
+            return err(format!("models.{name}: {}", registry::RegistryError::NotAModel(name.to_owned())));
+        }
         (Some(path), _) => {
             if !path.is_dir() {
                 return err(format!("models.{name}.path: '{}' is not a directory", path.display()));
@@ -308,7 +317,12 @@ fn local_model(name: &str, m: LocalModelFile, data_dir: &Path) -> Result<provide
         Some("standard") => providers::local::Profile::STANDARD,
         Some(other) => return err(format!("models.{name}.profile: '{other}' is not one of 'turbo', 'standard'")),
     };
-    Ok(providers::local::LocalModel { name: name.to_owned(), dir, profile })
+    if let Some(tiny) = &m.tiny_decoder
+        && !tiny.is_dir()
+    {
+        return err(format!("models.{name}.tiny_decoder: '{}' is not a directory", tiny.display()));
+    }
+    Ok(providers::local::LocalModel { name: name.to_owned(), dir, profile, tiny_decoder: m.tiny_decoder })
 }
 
 fn approx_size(bytes: u64) -> String {

@@ -53,7 +53,7 @@ impl AppState {
     pub fn from_config(config: &Config) -> Result<AppState, ConfigError> {
         let mut providers: Vec<routing::ProviderModels> = Vec::new();
         if !config.local_models.is_empty() {
-            let local = LocalProvider::new(config::LOCAL_PROVIDER, config.local_models.clone(), config.engine)
+            let local = LocalProvider::new(config::LOCAL_PROVIDER, config.local_models.clone(), config.engine.clone())
                 .map_err(|e| ConfigError(format!("models: {e}")))?;
             let models = local.model_names().into_iter().map(|m| (m, domain::ModelFamily::Local)).collect();
             providers.push(routing::ProviderModels {

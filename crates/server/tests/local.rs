@@ -7,7 +7,7 @@ use std::io::Cursor;
 use std::time::Duration;
 
 use base64::Engine as _;
-use engine::testing::{TinySpec, write_checkpoint};
+use engine::testing::{TinyDecoderSpec, TinySpec, write_checkpoint};
 use image::{DynamicImage, ImageFormat, Rgba, RgbaImage};
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
@@ -339,4 +339,74 @@ async fn a_client_that_goes_away_frees_the_engine() {
         assert!(std::time::Instant::now() < deadline, "the abandoned run still holds the engine");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Installs the test tiny decoder as `imagegate models pull taesd` would: hub-cache layout under
+/// `data_dir/models`.
+fn install_taesd(data_dir: &std::path::Path) {
+    let repo = data_dir.join("models/models--madebyollin--taesd");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc123").unwrap();
+    engine::testing::write_tiny_decoder(&repo.join("snapshots/abc123"), &TinyDecoderSpec::default()).unwrap();
+}
+
+#[tokio::test]
+async fn quality_low_and_the_decoder_field_pick_the_tiny_decoder_when_there_is_one() {
+    let model = tempfile::tempdir().unwrap();
+    write_checkpoint(model.path(), &TinySpec::default()).unwrap();
+    let tiny = tempfile::tempdir().unwrap();
+    engine::testing::write_tiny_decoder(tiny.path(), &TinyDecoderSpec::default()).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    install_taesd(data.path());
+    // `tiny`: its own tiny decoder; `plain`: none (nothing installed where NoEnv points); `found`: the
+    // pulled taesd of the data dir.
+    let (m, t) = (model.path().to_str().unwrap(), tiny.path().to_str().unwrap());
+    let toml = format!(
+        "[models.tiny]\npath = {m:?}\nprofile = \"turbo\"\ntiny_decoder = {t:?}\n[models.plain]\npath = {m:?}\nprofile = \"turbo\"\n"
+    );
+    let s = start(&toml, vec![]).await;
+    let env = DataDirEnv(data);
+    let found = Config::from_toml(&format!("[models.found]\npath = {m:?}\nprofile = \"turbo\"\n"), &env).unwrap();
+    let state = server::AppState::from_config(&found).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let found_url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(server::run(listener, server::app(state), std::future::pending()));
+    let found = Local { url: found_url, http: reqwest::Client::new(), _dirs: vec![] };
+
+    let body = |model: &str, extra: Value| {
+        let mut b = json!({"model": model, "prompt": "otter", "size": "64x64", "steps": 2, "seed": 3});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let image = |r: &(u16, reqwest::header::HeaderMap, Value)| {
+        assert_eq!(r.0, 200, "{}", r.2);
+        decode(&r.2["data"][0]["b64_json"]).to_rgb8()
+    };
+    let low = image(&s.generate(body("tiny", json!({"quality": "low"}))).await);
+    let low_full = image(&s.generate(body("tiny", json!({"quality": "low", "decoder": "full"}))).await);
+    let medium = image(&s.generate(body("tiny", json!({"quality": "medium"}))).await);
+    let medium_tiny = image(&s.generate(body("tiny", json!({"quality": "medium", "decoder": "tiny"}))).await);
+    let plain_low = image(&s.generate(body("plain", json!({"quality": "low"}))).await);
+    let found_low = image(&found.generate(body("found", json!({"quality": "low"}))).await);
+    assert_eq!(low.dimensions(), (64, 64));
+    // The same latents each time (steps and seed fixed): only the decoder differs.
+    assert_eq!(low, medium_tiny, "quality=low decodes with the tiny decoder");
+    assert_eq!(low_full, medium, "decoder=full and quality=medium decode with the model's own");
+    assert_ne!(low, medium);
+    assert_eq!(plain_low, medium, "without a tiny decoder, low quality keeps the full one");
+    assert_eq!(found_low, low, "the pulled taesd is found in the models directory");
+
+    // Asking for one a model lacks says what to pull; upstream models do not take the field at all.
+    let (status, _, err) = s.generate(body("plain", json!({"decoder": "tiny"}))).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("decoder")), "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("imagegate models pull taesd"), "{err}");
+
+    // A tiny decoder is not a model to serve, and a tiny decoder of the wrong shape stops the start.
+    let e = Config::from_toml("[models.taesd]\n", &NoEnv).err().unwrap().to_string();
+    assert!(e.contains("models.taesd") && e.contains("tiny decoder"), "{e}");
+    let eight = tempfile::tempdir().unwrap();
+    engine::testing::write_tiny_decoder(eight.path(), &TinyDecoderSpec::taesd()).unwrap();
+    let toml = format!("[models.bad]\npath = {m:?}\ntiny_decoder = {:?}\n", eight.path().to_str().unwrap());
+    let msg = server::AppState::from_config(&Config::from_toml(&toml, &NoEnv).unwrap()).err().unwrap().to_string();
+    assert!(msg.contains("config.json") && msg.contains("upsampling_scaling_factor"), "{msg}");
 }
