@@ -45,9 +45,14 @@ impl Conv {
         padding: usize,
         kernels: Kernels,
     ) -> Result<Conv> {
-        let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
         let bias = Some(vb.get(cout, "bias")?);
-        Ok(Conv { weight, bias, stride, padding, kernels })
+        Ok(Conv { weight: vb.get((cout, cin, kernel, kernel), "weight")?, bias, stride, padding, kernels })
+    }
+
+    /// A 3x3 convolution at stride 1 and padding 1 without a bias (PyTorch's `bias=False`): reads only
+    /// `weight`.
+    pub fn same3_unbiased(vb: VarBuilder, (cin, cout): (usize, usize), kernels: Kernels) -> Result<Conv> {
+        Ok(Conv { weight: vb.get((cout, cin, 3, 3), "weight")?, bias: None, stride: 1, padding: 1, kernels })
     }
 
     /// A 3x3 convolution at stride 1 that keeps the size (padding 1), the most common one.
@@ -304,20 +309,5 @@ impl VaeAttention {
         let att = att.reshape((b, self.heads, h * w, d))?.transpose(1, 2)?.reshape((b, h * w, c))?;
         let out = self.out.forward(&att)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
-    }
-}
-
-impl Conv {
-    /// [`Conv::load`] for a convolution without a bias (PyTorch's `bias=False`): reads only `weight`.
-    pub fn load_unbiased(
-        vb: VarBuilder,
-        (cin, cout): (usize, usize),
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        kernels: Kernels,
-    ) -> Result<Conv> {
-        let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
-        Ok(Conv { weight, bias: None, stride, padding, kernels })
     }
 }

@@ -295,7 +295,7 @@ impl TinyDecoder {
             let conv = if last {
                 Conv::same3(vb.pp(index), (width, config.out_channels), kernels)?
             } else {
-                Conv::load_unbiased(vb.pp(index), (width, width), 3, 1, 1, kernels)?
+                Conv::same3_unbiased(vb.pp(index), (width, width), kernels)?
             };
             index += 1;
             stages.push(Stage { blocks: stage, upsample, conv });
