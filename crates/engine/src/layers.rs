@@ -84,6 +84,7 @@ impl GroupNorm {
     pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64, kernels: Kernels) -> Result<GroupNorm> {
         let weight = vb.get(channels, "weight")?;
         let bias = vb.get(channels, "bias")?;
+        // Refuses channels that do not split into the groups at load, not at the first forward.
         candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
         Ok(GroupNorm { weight, bias, groups, eps, kernels })
     }

@@ -248,7 +248,7 @@ impl TinyDecoder {
         let config = TinyConfig::read(dir)?;
         let path = weights_file(dir)?;
         let invalid = |why: String| EngineError::InvalidFile { path: path.clone(), why };
-        let tensors = candle_core::safetensors::load(&path, device).map_err(|e| invalid(e.to_string()))?;
+        let tensors = crate::weights::load(&path, device)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         TinyDecoder::new(vb, &config, kernels).map_err(|e| invalid(e.to_string()))
     }
