@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::DType;
 use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModelConfig};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use serde::Deserialize;
@@ -258,11 +259,19 @@ impl Checkpoint {
     }
 
     /// The weight file of a component: `diffusion_pytorch_model.safetensors` or `model.safetensors`,
-    /// with their `.fp16` variants.
+    /// or their `.fp16` variants (the full-precision file first, where there are both).
     pub fn weights(&self, component: &str) -> Result<PathBuf, EngineError> {
+        self.weights_for(component, DType::F32)
+    }
+
+    /// [`Checkpoint::weights`] for a component kept in `dtype`: an f16 one takes the `.fp16` file first
+    /// when there are both (used in place, without converting, on the CPU), any other the full-precision
+    /// one.
+    pub fn weights_for(&self, component: &str, dtype: DType) -> Result<PathBuf, EngineError> {
         let stems = ["diffusion_pytorch_model", "model"];
+        let variants = if dtype == DType::F16 { [".fp16", ""] } else { ["", ".fp16"] };
         for stem in stems {
-            for variant in ["", ".fp16"] {
+            for variant in variants {
                 let p = self.dir.join(component).join(format!("{stem}{variant}.safetensors"));
                 if p.is_file() {
                     return Ok(p);

@@ -11,8 +11,8 @@
 //! on the CPU the big weights can stay in f16 (half the memory) and are widened to f32 one layer at a
 //! time, just before use ([`cast`]).
 
+use crate::weights::{Param, Weights};
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 pub use kernels::Activation;
 
@@ -28,7 +28,7 @@ pub enum Kernels {
 
 /// A 2-D convolution with square kernel, stride and padding.
 pub struct Conv {
-    weight: Tensor,
+    weight: Param,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
@@ -38,7 +38,7 @@ pub struct Conv {
 impl Conv {
     /// Reads `weight` `[cout, cin, k, k]` and `bias` `[cout]` under `vb`.
     pub fn load(
-        vb: VarBuilder,
+        vb: Weights,
         (cin, cout): (usize, usize),
         kernel: usize,
         stride: usize,
@@ -46,22 +46,22 @@ impl Conv {
         kernels: Kernels,
     ) -> Result<Conv> {
         let bias = Some(vb.get(cout, "bias")?);
-        Ok(Conv { weight: vb.get((cout, cin, kernel, kernel), "weight")?, bias, stride, padding, kernels })
+        Ok(Conv { weight: vb.param((cout, cin, kernel, kernel), "weight")?, bias, stride, padding, kernels })
     }
 
     /// A 3x3 convolution at stride 1 and padding 1 without a bias (PyTorch's `bias=False`): reads only
     /// `weight`.
-    pub fn same3_unbiased(vb: VarBuilder, (cin, cout): (usize, usize), kernels: Kernels) -> Result<Conv> {
-        Ok(Conv { weight: vb.get((cout, cin, 3, 3), "weight")?, bias: None, stride: 1, padding: 1, kernels })
+    pub fn same3_unbiased(vb: Weights, (cin, cout): (usize, usize), kernels: Kernels) -> Result<Conv> {
+        Ok(Conv { weight: vb.param((cout, cin, 3, 3), "weight")?, bias: None, stride: 1, padding: 1, kernels })
     }
 
     /// A 3x3 convolution at stride 1 that keeps the size (padding 1), the most common one.
-    pub fn same3(vb: VarBuilder, channels: (usize, usize), kernels: Kernels) -> Result<Conv> {
+    pub fn same3(vb: Weights, channels: (usize, usize), kernels: Kernels) -> Result<Conv> {
         Conv::load(vb, channels, 3, 1, 1, kernels)
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let weight = cast(&self.weight, xs.dtype())?;
+        let weight = self.weight.to_dtype(xs.dtype())?;
         let bias = self.bias.as_ref().map(|b| cast(b, xs.dtype())).transpose()?;
         let bias = bias.as_ref();
         match self.kernels {
@@ -81,7 +81,7 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
-    pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64, kernels: Kernels) -> Result<GroupNorm> {
+    pub fn load(vb: Weights, groups: usize, channels: usize, eps: f64, kernels: Kernels) -> Result<GroupNorm> {
         let weight = vb.get(channels, "weight")?;
         let bias = vb.get(channels, "bias")?;
         // Refuses channels that do not split into the groups at load, not at the first forward.
@@ -129,7 +129,7 @@ pub struct ResnetConfig {
 }
 
 impl Resnet {
-    pub fn load(vb: VarBuilder, c: ResnetConfig, kernels: Kernels) -> Result<Resnet> {
+    pub fn load(vb: Weights, c: ResnetConfig, kernels: Kernels) -> Result<Resnet> {
         let (cin, cout) = (c.in_channels, c.out_channels);
         let shortcut =
             if cin != cout { Some(Conv::load(vb.pp("conv_shortcut"), (cin, cout), 1, 1, 0, kernels)?) } else { None };
@@ -179,20 +179,20 @@ pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// A linear layer `x W^T + b` over the last dimension, in the input's dtype.
 pub struct Linear {
-    weight: Tensor,
+    weight: Param,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     /// Reads `weight` `[out, in]` and, with `bias`, `bias` `[out]`.
-    pub fn load(vb: VarBuilder, cin: usize, cout: usize, bias: bool) -> Result<Linear> {
-        let weight = vb.get((cout, cin), "weight")?;
+    pub fn load(vb: Weights, cin: usize, cout: usize, bias: bool) -> Result<Linear> {
+        let weight = vb.param((cout, cin), "weight")?;
         let bias = if bias { Some(vb.get(cout, "bias")?) } else { None };
         Ok(Linear { weight, bias })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let weight = cast(&self.weight, xs.dtype())?;
+        let weight = self.weight.to_dtype(xs.dtype())?;
         let bias = self.bias.as_ref().map(|b| cast(b, xs.dtype())).transpose()?;
         candle_nn::Linear::new(weight, bias).forward(xs)
     }
@@ -206,7 +206,7 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<LayerNorm> {
+    pub fn load(vb: Weights, dim: usize, eps: f64) -> Result<LayerNorm> {
         Ok(LayerNorm { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
     }
 
@@ -222,7 +222,7 @@ pub struct Upsample {
 }
 
 impl Upsample {
-    pub fn load(vb: VarBuilder, channels: usize, kernels: Kernels) -> Result<Upsample> {
+    pub fn load(vb: Weights, channels: usize, kernels: Kernels) -> Result<Upsample> {
         Ok(Upsample { conv: Conv::same3(vb.pp("conv"), (channels, channels), kernels)? })
     }
 
@@ -270,7 +270,7 @@ pub struct VaeAttention {
 }
 
 impl VaeAttention {
-    pub fn load(vb: VarBuilder, channels: usize, groups: usize, kernels: Kernels) -> Result<VaeAttention> {
+    pub fn load(vb: Weights, channels: usize, groups: usize, kernels: Kernels) -> Result<VaeAttention> {
         let names = if vb.contains_tensor("to_q.weight") {
             ["to_q", "to_k", "to_v", "to_out.0"]
         } else {
@@ -282,7 +282,7 @@ impl VaeAttention {
                 Ok(w) => w,
                 Err(_) => vb.get((channels, channels, 1, 1), "weight")?.reshape((channels, channels))?,
             };
-            Ok(Linear { weight, bias: Some(vb.get(channels, "bias")?) })
+            Ok(Linear { weight: Param::Tensor(weight), bias: Some(vb.get(channels, "bias")?) })
         };
         Ok(VaeAttention {
             norm: GroupNorm::load(vb.pp("group_norm"), groups, channels, 1e-6, kernels)?,

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
+
+use crate::weights::{MappedFile, Weights};
 use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 use rand::SeedableRng;
@@ -148,26 +150,26 @@ impl Pipeline {
         // How the text encoders' and the UNet's weights are kept: f16 on the CPU unless asked otherwise
         // (computed in f32 all the same), the model dtype elsewhere.
         let store = if device.is_cpu() && !options.f32_weights { DType::F16 } else { dtype };
-        let text_path = checkpoint.weights("text_encoder")?;
+        let text_path = checkpoint.weights_for("text_encoder", store)?;
         let text_encoder =
             with_weights(&text_path, store, device, |vb| TextEncoder::new(vb, &checkpoint.text_encoder))?;
         let second = match &checkpoint.text_encoder_2 {
             Some(config) => {
                 let tokenizer = ClipTokenizer::load(&dir.join("tokenizer_2"), config.max_position_embeddings)?;
-                let path = checkpoint.weights("text_encoder_2")?;
+                let path = checkpoint.weights_for("text_encoder_2", store)?;
                 Some((tokenizer, with_weights(&path, store, device, |vb| TextEncoder::new(vb, config))?))
             }
             None => None,
         };
-        let unet_path = checkpoint.weights("unet")?;
+        let unet_path = checkpoint.weights_for("unet", store)?;
         let unet_cfg = checkpoint.unet_config()?;
         let unet = with_weights(&unet_path, store, device, |vb| Unet::new(vb, &unet_cfg, options.kernels))?;
         if unet.needs_added_cond() && second.is_none() {
             return Err(EngineError::MissingFile(dir.join("text_encoder_2/config.json")));
         }
-        let vae_path = checkpoint.weights("vae")?;
         let vae_cfg = checkpoint.vae_config()?;
         let vae_dtype = if checkpoint.vae.force_upcast { DType::F32 } else { dtype };
+        let vae_path = checkpoint.weights_for("vae", vae_dtype)?;
         let vae = with_weights(&vae_path, vae_dtype, device, |vb| VaeDecoder::load(vb, &vae_cfg, options.kernels))?;
         let tiny = options.tiny_decoder.as_deref();
         let tiny = tiny.map(|d| TinyDecoder::load_for(d, &checkpoint, dtype, device, options.kernels)).transpose()?;
@@ -381,9 +383,10 @@ impl Pipeline {
         if let Some(enc) = slot.as_ref() {
             return Ok(enc.clone());
         }
-        let path = self.checkpoint.weights("vae")?;
+        let path = self.checkpoint.weights_for("vae", self.vae_dtype)?;
         let cfg = self.checkpoint.vae_config()?;
-        let enc = Arc::new(with_weights(&path, self.vae_dtype, &self.device, |vb| VaeEncoder::new(vb, &cfg))?);
+        let enc =
+            Arc::new(with_weights(&path, self.vae_dtype, &self.device, |vb| VaeEncoder::new(vb.vb().clone(), &cfg))?);
         *slot = Some(enc.clone());
         Ok(enc)
     }
@@ -584,18 +587,30 @@ fn composite(out: &mut RgbImage, input: &RgbImage, mask: &GrayImage) {
 }
 
 /// Builds a module from one safetensors file, naming the file in any error (a missing tensor or a shape
-/// that does not match the config).
+/// that does not match the config). On the CPU a file stored all in `dtype` (the fp16 files, kept in
+/// f16) is mapped and its weights used in place; any other is read into buffers of `dtype`.
 fn with_weights<T>(
     path: &Path,
     dtype: DType,
     device: &Device,
-    build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
+    build: impl FnOnce(Weights) -> candle_core::Result<T>,
 ) -> Result<T, EngineError> {
     let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
-    let store = if dtype == DType::F16 { Some(DType::F16) } else { None };
-    let tensors = crate::weights::load_as(path, device, store)?;
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    build(vb).map_err(|e| invalid(e.to_string()))
+    let weights = match device.is_cpu() {
+        true => {
+            Some(MappedFile::open(path)?).filter(|file| file.all_of(dtype)).map(|file| Weights::mapped(file, dtype))
+        }
+        false => None,
+    };
+    let weights = match weights {
+        Some(weights) => weights,
+        None => {
+            let store = if dtype == DType::F16 { Some(DType::F16) } else { None };
+            let tensors = crate::weights::load_as(path, device, store)?;
+            Weights::from(VarBuilder::from_tensors(tensors, dtype, device))
+        }
+    };
+    build(weights).map_err(|e| invalid(e.to_string()))
 }
 
 #[cfg(test)]

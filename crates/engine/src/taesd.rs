@@ -33,8 +33,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::EngineError;
@@ -214,7 +214,7 @@ struct Block {
 }
 
 impl Block {
-    fn load(vb: VarBuilder, channels: usize, kernels: Kernels) -> candle_core::Result<Block> {
+    fn load(vb: Weights, channels: usize, kernels: Kernels) -> candle_core::Result<Block> {
         let conv = |i: usize| Conv::same3(vb.pp("conv").pp(i), (channels, channels), kernels);
         Ok(Block { convs: [conv(0)?, conv(2)?, conv(4)?] })
     }
@@ -249,7 +249,7 @@ impl TinyDecoder {
         let path = weights_file(dir)?;
         let invalid = |why: String| EngineError::InvalidFile { path: path.clone(), why };
         let tensors = crate::weights::load(&path, device)?;
-        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let vb = Weights::from(candle_nn::VarBuilder::from_tensors(tensors, dtype, device));
         TinyDecoder::new(vb, &config, kernels).map_err(|e| invalid(e.to_string()))
     }
 
@@ -269,7 +269,7 @@ impl TinyDecoder {
     /// Builds the decoder from `vb` at the weight file's root (its tensors are under `decoder.`; the
     /// encoder's `encoder.` tensors are not read). `config` must have passed [`TinyConfig::read`]'s
     /// checks.
-    pub fn new(vb: VarBuilder, config: &TinyConfig, kernels: Kernels) -> candle_core::Result<TinyDecoder> {
+    pub fn new(vb: Weights, config: &TinyConfig, kernels: Kernels) -> candle_core::Result<TinyDecoder> {
         let vb = vb.pp("decoder").pp("layers");
         let channels = &config.decoder_block_out_channels;
         let (Some(&width), true) = (channels.first(), config.num_decoder_blocks.len() == channels.len()) else {

@@ -4,6 +4,7 @@
 //! tensor has the name and shape a real checkpoint has; they are then refilled from a seeded generator
 //! (candle's CPU RNG cannot be seeded) and written as safetensors next to configs in diffusers' format.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -216,11 +217,11 @@ pub fn write_checkpoint(dir: &Path, spec: &TinySpec) -> Result<(), EngineError> 
         AutoEncoderKL::new(vb, 3, 3, vae_cfg.clone()).map(drop)
     })?;
     save_random(&dir.join("text_encoder/model.safetensors"), &mut rng, |vb| {
-        TextEncoder::new(vb, &ckpt.text_encoder).map(drop)
+        TextEncoder::new(vb.into(), &ckpt.text_encoder).map(drop)
     })?;
     if let Some(config) = &ckpt.text_encoder_2 {
         save_random(&dir.join("text_encoder_2/model.safetensors"), &mut rng, |vb| {
-            TextEncoder::new(vb, config).map(drop)
+            TextEncoder::new(vb.into(), config).map(drop)
         })?;
     }
     Ok(())
@@ -283,7 +284,7 @@ pub fn write_tiny_decoder(dir: &Path, spec: &TinyDecoderSpec) -> Result<(), Engi
     let mut rng = StdRng::seed_from_u64(spec.seed);
     save_random(&path, &mut rng, |vb| {
         encoder_tensors(vb.pp("encoder").pp("layers"), spec.channels, spec.latent_channels, &encoder_blocks)?;
-        TinyDecoder::new(vb, &config, Kernels::Reference).map(drop)
+        TinyDecoder::new(vb.into(), &config, Kernels::Reference).map(drop)
     })?;
     // conv_in and its ReLU, the blocks, an upsampling between stages, a conv closing each stage.
     let last = 2 + spec.num_blocks.iter().sum::<usize>() + stages.saturating_sub(1) + stages - 1;
@@ -363,6 +364,30 @@ fn save_random(
         std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
     }
     varmap.save(path)?;
+    Ok(())
+}
+
+/// Writes the `.fp16.safetensors` variant next to every component's weight file of the checkpoint at
+/// `dir` (each tensor rounded to f16), as the hub repositories ship them; with `drop_full`, removes the
+/// full-precision files (what `imagegate models pull` installs).
+pub fn write_fp16_variants(dir: &Path, drop_full: bool) -> Result<(), EngineError> {
+    for component in ["text_encoder", "text_encoder_2", "unet", "vae"] {
+        for stem in ["model", "diffusion_pytorch_model"] {
+            let full = dir.join(component).join(format!("{stem}.safetensors"));
+            if !full.is_file() {
+                continue;
+            }
+            let tensors = candle_core::safetensors::load(&full, &Device::Cpu)?;
+            let half = tensors
+                .into_iter()
+                .map(|(name, t)| Ok((name, t.to_dtype(DType::F16)?)))
+                .collect::<candle_core::Result<HashMap<_, _>>>()?;
+            candle_core::safetensors::save(&half, full.with_file_name(format!("{stem}.fp16.safetensors")))?;
+            if drop_full {
+                std::fs::remove_file(&full).map_err(|e| io(&full, e))?;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -7,8 +7,9 @@
 //! SDXL conditions on two encoders: the penultimate layer's hidden states of both, side by side, and the
 //! second one's pooled output (its end token after the final norm) through `text_projection`.
 
+use crate::weights::Weights;
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::Embedding;
 
 use crate::layers::{LayerNorm, Linear, cast};
 
@@ -62,12 +63,12 @@ pub struct SdxlOutput {
 }
 
 impl TextEncoder {
-    pub fn new(vb: VarBuilder, c: &TextEncoderFile) -> Result<TextEncoder> {
+    pub fn new(vb: Weights, c: &TextEncoderFile) -> Result<TextEncoder> {
         let vb = vb.pp("text_model");
         let d = c.hidden_size;
         let emb = vb.pp("embeddings");
-        let token_embedding = candle_nn::embedding(c.vocab_size, d, emb.pp("token_embedding"))?;
-        let position_embedding = candle_nn::embedding(c.max_position_embeddings, d, emb.pp("position_embedding"))?;
+        let token_embedding = candle_nn::embedding(c.vocab_size, d, emb.vb().pp("token_embedding"))?;
+        let position_embedding = candle_nn::embedding(c.max_position_embeddings, d, emb.vb().pp("position_embedding"))?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let l = vb.pp("encoder.layers").pp(i.to_string());

@@ -5,8 +5,8 @@
 //! It reads the tensors of diffusers checkpoints under their names. The tests check it against
 //! [`crate::candle_unet`], the same UNet assembled from candle's blocks.
 
+use crate::weights::Weights;
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 
 use crate::checkpoint::{TIME_IDS, TextTimeConfig, UnetConfig};
@@ -24,7 +24,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Attention> {
+    fn load(vb: Weights, dim: usize, context_dim: usize, heads: usize) -> Result<Attention> {
         Ok(Attention {
             q: Linear::load(vb.pp("to_q"), dim, dim, false)?,
             k: Linear::load(vb.pp("to_k"), context_dim, dim, false)?,
@@ -65,7 +65,7 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn load(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<TransformerBlock> {
+    fn load(vb: Weights, dim: usize, context_dim: usize, heads: usize) -> Result<TransformerBlock> {
         let inner = 4 * dim;
         Ok(TransformerBlock {
             norm1: LayerNorm::load(vb.pp("norm1"), dim, 1e-5)?,
@@ -106,7 +106,7 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    fn load(vb: VarBuilder, channels: usize, heads: usize, depth: usize, c: &Sizes) -> Result<SpatialTransformer> {
+    fn load(vb: Weights, channels: usize, heads: usize, depth: usize, c: &Sizes) -> Result<SpatialTransformer> {
         let proj = |name: &str| -> Result<Proj> {
             Ok(if c.linear_projection {
                 Proj::Linear(Linear::load(vb.pp(name), channels, channels, true)?)
@@ -191,7 +191,7 @@ struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
-    fn new(vb: VarBuilder, channels: usize, dim: usize) -> Result<TimestepEmbedding> {
+    fn new(vb: Weights, channels: usize, dim: usize) -> Result<TimestepEmbedding> {
         Ok(TimestepEmbedding {
             linear_1: Linear::load(vb.pp("linear_1"), channels, dim, true)?,
             linear_2: Linear::load(vb.pp("linear_2"), dim, dim, true)?,
@@ -233,7 +233,7 @@ pub struct Unet {
 }
 
 impl Unet {
-    pub fn new(vb: VarBuilder, config: &UnetConfig, kernels: Kernels) -> Result<Unet> {
+    pub fn new(vb: Weights, config: &UnetConfig, kernels: Kernels) -> Result<Unet> {
         let c = &config.blocks;
         let (Some(first), Some(last)) = (c.blocks.first(), c.blocks.last()) else {
             candle_core::bail!("a UNet needs at least one block")

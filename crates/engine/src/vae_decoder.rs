@@ -3,8 +3,8 @@
 //! one-step generation is this decoder: 2.5 TFLOP at 512x512, nearly all of it 3x3 convolutions at
 //! 128-512 channels.
 
+use crate::weights::Weights;
 use candle_core::{Result, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 
 use crate::layers::{Activation, Conv, GroupNorm, Kernels, Resnet, ResnetConfig, Upsample, VaeAttention};
@@ -27,7 +27,7 @@ pub struct VaeDecoder {
 
 impl VaeDecoder {
     /// Reads the decoder from the VAE's weights (`vb` at the file's root).
-    pub fn load(vb: VarBuilder, config: &AutoEncoderKLConfig, kernels: Kernels) -> Result<VaeDecoder> {
+    pub fn load(vb: Weights, config: &AutoEncoderKLConfig, kernels: Kernels) -> Result<VaeDecoder> {
         let channels = &config.block_out_channels;
         let (Some(&first), Some(&last)) = (channels.first(), channels.last()) else {
             candle_core::bail!("vae/config.json: block_out_channels is empty")

@@ -1,20 +1,29 @@
-//! Reading safetensors weight files: each tensor read from the file straight into its own buffer.
+//! Reading safetensors weight files, two ways:
 //!
-//! candle's `safetensors::load` reads the whole file into one buffer and then copies every tensor out
-//! of it, so a 3.5 GB UNet costs 7 GB of freshly faulted pages and two full copies (on the development
-//! VM a fresh page costs about as much as copying it twice: loading was 29 s of a 46 s generation).
-//! Here a tensor's bytes go from the page cache through a small reused chunk into the tensor's own
-//! buffer, converted from little-endian on the way, several tensors at a time on the rayon pool. The
-//! safetensors header is checked as it is read: every tensor's byte range must lie inside the file and
-//! match its dtype and shape.
+//! - [`MappedFile`] maps the file, and the layers use the tensors stored in the dtype the model keeps
+//!   ([`Weights::param`]: f16 on the CPU) in place, straight from the page cache: loading is the header.
+//!   This is the path for the fp16 files `imagegate models pull` installs.
+//! - [`load_as`] reads each tensor into its own buffer, converting on the way (an f32 file kept in f16),
+//!   through a small reused chunk, several tensors at a time on the rayon pool. candle's
+//!   `safetensors::load` instead reads the whole file into one buffer and then copies every tensor out
+//!   of it: 7 GB of fresh pages and two copies for a 3.5 GB UNet.
+//!
+//! Fresh pages are the dearest part of loading on the development VM (a `perf` profile of a load put
+//! a third of all samples in the kernel zeroing them), hence both. The header is checked either way:
+//! every tensor's byte range must lie inside the file and match its dtype and shape.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
 use half::{bf16, f16};
+use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::Deserialize;
 
@@ -32,17 +41,19 @@ struct Entry {
     data_offsets: (u64, u64),
 }
 
-/// Every tensor of the safetensors file at `path`, on `device`, in the file's dtype.
-pub fn load(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, EngineError> {
-    load_as(path, device, None)
+/// One tensor's entry in a safetensors header, checked against the file: `offset` is absolute.
+struct Info {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    offset: u64,
+    count: usize,
 }
 
-/// [`load`], with f32 tensors of the file stored as `store` (f16: half the memory) when given; the
-/// conversion happens chunk by chunk as the file is read, so the f32 tensor never exists whole.
-pub fn load_as(path: &Path, device: &Device, store: Option<DType>) -> Result<HashMap<String, Tensor>, EngineError> {
+/// Reads and checks the header of the safetensors file `file` (of `file_len` bytes): every tensor's
+/// byte range must lie inside the file and match its dtype and shape.
+fn read_header(path: &Path, file: &mut File, file_len: u64) -> Result<Vec<Info>, EngineError> {
     let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
-    let mut file = File::open(path).map_err(|e| invalid(e.to_string()))?;
-    let file_len = file.metadata().map_err(|e| invalid(e.to_string()))?.len();
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(|e| invalid(format!("no safetensors header: {e}")))?;
     let header_len = u64::from_le_bytes(len);
@@ -75,13 +86,28 @@ pub fn load_as(path: &Path, device: &Device, store: Option<DType>) -> Result<Has
                 entry.dtype, entry.shape
             )));
         }
-        tensors.push((name, dtype, entry.shape, data_start + start, count));
+        tensors.push(Info { name, dtype, shape: entry.shape, offset: data_start + start, count });
     }
+    Ok(tensors)
+}
+
+/// Every tensor of the safetensors file at `path`, on `device`, in the file's dtype.
+pub fn load(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, EngineError> {
+    load_as(path, device, None)
+}
+
+/// [`load`], with f32 tensors of the file stored as `store` (f16: half the memory) when given; the
+/// conversion happens chunk by chunk as the file is read, so the f32 tensor never exists whole.
+pub fn load_as(path: &Path, device: &Device, store: Option<DType>) -> Result<HashMap<String, Tensor>, EngineError> {
+    let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
+    let mut file = File::open(path).map_err(|e| invalid(e.to_string()))?;
+    let file_len = file.metadata().map_err(|e| invalid(e.to_string()))?.len();
+    let mut tensors = read_header(path, &mut file, file_len)?;
     // Largest first, so that the pool's threads finish together.
-    tensors.sort_by_key(|t| std::cmp::Reverse(t.4));
+    tensors.sort_by_key(|t| std::cmp::Reverse(t.count));
     tensors
         .into_par_iter()
-        .map(|(name, dtype, shape, offset, count)| {
+        .map(|Info { name, dtype, shape, offset, count }| {
             let read = || -> Result<Tensor, String> {
                 let mut file = File::open(path).map_err(|e| e.to_string())?;
                 file.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
@@ -137,4 +163,230 @@ fn read_values<T, const N: usize>(file: &mut File, count: usize, decode: fn([u8;
         }));
     }
     Ok(out)
+}
+
+/// A safetensors file mapped read-only into memory, its header checked: tensors whose dtype a model
+/// keeps are used in place ([`Param`]), straight from the page cache, with no copy and no fresh memory
+/// (on the development VM fresh pages are the dearest part of loading: reading SD-Turbo's UNet into
+/// its own buffers spent most of its time in the kernel zeroing them).
+///
+/// Invariant: the file is not modified or truncated while it is mapped (model files are written once,
+/// by `imagegate models pull` or the user, and only read after that).
+pub struct MappedFile {
+    path: PathBuf,
+    map: Mmap,
+    tensors: HashMap<String, Info>,
+}
+
+impl std::fmt::Debug for MappedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedFile").field("path", &self.path).field("tensors", &self.tensors.len()).finish()
+    }
+}
+
+impl MappedFile {
+    /// Maps the safetensors file at `path` and checks its header.
+    pub fn open(path: &Path) -> Result<Arc<MappedFile>, EngineError> {
+        let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
+        let mut file = File::open(path).map_err(|e| invalid(e.to_string()))?;
+        let file_len = file.metadata().map_err(|e| invalid(e.to_string()))?.len();
+        let tensors = read_header(path, &mut file, file_len)?;
+        #[allow(unsafe_code)]
+        // SAFETY: the map is read-only (`Mmap`, PROT_READ) and private to this process. What mapping a
+        // file cannot rule out is another process changing or truncating it while mapped; model files
+        // are not written after they are installed (the type's invariant), as with every
+        // memory-mapped model loader (safetensors, candle, llama.cpp).
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| invalid(format!("cannot map the file: {e}")))?;
+        if (map.len() as u64) < file_len {
+            return Err(invalid(format!("mapped {} of the file's {file_len} bytes", map.len())));
+        }
+        let tensors = tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        Ok(Arc::new(MappedFile { path: path.to_path_buf(), map, tensors }))
+    }
+
+    /// Whether every tensor of the file is stored as `dtype`.
+    pub fn all_of(&self, dtype: DType) -> bool {
+        self.tensors.values().all(|t| t.dtype == dtype)
+    }
+
+    fn info(&self, name: &str) -> candle_core::Result<&Info> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("cannot find tensor {name} in {}", self.path.display())))
+    }
+
+    /// The bytes of a tensor (the header check proved the range lies inside the file).
+    fn bytes(&self, info: &Info) -> &[u8] {
+        let start = info.offset as usize;
+        &self.map[start..start + info.count * info.dtype.size_in_bytes()]
+    }
+
+    /// A copy of the tensor `name` in `dtype` on `device`.
+    pub fn tensor(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let info = self.info(name)?;
+        let bytes = self.bytes(info);
+        let shape = info.shape.clone();
+        let tensor = match info.dtype {
+            DType::F16 if dtype == DType::F32 && device.is_cpu() => {
+                return Tensor::from_vec(widen(&decode(bytes, f16::from_le_bytes)), shape, device);
+            }
+            DType::F16 => Tensor::from_vec(decode(bytes, f16::from_le_bytes).into_owned(), shape, device)?,
+            DType::BF16 => Tensor::from_vec(decode(bytes, bf16::from_le_bytes).into_owned(), shape, device)?,
+            _ => Tensor::from_vec(decode(bytes, f32::from_le_bytes).into_owned(), shape, device)?,
+        };
+        tensor.to_dtype(dtype)
+    }
+}
+
+/// `bytes` read as little-endian values of `T`: in place when the CPU is little-endian and the bytes
+/// are aligned for `T` (always, for safetensors written by the usual tools), else decoded one by one.
+fn decode<T: bytemuck::Pod, const N: usize>(bytes: &[u8], from_le: fn([u8; N]) -> T) -> Cow<'_, [T]> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(values) if cfg!(target_endian = "little") => Cow::Borrowed(values),
+        _ => Cow::Owned(
+            bytes
+                .chunks_exact(N)
+                .map(|b| {
+                    let mut v = [0u8; N];
+                    v.copy_from_slice(b);
+                    from_le(v)
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// f16 values widened to f32, in parallel, with the CPU's conversion instructions where it has them.
+fn widen(src: &[f16]) -> Vec<f32> {
+    use half::slice::HalfFloatSliceExt;
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0.0f32; src.len()];
+    out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+    out
+}
+
+/// A layer's weight: a tensor, or a tensor read in place from a [`MappedFile`] each time it is used.
+#[derive(Clone, Debug)]
+pub enum Param {
+    Tensor(Tensor),
+    Mapped { file: Arc<MappedFile>, name: String },
+}
+
+impl Param {
+    /// The weight in `dtype`: free for a tensor already in it; a mapped weight (or one stored in f16 for
+    /// f32 compute) is copied, widened where needed, into a new tensor that lives as long as the caller
+    /// keeps it: one layer's weight at a time.
+    pub fn to_dtype(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        match self {
+            Param::Tensor(t) => crate::layers::cast(t, dtype),
+            Param::Mapped { file, name } => file.tensor(name, dtype, &Device::Cpu),
+        }
+    }
+
+    /// The weight's dimensions.
+    pub fn dims(&self) -> candle_core::Result<Vec<usize>> {
+        match self {
+            Param::Tensor(t) => Ok(t.dims().to_vec()),
+            Param::Mapped { file, name } => Ok(file.info(name)?.shape.clone()),
+        }
+    }
+}
+
+/// Where the layers read their weights: candle's `VarBuilder` (names, prefixes, shapes, the dtype the
+/// model keeps them in), and, on the CPU, the mapped file behind it, so that big weights stored in that
+/// dtype are used in place ([`Weights::param`]) instead of copied.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    vb: VarBuilder<'a>,
+    mapped: Option<Arc<MappedFile>>,
+}
+
+impl<'a> From<VarBuilder<'a>> for Weights<'a> {
+    fn from(vb: VarBuilder<'a>) -> Self {
+        Weights { vb, mapped: None }
+    }
+}
+
+impl Weights<'static> {
+    /// The tensors of a mapped file, kept in `dtype` on the CPU: [`Weights::get`] copies (and converts),
+    /// [`Weights::param`] reads in place the tensors stored in `dtype`.
+    pub fn mapped(file: Arc<MappedFile>, dtype: DType) -> Weights<'static> {
+        let backend: Box<dyn SimpleBackend> = Box::new(MappedBackend(file.clone()));
+        Weights { vb: VarBuilder::from_backend(backend, dtype, Device::Cpu), mapped: Some(file) }
+    }
+}
+
+impl<'a> Weights<'a> {
+    /// The weights under `prefix` (`a.b` for `pp("b")` under `a`).
+    pub fn pp(&self, prefix: impl ToString) -> Weights<'a> {
+        Weights { vb: self.vb.pp(prefix), mapped: self.mapped.clone() }
+    }
+
+    /// The tensor `name` of this shape, in the model's dtype (a copy): for small tensors (biases, norms).
+    pub fn get(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<Tensor> {
+        self.vb.get(shape, name)
+    }
+
+    /// The weight `name` of this shape: read in place from the mapped file when it is stored there in the
+    /// model's dtype, else loaded like [`Weights::get`].
+    pub fn param(&self, shape: impl Into<Shape>, name: &str) -> candle_core::Result<Param> {
+        let shape = shape.into();
+        let full = match self.vb.prefix() {
+            p if p.is_empty() => name.to_owned(),
+            p => format!("{p}.{name}"),
+        };
+        match &self.mapped {
+            Some(file) if file.tensors.get(&full).is_some_and(|t| t.dtype == self.vb.dtype()) => {
+                let found = &file.info(&full)?.shape;
+                if found.as_slice() != shape.dims() {
+                    candle_core::bail!("shape mismatch for {full}, got {found:?}, expected {shape:?}")
+                }
+                Ok(Param::Mapped { file: file.clone(), name: full })
+            }
+            _ => Ok(Param::Tensor(self.vb.get(shape, name)?)),
+        }
+    }
+
+    /// The weights at the file's root, whatever this prefix.
+    pub fn root(&self) -> Weights<'a> {
+        Weights { vb: self.vb.root(), mapped: self.mapped.clone() }
+    }
+
+    pub fn contains_tensor(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.vb.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    /// candle's `VarBuilder`, for candle's own modules.
+    pub fn vb(&self) -> &VarBuilder<'a> {
+        &self.vb
+    }
+}
+
+/// candle's `VarBuilder` over a [`MappedFile`]: every `get` is a checked copy.
+struct MappedBackend(Arc<MappedFile>);
+
+impl SimpleBackend for MappedBackend {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let found = &self.0.info(name)?.shape;
+        if found.as_slice() != s.dims() {
+            candle_core::bail!("shape mismatch for {name}, got {found:?}, expected {s:?}")
+        }
+        self.0.tensor(name, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.tensor(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.tensors.contains_key(name)
+    }
 }

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
-use engine::testing::{TinySpec, write_checkpoint};
+use engine::testing::{TinySpec, write_checkpoint, write_fp16_variants};
 use engine::vae_decoder::VaeDecoder;
 use engine::{Checkpoint, GenerateParams, Kernels, LoadOptions, NoHooks, Pipeline};
 
@@ -26,8 +26,8 @@ fn the_vae_decoder_matches_candles_autoencoder_on_both_kernel_paths() {
     let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let candle = AutoEncoderKL::new(vb.clone(), 3, 3, cfg.clone()).unwrap();
-    let reference = VaeDecoder::load(vb.clone(), &cfg, Kernels::Reference).unwrap();
-    let fast = VaeDecoder::load(vb, &cfg, Kernels::Fast).unwrap();
+    let reference = VaeDecoder::load(vb.clone().into(), &cfg, Kernels::Reference).unwrap();
+    let fast = VaeDecoder::load(vb.into(), &cfg, Kernels::Fast).unwrap();
 
     // Batch 2, a non-square latent big enough for the Winograd paths after upsampling.
     let latents = Tensor::randn(0f32, 1.0, (2, 4, 12, 10), &Device::Cpu).unwrap();
@@ -90,6 +90,30 @@ fn a_whole_pipeline_gives_the_same_image_on_the_fast_and_the_reference_kernels()
 }
 
 #[test]
+fn fp16_files_read_in_place_give_the_image_of_f32_files_narrowed_at_load() {
+    for spec in [TinySpec::default(), TinySpec { sdxl: true, ..TinySpec::default() }] {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &spec).unwrap();
+        let image = || Pipeline::load(dir.path(), &Device::Cpu).unwrap().generate(&params(5), &mut NoHooks).unwrap();
+        let narrowed = image();
+        // Both files, as the hub repositories have them: the text encoders and the UNet (kept in f16)
+        // come from the mapped fp16 files, the VAE (kept in f32) from the f32 one.
+        write_fp16_variants(dir.path(), false).unwrap();
+        assert_eq!(image(), narrowed, "sdxl {}: fp16 variants beside the f32 files", spec.sdxl);
+        // Only the fp16 files, as `imagegate models pull` installs them: the VAE is widened from f16.
+        write_fp16_variants(dir.path(), true).unwrap();
+        let only_half = image();
+        let diff = max_diff(&only_half[0], &narrowed[0]);
+        assert!(diff <= 2, "sdxl {}: fp16 VAE, max pixel difference {diff}", spec.sdxl);
+        // f32 weights asked for with only fp16 files: they are widened, and the image is the same
+        // computation as with the f16-stored weights.
+        let options = LoadOptions { f32_weights: true, ..LoadOptions::default() };
+        let wide = Pipeline::load_with(dir.path(), &Device::Cpu, options).unwrap();
+        assert_eq!(wide.generate(&params(5), &mut NoHooks).unwrap(), only_half, "sdxl {}", spec.sdxl);
+    }
+}
+
+#[test]
 fn the_unet_matches_the_one_built_from_candles_blocks() {
     use engine::candle_unet::Unet as CandleUnet;
     use engine::unet::{AddedCond, Unet};
@@ -101,8 +125,8 @@ fn the_unet_matches_the_one_built_from_candles_blocks() {
         let tensors = candle_core::safetensors::load(ckpt.weights("unet").unwrap(), &Device::Cpu).unwrap();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         let candle = CandleUnet::new(vb.clone(), &cfg, false).unwrap();
-        let reference = Unet::new(vb.clone(), &cfg, Kernels::Reference).unwrap();
-        let fast = Unet::new(vb, &cfg, Kernels::Fast).unwrap();
+        let reference = Unet::new(vb.clone().into(), &cfg, Kernels::Reference).unwrap();
+        let fast = Unet::new(vb.into(), &cfg, Kernels::Fast).unwrap();
 
         // Batch 2 at an odd latent size (the up path upsamples to the skips' sizes).
         let xs = Tensor::randn(0f32, 1.0, (2, 4, 11, 9), &Device::Cpu).unwrap();

@@ -52,3 +52,55 @@ fn truncated_and_malformed_files_are_errors_naming_the_file() {
     let msg = engine::weights::load(&path, &Device::Cpu).unwrap_err().to_string();
     assert!(msg.contains("header length"), "{msg}");
 }
+
+#[test]
+fn a_mapped_file_gives_its_f16_weights_in_place_and_copies_the_rest() {
+    use engine::weights::{MappedFile, Param, Weights};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let base = Tensor::randn(0f32, 1.0, (64, 33), &Device::Cpu).unwrap();
+    let mut tensors = HashMap::new();
+    tensors.insert("blk.proj.weight".to_owned(), base.to_dtype(DType::F16).unwrap());
+    tensors.insert("blk.proj.bias".to_owned(), base.get(0).unwrap().to_dtype(DType::F16).unwrap());
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let file = MappedFile::open(&path).unwrap();
+    assert!(file.all_of(DType::F16) && !file.all_of(DType::F32));
+    let want = base.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap();
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+    // Kept in f16: the weight is read in place, and widened when asked for in f32.
+    let w = Weights::mapped(file.clone(), DType::F16).pp("blk").pp("proj");
+    let param = w.param((64, 33), "weight").unwrap();
+    assert!(matches!(param, Param::Mapped { .. }));
+    assert_eq!(param.dims().unwrap(), [64, 33]);
+    let wide = param.to_dtype(DType::F32).unwrap();
+    assert_eq!((wide.dims(), wide.dtype()), ([64, 33].as_slice(), DType::F32));
+    assert_eq!(values(&wide), values(&want));
+    assert_eq!(param.to_dtype(DType::F16).unwrap().dtype(), DType::F16);
+    assert_eq!(values(&w.get(33, "bias").unwrap().to_dtype(DType::F32).unwrap()), values(&want.get(0).unwrap()));
+    assert!(w.root().contains_tensor("blk.proj.bias") && !w.contains_tensor("missing"));
+
+    // Kept in f32: the f16 weight is widened once, into a tensor of its own.
+    let w = Weights::mapped(file.clone(), DType::F32).pp("blk.proj");
+    let param = w.param((64, 33), "weight").unwrap();
+    assert!(matches!(&param, Param::Tensor(t) if t.dtype() == DType::F32));
+    assert_eq!(values(&param.to_dtype(DType::F32).unwrap()), values(&want));
+
+    // A shape that does not match, or a missing tensor, is an error naming the tensor.
+    let w = Weights::mapped(file, DType::F16);
+    let msg = w.param((33, 64), "blk.proj.weight").unwrap_err().to_string();
+    assert!(msg.contains("blk.proj.weight") && msg.contains("[64, 33]"), "{msg}");
+    let msg = w.get((64, 33), "blk.proj.weight2").unwrap_err().to_string();
+    assert!(msg.contains("blk.proj.weight2"), "{msg}");
+}
+
+#[test]
+fn a_file_that_cannot_be_mapped_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    std::fs::write(&path, [1u8, 2, 3]).unwrap();
+    let msg = engine::weights::MappedFile::open(&path).unwrap_err().to_string();
+    assert!(msg.contains("w.safetensors") && msg.contains("header"), "{msg}");
+    let msg = engine::weights::MappedFile::open(&dir.path().join("none.safetensors")).unwrap_err().to_string();
+    assert!(msg.contains("none.safetensors"), "{msg}");
+}
