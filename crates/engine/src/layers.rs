@@ -233,10 +233,16 @@ impl Upsample {
     }
 }
 
-/// Softmax attention `softmax(q k^T * scale) v` over `[batch * heads, tokens, head_dim]` tensors, in
-/// chunks of queries so that the score matrix never exceeds [`SCORE_FLOATS`] per chunk (at 64x64
-/// latents the whole matrix of one head is 64 MiB, of a 10-head layer 640 MiB).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// Softmax attention `softmax(q k^T * scale) v` over `[batch * heads, tokens, head_dim]` tensors. With
+/// [`Kernels::Fast`] on f32 CPU tensors, [`kernels::attention`]: fused, one small block of scores per
+/// thread. Otherwise candle's ops, in chunks of queries so that the score matrix never exceeds
+/// [`SCORE_FLOATS`] per chunk (at 64x64 latents the whole matrix of one head is 64 MiB, of a 10-head
+/// layer 640 MiB).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, kernels: Kernels) -> Result<Tensor> {
+    let f32_cpu = [q, k, v].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if kernels == Kernels::Fast && f32_cpu {
+        return kernels::attention(q, k, v, scale);
+    }
     let (bh, tq, _) = q.dims3()?;
     let tk = k.dim(1)?;
     let chunk = (SCORE_FLOATS / (bh * tk).max(1)).clamp(1, tq.max(1));
@@ -267,6 +273,7 @@ pub struct VaeAttention {
     v: Linear,
     out: Linear,
     heads: usize,
+    kernels: Kernels,
 }
 
 impl VaeAttention {
@@ -291,6 +298,7 @@ impl VaeAttention {
             v: linear(names[2])?,
             out: linear(names[3])?,
             heads: 1,
+            kernels,
         })
     }
 
@@ -306,7 +314,7 @@ impl VaeAttention {
         let v = split(self.v.forward(&tokens)?)?;
         let dtype = q.dtype();
         let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-        let att = attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?.to_dtype(dtype)?;
+        let att = attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), self.kernels)?.to_dtype(dtype)?;
         let att = att.reshape((b, self.heads, h * w, d))?.transpose(1, 2)?.reshape((b, h * w, c))?;
         let out = self.out.forward(&att)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs

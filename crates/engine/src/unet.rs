@@ -21,16 +21,18 @@ struct Attention {
     v: Linear,
     out: Linear,
     heads: usize,
+    kernels: Kernels,
 }
 
 impl Attention {
-    fn load(vb: Weights, dim: usize, context_dim: usize, heads: usize) -> Result<Attention> {
+    fn load(vb: Weights, dim: usize, context_dim: usize, heads: usize, kernels: Kernels) -> Result<Attention> {
         Ok(Attention {
             q: Linear::load(vb.pp("to_q"), dim, dim, false)?,
             k: Linear::load(vb.pp("to_k"), context_dim, dim, false)?,
             v: Linear::load(vb.pp("to_v"), context_dim, dim, false)?,
             out: Linear::load(vb.pp("to_out.0"), dim, dim, true)?,
             heads,
+            kernels,
         })
     }
 
@@ -46,7 +48,7 @@ impl Attention {
         let q = f32(self.q.forward(xs)?)?;
         let k = f32(self.k.forward(context)?)?;
         let v = f32(self.v.forward(context)?)?;
-        let att = attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?.to_dtype(dtype)?;
+        let att = attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), self.kernels)?.to_dtype(dtype)?;
         let att = att.reshape((b, self.heads, n, d))?.transpose(1, 2)?.reshape((b, n, c))?;
         self.out.forward(&att)
     }
@@ -65,13 +67,13 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn load(vb: Weights, dim: usize, context_dim: usize, heads: usize) -> Result<TransformerBlock> {
+    fn load(vb: Weights, dim: usize, context_dim: usize, heads: usize, kernels: Kernels) -> Result<TransformerBlock> {
         let inner = 4 * dim;
         Ok(TransformerBlock {
             norm1: LayerNorm::load(vb.pp("norm1"), dim, 1e-5)?,
-            attn1: Attention::load(vb.pp("attn1"), dim, dim, heads)?,
+            attn1: Attention::load(vb.pp("attn1"), dim, dim, heads, kernels)?,
             norm2: LayerNorm::load(vb.pp("norm2"), dim, 1e-5)?,
-            attn2: Attention::load(vb.pp("attn2"), dim, context_dim, heads)?,
+            attn2: Attention::load(vb.pp("attn2"), dim, context_dim, heads, kernels)?,
             norm3: LayerNorm::load(vb.pp("norm3"), dim, 1e-5)?,
             ff_in: Linear::load(vb.pp("ff.net.0.proj"), dim, 2 * inner, true)?,
             ff_out: Linear::load(vb.pp("ff.net.2"), inner, dim, true)?,
@@ -115,7 +117,9 @@ impl SpatialTransformer {
             })
         };
         let blocks = (0..depth)
-            .map(|i| TransformerBlock::load(vb.pp("transformer_blocks").pp(i), channels, c.context_dim, heads))
+            .map(|i| {
+                TransformerBlock::load(vb.pp("transformer_blocks").pp(i), channels, c.context_dim, heads, c.kernels)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(SpatialTransformer {
             norm: GroupNorm::load(vb.pp("norm"), c.groups, channels, 1e-6, c.kernels)?,

@@ -1,5 +1,6 @@
-//! imagegate's CPU compute kernels: a fast f32 2-D convolution for the diffusion models' UNet and VAE,
-//! called in place of candle's `Tensor::conv2d`.
+//! imagegate's CPU compute kernels for the diffusion models' UNet and VAE, called in place of candle's
+//! ops: a fast f32 2-D convolution ([`conv2d`], most of this page), a one-pass group norm fused with
+//! SiLU ([`group_norm`]) and fused softmax attention ([`attention`], module `attention`).
 //!
 //! candle 0.11 convolves on the CPU by building the whole image's im2col matrix (1.2 GB for 128
 //! channels at 512x512) and then running one gemm. [`conv2d`] instead cuts the output into bands of
@@ -27,6 +28,7 @@
 //!   transformed weight (at most 48 MiB at a time). These live in per-thread buffers that are kept for
 //!   the next call (module `scratch`): fresh pages cost about 0.5 ms per MB on the development VM.
 
+mod attention;
 mod direct;
 mod gemm;
 mod geometry;
@@ -166,9 +168,55 @@ pub fn group_norm(
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
-/// Frees the scratch buffers [`conv2d`] keeps between calls, on the calling thread and on every thread
-/// of the current rayon pool; the next call allocates them again. Each pool thread keeps up to 16 MiB
-/// (its band), the calling thread up to 48 MiB of transformed weight plus, after small images, one
+/// Scaled dot-product attention, `softmax(q k^T * scale) v` with the softmax over the keys, for f32 CPU
+/// tensors q `[bh, tq, d]`, k `[bh, tk, d]` and v `[bh, tk, dv]` (made contiguous if they are not),
+/// giving `[bh, tq, dv]`: what candle's matmul, scaling, `softmax_last_dim` and matmul compute, fused
+/// (module `attention`): blocks of queries against blocks of keys with an online softmax, so that no more
+/// than one small block of scores per thread is ever held, instead of the `[tq x tk]` matrix. With no
+/// keys the result is zero. Tensors that are not f32 on the CPU are an error: the caller keeps candle's
+/// path for those.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims3 = |name: &str, t: &Tensor| match *t.dims() {
+        [a, b, c] => Ok((a, b, c)),
+        ref dims => bail!("attention: {name} must have rank 3, got shape {dims:?}"),
+    };
+    let (bh, tq, d) = dims3("q [bh, tq, d]", q)?;
+    let (k_bh, tk, k_d) = dims3("k [bh, tk, d]", k)?;
+    let (v_bh, v_tk, dv) = dims3("v [bh, tk, dv]", v)?;
+    if k_bh != bh || v_bh != bh {
+        bail!("attention: batch x heads differ: q has {bh}, k {k_bh}, v {v_bh}")
+    }
+    if k_d != d {
+        bail!("attention: head dim differs: q has d = {d}, k has d = {k_d}")
+    }
+    if v_tk != tk {
+        bail!("attention: key count differs: k has tk = {tk}, v has {v_tk}")
+    }
+    if !scale.is_finite() {
+        bail!("attention: scale {scale} is not finite")
+    }
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        if !t.device().is_cpu() || t.dtype() != DType::F32 {
+            bail!("attention: needs f32 CPU tensors, got {name} {:?} on {:?}", t.dtype(), t.device())
+        }
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (q_storage, q_layout) = q.storage_and_layout();
+    let (k_storage, k_layout) = k.storage_and_layout();
+    let (v_storage, v_layout) = v.storage_and_layout();
+    let q_values = cpu_f32(&q_storage, q_layout, bh * tq * d)?;
+    let k_values = cpu_f32(&k_storage, k_layout, bh * tk * d)?;
+    let v_values = cpu_f32(&v_storage, v_layout, bh * tk * dv)?;
+    let mut out = vec![0.0f32; bh * tq * dv];
+    let dims = attention::Dims { bh, tq, tk, d, dv };
+    attention::attention(q_values, k_values, v_values, &mut out, dims, scale as f32)?;
+    drop((q_storage, k_storage, v_storage));
+    Tensor::from_vec(out, (bh, tq, dv), &Device::Cpu)
+}
+
+/// Frees the scratch buffers [`conv2d`] and [`attention`] keep between calls, on the calling thread and
+/// on every thread of the current rayon pool; the next call allocates them again. Each pool thread keeps
+/// up to 16 MiB (its band; attention uses 257 KiB of it), the calling thread up to 48 MiB of transformed weight plus, after small images, one
 /// band sized for all the threads (16 MiB each).
 pub fn free_buffers() {
     scratch::free_this_thread();

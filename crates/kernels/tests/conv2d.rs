@@ -6,6 +6,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
+mod common;
+use common::relative_error;
+
 use candle_core::{DType, Device, Tensor};
 use kernels::{Algorithm, candle_conv2d, conv2d, conv2d_with};
 
@@ -64,16 +67,6 @@ fn tensors(case: Case, seed: u64) -> (Tensor, Tensor, Tensor) {
     let weight = Tensor::from_vec(random(cout * cin * k * k, scale, seed + 1000), (cout, cin, k, k), &dev).unwrap();
     let bias = Tensor::from_vec(random(cout, 1.0, seed + 2000), cout, &dev).unwrap();
     (x, weight, bias)
-}
-
-fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    diff / scale
 }
 
 /// Runs `algorithm` on every case it applies to, with and without bias, and returns the worst error.
