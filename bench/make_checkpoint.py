@@ -2,6 +2,7 @@
 """Write a random-weight checkpoint with the exact layout and architecture of stabilityai/sd-turbo.
 
     .venv-bench/bin/python bench/make_checkpoint.py OUT_DIR [--fp16] [--seed 0] [--no-verify]
+    .venv-bench/bin/python bench/make_checkpoint.py --add-fp16 DIR
 
 The Hugging Face hub is not reachable from the benchmark machines, so the real weights cannot be
 downloaded. For a speed comparison they are not needed: what matters is that both engines load the
@@ -20,7 +21,8 @@ same files and run the same architecture at the same sizes. This script therefor
 with the configs of the real sd-turbo repository (written out below from the published files), the
 real CLIP BPE tokenizer (built from the vocabulary open_clip ships), and weights from the libraries'
 own random initialization, seeded. With --fp16 the `*.fp16.safetensors` variant files the real repo
-also has are written next to the fp32 ones.
+also has are written next to the fp32 ones; --add-fp16 writes them into an existing checkpoint, from
+its fp32 files (each tensor rounded to float16, as --fp16 does).
 
 Weights are saved with save_pretrained(safe_serialization=True), so file names and tensor names are
 exactly the ones diffusers/transformers use. save_pretrained also rewrites config.json with every
@@ -508,16 +510,37 @@ def fail(msg: str) -> None:
     sys.exit(1)
 
 
+def add_fp16(out: Path) -> None:
+    """Write the *.fp16.safetensors variants of an existing checkpoint's fp32 weight files."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for sub in ("text_encoder", "unet", "vae"):
+        for stem in ("model", "diffusion_pytorch_model"):
+            full = out / sub / f"{stem}.safetensors"
+            if not full.is_file():
+                continue
+            half = {k: v.to(torch.float16).contiguous() for k, v in load_file(full).items()}
+            target = out / sub / f"{stem}.fp16.safetensors"
+            save_file(half, target, metadata={"format": "pt"})
+            target.chmod(0o644)
+            log(f"wrote {target}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--fp16", action="store_true", help="also write the *.fp16.safetensors variant files")
+    ap.add_argument("--add-fp16", action="store_true", help="write the fp16 variants into an existing checkpoint")
     ap.add_argument("--seed", type=int, default=0, help="torch.manual_seed before building each model")
     ap.add_argument("--init-scale", type=float, default=1.0, help="multiply conv/linear weights by this")
     ap.add_argument("--no-verify", action="store_true", help="skip loading the result back")
     args = ap.parse_args()
 
     out: Path = args.out_dir
+    if args.add_fp16:
+        add_fp16(out)
+        return
     if out.exists() and any(out.iterdir()):
         # Refuse rather than mix old and new files (e.g. stale *.fp16.safetensors).
         fail(f"{out} is not empty; delete it or pick another directory")
