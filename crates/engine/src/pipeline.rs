@@ -86,8 +86,12 @@ pub struct Pipeline {
     tokenizer: ClipTokenizer,
     text_encoder: TextEncoder,
     /// SDXL's second tokenizer and encoder.
-    second: Option<(ClipTokenizer, TextEncoder)>,
+    second: Option<(ClipTokenizer, TextEncoder, Option<Arc<MappedFile>>)>,
     unet: Unet,
+    /// The mapped weight files of the text encoders and of the UNet (on the CPU), whose pages are
+    /// released once the model has run in a generation.
+    text_file: Option<Arc<MappedFile>>,
+    unet_file: Option<Arc<MappedFile>>,
     vae: VaeDecoder,
     /// f32 when the VAE overflows in f16 (`force_upcast`), else the model dtype.
     vae_dtype: DType,
@@ -151,26 +155,29 @@ impl Pipeline {
         // (computed in f32 all the same), the model dtype elsewhere.
         let store = if device.is_cpu() && !options.f32_weights { DType::F16 } else { dtype };
         let text_path = checkpoint.weights_for("text_encoder", store)?;
-        let text_encoder =
+        let (text_encoder, text_file) =
             with_weights(&text_path, store, device, |vb| TextEncoder::new(vb, &checkpoint.text_encoder))?;
         let second = match &checkpoint.text_encoder_2 {
             Some(config) => {
                 let tokenizer = ClipTokenizer::load(&dir.join("tokenizer_2"), config.max_position_embeddings)?;
                 let path = checkpoint.weights_for("text_encoder_2", store)?;
-                Some((tokenizer, with_weights(&path, store, device, |vb| TextEncoder::new(vb, config))?))
+                let (encoder, file) = with_weights(&path, store, device, |vb| TextEncoder::new(vb, config))?;
+                Some((tokenizer, encoder, file))
             }
             None => None,
         };
         let unet_path = checkpoint.weights_for("unet", store)?;
         let unet_cfg = checkpoint.unet_config()?;
-        let unet = with_weights(&unet_path, store, device, |vb| Unet::new(vb, &unet_cfg, options.kernels))?;
+        let (unet, unet_file) =
+            with_weights(&unet_path, store, device, |vb| Unet::new(vb, &unet_cfg, options.kernels))?;
         if unet.needs_added_cond() && second.is_none() {
             return Err(EngineError::MissingFile(dir.join("text_encoder_2/config.json")));
         }
         let vae_cfg = checkpoint.vae_config()?;
         let vae_dtype = if checkpoint.vae.force_upcast { DType::F32 } else { dtype };
         let vae_path = checkpoint.weights_for("vae", vae_dtype)?;
-        let vae = with_weights(&vae_path, vae_dtype, device, |vb| VaeDecoder::load(vb, &vae_cfg, options.kernels))?;
+        let (vae, _) =
+            with_weights(&vae_path, vae_dtype, device, |vb| VaeDecoder::load(vb, &vae_cfg, options.kernels))?;
         let tiny = options.tiny_decoder.as_deref();
         let tiny = tiny.map(|d| TinyDecoder::load_for(d, &checkpoint, dtype, device, options.kernels)).transpose()?;
         tracing::info!(dir = %dir.display(), ?dtype, secs = started.elapsed().as_secs_f64(), "checkpoint loaded");
@@ -181,6 +188,8 @@ impl Pipeline {
             tokenizer,
             text_encoder,
             second,
+            text_file,
+            unet_file,
             unet,
             vae,
             vae_dtype,
@@ -249,6 +258,7 @@ impl Pipeline {
         } else {
             Some(self.embed(&p.negative_prompt)?)
         };
+        release(self.text_file.iter().chain(self.second.iter().flat_map(|s| &s.2)));
         let inputs = match &p.edit {
             Some(edit) => Some(self.prepare_edit(edit, p.width, p.height)?),
             // An inpainting UNet asked for a plain image repaints a blank canvas everywhere.
@@ -271,6 +281,7 @@ impl Pipeline {
             let mut partial = if first == 0 { p.partial_images } else { 0 };
             let t0 = std::time::Instant::now();
             let latents = self.denoise(p, &seeds, &cond, uncond.as_ref(), inputs.as_ref(), hooks, &mut partial)?;
+            release(&self.unet_file);
             let t1 = std::time::Instant::now();
             images.extend(self.decode(&latents, p.decoder)?);
             tracing::info!(
@@ -301,7 +312,7 @@ impl Pipeline {
         match &self.second {
             None => Ok(TextCond { context: self.text_encoder.forward(&ids)?, pooled: None }),
             // SDXL: both encoders' penultimate states side by side, the second's pooled output.
-            Some((tokenizer_2, encoder_2)) => {
+            Some((tokenizer_2, encoder_2, _)) => {
                 let first = self.text_encoder.forward_sdxl(&ids, eos)?;
                 let (ids_2, eos_2) = tokens(tokenizer_2)?;
                 let second = encoder_2.forward_sdxl(&ids_2, eos_2)?;
@@ -386,7 +397,7 @@ impl Pipeline {
         let path = self.checkpoint.weights_for("vae", self.vae_dtype)?;
         let cfg = self.checkpoint.vae_config()?;
         let enc =
-            Arc::new(with_weights(&path, self.vae_dtype, &self.device, |vb| VaeEncoder::new(vb.vb().clone(), &cfg))?);
+            Arc::new(with_weights(&path, self.vae_dtype, &self.device, |vb| VaeEncoder::new(vb.vb().clone(), &cfg))?.0);
         *slot = Some(enc.clone());
         Ok(enc)
     }
@@ -594,23 +605,31 @@ fn with_weights<T>(
     dtype: DType,
     device: &Device,
     build: impl FnOnce(Weights) -> candle_core::Result<T>,
-) -> Result<T, EngineError> {
+) -> Result<(T, Option<Arc<MappedFile>>), EngineError> {
     let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
-    let weights = match device.is_cpu() {
-        true => {
-            Some(MappedFile::open(path)?).filter(|file| file.all_of(dtype)).map(|file| Weights::mapped(file, dtype))
-        }
+    let mapped = match device.is_cpu() {
+        true => Some(MappedFile::open(path)?).filter(|file| file.all_of(dtype)),
         false => None,
     };
-    let weights = match weights {
-        Some(weights) => weights,
+    let weights = match &mapped {
+        Some(file) => Weights::mapped(file.clone(), dtype),
         None => {
             let store = if dtype == DType::F16 { Some(DType::F16) } else { None };
             let tensors = crate::weights::load_as(path, device, store)?;
             Weights::from(VarBuilder::from_tensors(tensors, dtype, device))
         }
     };
-    build(weights).map_err(|e| invalid(e.to_string()))
+    Ok((build(weights).map_err(|e| invalid(e.to_string()))?, mapped))
+}
+
+/// Drops the pages of mapped weight files from the process ([`MappedFile::release`]) once their model
+/// has run; a failure only costs memory, so it is logged, not returned.
+fn release<'a>(files: impl IntoIterator<Item = &'a Arc<MappedFile>>) {
+    for file in files {
+        if let Err(e) = file.release() {
+            tracing::warn!(error = %e, "could not release a weight file's pages");
+        }
+    }
 }
 
 #[cfg(test)]
