@@ -598,8 +598,9 @@ fn composite(out: &mut RgbImage, input: &RgbImage, mask: &GrayImage) {
 }
 
 /// Builds a module from one safetensors file, naming the file in any error (a missing tensor or a shape
-/// that does not match the config). On the CPU a file stored all in `dtype` (the fp16 files, kept in
-/// f16) is mapped and its weights used in place; any other is read into buffers of `dtype`.
+/// that does not match the config). On the CPU a file stored all in f16 for a component kept in f16
+/// (the fp16 files of the text encoders and the UNet) is mapped and its weights used in place; any
+/// other is read into buffers of `dtype`.
 fn with_weights<T>(
     path: &Path,
     dtype: DType,
@@ -607,9 +608,12 @@ fn with_weights<T>(
     build: impl FnOnce(Weights) -> candle_core::Result<T>,
 ) -> Result<(T, Option<Arc<MappedFile>>), EngineError> {
     let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
-    let mapped = match device.is_cpu() {
-        true => Some(MappedFile::open(path)?).filter(|file| file.all_of(dtype)),
-        false => None,
+    // Only f16: such weights are widened on every use anyway, so reading them from the map costs
+    // nothing more, where a mapped f32 weight would be copied on every use instead of never.
+    let mapped = if device.is_cpu() && dtype == DType::F16 {
+        Some(MappedFile::open(path)?).filter(|file| file.all_of(dtype))
+    } else {
+        None
     };
     let weights = match &mapped {
         Some(file) => Weights::mapped(file.clone(), dtype),

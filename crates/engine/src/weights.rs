@@ -246,7 +246,7 @@ impl MappedFile {
         let shape = info.shape.clone();
         let tensor = match info.dtype {
             DType::F16 if dtype == DType::F32 && device.is_cpu() => {
-                return Tensor::from_vec(widen(&decode(bytes, f16::from_le_bytes)), shape, device);
+                return Tensor::from_vec(kernels::widen(&decode(bytes, f16::from_le_bytes)), shape, device);
             }
             DType::F16 => Tensor::from_vec(decode(bytes, f16::from_le_bytes).into_owned(), shape, device)?,
             DType::BF16 => Tensor::from_vec(decode(bytes, bf16::from_le_bytes).into_owned(), shape, device)?,
@@ -272,15 +272,6 @@ fn decode<T: bytemuck::Pod, const N: usize>(bytes: &[u8], from_le: fn([u8; N]) -
                 .collect(),
         ),
     }
-}
-
-/// f16 values widened to f32, in parallel, with the CPU's conversion instructions where it has them.
-fn widen(src: &[f16]) -> Vec<f32> {
-    use half::slice::HalfFloatSliceExt;
-    const CHUNK: usize = 1 << 16;
-    let mut out = vec![0.0f32; src.len()];
-    out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(dst, src)| src.convert_to_f32_slice(dst));
-    out
 }
 
 /// A layer's weight: a tensor, or a tensor read in place from a [`MappedFile`] each time it is used.

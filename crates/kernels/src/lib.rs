@@ -271,14 +271,10 @@ fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, len: usize) -> Result<&'a 
     }
 }
 
-/// `t` as f32 (a no-op for f32 tensors): f16 and bf16 CPU tensors are widened with the CPU's
-/// conversion instructions where it has them (the `half` crate's slice conversions), in parallel; other
+/// `t` as f32 (a no-op for f32 tensors): f16 and bf16 CPU tensors are widened with [`widen`]; other
 /// devices and dtypes go through candle's `to_dtype`. This is how weights stored in f16 (half the
 /// memory) meet f32 activations: one layer's weight is widened at a time, just before it is used.
 pub fn to_f32(t: &Tensor) -> Result<Tensor> {
-    use half::slice::HalfFloatSliceExt;
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 16;
     if t.dtype() == DType::F32 {
         return Ok(t.clone());
     }
@@ -288,18 +284,25 @@ pub fn to_f32(t: &Tensor) -> Result<Tensor> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Some((start, end)) = layout.contiguous_offsets() else { bail!("to_f32: expected a contiguous tensor") };
-    let mut out = vec![0.0f32; end - start];
-    match &*storage {
-        Storage::Cpu(CpuStorage::F16(data)) => out
-            .par_chunks_mut(CHUNK)
-            .zip(data[start..end].par_chunks(CHUNK))
-            .for_each(|(dst, src)| src.convert_to_f32_slice(dst)),
-        Storage::Cpu(CpuStorage::BF16(data)) => out
-            .par_chunks_mut(CHUNK)
-            .zip(data[start..end].par_chunks(CHUNK))
-            .for_each(|(dst, src)| src.convert_to_f32_slice(dst)),
+    let out = match &*storage {
+        Storage::Cpu(CpuStorage::F16(data)) => widen(&data[start..end]),
+        Storage::Cpu(CpuStorage::BF16(data)) => widen(&data[start..end]),
         _ => bail!("to_f32: expected f16 or bf16 CPU storage"),
-    }
+    };
     drop(storage);
     Tensor::from_vec(out, t.dims(), &Device::Cpu)
+}
+
+/// f16 or bf16 values widened to f32, in parallel, with the CPU's conversion instructions where it has
+/// them (the `half` crate's slice conversions).
+pub fn widen<H: Sync>(src: &[H]) -> Vec<f32>
+where
+    [H]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0.0f32; src.len()];
+    out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+    out
 }
