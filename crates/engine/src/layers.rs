@@ -177,6 +177,17 @@ pub fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     }
 }
 
+/// GEGLU, diffusers' gated GELU: `x[..., :n] * gelu(x[..., n:])` for `x` `[..., 2n]`. With
+/// [`Kernels::Fast`] on f32 CPU tensors, [`kernels::geglu`] (one pass, vectorized erf); otherwise
+/// candle's ops.
+pub fn geglu(xs: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    if kernels == Kernels::Fast && xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        return kernels::geglu(xs);
+    }
+    let halves = xs.chunk(2, D::Minus1)?;
+    &halves[0] * halves[1].gelu_erf()?
+}
+
 /// A linear layer `x W^T + b` over the last dimension, in the input's dtype.
 pub struct Linear {
     weight: Param,

@@ -92,13 +92,16 @@ pub struct Pipeline {
     /// released once the model has run in a generation.
     text_file: Option<Arc<MappedFile>>,
     unet_file: Option<Arc<MappedFile>>,
-    vae: VaeDecoder,
+    /// The KL VAE decoder, read on the first full decode: a generation with the tiny decoder never
+    /// needs it (its file's header is checked at load all the same).
+    vae: OnFirstUse<VaeDecoder>,
     /// f32 when the VAE overflows in f16 (`force_upcast`), else the model dtype.
     vae_dtype: DType,
     /// The tiny decoder (TAESD), when loaded: partial images, and final ones on request.
     tiny: Option<TinyDecoder>,
     /// Built on the first edit (text-to-image never needs it).
-    vae_encoder: Mutex<Option<Arc<VaeEncoder>>>,
+    vae_encoder: OnFirstUse<VaeEncoder>,
+    kernels: Kernels,
     /// Images per forward pass.
     pub max_batch: usize,
 }
@@ -173,11 +176,10 @@ impl Pipeline {
         if unet.needs_added_cond() && second.is_none() {
             return Err(EngineError::MissingFile(dir.join("text_encoder_2/config.json")));
         }
-        let vae_cfg = checkpoint.vae_config()?;
+        // The VAE is read when first needed; a missing or malformed file is refused now.
+        checkpoint.vae_config()?;
         let vae_dtype = if checkpoint.vae.force_upcast { DType::F32 } else { dtype };
-        let vae_path = checkpoint.weights_for("vae", vae_dtype)?;
-        let (vae, _) =
-            with_weights(&vae_path, vae_dtype, device, |vb| VaeDecoder::load(vb, &vae_cfg, options.kernels))?;
+        crate::weights::check_file(&checkpoint.weights_for("vae", vae_dtype)?)?;
         let tiny = options.tiny_decoder.as_deref();
         let tiny = tiny.map(|d| TinyDecoder::load_for(d, &checkpoint, dtype, device, options.kernels)).transpose()?;
         tracing::info!(dir = %dir.display(), ?dtype, secs = started.elapsed().as_secs_f64(), "checkpoint loaded");
@@ -191,10 +193,11 @@ impl Pipeline {
             text_file,
             unet_file,
             unet,
-            vae,
+            vae: OnFirstUse::default(),
             vae_dtype,
             tiny,
-            vae_encoder: Mutex::new(None),
+            vae_encoder: OnFirstUse::default(),
+            kernels: options.kernels,
             max_batch: 4,
         })
     }
@@ -389,17 +392,23 @@ impl Pipeline {
     }
 
     fn vae_encoder(&self) -> Result<Arc<VaeEncoder>, EngineError> {
-        let mut slot =
-            self.vae_encoder.lock().map_err(|_| EngineError::InvalidInput("VAE encoder lock poisoned".into()))?;
-        if let Some(enc) = slot.as_ref() {
-            return Ok(enc.clone());
-        }
-        let path = self.checkpoint.weights_for("vae", self.vae_dtype)?;
-        let cfg = self.checkpoint.vae_config()?;
-        let enc =
-            Arc::new(with_weights(&path, self.vae_dtype, &self.device, |vb| VaeEncoder::new(vb.vb().clone(), &cfg))?.0);
-        *slot = Some(enc.clone());
-        Ok(enc)
+        self.vae_encoder.get_or_load(|| {
+            let path = self.checkpoint.weights_for("vae", self.vae_dtype)?;
+            let cfg = self.checkpoint.vae_config()?;
+            Ok(with_weights(&path, self.vae_dtype, &self.device, |vb| VaeEncoder::new(vb.vb().clone(), &cfg))?.0)
+        })
+    }
+
+    fn vae_decoder(&self) -> Result<Arc<VaeDecoder>, EngineError> {
+        self.vae.get_or_load(|| {
+            let path = self.checkpoint.weights_for("vae", self.vae_dtype)?;
+            let cfg = self.checkpoint.vae_config()?;
+            let started = std::time::Instant::now();
+            let vae =
+                with_weights(&path, self.vae_dtype, &self.device, |vb| VaeDecoder::load(vb, &cfg, self.kernels))?.0;
+            tracing::info!(secs = started.elapsed().as_secs_f64(), "VAE decoder loaded");
+            Ok(vae)
+        })
     }
 
     fn latent_size(&self, width: u32, height: u32) -> (usize, usize) {
@@ -514,7 +523,7 @@ impl Pipeline {
             (Decoder::Tiny, None) => return Err(EngineError::InvalidInput("no tiny decoder is loaded".into())),
             (Decoder::Full, _) => {
                 let scaled = (latents / self.checkpoint.vae_scale())?.to_dtype(self.vae_dtype)?;
-                self.vae.decode(&scaled)?
+                self.vae_decoder()?.decode(&scaled)?
             }
         };
         let pixels =
@@ -537,6 +546,29 @@ impl Pipeline {
             .permute((2, 0, 1))?
             .to_dtype(DType::F32)?;
         Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?.to_dtype(self.vae_dtype)?)
+    }
+}
+
+/// A part of the model read the first time it is needed, then kept.
+struct OnFirstUse<T>(Mutex<Option<Arc<T>>>);
+
+impl<T> Default for OnFirstUse<T> {
+    fn default() -> Self {
+        OnFirstUse(Mutex::new(None))
+    }
+}
+
+impl<T> OnFirstUse<T> {
+    /// The part, loaded by `load` on the first call (a failed load is tried again on the next one).
+    fn get_or_load(&self, load: impl FnOnce() -> Result<T, EngineError>) -> Result<Arc<T>, EngineError> {
+        let mut slot =
+            self.0.lock().map_err(|_| EngineError::InvalidInput("a model part's lock is poisoned".into()))?;
+        if let Some(part) = slot.as_ref() {
+            return Ok(Arc::clone(part));
+        }
+        let part = Arc::new(load()?);
+        *slot = Some(Arc::clone(&part));
+        Ok(part)
     }
 }
 

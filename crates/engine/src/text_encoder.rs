@@ -7,11 +7,10 @@
 //! SDXL conditions on two encoders: the penultimate layer's hidden states of both, side by side, and the
 //! second one's pooled output (its end token after the final norm) through `text_projection`.
 
-use crate::weights::Weights;
-use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::Embedding;
+use crate::weights::{Param, Weights};
+use candle_core::{D, DType, Device, Result, Tensor};
 
-use crate::layers::{LayerNorm, Linear, cast};
+use crate::layers::{LayerNorm, Linear};
 
 use crate::checkpoint::TextEncoderFile;
 
@@ -42,8 +41,9 @@ struct Layer {
 }
 
 pub struct TextEncoder {
-    token_embedding: Embedding,
-    position_embedding: Embedding,
+    /// `[vocab, hidden]`: only the prompt's rows are read (a mapped table is 100 MB for SD 2.x).
+    token_embedding: Param,
+    position_embedding: Param,
     layers: Vec<Layer>,
     final_norm: LayerNorm,
     heads: usize,
@@ -67,8 +67,8 @@ impl TextEncoder {
         let vb = vb.pp("text_model");
         let d = c.hidden_size;
         let emb = vb.pp("embeddings");
-        let token_embedding = candle_nn::embedding(c.vocab_size, d, emb.vb().pp("token_embedding"))?;
-        let position_embedding = candle_nn::embedding(c.max_position_embeddings, d, emb.vb().pp("position_embedding"))?;
+        let token_embedding = emb.pp("token_embedding").param((c.vocab_size, d), "weight")?;
+        let position_embedding = emb.pp("position_embedding").param((c.max_position_embeddings, d), "weight")?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let l = vb.pp("encoder.layers").pp(i.to_string());
@@ -126,8 +126,8 @@ impl TextEncoder {
     fn run(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (batch, seq) = ids.dims2()?;
         let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
-        let tokens = cast(&self.token_embedding.forward(ids)?, self.compute)?;
-        let mut xs = tokens.broadcast_add(&cast(&self.position_embedding.forward(&positions)?, self.compute)?)?;
+        let tokens = self.token_embedding.rows(&ids.flatten_all()?, self.compute)?.reshape((batch, seq, ()))?;
+        let mut xs = tokens.broadcast_add(&self.position_embedding.rows(&positions, self.compute)?)?;
         let mask = causal_mask(seq, ids.device(), xs.dtype())?;
         let mut previous = xs.clone();
         for layer in &self.layers {

@@ -11,7 +11,7 @@ use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 
 use crate::checkpoint::{TIME_IDS, TextTimeConfig, UnetConfig};
 use crate::layers::{
-    Activation, Conv, GroupNorm, Kernels, LayerNorm, Linear, Resnet, ResnetConfig, Upsample, attention,
+    Activation, Conv, GroupNorm, Kernels, LayerNorm, Linear, Resnet, ResnetConfig, Upsample, attention, geglu,
 };
 
 /// Multi-head attention: self-attention (`attn1`) or cross-attention on the text context (`attn2`).
@@ -64,6 +64,7 @@ struct TransformerBlock {
     norm3: LayerNorm,
     ff_in: Linear,
     ff_out: Linear,
+    kernels: Kernels,
 }
 
 impl TransformerBlock {
@@ -77,6 +78,7 @@ impl TransformerBlock {
             norm3: LayerNorm::load(vb.pp("norm3"), dim, 1e-5)?,
             ff_in: Linear::load(vb.pp("ff.net.0.proj"), dim, 2 * inner, true)?,
             ff_out: Linear::load(vb.pp("ff.net.2"), inner, dim, true)?,
+            kernels,
         })
     }
 
@@ -85,8 +87,7 @@ impl TransformerBlock {
         let xs = (self.attn1.forward(&h, &h)? + xs)?;
         let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + &xs)?;
         let gated = self.ff_in.forward(&self.norm3.forward(&xs)?)?;
-        let halves = gated.chunk(2, D::Minus1)?;
-        let ff = self.ff_out.forward(&(&halves[0] * halves[1].gelu_erf()?)?)?;
+        let ff = self.ff_out.forward(&geglu(&gated, self.kernels)?)?;
         ff + xs
     }
 }

@@ -91,6 +91,15 @@ fn read_header(path: &Path, file: &mut File, file_len: u64) -> Result<Vec<Info>,
     Ok(tensors)
 }
 
+/// Checks that `path` is a safetensors file whose header holds together (every tensor's bytes inside
+/// the file, matching its dtype and shape), reading only the header.
+pub fn check_file(path: &Path) -> Result<(), EngineError> {
+    let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
+    let mut file = File::open(path).map_err(|e| invalid(e.to_string()))?;
+    let file_len = file.metadata().map_err(|e| invalid(e.to_string()))?.len();
+    read_header(path, &mut file, file_len).map(drop)
+}
+
 /// Every tensor of the safetensors file at `path`, on `device`, in the file's dtype.
 pub fn load(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, EngineError> {
     load_as(path, device, None)
@@ -256,6 +265,37 @@ impl MappedFile {
     }
 }
 
+impl MappedFile {
+    /// Rows `ids` of the 2-D tensor `name` (an embedding table), `[ids.len(), width]`, in `dtype` on
+    /// the CPU: only those rows are read from the map, not the whole table.
+    pub fn rows(&self, name: &str, ids: &[u32], dtype: DType) -> candle_core::Result<Tensor> {
+        let info = self.info(name)?;
+        let [count, width] = info.shape[..] else {
+            candle_core::bail!("{name} in {}: expected a 2-D table, got shape {:?}", self.path.display(), info.shape)
+        };
+        let row_bytes = width * info.dtype.size_in_bytes();
+        let map = self.map.read().map_err(|_| candle_core::Error::Msg(self.poisoned().to_string()))?;
+        let mut bytes = Vec::with_capacity(ids.len() * row_bytes);
+        for &id in ids {
+            let id = id as usize;
+            if id >= count {
+                candle_core::bail!("{name}: row {id} is past the table's {count} rows")
+            }
+            // The header check proved the whole tensor lies inside the file.
+            let start = info.offset as usize + id * row_bytes;
+            bytes.extend_from_slice(&map[start..start + row_bytes]);
+        }
+        drop(map);
+        let shape = (ids.len(), width);
+        let tensor = match info.dtype {
+            DType::F16 => Tensor::from_vec(decode(&bytes, f16::from_le_bytes).into_owned(), shape, &Device::Cpu)?,
+            DType::BF16 => Tensor::from_vec(decode(&bytes, bf16::from_le_bytes).into_owned(), shape, &Device::Cpu)?,
+            _ => Tensor::from_vec(decode(&bytes, f32::from_le_bytes).into_owned(), shape, &Device::Cpu)?,
+        };
+        crate::layers::cast(&tensor, dtype)
+    }
+}
+
 /// `bytes` read as little-endian values of `T`: in place when the CPU is little-endian and the bytes
 /// are aligned for `T` (always, for safetensors written by the usual tools), else decoded one by one.
 fn decode<T: bytemuck::Pod, const N: usize>(bytes: &[u8], from_le: fn([u8; N]) -> T) -> Cow<'_, [T]> {
@@ -289,6 +329,15 @@ impl Param {
         match self {
             Param::Tensor(t) => crate::layers::cast(t, dtype),
             Param::Mapped { file, name } => file.tensor(name, dtype, &Device::Cpu),
+        }
+    }
+
+    /// Rows `ids` of this 2-D weight (an embedding table) in `dtype`, `[ids.len(), width]`: a mapped
+    /// table is read only at those rows.
+    pub fn rows(&self, ids: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        match self {
+            Param::Tensor(t) => crate::layers::cast(&t.index_select(ids, 0)?, dtype),
+            Param::Mapped { file, name } => file.rows(name, &ids.to_vec1::<u32>()?, dtype),
         }
     }
 
