@@ -14,7 +14,7 @@
 use crate::weights::{Param, Weights};
 use candle_core::{D, DType, Module, Result, Tensor};
 
-pub use kernels::Activation;
+pub use kernels::{Activation, Fused};
 
 /// Which implementation the layers run on the CPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,13 +61,19 @@ impl Conv {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_fused(xs, Fused::default())
+    }
+
+    /// The convolution, then `fused`'s residual and ReLU: on [`Kernels::Fast`] applied band by band
+    /// inside the convolution, with [`Kernels::Reference`] by candle's add and ReLU after it.
+    pub fn forward_fused(&self, xs: &Tensor, fused: Fused<'_>) -> Result<Tensor> {
         let weight = self.weight.to_dtype(xs.dtype())?;
         let bias = self.bias.as_ref().map(|b| cast(b, xs.dtype())).transpose()?;
-        let bias = bias.as_ref();
-        match self.kernels {
-            Kernels::Fast => kernels::conv2d(xs, &weight, bias, self.stride, self.padding),
-            Kernels::Reference => kernels::candle_conv2d(xs, &weight, bias, self.stride, self.padding),
-        }
+        let algorithm = match self.kernels {
+            Kernels::Fast => kernels::Algorithm::Auto,
+            Kernels::Reference => kernels::Algorithm::Candle,
+        };
+        kernels::conv2d_fused(xs, &weight, bias.as_ref(), self.stride, self.padding, algorithm, fused)
     }
 }
 
@@ -155,12 +161,12 @@ impl Resnet {
             (Some(t), Some(proj)) => h.broadcast_add(&proj.forward(t)?.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?,
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h, Activation::Silu)?)?;
         let shortcut = match &self.shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (shortcut + h)?;
+        let residual = Fused { residual: Some(&shortcut), relu: false };
+        let out = self.conv2.forward_fused(&self.norm2.forward(&h, Activation::Silu)?, residual)?;
         if self.output_scale == 1.0 { Ok(out) } else { out / self.output_scale }
     }
 }

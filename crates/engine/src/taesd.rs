@@ -39,7 +39,7 @@ use serde::Deserialize;
 
 use crate::EngineError;
 use crate::checkpoint::Checkpoint;
-use crate::layers::{Conv, Kernels};
+use crate::layers::{Conv, Fused, Kernels};
 
 /// The tiny decoder's config file inside its directory.
 pub const CONFIG_FILE: &str = "config.json";
@@ -220,10 +220,10 @@ impl Block {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.convs[0].forward(xs)?.relu()?;
-        let h = self.convs[1].forward(&h)?.relu()?;
-        let h = self.convs[2].forward(&h)?;
-        (h + xs)?.relu()
+        let relu = Fused { residual: None, relu: true };
+        let h = self.convs[0].forward_fused(xs, relu)?;
+        let h = self.convs[1].forward_fused(&h, relu)?;
+        self.convs[2].forward_fused(&h, Fused { residual: Some(xs), relu: true })
     }
 }
 
@@ -310,7 +310,7 @@ impl TinyDecoder {
         let xs = if self.scaling_factor == 1.0 { latents.clone() } else { (latents / self.scaling_factor)? };
         // The soft clamp of DecoderTiny: tanh(x / 3) * 3.
         let xs = ((xs / 3.0)?.tanh()? * 3.0)?;
-        let mut xs = self.conv_in.forward(&xs)?.relu()?;
+        let mut xs = self.conv_in.forward_fused(&xs, Fused { residual: None, relu: true })?;
         for stage in &self.stages {
             for block in &stage.blocks {
                 xs = block.forward(&xs)?;

@@ -11,7 +11,7 @@
 use candle_core::Result;
 
 use crate::gemm::{Mat, MatMut, matmul};
-use crate::geometry::{Geometry, band_units, run_bands, split_rows};
+use crate::geometry::{Band, Epilogue, Geometry, band_units, run_bands, split_rows};
 use crate::scratch::{Slot, with_scratch};
 
 /// Aim for a column matrix of about this many floats per band (4 MiB): big enough that the gemm's own
@@ -25,6 +25,7 @@ pub(crate) fn conv_1x1(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
+    epilogue: Epilogue<'_>,
     g: &Geometry,
     out: &mut [f32],
     threads: usize,
@@ -43,18 +44,20 @@ pub(crate) fn conv_1x1(
             let rhs = Mat::rows(&image[band.row0 * g.w..], g.cin, pixels, hw);
             let dst = MatMut { data: tile, rows: g.cout, cols: pixels, row_stride: pixels };
             matmul(dst, lhs, rhs, false, gemm_threads)?;
-            store(band.channels, tile, bias);
+            store(band, tile, bias, epilogue, g);
             Ok(())
         })
     })
 }
 
-/// Copies a band's `[Cout x pixels]` tile into its output channels, adding the bias.
-fn store(channels: Vec<&mut [f32]>, tile: &[f32], bias: Option<&[f32]>) {
-    let pixels = tile.len() / channels.len().max(1);
-    for (co, (dst, src)) in channels.into_iter().zip(tile.chunks(pixels.max(1))).enumerate() {
+/// Copies a band's `[Cout x pixels]` tile into its output channels, adding the bias, then applies the
+/// epilogue.
+fn store(band: Band<'_>, tile: &[f32], bias: Option<&[f32]>, epilogue: Epilogue<'_>, g: &Geometry) {
+    let pixels = tile.len() / band.channels.len().max(1);
+    for (co, (dst, src)) in band.channels.into_iter().zip(tile.chunks(pixels.max(1))).enumerate() {
         let b = bias.map_or(0.0, |b| b[co]);
         dst.iter_mut().zip(src).for_each(|(d, s)| *d = s + b);
+        epilogue.apply(g, band.image, co, band.row0, dst);
     }
 }
 
@@ -63,6 +66,7 @@ pub(crate) fn conv_im2col(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
+    epilogue: Epilogue<'_>,
     g: &Geometry,
     out: &mut [f32],
     threads: usize,
@@ -84,7 +88,7 @@ pub(crate) fn conv_im2col(
             let rhs = Mat::rows(col, k, pixels, pixels);
             let dst = MatMut { data: tile, rows: g.cout, cols: pixels, row_stride: pixels };
             matmul(dst, lhs, rhs, false, gemm_threads)?;
-            store(band.channels, tile, bias);
+            store(band, tile, bias, epilogue, g);
             Ok(())
         })
     })

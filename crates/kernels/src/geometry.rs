@@ -92,6 +92,35 @@ pub(crate) fn split_rows<'a>(out: &'a mut [f32], g: &Geometry, rows: usize) -> V
     bands
 }
 
+/// What a convolution does to each output value after adding the bias, band by band while the band
+/// is in cache: add the matching value of `residual` (the output's shape, NCHW), then ReLU.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Epilogue<'a> {
+    pub residual: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
+impl Epilogue<'_> {
+    /// Applies it to `dst`: output channel `co` of image `image`, from output row `row0` on.
+    #[inline]
+    pub fn apply(&self, g: &Geometry, image: usize, co: usize, row0: usize, dst: &mut [f32]) {
+        let relu = |v: f32| if v < 0.0 { 0.0 } else { v };
+        match self.residual {
+            Some(residual) => {
+                let start = ((image * g.cout + co) * g.ho + row0) * g.wo;
+                let residual = &residual[start..start + dst.len()];
+                if self.relu {
+                    dst.iter_mut().zip(residual).for_each(|(d, r)| *d = relu(*d + r));
+                } else {
+                    dst.iter_mut().zip(residual).for_each(|(d, r)| *d += r);
+                }
+            }
+            None if self.relu => dst.iter_mut().for_each(|d| *d = relu(*d)),
+            None => {}
+        }
+    }
+}
+
 /// How many units (output rows, or rows of Winograd tiles) each band gets: near `target` units, but
 /// chosen so that the bands of all `batch` images keep `threads` threads busy in whole rounds (a band
 /// much smaller than the target is penalized: its gemm is less efficient).

@@ -91,11 +91,46 @@ pub fn conv2d_with(
     padding: usize,
     algorithm: Algorithm,
 ) -> Result<Tensor> {
-    let fast =
-        [Some(input), Some(weight), bias].into_iter().flatten().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    conv2d_fused(input, weight, bias, stride, padding, algorithm, Fused::default())
+}
+
+/// What [`conv2d_fused`] does to each output value after adding the bias, band by band while the band
+/// is in cache, instead of in passes of its own over the whole output, each into new memory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fused<'a> {
+    /// Added to the output, whose shape it must have: a residual block's shortcut.
+    pub residual: Option<&'a Tensor>,
+    /// Then ReLU, `max(x, 0)`.
+    pub relu: bool,
+}
+
+/// [`conv2d_with`], then `fused`'s residual and ReLU: what `(conv2d(..) + residual).relu()` computes,
+/// in one pass. Tensors that are not f32 on the CPU take candle's ops for all of it (with
+/// [`Algorithm::Auto`]; a forced fast algorithm fails on them instead).
+pub fn conv2d_fused(
+    input: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    algorithm: Algorithm,
+    fused: Fused<'_>,
+) -> Result<Tensor> {
+    let fast = [Some(input), Some(weight), bias, fused.residual]
+        .into_iter()
+        .flatten()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    let candle = || -> Result<Tensor> {
+        let out = candle_conv2d(input, weight, bias, stride, padding)?;
+        let out = match fused.residual {
+            Some(residual) => (out + residual)?,
+            None => out,
+        };
+        if fused.relu { out.relu() } else { Ok(out) }
+    };
     match algorithm {
-        Algorithm::Candle => return candle_conv2d(input, weight, bias, stride, padding),
-        Algorithm::Auto if !fast => return candle_conv2d(input, weight, bias, stride, padding),
+        Algorithm::Candle => return candle(),
+        Algorithm::Auto if !fast => return candle(),
         _ if !fast => bail!("conv2d: {algorithm:?} needs f32 tensors on the CPU"),
         _ => {}
     }
@@ -116,20 +151,33 @@ pub fn conv2d_with(
         bail!("conv2d: {algorithm:?} needs a 3x3 kernel at stride 1, got {}x{} at stride {}", g.kh, g.kw, g.stride)
     }
 
+    let residual = match fused.residual {
+        Some(r) if r.dims() != [g.batch, g.cout, g.ho, g.wo] => {
+            bail!("conv2d: residual shape {:?}, expected the output's {:?}", r.dims(), [g.batch, g.cout, g.ho, g.wo])
+        }
+        Some(r) => Some(r.contiguous()?),
+        None => None,
+    };
     let (x_storage, x_layout) = input.storage_and_layout();
     let (w_storage, w_layout) = weight.storage_and_layout();
+    let r_storage = residual.as_ref().map(|r| r.storage_and_layout());
     let x = cpu_f32(&x_storage, x_layout, g.input_len())?;
     let w = cpu_f32(&w_storage, w_layout, g.weight_len())?;
+    let residual = match &r_storage {
+        Some((storage, layout)) => Some(cpu_f32(storage, layout, g.output_len())?),
+        None => None,
+    };
+    let epilogue = geometry::Epilogue { residual, relu: fused.relu };
     let bias = bias.as_deref();
     let mut out = vec![0.0f32; g.output_len()];
     let threads = rayon::current_num_threads();
     match algorithm {
-        Algorithm::Winograd2 => winograd::conv::<winograd::F2>(x, w, bias, &g, &mut out, threads)?,
-        Algorithm::Winograd4 => winograd::conv::<winograd::F4>(x, w, bias, &g, &mut out, threads)?,
-        _ if is_pointwise(&g) => direct::conv_1x1(x, w, bias, &g, &mut out, threads)?,
-        _ => direct::conv_im2col(x, w, bias, &g, &mut out, threads)?,
+        Algorithm::Winograd2 => winograd::conv::<winograd::F2>(x, w, bias, epilogue, &g, &mut out, threads)?,
+        Algorithm::Winograd4 => winograd::conv::<winograd::F4>(x, w, bias, epilogue, &g, &mut out, threads)?,
+        _ if is_pointwise(&g) => direct::conv_1x1(x, w, bias, epilogue, &g, &mut out, threads)?,
+        _ => direct::conv_im2col(x, w, bias, epilogue, &g, &mut out, threads)?,
     }
-    drop((x_storage, w_storage));
+    drop((x_storage, w_storage, r_storage));
     Tensor::from_vec(out, (g.batch, g.cout, g.ho, g.wo), &Device::Cpu)
 }
 

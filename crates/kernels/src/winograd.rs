@@ -30,7 +30,7 @@ use candle_core::Result;
 use rayon::prelude::*;
 
 use crate::gemm::{Mat, MatMut, matmul};
-use crate::geometry::{Band, Geometry, band_units, run_bands, split_rows};
+use crate::geometry::{Band, Epilogue, Geometry, band_units, run_bands, split_rows};
 use crate::scratch::{Slot, with_scratch};
 
 /// Sizes of the band split and of the transformed weight held at once.
@@ -196,11 +196,12 @@ pub(crate) fn conv<V: Variant>(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
+    epilogue: Epilogue<'_>,
     g: &Geometry,
     out: &mut [f32],
     threads: usize,
 ) -> Result<()> {
-    conv_limited::<V>(x, w, bias, g, out, threads, Limits::DEFAULT)
+    conv_limited::<V>(x, w, bias, epilogue, g, out, threads, Limits::DEFAULT)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -208,6 +209,7 @@ fn conv_limited<V: Variant>(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
+    epilogue: Epilogue<'_>,
     g: &Geometry,
     out: &mut [f32],
     threads: usize,
@@ -235,7 +237,7 @@ fn conv_limited<V: Variant>(
             let (v_len, m_len) = (a2 * g.cin * tiles, a2 * g.cout * tiles);
             with_scratch(Slot::Band, v_len + m_len, |buffer| {
                 let (v, m) = buffer.split_at_mut(v_len);
-                conv_band::<V>(x, weights, bias, g, band, v, m, inner_threads)
+                conv_band::<V>(x, weights, bias, epilogue, g, band, v, m, inner_threads)
             })
         })
     };
@@ -278,6 +280,7 @@ fn conv_band<V: Variant>(
     x: &[f32],
     weights: Weights<'_>,
     bias: Option<&[f32]>,
+    epilogue: Epilogue<'_>,
     g: &Geometry,
     band: Band<'_>,
     v: &mut [f32],
@@ -332,10 +335,12 @@ fn conv_band<V: Variant>(
     }
 
     let m = &*m;
+    let (image, row0) = (band.image, band.row0);
     let output = |s: &mut OutputScratch, (co, channel): (usize, &mut [f32])| {
         let b = bias.map_or(0.0, |b| b[co]);
         let m_co = &m[co * tiles..];
         transform_output::<V>(m_co, m_xi, channel, b, g.wo, tiles_x, s);
+        epilogue.apply(g, image, co, row0, channel);
     };
     if threads > 1 {
         band.channels.into_par_iter().enumerate().for_each_init(OutputScratch::default, output);
@@ -468,7 +473,8 @@ mod tests {
         let want = naive(&x, &w, &bias, g);
         let mut out = vec![f32::NAN; g.output_len()];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| conv_limited::<V>(&x, &w, Some(&bias), g, &mut out, threads, limits)).unwrap();
+        pool.install(|| conv_limited::<V>(&x, &w, Some(&bias), Epilogue::default(), g, &mut out, threads, limits))
+            .unwrap();
         let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         for (i, (got, want)) in out.iter().zip(&want).enumerate() {
             let err = (f64::from(*got) - want).abs() / scale;

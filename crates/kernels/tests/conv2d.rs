@@ -10,7 +10,7 @@ mod common;
 use common::relative_error;
 
 use candle_core::{DType, Device, Tensor};
-use kernels::{Algorithm, candle_conv2d, conv2d, conv2d_with};
+use kernels::{Algorithm, Fused, candle_conv2d, conv2d, conv2d_fused, conv2d_with};
 
 /// (N, Cin, H, W, Cout, k, stride, padding)
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
@@ -195,4 +195,57 @@ fn any_thread_count_matches_candle() {
             assert!(relative_error(&got, &want) < 1e-3, "{algorithm:?}");
         }
     }
+}
+
+/// The fused residual and ReLU, on every algorithm and every shape it applies to, against candle's
+/// conv2d followed by candle's add and ReLU; batch > 1 checks that each image meets its own residual.
+#[test]
+fn fused_residual_and_relu_match_candle_on_every_algorithm() {
+    let algorithms = [Algorithm::Gemm, Algorithm::Winograd2, Algorithm::Winograd4, Algorithm::Auto];
+    for (i, &case) in SHAPES.iter().enumerate() {
+        let (x, weight, bias) = tensors(case, i as u64 + 50);
+        let (stride, padding) = (case.6, case.7);
+        let plain = candle_conv2d(&x, &weight, Some(&bias), stride, padding).unwrap();
+        let residual =
+            Tensor::from_vec(random(plain.elem_count(), 1.0, i as u64 + 90), plain.dims(), &Device::Cpu).unwrap();
+        for algorithm in algorithms
+            .into_iter()
+            .filter(|a| is_winograd(&case) || !matches!(a, Algorithm::Winograd2 | Algorithm::Winograd4))
+        {
+            for (residual, relu) in [(None, true), (Some(&residual), false), (Some(&residual), true)] {
+                let want = match residual {
+                    Some(r) => (&plain + r).unwrap(),
+                    None => plain.clone(),
+                };
+                let want = if relu { want.relu().unwrap() } else { want };
+                let fused = Fused { residual, relu };
+                let got = conv2d_fused(&x, &weight, Some(&bias), stride, padding, algorithm, fused).unwrap();
+                let err = relative_error(&got, &want);
+                let what = format!("{algorithm:?} {case:?} residual {} relu {relu}", residual.is_some());
+                assert!(err < 1e-3, "{what}: relative error {err:e}");
+                if relu {
+                    assert!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| *v >= 0.0), "{what}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_residual_of_another_shape_is_an_error_and_other_dtypes_take_candle() {
+    let (x, weight, bias) = tensors((1, 6, 10, 12, 4, 3, 1, 1), 5);
+    let wrong = Tensor::zeros((1, 4, 10, 11), DType::F32, &Device::Cpu).unwrap();
+    let fused = Fused { residual: Some(&wrong), relu: true };
+    let e = conv2d_fused(&x, &weight, Some(&bias), 1, 1, Algorithm::Auto, fused).unwrap_err().to_string();
+    assert!(e.contains("residual shape"), "{e}");
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let residual = Tensor::ones((1, 4, 10, 12), DType::F64, &Device::Cpu).unwrap();
+    let fused = Fused { residual: Some(&residual), relu: true };
+    let got = conv2d_fused(&f64s(&x), &f64s(&weight), Some(&f64s(&bias)), 1, 1, Algorithm::Auto, fused).unwrap();
+    let want = (candle_conv2d(&f64s(&x), &f64s(&weight), Some(&f64s(&bias)), 1, 1).unwrap() + &residual)
+        .unwrap()
+        .relu()
+        .unwrap();
+    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    assert_eq!(diff, 0.0);
 }
