@@ -283,3 +283,28 @@ fn configs_the_decoder_cannot_run_are_refused_naming_the_key() {
     let config = TinyConfig::read(dir.path()).unwrap();
     assert_eq!((config.factor(), config.latent_channels, config.scaling_factor), (8, 4, 1.0));
 }
+
+/// The KL decoder is read on the first full decode: a generation with the tiny decoder never needs
+/// it, so one whose VAE lacks a decoder tensor still runs, and the first full decode names the file
+/// and the tensor. A VAE file that is missing or not a safetensors file is refused at load all the same.
+#[test]
+fn the_full_decoder_is_read_on_first_use_and_a_broken_file_refused_at_load() {
+    let model = tempfile::tempdir().unwrap();
+    write_checkpoint(model.path(), &TinySpec::default()).unwrap();
+    let tiny = tiny_decoder(&TinyDecoderSpec::default());
+    let vae = model.path().join("vae/diffusion_pytorch_model.safetensors");
+    remove_tensor(&vae, "decoder.conv_out.weight").unwrap();
+    let options = LoadOptions { tiny_decoder: Some(tiny.path().to_path_buf()), ..LoadOptions::default() };
+    let p = Pipeline::load_with(model.path(), &Device::Cpu, options.clone()).unwrap();
+    let images = p.generate(&GenerateParams { decoder: Decoder::Tiny, ..params(2) }, &mut engine::NoHooks).unwrap();
+    assert_eq!(images[0].dimensions(), (80, 64));
+    let e = p.generate(&params(2), &mut engine::NoHooks).unwrap_err().to_string();
+    assert!(e.contains("diffusion_pytorch_model.safetensors") && e.contains("decoder.conv_out.weight"), "{e}");
+
+    std::fs::write(&vae, b"not a safetensors file").unwrap();
+    let e = Pipeline::load_with(model.path(), &Device::Cpu, options.clone()).err().unwrap().to_string();
+    assert!(e.contains("diffusion_pytorch_model.safetensors"), "{e}");
+    std::fs::remove_file(&vae).unwrap();
+    let e = Pipeline::load_with(model.path(), &Device::Cpu, options).err().unwrap().to_string();
+    assert!(e.contains("vae"), "{e}");
+}

@@ -107,3 +107,35 @@ fn a_file_that_cannot_be_mapped_is_an_error_naming_it() {
     let msg = engine::weights::MappedFile::open(&dir.path().join("none.safetensors")).unwrap_err().to_string();
     assert!(msg.contains("none.safetensors"), "{msg}");
 }
+
+/// An embedding table's rows read from the map are the rows of the table read whole, in any dtype
+/// asked for; a row past the table or a table that is not 2-D is an error naming it.
+#[test]
+fn rows_of_a_mapped_table_are_the_rows_of_the_whole_table() {
+    use engine::weights::{MappedFile, Param};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let table = Tensor::randn(0f32, 1.0, (50, 12), &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap();
+    let mut tensors = HashMap::new();
+    tensors.insert("emb.weight".to_owned(), table.clone());
+    tensors.insert("flat".to_owned(), Tensor::zeros(7, DType::F16, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let file = MappedFile::open(&path).unwrap();
+    let mapped = Param::Mapped { file: file.clone(), name: "emb.weight".into() };
+    let copied = Param::Tensor(table.clone());
+    let ids = Tensor::new(&[3u32, 49, 0, 3], &Device::Cpu).unwrap();
+    let want = table.index_select(&ids, 0).unwrap().to_dtype(DType::F32).unwrap();
+    for param in [&mapped, &copied] {
+        let got = param.rows(&ids, DType::F32).unwrap();
+        assert_eq!(got.dims(), &[4, 12]);
+        let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+    }
+    assert_eq!(mapped.rows(&ids, DType::F16).unwrap().dtype(), DType::F16);
+    let past = Tensor::new(&[50u32], &Device::Cpu).unwrap();
+    let e = mapped.rows(&past, DType::F32).unwrap_err().to_string();
+    assert!(e.contains("emb.weight") && e.contains("50"), "{e}");
+    let flat = Param::Mapped { file, name: "flat".into() };
+    let e = flat.rows(&ids, DType::F32).unwrap_err().to_string();
+    assert!(e.contains("flat") && e.contains("2-D"), "{e}");
+}
