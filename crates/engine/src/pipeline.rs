@@ -253,6 +253,7 @@ impl Pipeline {
             }
         }
         let guided = p.guidance_scale > 1.0;
+        let started = std::time::Instant::now();
         let cond = self.embed(&p.prompt)?;
         let uncond = if !guided {
             None
@@ -262,6 +263,7 @@ impl Pipeline {
             Some(self.embed(&p.negative_prompt)?)
         };
         release(self.text_file.iter().chain(self.second.iter().flat_map(|s| &s.2)));
+        tracing::info!(secs = started.elapsed().as_secs_f64(), "prompt encoded");
         let inputs = match &p.edit {
             Some(edit) => Some(self.prepare_edit(edit, p.width, p.height)?),
             // An inpainting UNet asked for a plain image repaints a blank canvas everywhere.

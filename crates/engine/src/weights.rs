@@ -341,6 +341,34 @@ impl Param {
         }
     }
 
+    /// `f` of the weight's values in place, when it is kept in f16 on the CPU (read from the map, or
+    /// the tensor's own storage); `None` otherwise.
+    pub fn with_f16<R>(&self, f: impl FnOnce(&[f16]) -> R) -> candle_core::Result<Option<R>> {
+        match self {
+            Param::Mapped { file, name } => {
+                let info = file.info(name)?;
+                if info.dtype != DType::F16 {
+                    return Ok(None);
+                }
+                let map = file.map.read().map_err(|_| candle_core::Error::Msg(file.poisoned().to_string()))?;
+                // The header check proved the range lies inside the file.
+                let start = info.offset as usize;
+                let values = decode(&map[start..start + info.count * 2], f16::from_le_bytes);
+                Ok(Some(f(&values)))
+            }
+            Param::Tensor(t) if t.device().is_cpu() && t.dtype() == DType::F16 && t.is_contiguous() => {
+                let (storage, layout) = t.storage_and_layout();
+                match (&*storage, layout.contiguous_offsets()) {
+                    (candle_core::Storage::Cpu(candle_core::CpuStorage::F16(data)), Some((a, b))) => {
+                        Ok(Some(f(&data[a..b])))
+                    }
+                    _ => Ok(None),
+                }
+            }
+            Param::Tensor(_) => Ok(None),
+        }
+    }
+
     /// The weight's dimensions.
     pub fn dims(&self) -> candle_core::Result<Vec<usize>> {
         match self {

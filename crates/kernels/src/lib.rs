@@ -34,6 +34,7 @@ mod direct;
 mod elementwise;
 mod gemm;
 mod geometry;
+mod linear;
 mod math;
 mod norm;
 mod scratch;
@@ -288,6 +289,48 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     elementwise::geglu(values, &mut out, n);
     drop(storage);
     Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
+/// `x wᵀ + bias` over the last dimension of an f32 CPU tensor `x` `[..., k]`, with the weight as f16
+/// values `[out_features x k]` row-major (PyTorch's `Linear` layout; the engine hands in weights read in
+/// place from a mapped file) and an optional f32 `bias` `[out_features]`: for few rows (the text
+/// encoders' 77 tokens), where each weight is used a few dozen times and a gemm on a widened copy is
+/// bound by memory (module `linear`). `Ok(None)` when the CPU has neither AVX2+FMA nor AVX-512 (or is
+/// not x86-64): the caller takes its general path.
+pub fn linear_f16(
+    x: &Tensor,
+    weight: &[half::f16],
+    out_features: usize,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let mut dims = x.dims().to_vec();
+    let Some(last) = dims.last_mut() else { bail!("linear_f16: expected at least one dimension, got a scalar") };
+    let k = *last;
+    *last = out_features;
+    if weight.len() != out_features * k {
+        bail!("linear_f16: weight holds {} values, expected {out_features} x {k}", weight.len())
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        bail!("linear_f16: needs an f32 CPU tensor, got {:?} on {:?}", x.dtype(), x.device())
+    }
+    let bias = match bias {
+        Some(b) if b.dims() != [out_features] => {
+            bail!("linear_f16: bias shape {:?}, expected [{out_features}]", b.dims())
+        }
+        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let x = x.contiguous()?;
+    let m = x.elem_count() / k.max(1);
+    let (storage, layout) = x.storage_and_layout();
+    let values = cpu_f32(&storage, layout, m * k)?;
+    let mut out = vec![0.0f32; m * out_features];
+    let done = linear::linear_f16(values, weight, bias.as_deref(), (m, k, out_features), &mut out);
+    drop(storage);
+    if !done {
+        return Ok(None);
+    }
+    Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
 }
 
 /// Frees the scratch buffers [`conv2d`] and [`attention`] keep between calls, on the calling thread and
