@@ -196,7 +196,7 @@ pub fn geglu(xs: &Tensor, kernels: Kernels) -> Result<Tensor> {
 
 /// Up to this many rows (tokens), a [`Linear`] whose weight is kept in f16 on the CPU runs on
 /// [`kernels::linear_f16`], which reads the f16 weight once, in place, instead of a gemm on a widened
-/// copy: 1.5-1.9x at the text encoders' 77 tokens (`examples/linear_bench.rs` in `kernels`); at 256
+/// copy: 1.1-1.5x at the text encoders' 77 tokens (`examples/linear_bench.rs` in `kernels`); at 256
 /// rows the gemm is ahead.
 pub const FEW_ROWS: usize = 128;
 

@@ -61,26 +61,36 @@ fn run<S: Simd, const L: usize, const C: usize>(
     (m, k, n): (usize, usize, usize),
     y: &mut [f32],
 ) {
+    let zeros = vec![0.0f32; KC.min(k)];
     let blocks: Vec<Vec<f32>> = (0..n.div_ceil(NB))
         .into_par_iter()
         .map(|b| {
             let (n0, nb) = (b * NB, NB.min(n - b * NB));
-            let mut out = vec![0.0f32; m * nb];
-            let mut wide = vec![0.0f32; nb * KC.min(k)];
+            // Weight rows past nb (up to a multiple of C) stay zero, and so do token rows past m (up
+            // to a multiple of R): every tile is whole, their results are dropped.
+            let nbp = nb.next_multiple_of(C);
+            let mut out = vec![0.0f32; m.next_multiple_of(R) * nbp];
+            let mut wide = vec![0.0f32; nbp * KC.min(k)];
             for k0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - k0);
                 for (j, row) in wide.chunks_exact_mut(kc).take(nb).enumerate() {
                     w[(n0 + j) * k + k0..][..kc].convert_to_f32_slice(row);
                 }
-                simd.vectorize(Dots::<L, C> { x, k, k0, kc, wide: &wide[..nb * kc], nb, out: &mut out });
+                let x = |i: usize| if i < m { &x[i * k + k0..][..kc] } else { &zeros[..kc] };
+                let wide = &wide[..nbp * kc];
+                for (g, out) in out.chunks_exact_mut(R * nbp).enumerate() {
+                    let rows: [&[f32]; R] = std::array::from_fn(|r| x(g * R + r));
+                    simd.vectorize(Dots::<L, C> { rows, wide, kc, out });
+                }
             }
             out
         })
         .collect();
     for (b, out) in blocks.iter().enumerate() {
         let (n0, nb) = (b * NB, NB.min(n - b * NB));
-        for (dst, src) in y.chunks_exact_mut(n).zip(out.chunks_exact(nb)) {
-            let dst = &mut dst[n0..n0 + nb];
+        let nbp = nb.next_multiple_of(C);
+        for (dst, src) in y.chunks_exact_mut(n).zip(out.chunks_exact(nbp)) {
+            let (dst, src) = (&mut dst[n0..n0 + nb], &src[..nb]);
             match bias {
                 Some(bias) => dst.iter_mut().zip(src).zip(&bias[n0..]).for_each(|((d, s), b)| *d = s + b),
                 None => dst.copy_from_slice(src),
@@ -89,15 +99,12 @@ fn run<S: Simd, const L: usize, const C: usize>(
     }
 }
 
-/// One task's step: the token rows' columns `k0 .. k0 + kc` against its `nb` weight rows `wide`
-/// (`[nb x kc]`, widened), added into `out` `[m x nb]`; `L` lanes, `C` weight rows at a time.
+/// R token rows (`kc` values each) against every weight row of `wide` (`[nbp x kc]`, widened, `nbp` a
+/// multiple of C), added into `out` `[R x nbp]`.
 struct Dots<'a, const L: usize, const C: usize> {
-    x: &'a [f32],
-    k: usize,
-    k0: usize,
-    kc: usize,
+    rows: [&'a [f32]; R],
     wide: &'a [f32],
-    nb: usize,
+    kc: usize,
     out: &'a mut [f32],
 }
 
@@ -106,74 +113,83 @@ impl<const L: usize, const C: usize> WithSimd for Dots<'_, L, C> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, _: S) {
-        let Dots { x, k, k0, kc, wide, nb, out } = self;
-        let m = out.len() / nb.max(1);
-        let row = |i: usize| &x[i * k + k0..][..kc];
-        let mut i = 0;
-        while i + R <= m {
-            tile::<L, R, C>(std::array::from_fn(|r| row(i + r)), wide, kc, nb, &mut out[i * nb..(i + R) * nb]);
-            i += R;
-        }
-        while i < m {
-            tile::<L, 1, C>([row(i)], wide, kc, nb, &mut out[i * nb..(i + 1) * nb]);
-            i += 1;
-        }
-    }
-}
-
-/// `out[r][j] += x[r] · wide[j]` for `RR` token rows and every weight row, `C` at a time.
-#[inline(always)]
-fn tile<const L: usize, const RR: usize, const C: usize>(
-    x: [&[f32]; RR],
-    wide: &[f32],
-    kc: usize,
-    nb: usize,
-    out: &mut [f32],
-) {
-    let wrow = |j: usize| &wide[j * kc..(j + 1) * kc];
-    let mut j = 0;
-    while j + C <= nb {
-        let sums = dots::<L, RR, C>(x, std::array::from_fn(|c| wrow(j + c)));
-        for (r, sums) in sums.iter().enumerate() {
-            out[r * nb + j..][..C].iter_mut().zip(sums).for_each(|(o, s)| *o += s);
-        }
-        j += C;
-    }
-    while j < nb {
-        let sums = dots::<L, RR, 1>(x, [wrow(j)]);
-        for (r, sums) in sums.iter().enumerate() {
-            out[r * nb + j] += sums[0];
-        }
-        j += 1;
-    }
-}
-
-/// The `RR x C` dot products of equal-length rows: `L`-lane accumulators over the whole chunks,
-/// reduced by constant-bound loops (nothing borrows the accumulators, which stay in registers), plus
-/// the scalar tail.
-#[inline(always)]
-fn dots<const L: usize, const RR: usize, const C: usize>(x: [&[f32]; RR], w: [&[f32]; C]) -> [[f32; C]; RR] {
-    let len = x.iter().chain(&w).map(|row| row.len()).min().unwrap_or(0);
-    let chunks = len / L;
-    let xc: [&[[f32; L]]; RR] = x.map(|row| &row.as_chunks::<L>().0[..chunks]);
-    let wc: [&[[f32; L]]; C] = w.map(|row| &row.as_chunks::<L>().0[..chunks]);
-    let mut acc = [[[0.0f32; L]; C]; RR];
-    for i in 0..chunks {
-        let wv: [[f32; L]; C] = std::array::from_fn(|c| wc[c][i]);
-        for r in 0..RR {
-            let xv = xc[r][i];
-            for c in 0..C {
-                for l in 0..L {
-                    acc[r][c][l] = xv[l].mul_add(wv[c][l], acc[r][c][l]);
+        let Dots { rows, wide, kc, out } = self;
+        let nbp = out.len() / R;
+        for (j, weights) in wide.chunks_exact(C * kc.max(1)).enumerate() {
+            let sums = match C {
+                4 => widen_sums(dots4::<L>(rows, std::array::from_fn(|c| &weights[c * kc..(c + 1) * kc]))),
+                _ => widen_sums(dots2::<L>(rows, std::array::from_fn(|c| &weights[c * kc..(c + 1) * kc]))),
+            };
+            for (r, sums) in sums.iter().enumerate() {
+                for (c, s) in sums.iter().enumerate().take(C) {
+                    out[r * nbp + j * C + c] += s;
                 }
             }
         }
     }
-    let done = chunks * L;
-    let mut sums = [[0.0f32; C]; RR];
-    for r in 0..RR {
+}
+
+/// Sums of `C' <= 4` weight rows as four columns (the unused ones zero).
+#[inline(always)]
+fn widen_sums<const C: usize>(sums: [[f32; C]; R]) -> [[f32; 4]; R] {
+    sums.map(|row| std::array::from_fn(|c| row.get(c).copied().unwrap_or(0.0)))
+}
+
+/// The 4 x 4 dot products of four token rows with four weight rows, all of one length: `L`-lane
+/// accumulators over the whole chunks, reduced at the end, then the scalar tail. The main loop zips
+/// the rows' chunk iterators, so it has no bounds checks and no exits, and the sixteen accumulators
+/// stay in registers (AVX-512: 16 of 32).
+#[inline(always)]
+fn dots4<const L: usize>(x: [&[f32]; R], w: [&[f32]; 4]) -> [[f32; 4]; R] {
+    let [x0, x1, x2, x3] = x.map(|row| row.as_chunks::<L>().0);
+    let [w0, w1, w2, w3] = w.map(|row| row.as_chunks::<L>().0);
+    let mut acc = [[[0.0f32; L]; 4]; R];
+    let zipped = x0.iter().zip(x1).zip(x2).zip(x3).zip(w0).zip(w1).zip(w2).zip(w3);
+    for (((((((a0, a1), a2), a3), b0), b1), b2), b3) in zipped {
+        let (xs, ws) = ([*a0, *a1, *a2, *a3], [*b0, *b1, *b2, *b3]);
+        for r in 0..R {
+            for c in 0..4 {
+                for l in 0..L {
+                    acc[r][c][l] = xs[r][l].mul_add(ws[c][l], acc[r][c][l]);
+                }
+            }
+        }
+    }
+    reduce(acc, x, w, x0.len() * L)
+}
+
+/// [`dots4`] with two weight rows (AVX2: 8 accumulators of its 16 registers).
+#[inline(always)]
+fn dots2<const L: usize>(x: [&[f32]; R], w: [&[f32]; 2]) -> [[f32; 2]; R] {
+    let [x0, x1, x2, x3] = x.map(|row| row.as_chunks::<L>().0);
+    let [w0, w1] = w.map(|row| row.as_chunks::<L>().0);
+    let mut acc = [[[0.0f32; L]; 2]; R];
+    for (((((a0, a1), a2), a3), b0), b1) in x0.iter().zip(x1).zip(x2).zip(x3).zip(w0).zip(w1) {
+        let (xs, ws) = ([*a0, *a1, *a2, *a3], [*b0, *b1]);
+        for r in 0..R {
+            for c in 0..2 {
+                for l in 0..L {
+                    acc[r][c][l] = xs[r][l].mul_add(ws[c][l], acc[r][c][l]);
+                }
+            }
+        }
+    }
+    reduce(acc, x, w, x0.len() * L)
+}
+
+/// The accumulators' lanes summed, plus the rows' values from `done` on, by constant-bound loops
+/// (nothing borrows the accumulators inside the main loop).
+#[inline(always)]
+fn reduce<const L: usize, const C: usize>(
+    acc: [[[f32; L]; C]; R],
+    x: [&[f32]; R],
+    w: [&[f32]; C],
+    done: usize,
+) -> [[f32; C]; R] {
+    let mut sums = [[0.0f32; C]; R];
+    for r in 0..R {
         for c in 0..C {
-            let mut s: f32 = x[r][done..len].iter().zip(&w[c][done..len]).map(|(a, b)| a * b).sum();
+            let mut s: f32 = x[r][done..].iter().zip(&w[c][done..]).map(|(a, b)| a * b).sum();
             for l in 0..L {
                 s += acc[r][c][l];
             }
