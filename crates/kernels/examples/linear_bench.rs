@@ -43,20 +43,24 @@ fn main() -> Result<()> {
         let half = w.to_dtype(DType::F16)?;
         let half_values: Vec<half::f16> = half.flatten_all()?.to_vec1()?;
         let gflop = 2.0 * (m * n * k) as f64 / 1e9;
-        let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        // `f` returns what it computed, kept from being optimized away.
+        let time = |f: &dyn Fn() -> Result<Option<Tensor>>| -> Result<f64> {
             f()?;
             let mut times = (0..runs)
                 .map(|_| {
                     let t = Instant::now();
-                    f().map(|()| t.elapsed().as_secs_f64())
+                    f().map(|y| {
+                        std::hint::black_box(y);
+                        t.elapsed().as_secs_f64()
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             times.sort_by(f64::total_cmp);
             Ok(gflop / times[times.len() / 2])
         };
-        let f32_matmul = time(&|| Ok(drop(std::hint::black_box(x.broadcast_matmul(&w.t()?)?))))?;
-        let widened = time(&|| Ok(drop(std::hint::black_box(x.broadcast_matmul(&kernels::to_f32(&half)?.t()?)?))))?;
-        let fused = time(&|| Ok(drop(std::hint::black_box(kernels::linear_f16(&x, &half_values, n, None)?))))?;
+        let f32_matmul = time(&|| Ok(Some(x.broadcast_matmul(&w.t()?)?)))?;
+        let widened = time(&|| Ok(Some(x.broadcast_matmul(&kernels::to_f32(&half)?.t()?)?)))?;
+        let fused = time(&|| kernels::linear_f16(&x, &half_values, n, None))?;
         println!("| {name} | {gflop:.2} | {f32_matmul:.1} | {widened:.1} | {fused:.1} |");
     }
     Ok(())

@@ -177,8 +177,7 @@ fn dots2<const L: usize>(x: [&[f32]; R], w: [&[f32]; 2]) -> [[f32; 2]; R] {
     reduce(acc, x, w, x0.len() * L)
 }
 
-/// The accumulators' lanes summed, plus the rows' values from `done` on, by constant-bound loops
-/// (nothing borrows the accumulators inside the main loop).
+/// The accumulators' lanes summed, plus the products of the rows' values from `done` on.
 #[inline(always)]
 fn reduce<const L: usize, const C: usize>(
     acc: [[[f32; L]; C]; R],
@@ -189,11 +188,8 @@ fn reduce<const L: usize, const C: usize>(
     let mut sums = [[0.0f32; C]; R];
     for r in 0..R {
         for c in 0..C {
-            let mut s: f32 = x[r][done..].iter().zip(&w[c][done..]).map(|(a, b)| a * b).sum();
-            for l in 0..L {
-                s += acc[r][c][l];
-            }
-            sums[r][c] = s;
+            let tail: f32 = x[r][done..].iter().zip(&w[c][done..]).map(|(a, b)| a * b).sum();
+            sums[r][c] = tail + acc[r][c].iter().sum::<f32>();
         }
     }
     sums

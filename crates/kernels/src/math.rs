@@ -59,7 +59,7 @@ pub(crate) fn erf(x: f32) -> f32 {
     let s = s * x2 - 2.686_617e-2;
     let s = s * x2 + 0.112_837_92;
     let s = s * x2 - 0.376_126_4;
-    let s = s * x2 + 1.128_379_2;
+    let s = s * x2 + std::f32::consts::FRAC_2_SQRT_PI;
     if ax < 1.0 { x * s } else { tail }
 }
 

@@ -18,8 +18,7 @@ fn reference(x: &Tensor) -> Tensor {
 #[test]
 fn equals_the_gated_exact_gelu_on_the_models_shapes_and_odd_ones() {
     // (rows..., 2n): SD's feed-forward at 8x8 tokens and two odd widths (not a multiple of 8 or 16).
-    for (seed, dims) in [vec![1, 64, 2 * 1280], vec![2, 3, 2 * 37], vec![5, 2 * 1], vec![2 * 9]].into_iter().enumerate()
-    {
+    for (seed, dims) in [vec![1, 64, 2 * 1280], vec![2, 3, 2 * 37], vec![5, 2], vec![2 * 9]].into_iter().enumerate() {
         let len = dims.iter().product();
         let x = Tensor::from_vec(values(len, seed), dims.as_slice(), &Device::Cpu).unwrap();
         let got = kernels::geglu(&x).unwrap();
