@@ -40,11 +40,11 @@ pub(crate) fn linear_f16(
         // 16 lanes and 4 weight rows on AVX-512 (16 of its 32 registers hold accumulators), 8 lanes
         // and 2 rows on AVX2 (8 of 16).
         if let Some(simd) = pulp::x86::V4::try_new() {
-            run::<_, 16, 4>(simd, x, w, bias, dims, y);
+            run::<_, 4>(simd, x, w, bias, dims, y);
             return true;
         }
         if let Some(simd) = pulp::x86::V3::try_new() {
-            run::<_, 8, 2>(simd, x, w, bias, dims, y);
+            run::<_, 2>(simd, x, w, bias, dims, y);
             return true;
         }
     }
@@ -53,7 +53,7 @@ pub(crate) fn linear_f16(
     false
 }
 
-fn run<S: Simd, const L: usize, const C: usize>(
+fn run<S: Simd, const C: usize>(
     simd: S,
     x: &[f32],
     w: &[f16],
@@ -80,7 +80,7 @@ fn run<S: Simd, const L: usize, const C: usize>(
                 let wide = &wide[..nbp * kc];
                 for (g, out) in out.chunks_exact_mut(R * nbp).enumerate() {
                     let rows: [&[f32]; R] = std::array::from_fn(|r| x(g * R + r));
-                    simd.vectorize(Dots::<L, C> { rows, wide, kc, out });
+                    simd.vectorize(Dots::<C> { rows, wide, kc, out });
                 }
             }
             out
@@ -101,24 +101,24 @@ fn run<S: Simd, const L: usize, const C: usize>(
 
 /// R token rows (`kc` values each) against every weight row of `wide` (`[nbp x kc]`, widened, `nbp` a
 /// multiple of C), added into `out` `[R x nbp]`.
-struct Dots<'a, const L: usize, const C: usize> {
+struct Dots<'a, const C: usize> {
     rows: [&'a [f32]; R],
     wide: &'a [f32],
     kc: usize,
     out: &'a mut [f32],
 }
 
-impl<const L: usize, const C: usize> WithSimd for Dots<'_, L, C> {
+impl<const C: usize> WithSimd for Dots<'_, C> {
     type Output = ();
 
     #[inline(always)]
-    fn with_simd<S: Simd>(self, _: S) {
+    fn with_simd<S: Simd>(self, simd: S) {
         let Dots { rows, wide, kc, out } = self;
         let nbp = out.len() / R;
         for (j, weights) in wide.chunks_exact(C * kc.max(1)).enumerate() {
             let sums = match C {
-                4 => widen_sums(dots4::<L>(rows, std::array::from_fn(|c| &weights[c * kc..(c + 1) * kc]))),
-                _ => widen_sums(dots2::<L>(rows, std::array::from_fn(|c| &weights[c * kc..(c + 1) * kc]))),
+                4 => widen_sums(dots4(simd, rows, std::array::from_fn(|c| &weights[c * kc..(c + 1) * kc]))),
+                _ => widen_sums(dots2(simd, rows, std::array::from_fn(|c| &weights[c * kc..(c + 1) * kc]))),
             };
             for (r, sums) in sums.iter().enumerate() {
                 for (c, s) in sums.iter().enumerate().take(C) {
@@ -135,61 +135,58 @@ fn widen_sums<const C: usize>(sums: [[f32; C]; R]) -> [[f32; 4]; R] {
     sums.map(|row| std::array::from_fn(|c| row.get(c).copied().unwrap_or(0.0)))
 }
 
-/// The 4 x 4 dot products of four token rows with four weight rows, all of one length: `L`-lane
-/// accumulators over the whole chunks, reduced at the end, then the scalar tail. The main loop zips
-/// the rows' chunk iterators, so it has no bounds checks and no exits, and the sixteen accumulators
-/// stay in registers (AVX-512: 16 of 32).
+/// The 4 x 4 dot products of four token rows with four weight rows, all of one length: vector
+/// accumulators (`S::f32s`, 16 lanes on AVX-512) over the whole vectors, reduced at the end, then the
+/// scalar tail. The main loop zips the rows' vector iterators, so it has no bounds checks and no
+/// exits, and the sixteen accumulators stay in registers (16 of AVX-512's 32).
 #[inline(always)]
-fn dots4<const L: usize>(x: [&[f32]; R], w: [&[f32]; 4]) -> [[f32; 4]; R] {
-    let [x0, x1, x2, x3] = x.map(|row| row.as_chunks::<L>().0);
-    let [w0, w1, w2, w3] = w.map(|row| row.as_chunks::<L>().0);
-    let mut acc = [[[0.0f32; L]; 4]; R];
+fn dots4<S: Simd>(simd: S, x: [&[f32]; R], w: [&[f32]; 4]) -> [[f32; 4]; R] {
+    let [x0, x1, x2, x3] = x.map(|row| S::as_simd_f32s(row).0);
+    let [w0, w1, w2, w3] = w.map(|row| S::as_simd_f32s(row).0);
+    let mut acc = [[simd.splat_f32s(0.0); 4]; R];
     let zipped = x0.iter().zip(x1).zip(x2).zip(x3).zip(w0).zip(w1).zip(w2).zip(w3);
     for (((((((a0, a1), a2), a3), b0), b1), b2), b3) in zipped {
         let (xs, ws) = ([*a0, *a1, *a2, *a3], [*b0, *b1, *b2, *b3]);
-        for r in 0..R {
-            for c in 0..4 {
-                for l in 0..L {
-                    acc[r][c][l] = xs[r][l].mul_add(ws[c][l], acc[r][c][l]);
-                }
+        for (acc, x) in acc.iter_mut().zip(xs) {
+            for (acc, w) in acc.iter_mut().zip(ws) {
+                *acc = simd.mul_add_e_f32s(x, w, *acc);
             }
         }
     }
-    reduce(acc, x, w, x0.len() * L)
+    reduce(simd, acc, x, w, x0.len() * S::F32_LANES)
 }
 
 /// [`dots4`] with two weight rows (AVX2: 8 accumulators of its 16 registers).
 #[inline(always)]
-fn dots2<const L: usize>(x: [&[f32]; R], w: [&[f32]; 2]) -> [[f32; 2]; R] {
-    let [x0, x1, x2, x3] = x.map(|row| row.as_chunks::<L>().0);
-    let [w0, w1] = w.map(|row| row.as_chunks::<L>().0);
-    let mut acc = [[[0.0f32; L]; 2]; R];
+fn dots2<S: Simd>(simd: S, x: [&[f32]; R], w: [&[f32]; 2]) -> [[f32; 2]; R] {
+    let [x0, x1, x2, x3] = x.map(|row| S::as_simd_f32s(row).0);
+    let [w0, w1] = w.map(|row| S::as_simd_f32s(row).0);
+    let mut acc = [[simd.splat_f32s(0.0); 2]; R];
     for (((((a0, a1), a2), a3), b0), b1) in x0.iter().zip(x1).zip(x2).zip(x3).zip(w0).zip(w1) {
         let (xs, ws) = ([*a0, *a1, *a2, *a3], [*b0, *b1]);
-        for r in 0..R {
-            for c in 0..2 {
-                for l in 0..L {
-                    acc[r][c][l] = xs[r][l].mul_add(ws[c][l], acc[r][c][l]);
-                }
+        for (acc, x) in acc.iter_mut().zip(xs) {
+            for (acc, w) in acc.iter_mut().zip(ws) {
+                *acc = simd.mul_add_e_f32s(x, w, *acc);
             }
         }
     }
-    reduce(acc, x, w, x0.len() * L)
+    reduce(simd, acc, x, w, x0.len() * S::F32_LANES)
 }
 
 /// The accumulators' lanes summed, plus the products of the rows' values from `done` on.
 #[inline(always)]
-fn reduce<const L: usize, const C: usize>(
-    acc: [[[f32; L]; C]; R],
+fn reduce<S: Simd, const C: usize>(
+    simd: S,
+    acc: [[S::f32s; C]; R],
     x: [&[f32]; R],
     w: [&[f32]; C],
     done: usize,
 ) -> [[f32; C]; R] {
     let mut sums = [[0.0f32; C]; R];
-    for r in 0..R {
-        for c in 0..C {
-            let tail: f32 = x[r][done..].iter().zip(&w[c][done..]).map(|(a, b)| a * b).sum();
-            sums[r][c] = tail + acc[r][c].iter().sum::<f32>();
+    for ((sums, acc), x) in sums.iter_mut().zip(acc).zip(x) {
+        for ((sum, acc), w) in sums.iter_mut().zip(acc).zip(w) {
+            let tail: f32 = x[done..].iter().zip(&w[done..]).map(|(a, b)| a * b).sum();
+            *sum = simd.reduce_sum_f32s(acc) + tail;
         }
     }
     sums
