@@ -109,11 +109,13 @@ fn fp16_files_read_in_place_give_the_image_of_f32_files_narrowed_at_load() {
         let only_half = image();
         let diff = max_diff(&only_half[0], &narrowed[0]);
         assert!(diff <= 2, "sdxl {}: fp16 VAE, max pixel difference {diff}", spec.sdxl);
-        // f32 weights asked for with only fp16 files: they are widened, and the image is the same
-        // computation as with the f16-stored weights.
+        // f32 weights asked for with only fp16 files: they are widened, the same values as the
+        // f16-stored weights; only the text encoders' linears sum in another order (a gemm on f32
+        // weights there, `kernels::linear_f16` on f16 ones), so the images agree within a level or two.
         let options = LoadOptions { f32_weights: true, ..LoadOptions::default() };
         let wide = Pipeline::load_with(dir.path(), &Device::Cpu, options).unwrap();
-        assert_eq!(wide.generate(&params(5), &mut NoHooks).unwrap(), only_half, "sdxl {}", spec.sdxl);
+        let diff = max_diff(&wide.generate(&params(5), &mut NoHooks).unwrap()[0], &only_half[0]);
+        assert!(diff <= 2, "sdxl {}: f32 vs f16-stored weights, max pixel difference {diff}", spec.sdxl);
     }
 }
 
