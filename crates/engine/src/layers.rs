@@ -196,9 +196,9 @@ pub fn geglu(xs: &Tensor, kernels: Kernels) -> Result<Tensor> {
 
 /// Up to this many rows (tokens), a [`Linear`] whose weight is kept in f16 on the CPU runs on
 /// [`kernels::linear_f16`], which reads the f16 weight once, in place, instead of a gemm on a widened
-/// copy: 1.1-1.5x at the text encoders' 77 tokens (`examples/linear_bench.rs` in `kernels`); at 256
-/// rows the gemm is ahead.
-pub const FEW_ROWS: usize = 128;
+/// copy: 2.9-4x at the text encoders' 77 tokens, 1.07-1.35x at the UNet's 256 (16x16 latents), behind
+/// from 1024 on (`examples/linear_bench.rs` in `kernels`, BENCHMARKS.md).
+pub const FEW_ROWS: usize = 256;
 
 /// A linear layer `x W^T + b` over the last dimension, in the input's dtype.
 pub struct Linear {
