@@ -64,55 +64,98 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dims: 
     })
 }
 
-/// One head's attention for `m` queries (`q` `[m, d]`, `out` `[m, dv]`) against all its keys.
+/// One head's attention for `m` queries (`q` `[m, d]`, `out` `[m, dv]`) against all its keys, in
+/// the thread's band buffer, compiled for the CPU's widest vectors (module `simd`).
 fn query_block(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], m: usize, dims: Dims, scale: f32) -> Result<()> {
-    let Dims { tk, d, dv, .. } = dims;
-    let kb = KEY_BLOCK.min(tk);
+    let kb = KEY_BLOCK.min(dims.tk);
     with_scratch(Slot::Band, m * kb + 2 * m, |buffer| {
-        let (scores, stats) = buffer.split_at_mut(m * kb);
-        let (maxima, sums) = stats.split_at_mut(m);
-        for start in (0..tk).step_by(kb) {
-            let n = kb.min(tk - start);
-            let first = start == 0;
-            let scores = &mut scores[..m * n];
-            // scores = q k_block^T: element (l, j) of k_block^T is k[(start + j) * d + l].
-            let kt = Mat { data: &k[start * d..(start + n) * d], rows: d, cols: n, row_stride: 1, col_stride: d };
-            let dst = MatMut { data: scores, rows: m, cols: n, row_stride: n };
-            matmul(dst, Mat::rows(q, m, d, d), kt, false, 1)?;
-            for i in 0..m {
-                let row = &mut scores[i * n..(i + 1) * n];
-                let block_max = scale_and_max(row, scale);
-                let max = if first { block_max } else { maxima[i].max(block_max) };
-                let sum = exp_and_sum(row, max);
-                if first {
-                    sums[i] = sum;
-                } else {
-                    // The rows so far were weighted by exp(s - old max): bring them to the new maximum.
-                    let correction = (maxima[i] - max).exp();
-                    if correction != 1.0 {
-                        out[i * dv..(i + 1) * dv].iter_mut().for_each(|o| *o *= correction);
-                    }
-                    sums[i] = sums[i] * correction + sum;
-                }
-                maxima[i] = max;
-            }
-            // out (+)= p v_block
-            let dst = MatMut { data: out, rows: m, cols: dv, row_stride: dv };
-            let v_block = Mat::rows(&v[start * dv..(start + n) * dv], n, dv, dv);
-            matmul(dst, Mat::rows(scores, m, n, n), v_block, !first, 1)?;
-        }
-        for (row, &sum) in out.chunks_exact_mut(dv.max(1)).zip(sums.iter()) {
-            row.iter_mut().for_each(|o| *o /= sum);
-        }
-        Ok(())
+        pulp::Arch::new().dispatch(QueryBlock { q, k, v, out, m, dims, scale, buffer })
     })
 }
 
-/// Lanes of the reductions below: independent accumulators the compiler can keep in one vector register.
-const LANES: usize = 8;
+/// [`query_block`]'s work, run by `pulp`'s dispatch inside a function compiled for the CPU's widest
+/// vectors: everything below is `#[inline(always)]`, so the exponentials and the scaling loops use
+/// AVX-512 or AVX2 where the CPU has them (the crate itself is built for SSE2).
+struct QueryBlock<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    out: &'a mut [f32],
+    m: usize,
+    dims: Dims,
+    scale: f32,
+    buffer: &'a mut [f32],
+}
+
+impl pulp::WithSimd for QueryBlock<'_> {
+    type Output = Result<()>;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> Result<()> {
+        let QueryBlock { q, k, v, out, m, dims, scale, buffer } = self;
+        query_block_in(q, k, v, out, m, dims, scale, buffer)
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn query_block_in(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    m: usize,
+    dims: Dims,
+    scale: f32,
+    buffer: &mut [f32],
+) -> Result<()> {
+    let Dims { tk, d, dv, .. } = dims;
+    let kb = KEY_BLOCK.min(tk);
+    let (scores, stats) = buffer.split_at_mut(m * kb);
+    let (maxima, sums) = stats.split_at_mut(m);
+    for start in (0..tk).step_by(kb) {
+        let n = kb.min(tk - start);
+        let first = start == 0;
+        let scores = &mut scores[..m * n];
+        // scores = q k_block^T: element (l, j) of k_block^T is k[(start + j) * d + l].
+        let kt = Mat { data: &k[start * d..(start + n) * d], rows: d, cols: n, row_stride: 1, col_stride: d };
+        let dst = MatMut { data: scores, rows: m, cols: n, row_stride: n };
+        matmul(dst, Mat::rows(q, m, d, d), kt, false, 1)?;
+        for i in 0..m {
+            let row = &mut scores[i * n..(i + 1) * n];
+            let block_max = scale_and_max(row, scale);
+            let max = if first { block_max } else { maxima[i].max(block_max) };
+            let sum = exp_and_sum(row, max);
+            if first {
+                sums[i] = sum;
+            } else {
+                // The rows so far were weighted by exp(s - old max): bring them to the new maximum.
+                let correction = (maxima[i] - max).exp();
+                if correction != 1.0 {
+                    out[i * dv..(i + 1) * dv].iter_mut().for_each(|o| *o *= correction);
+                }
+                sums[i] = sums[i] * correction + sum;
+            }
+            maxima[i] = max;
+        }
+        // out (+)= p v_block
+        let dst = MatMut { data: out, rows: m, cols: dv, row_stride: dv };
+        let v_block = Mat::rows(&v[start * dv..(start + n) * dv], n, dv, dv);
+        matmul(dst, Mat::rows(scores, m, n, n), v_block, !first, 1)?;
+    }
+    for (row, &sum) in out.chunks_exact_mut(dv.max(1)).zip(sums.iter()) {
+        row.iter_mut().for_each(|o| *o /= sum);
+    }
+    Ok(())
+}
+
+/// Lanes of the reductions below: independent accumulators the compiler keeps in one AVX-512 register
+/// (two AVX2 ones, four SSE2 ones): 16 took the 64x64 self-attention from 141 to 128 ms against 8.
+const LANES: usize = 16;
 
 /// Multiplies `row` by `scale` and returns its maximum (NaN-ignoring, like candle's; a NaN still
 /// reaches the output through the exponentials).
+#[inline(always)]
 fn scale_and_max(row: &mut [f32], scale: f32) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
@@ -131,6 +174,7 @@ fn scale_and_max(row: &mut [f32], scale: f32) -> f32 {
 }
 
 /// Replaces each `x` of `row` by `exp(x - max)` and returns their sum.
+#[inline(always)]
 fn exp_and_sum(row: &mut [f32], max: f32) -> f32 {
     let mut lanes = [0.0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);

@@ -24,6 +24,7 @@
 //! Memory: `U` (at most 48 MiB at a time), plus per band `a² * (Cin + Cout) * tiles` floats (16 MiB a
 //! thread), both in reused per-thread buffers (module `scratch`).
 
+use std::marker::PhantomData;
 use std::ops::Range;
 
 use candle_core::Result;
@@ -294,7 +295,7 @@ fn conv_band<V: Variant>(
     let image = &x[band.image * g.cin * g.h * g.w..][..g.cin * g.h * g.w];
     let (plane, v_ci) = (g.h * g.w, a2 * tiles);
     let input = |s: &mut InputScratch, (plane, v_ci): (&[f32], &mut [f32])| {
-        transform_input::<V>(plane, v_ci, g, ty0, tile_rows, s);
+        pulp::Arch::new().dispatch(Input::<V> { plane, v_ci, g, ty0, tile_rows, s, variant: PhantomData });
     };
     if threads > 1 {
         image.par_chunks_exact(plane).zip(v.par_chunks_exact_mut(v_ci)).for_each_init(InputScratch::default, input);
@@ -339,7 +340,16 @@ fn conv_band<V: Variant>(
     let output = |s: &mut OutputScratch, (co, channel): (usize, &mut [f32])| {
         let b = bias.map_or(0.0, |b| b[co]);
         let m_co = &m[co * tiles..];
-        transform_output::<V>(m_co, m_xi, channel, b, g.wo, tiles_x, s);
+        pulp::Arch::new().dispatch(Output::<V> {
+            m_co,
+            xi_stride: m_xi,
+            channel,
+            bias: b,
+            wo: g.wo,
+            tiles_x,
+            s,
+            variant: PhantomData,
+        });
         epilogue.apply(g, image, co, row0, channel);
     };
     if threads > 1 {
@@ -349,6 +359,48 @@ fn conv_band<V: Variant>(
         band.channels.into_iter().enumerate().for_each(|o| output(&mut s, o));
     }
     Ok(())
+}
+
+/// [`transform_input`] for one channel, run by `pulp`'s dispatch inside a function compiled for the
+/// CPU's widest vectors (the crate is built for SSE2): the transforms are `#[inline(always)]`.
+struct Input<'a, V> {
+    plane: &'a [f32],
+    v_ci: &'a mut [f32],
+    g: &'a Geometry,
+    ty0: usize,
+    tile_rows: usize,
+    s: &'a mut InputScratch,
+    variant: PhantomData<V>,
+}
+
+impl<V: Variant> pulp::WithSimd for Input<'_, V> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        transform_input::<V>(self.plane, self.v_ci, self.g, self.ty0, self.tile_rows, self.s);
+    }
+}
+
+/// [`transform_output`] for one channel, dispatched like [`Input`].
+struct Output<'a, V> {
+    m_co: &'a [f32],
+    xi_stride: usize,
+    channel: &'a mut [f32],
+    bias: f32,
+    wo: usize,
+    tiles_x: usize,
+    s: &'a mut OutputScratch,
+    variant: PhantomData<V>,
+}
+
+impl<V: Variant> pulp::WithSimd for Output<'_, V> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        transform_output::<V>(self.m_co, self.xi_stride, self.channel, self.bias, self.wo, self.tiles_x, self.s);
+    }
 }
 
 /// Per-thread buffers of the input transform.
@@ -365,6 +417,7 @@ struct InputScratch {
 /// `V[ξ = i * a + k][t]` of one input channel for tile rows `ty0 .. ty0 + tile_rows`: each input row
 /// is transformed along the row once (`Σ_l d[j][l] B[l][k]`), then each tile row down the columns
 /// (`Σ_j Bᵀ[i][j] ...`).
+#[inline(always)]
 fn transform_input<V: Variant>(
     plane: &[f32],
     v_ci: &mut [f32],
@@ -417,6 +470,7 @@ struct OutputScratch {
 /// One output channel of a band: `y[r][c] = Σ_i Aᵀ[r][i] Σ_j M[i * a + j] A[j][c] + bias`, written
 /// into `channel` (the band's rows of that channel, `wo` wide). `m_co` starts at the channel's first
 /// product, `M[0][co][0]`; the products of position ξ are `ξ * xi_stride` further on.
+#[inline(always)]
 fn transform_output<V: Variant>(
     m_co: &[f32],
     xi_stride: usize,
