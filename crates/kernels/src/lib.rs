@@ -333,6 +333,74 @@ pub fn linear_f16(
     Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
 }
 
+/// [`conv2d_fused`] with the weight as f16 values (`[cout, cin, kh, kw]` row-major, as `dims` says),
+/// for convolutions with few output pixels, whose weights are large beside their arithmetic (the UNet's
+/// 8x8 level: 15-30M weights for 64 pixels): the input's im2col rows (one row of `cin * kh * kw`
+/// values per output pixel) through [`linear_f16`] against the weight read once, as f16, instead of a
+/// gemm on a widened f32 copy. `Ok(None)` when `linear_f16` declines (no AVX2+FMA or AVX-512).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_f16(
+    input: &Tensor,
+    weight: &[half::f16],
+    dims: (usize, usize, usize, usize),
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    fused: Fused<'_>,
+) -> Result<Option<Tensor>> {
+    if !input.device().is_cpu() || input.dtype() != DType::F32 {
+        bail!("conv2d_f16: needs an f32 CPU input, got {:?} on {:?}", input.dtype(), input.device())
+    }
+    let g = Geometry::new(input.dims4()?, dims, stride, padding)?;
+    if weight.len() != g.weight_len() {
+        bail!("conv2d_f16: weight holds {} values, expected {dims:?}", weight.len())
+    }
+    let bias = match bias {
+        Some(b) if b.dims() != [g.cout] => bail!("conv2d_f16: bias shape {:?}, expected [{}]", b.dims(), g.cout),
+        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let residual = match fused.residual {
+        Some(r) if r.dims() != [g.batch, g.cout, g.ho, g.wo] => {
+            bail!(
+                "conv2d_f16: residual shape {:?}, expected the output's {:?}",
+                r.dims(),
+                [g.batch, g.cout, g.ho, g.wo]
+            )
+        }
+        Some(r) => Some(r.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let input = input.contiguous()?;
+    let (storage, layout) = input.storage_and_layout();
+    let x = cpu_f32(&storage, layout, g.input_len())?;
+    let (pixels, k) = (g.ho * g.wo, g.cin * g.kh * g.kw);
+    let mut rows = vec![0.0f32; g.batch * pixels * k];
+    for (row, values) in rows.chunks_exact_mut(k.max(1)).enumerate() {
+        let (n, oy, ox) = (row / pixels, row % pixels / g.wo, row % g.wo);
+        for (i, v) in values.iter_mut().enumerate() {
+            let (ci, ky, kx) = (i / (g.kh * g.kw), i / g.kw % g.kh, i % g.kw);
+            let (iy, ix) = ((oy * g.stride + ky).wrapping_sub(g.pad), (ox * g.stride + kx).wrapping_sub(g.pad));
+            if iy < g.h && ix < g.w {
+                *v = x[((n * g.cin + ci) * g.h + iy) * g.w + ix];
+            }
+        }
+    }
+    drop(storage);
+    let mut y = vec![0.0f32; g.batch * pixels * g.cout];
+    if !linear::linear_f16(&rows, weight, bias.as_deref(), (g.batch * pixels, k, g.cout), &mut y) {
+        return Ok(None);
+    }
+    // [pixel][cout] to NCHW, with the epilogue.
+    let mut out = vec![0.0f32; g.output_len()];
+    for (i, o) in out.iter_mut().enumerate() {
+        let (n, co, p) = (i / (g.cout * pixels), i / pixels % g.cout, i % pixels);
+        let v = y[(n * pixels + p) * g.cout + co] + residual.as_ref().map_or(0.0, |r| r[i]);
+        *o = if fused.relu && v < 0.0 { 0.0 } else { v };
+    }
+    Tensor::from_vec(out, (g.batch, g.cout, g.ho, g.wo), &Device::Cpu).map(Some)
+}
+
 /// Frees the scratch buffers [`conv2d`] and [`attention`] keep between calls, on the calling thread and
 /// on every thread of the current rayon pool; the next call allocates them again. Each pool thread keeps
 /// up to 16 MiB (its band; attention uses 257 KiB of it), the calling thread up to 48 MiB of transformed weight plus, after small images, one

@@ -249,3 +249,40 @@ fn a_residual_of_another_shape_is_an_error_and_other_dtypes_take_candle() {
     let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
     assert_eq!(diff, 0.0);
 }
+
+/// `conv2d_f16` (im2col rows through `linear_f16`) against candle's conv2d on the same f16 weights
+/// widened, with and without the fused residual and ReLU, on the UNet's 8x8 shapes scaled down, a
+/// stride-2 downsampler, a 1x1 and a batch of two.
+#[test]
+fn the_f16_weight_path_matches_candle() {
+    let cases: [Case; 4] =
+        [(1, 40, 8, 8, 24, 3, 1, 1), (2, 16, 7, 5, 12, 3, 2, 1), (1, 12, 6, 6, 5, 1, 1, 0), (2, 9, 4, 3, 7, 3, 1, 1)];
+    for (i, case) in cases.into_iter().enumerate() {
+        let (x, weight, bias) = tensors(case, i as u64 + 70);
+        let (stride, padding) = (case.6, case.7);
+        let half = weight.to_dtype(DType::F16).unwrap();
+        let values: Vec<half::f16> = half.flatten_all().unwrap().to_vec1().unwrap();
+        let widened = half.to_dtype(DType::F32).unwrap();
+        let plain = candle_conv2d(&x, &widened, Some(&bias), stride, padding).unwrap();
+        let residual =
+            Tensor::from_vec(random(plain.elem_count(), 1.0, i as u64 + 80), plain.dims(), &Device::Cpu).unwrap();
+        for (residual, relu) in [(None, false), (Some(&residual), true)] {
+            let want = match residual {
+                Some(r) => (&plain + r).unwrap(),
+                None => plain.clone(),
+            };
+            let want = if relu { want.relu().unwrap() } else { want };
+            let fused = Fused { residual, relu };
+            let dims = weight.dims4().unwrap();
+            let Some(got) = kernels::conv2d_f16(&x, &values, dims, Some(&bias), stride, padding, fused).unwrap() else {
+                eprintln!("no AVX2+FMA on this CPU: conv2d_f16 declines, nothing to compare");
+                return;
+            };
+            let err = relative_error(&got, &want);
+            assert!(err < 1e-5, "{case:?} residual {}: relative error {err:e}", residual.is_some());
+        }
+    }
+    let (x, weight, _) = tensors((1, 4, 5, 5, 3, 3, 1, 1), 1);
+    let e = kernels::conv2d_f16(&x, &[half::f16::ZERO; 5], weight.dims4().unwrap(), None, 1, 1, Fused::default());
+    assert!(e.unwrap_err().to_string().contains("weight holds 5 values"));
+}
