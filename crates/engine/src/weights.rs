@@ -263,9 +263,7 @@ impl MappedFile {
         };
         tensor.to_dtype(dtype)
     }
-}
 
-impl MappedFile {
     /// Rows `ids` of the 2-D tensor `name` (an embedding table), `[ids.len(), width]`, in `dtype` on
     /// the CPU: only those rows are read from the map, not the whole table.
     pub fn rows(&self, name: &str, ids: &[u32], dtype: DType) -> candle_core::Result<Tensor> {

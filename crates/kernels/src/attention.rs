@@ -65,7 +65,7 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dims: 
 }
 
 /// One head's attention for `m` queries (`q` `[m, d]`, `out` `[m, dv]`) against all its keys, in
-/// the thread's band buffer, compiled for the CPU's widest vectors (module `simd`).
+/// the thread's band buffer, compiled for the CPU's widest vectors ([`QueryBlock`]).
 fn query_block(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], m: usize, dims: Dims, scale: f32) -> Result<()> {
     let kb = KEY_BLOCK.min(dims.tk);
     with_scratch(Slot::Band, m * kb + 2 * m, |buffer| {

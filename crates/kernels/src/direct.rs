@@ -97,7 +97,7 @@ pub(crate) fn conv_im2col(
 /// Writes the im2col matrix of output rows `row0 .. row0 + rows` of one image into `col`:
 /// `col[((ci * kh + ky) * kw + kx) * pixels + (oy - row0) * wo + ox] = x[ci][oy * s + ky - pad][ox * s + kx - pad]`,
 /// zero where that falls in the padding.
-fn fill_columns(image: &[f32], g: &Geometry, row0: usize, rows: usize, col: &mut [f32]) {
+pub(crate) fn fill_columns(image: &[f32], g: &Geometry, row0: usize, rows: usize, col: &mut [f32]) {
     let pixels = rows * g.wo;
     let (s, pad) = (g.stride, g.pad);
     let mut dst_rows = col.chunks_mut(pixels);

@@ -1,7 +1,9 @@
 //! imagegate's CPU compute kernels for the diffusion models' UNet and VAE, called in place of candle's
 //! ops: a fast f32 2-D convolution ([`conv2d`], most of this page), a one-pass group norm fused with
-//! SiLU ([`group_norm`]), fused softmax attention ([`attention`], module `attention`) and the GEGLU
-//! activation of the UNet's feed-forward layers ([`geglu`]).
+//! SiLU ([`group_norm`]), fused softmax attention ([`attention`], module `attention`), the GEGLU
+//! activation of the UNet's feed-forward layers ([`geglu`]), and linears and small convolutions that
+//! read f16 weights in place ([`linear_f16`], [`conv2d_f16`], module `linear`). [`conv2d_fused`] adds a
+//! residual and ReLU to each output band while it is in cache.
 //!
 //! candle 0.11 convolves on the CPU by building the whole image's im2col matrix (1.2 GB for 128
 //! channels at 512x512) and then running one gemm. [`conv2d`] instead cuts the output into bands of
@@ -138,11 +140,7 @@ pub fn conv2d_fused(
     let input = input.contiguous()?;
     let weight = weight.contiguous()?;
     let g = Geometry::new(input.dims4()?, weight.dims4()?, stride, padding)?;
-    let bias = match bias {
-        Some(b) if b.dims() != [g.cout] => bail!("conv2d: bias shape {:?}, expected [{}]", b.dims(), g.cout),
-        Some(b) => Some(b.to_vec1::<f32>()?),
-        None => None,
-    };
+    let (bias, residual) = bias_and_residual(&g, bias, fused.residual)?;
     let algorithm = match algorithm {
         Algorithm::Auto => choose(&g),
         chosen => chosen,
@@ -152,13 +150,6 @@ pub fn conv2d_fused(
         bail!("conv2d: {algorithm:?} needs a 3x3 kernel at stride 1, got {}x{} at stride {}", g.kh, g.kw, g.stride)
     }
 
-    let residual = match fused.residual {
-        Some(r) if r.dims() != [g.batch, g.cout, g.ho, g.wo] => {
-            bail!("conv2d: residual shape {:?}, expected the output's {:?}", r.dims(), [g.batch, g.cout, g.ho, g.wo])
-        }
-        Some(r) => Some(r.contiguous()?),
-        None => None,
-    };
     let (x_storage, x_layout) = input.storage_and_layout();
     let (w_storage, w_layout) = weight.storage_and_layout();
     let r_storage = residual.as_ref().map(|r| r.storage_and_layout());
@@ -355,35 +346,19 @@ pub fn conv2d_f16(
     if weight.len() != g.weight_len() {
         bail!("conv2d_f16: weight holds {} values, expected {dims:?}", weight.len())
     }
-    let bias = match bias {
-        Some(b) if b.dims() != [g.cout] => bail!("conv2d_f16: bias shape {:?}, expected [{}]", b.dims(), g.cout),
-        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-        None => None,
-    };
-    let residual = match fused.residual {
-        Some(r) if r.dims() != [g.batch, g.cout, g.ho, g.wo] => {
-            bail!(
-                "conv2d_f16: residual shape {:?}, expected the output's {:?}",
-                r.dims(),
-                [g.batch, g.cout, g.ho, g.wo]
-            )
-        }
-        Some(r) => Some(r.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-        None => None,
-    };
+    let (bias, residual) = bias_and_residual(&g, bias, fused.residual)?;
     let input = input.contiguous()?;
     let (storage, layout) = input.storage_and_layout();
     let x = cpu_f32(&storage, layout, g.input_len())?;
+    // The im2col matrix of each image, `[K][pixels]` (as the gemm path builds it), transposed into
+    // one row of K values per output pixel.
     let (pixels, k) = (g.ho * g.wo, g.cin * g.kh * g.kw);
+    let mut col = vec![0.0f32; k * pixels];
     let mut rows = vec![0.0f32; g.batch * pixels * k];
-    for (row, values) in rows.chunks_exact_mut(k.max(1)).enumerate() {
-        let (n, oy, ox) = (row / pixels, row % pixels / g.wo, row % g.wo);
-        for (i, v) in values.iter_mut().enumerate() {
-            let (ci, ky, kx) = (i / (g.kh * g.kw), i / g.kw % g.kh, i % g.kw);
-            let (iy, ix) = ((oy * g.stride + ky).wrapping_sub(g.pad), (ox * g.stride + kx).wrapping_sub(g.pad));
-            if iy < g.h && ix < g.w {
-                *v = x[((n * g.cin + ci) * g.h + iy) * g.w + ix];
-            }
+    for (image, rows) in x.chunks_exact(g.cin * g.h * g.w).zip(rows.chunks_exact_mut(pixels * k)) {
+        direct::fill_columns(image, &g, 0, g.ho, &mut col);
+        for (i, column) in col.chunks_exact(pixels).enumerate() {
+            column.iter().enumerate().for_each(|(p, v)| rows[p * k + i] = *v);
         }
     }
     drop(storage);
@@ -391,14 +366,42 @@ pub fn conv2d_f16(
     if !linear::linear_f16(&rows, weight, bias.as_deref(), (g.batch * pixels, k, g.cout), &mut y) {
         return Ok(None);
     }
-    // [pixel][cout] to NCHW, with the epilogue.
+    // `[image][pixel][cout]` to NCHW, then the same epilogue as the other paths.
+    let r_storage = residual.as_ref().map(|r| r.storage_and_layout());
+    let residual = match &r_storage {
+        Some((storage, layout)) => Some(cpu_f32(storage, layout, g.output_len())?),
+        None => None,
+    };
+    let epilogue = geometry::Epilogue { residual, relu: fused.relu };
     let mut out = vec![0.0f32; g.output_len()];
-    for (i, o) in out.iter_mut().enumerate() {
-        let (n, co, p) = (i / (g.cout * pixels), i / pixels % g.cout, i % pixels);
-        let v = y[(n * pixels + p) * g.cout + co] + residual.as_ref().map_or(0.0, |r| r[i]);
-        *o = if fused.relu && v < 0.0 { 0.0 } else { v };
+    for (i, channel) in out.chunks_exact_mut(pixels.max(1)).enumerate() {
+        let (n, co) = (i / g.cout, i % g.cout);
+        channel.iter_mut().enumerate().for_each(|(p, o)| *o = y[(n * pixels + p) * g.cout + co]);
+        epilogue.apply(&g, n, co, 0, channel);
     }
+    drop(r_storage);
     Tensor::from_vec(out, (g.batch, g.cout, g.ho, g.wo), &Device::Cpu).map(Some)
+}
+
+/// The bias as values and the residual made contiguous, after checking their shapes against the
+/// convolution's: what the epilogue of every fast path reads.
+fn bias_and_residual(
+    g: &Geometry,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<(Option<Vec<f32>>, Option<Tensor>)> {
+    let bias = match bias {
+        Some(b) if b.dims() != [g.cout] => bail!("conv2d: bias shape {:?}, expected [{}]", b.dims(), g.cout),
+        Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let out = [g.batch, g.cout, g.ho, g.wo];
+    let residual = match residual {
+        Some(r) if r.dims() != out => bail!("conv2d: residual shape {:?}, expected the output's {out:?}", r.dims()),
+        Some(r) => Some(r.to_dtype(DType::F32)?.contiguous()?),
+        None => None,
+    };
+    Ok((bias, residual))
 }
 
 /// Frees the scratch buffers [`conv2d`] and [`attention`] keep between calls, on the calling thread and

@@ -1,5 +1,6 @@
 //! A linear layer with f16 weights for few tokens: `y[m][n] = Σ_k x[m][k] w[n][k]`, `x` f32 `[M x K]`
-//! row-major, `w` f16 `[N x K]` row-major (PyTorch's layout), for the text encoders' 77 tokens.
+//! row-major, `w` f16 `[N x K]` row-major (PyTorch's layout), for up to a few hundred rows: the text
+//! encoders' 77 tokens, the UNet's low-resolution levels, its 8x8 convolutions as im2col rows.
 //!
 //! With few rows each weight is used only `M` times, so a gemm is bound by memory, not arithmetic: the
 //! engine's general path widens the layer's f16 weight into a fresh f32 copy, and the gemm then packs
@@ -9,9 +10,10 @@
 //! accumulator (`R x C` vector accumulators in registers, reduced across lanes at the end): the
 //! weights are read once, as f16, and nothing is allocated besides the output and the buffer.
 //!
-//! The loops are plain Rust over fixed-size chunks that LLVM vectorizes; `pulp` runs them inside a
-//! function compiled for AVX2+FMA or AVX-512, chosen at run time (`L = 8` or 16 lanes). On CPUs with
-//! neither, [`linear_f16`] declines and the caller takes the general path.
+//! The accumulators are `pulp` vector values (`S::f32s`, `L = 16` lanes on AVX-512, 8 on AVX2+FMA),
+//! and `pulp` runs the loops inside a function compiled for the instructions chosen at run time. (With
+//! `[f32; L]` arrays instead, LLVM stored every accumulator to the stack on each iteration, at a third
+//! of the speed.) On CPUs with neither, [`linear_f16`] declines and the caller takes the general path.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
