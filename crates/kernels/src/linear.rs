@@ -7,8 +7,14 @@
 //! that copy again, three passes over four bytes per weight for `2 M` flops. Here each rayon task takes
 //! `NB` weight rows (output features), widens them `KC` values at a time into a small buffer that stays
 //! in cache, and runs dot products of `R` token rows against `C` weight rows at once, `L` lanes per
-//! accumulator (`R x C` vector accumulators in registers, reduced across lanes at the end): the
-//! weights are read once, as f16, and nothing is allocated besides the output and the buffer.
+//! accumulator (`R x C` vector accumulators in registers, reduced across lanes at the end of each
+//! `KC` chunk): the weights are read once, as f16, and nothing is allocated besides the output and the
+//! buffer. The chunk is long so that the reductions stay rare: at `KC = 512` they cost a quarter of the
+//! loop (16 of them per tile and chunk), and the text encoder's linears ran 25% slower.
+//!
+//! (An outer-product tile, gemm-style, needs no reductions but a transposed copy of the weights:
+//! measured, it won at 256 rows and lost at the text encoder's 77 and the 8x8 convolutions' 64, where
+//! each weight is used too few times to pay for its transposition. BENCHMARKS.md, 2026-12-01.)
 //!
 //! The accumulators are `pulp` vector values (`S::f32s`, `L = 16` lanes on AVX-512, 8 on AVX2+FMA),
 //! and `pulp` runs the loops inside a function compiled for the instructions chosen at run time. (With
@@ -24,9 +30,9 @@ use rayon::prelude::*;
 const R: usize = 4;
 /// Weight rows (output features) per rayon task.
 const NB: usize = 32;
-/// Weight values widened at a time per row: `NB x KC` floats (64 KiB) stay in L2 while every row
-/// group passes over them.
-const KC: usize = 512;
+/// Weight values widened at a time per row: `NB x KC` floats (512 KiB) stay in L2 while every row
+/// group passes over them, and most layers (`k <= 4096`) reduce their accumulators once.
+const KC: usize = 4096;
 
 /// `y = x wᵀ (+ bias)` for `x` `[m x k]`, `w` `[n x k]`, `y` `[m x n]`, on the current rayon pool.
 /// Returns `false`, leaving `y` untouched, when the CPU has neither AVX2+FMA nor AVX-512.

@@ -15,7 +15,7 @@ fn values(len: usize, seed: usize) -> Vec<f32> {
 #[test]
 fn equals_the_matmul_of_the_widened_weights() {
     // (leading dims of x, k, n)
-    let cases: [(&[usize], usize, usize); 7] = [
+    let cases: [(&[usize], usize, usize); 9] = [
         (&[1, 77], 1024, 1024),
         (&[1, 77], 96, 300),
         (&[2, 5], 1100, 33),
@@ -23,6 +23,10 @@ fn equals_the_matmul_of_the_widened_weights() {
         (&[5], 3, 40),
         (&[1], 17, 1),
         (&[4, 1], 512, 64),
+        // Hundreds of rows, as the UNet's 16x16 level has, in a partial last tile.
+        (&[2, 301], 70, 100),
+        // Longer than one widening chunk (4096): the 8x8 convolutions' im2col rows are 11520 long.
+        (&[3, 2], 4200, 40),
     ];
     for (seed, &(lead, k, n)) in cases.iter().enumerate() {
         let m: usize = lead.iter().product();
