@@ -26,11 +26,6 @@ pub enum Kernels {
     Reference,
 }
 
-/// Up to this many output pixels (the UNet's 8x8 level at 512x512 images), a [`Conv`] whose weight is
-/// kept in f16 on the CPU runs on [`kernels::conv2d_f16`]: its 15-30M weights are read once as f16,
-/// instead of widened into a fresh f32 copy (up to 118 MB) for 64 pixels' arithmetic.
-pub const FEW_PIXELS: usize = 64;
-
 /// A 2-D convolution with square kernel, stride and padding.
 pub struct Conv {
     weight: Param,
@@ -74,20 +69,17 @@ impl Conv {
     pub fn forward_fused(&self, xs: &Tensor, fused: Fused<'_>) -> Result<Tensor> {
         let bias = self.bias.as_ref().map(|b| cast(b, xs.dtype())).transpose()?;
         if self.kernels == Kernels::Fast && xs.device().is_cpu() && xs.dtype() == DType::F32 {
-            let (batch, _, h, w) = xs.dims4()?;
             let dims = self.weight.dims()?;
             let &[cout, cin, kh, kw] = dims.as_slice() else {
                 candle_core::bail!("conv weight of shape {dims:?}, expected 4 dimensions")
             };
-            let side = |len: usize, k: usize| (len + 2 * self.padding).saturating_sub(k) / self.stride.max(1) + 1;
-            if batch * side(h, kh) * side(w, kw) <= FEW_PIXELS {
-                let (stride, padding) = (self.stride, self.padding);
-                let conv = |weight: &[half::f16]| {
-                    kernels::conv2d_f16(xs, weight, (cout, cin, kh, kw), bias.as_ref(), stride, padding, fused)
-                };
-                if let Some(Some(ys)) = self.weight.with_f16(conv)?.transpose()? {
-                    return Ok(ys);
-                }
+            // Weights kept in f16 are read as they are, never widened whole.
+            let (stride, padding) = (self.stride, self.padding);
+            let conv = |weight: &[half::f16]| {
+                kernels::conv2d_f16(xs, weight, (cout, cin, kh, kw), bias.as_ref(), stride, padding, fused)
+            };
+            if let Some(ys) = self.weight.with_f16(conv)?.transpose()? {
+                return Ok(ys);
             }
         }
         let weight = self.weight.to_dtype(xs.dtype())?;

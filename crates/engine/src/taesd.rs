@@ -221,10 +221,14 @@ impl Block {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let relu = Fused { residual: None, relu: true };
-        let h = self.convs[0].forward_fused(xs, relu)?;
-        let h = self.convs[1].forward_fused(&h, relu)?;
+        // One binding, reassigned: each intermediate is freed as soon as the next exists.
+        let mut h = self.convs[0].forward_fused(xs, relu)?;
+        h = self.convs[1].forward_fused(&h, relu)?;
         self.convs[2].forward_fused(&h, Fused { residual: Some(xs), relu: true })
     }
+
+    /// 3x3 convolutions in the block.
+    const CONVS: usize = 3;
 }
 
 struct Stage {
@@ -307,23 +311,95 @@ impl TinyDecoder {
     /// (f = [`TinyConfig::factor`]), like [`crate::vae_decoder::VaeDecoder::decode`]'s. See the module
     /// documentation for why the UNet's latents go in unscaled.
     pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        self.decode_in_strips(latents, STRIP_ROWS)
+    }
+
+    /// [`TinyDecoder::decode`], with everything after the last upsampling (at the output's full
+    /// resolution: at 512x512, five convolutions over 64 MiB tensors) run on horizontal strips of
+    /// `strip_rows` output rows (rounded up to a multiple of the upsampling factor), each computed with
+    /// enough rows of margin that its own rows come out as the whole image's would. That keeps the
+    /// working memory of this part to a few strip-sized buffers, which reuse what the UNet freed,
+    /// instead of a dozen fresh 64 MiB ones (on the development VM fresh pages cost about as much as
+    /// the arithmetic). Images no taller than 1.5 strips are decoded whole.
+    pub fn decode_in_strips(&self, latents: &Tensor, strip_rows: usize) -> candle_core::Result<Tensor> {
         let xs = if self.scaling_factor == 1.0 { latents.clone() } else { (latents / self.scaling_factor)? };
         // The soft clamp of DecoderTiny: tanh(x / 3) * 3.
         let xs = ((xs / 3.0)?.tanh()? * 3.0)?;
         let mut xs = self.conv_in.forward_fused(&xs, Fused { residual: None, relu: true })?;
-        for stage in &self.stages {
-            for block in &stage.blocks {
+        // The stages up to the last one that upsamples run whole; from its upsampling on, by strips.
+        let split = self.stages.iter().rposition(|s| s.upsample.is_some()).unwrap_or(self.stages.len());
+        for stage in &self.stages[..split] {
+            xs = stage.forward(&xs)?;
+        }
+        if let Some(last) = self.stages.get(split) {
+            for block in &last.blocks {
                 xs = block.forward(&xs)?;
             }
-            if let Some(f) = stage.upsample {
-                let (_, _, h, w) = xs.dims4()?;
-                xs = xs.upsample_nearest2d(h * f, w * f)?;
-            }
-            xs = stage.conv.forward(&xs)?;
+            let factor = last.upsample.unwrap_or(1);
+            let rest = &self.stages[split + 1..];
+            // Each 3x3 convolution at padding 1 spoils one more row at a strip's cut edges.
+            let convs = 1 + rest.iter().map(|s| s.blocks.len() * Block::CONVS + 1).sum::<usize>();
+            let tail = |strip: &Tensor| -> candle_core::Result<Tensor> {
+                let (_, _, h, w) = strip.dims4()?;
+                let mut ys = last.conv.forward(&strip.upsample_nearest2d(h * factor, w * factor)?)?;
+                for stage in rest {
+                    ys = stage.forward(&ys)?;
+                }
+                Ok(ys)
+            };
+            xs = by_strips(&xs, factor, convs, strip_rows, tail)?;
         }
         // 0..1 to diffusers' -1..1.
         (xs * 2.0)? - 1.0
     }
+}
+
+/// Output rows per strip of [`TinyDecoder::decode`]: four strips at 512x512 (about 10% of the last
+/// level's arithmetic again, for the margins).
+pub const STRIP_ROWS: usize = 128;
+
+impl Stage {
+    /// The blocks, the upsampling if any, then the convolution.
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let mut xs = xs.clone();
+        for block in &self.blocks {
+            xs = block.forward(&xs)?;
+        }
+        if let Some(f) = self.upsample {
+            let (_, _, h, w) = xs.dims4()?;
+            xs = xs.upsample_nearest2d(h * f, w * f)?;
+        }
+        self.conv.forward(&xs)
+    }
+}
+
+/// `tail(xs)` for a `tail` that upsamples rows by `factor` and then applies `convs` 3x3 convolutions
+/// at padding 1, computed strip by strip: output rows `o0..o1` come from input rows widened by enough
+/// margin (`convs` output rows, in input rows rounded up) that the zero padding at a strip's cut edges
+/// reaches none of them; the strips' own rows are then joined.
+fn by_strips(
+    xs: &Tensor,
+    factor: usize,
+    convs: usize,
+    strip_rows: usize,
+    tail: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (_, _, h, _) = xs.dims4()?;
+    let (factor, out_h) = (factor.max(1), h * factor.max(1));
+    let strip = strip_rows.max(1).checked_next_multiple_of(factor).unwrap_or(usize::MAX);
+    if out_h <= strip.saturating_add(strip / 2) {
+        return tail(xs);
+    }
+    let margin = convs.div_ceil(factor);
+    let mut parts = Vec::with_capacity(out_h.div_ceil(strip));
+    for o0 in (0..out_h).step_by(strip) {
+        let o1 = (o0 + strip).min(out_h);
+        let i0 = (o0 / factor).saturating_sub(margin);
+        let i1 = (o1.div_ceil(factor) + margin).min(h);
+        let ys = tail(&xs.narrow(2, i0, i1 - i0)?)?;
+        parts.push(ys.narrow(2, o0 - i0 * factor, o1 - o0)?);
+    }
+    candle_core::Tensor::cat(&parts, 2)
 }
 
 /// The weight file of a tiny decoder directory.

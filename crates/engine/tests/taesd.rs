@@ -121,6 +121,24 @@ fn the_fast_kernels_decode_what_the_reference_ops_decode() {
     assert!(a.iter().any(|&v| v != a[0]), "a flat image");
 }
 
+#[test]
+fn decoding_by_strips_gives_the_whole_image() {
+    let dir = tiny_decoder(&TinyDecoderSpec::taesd());
+    for kernels in [Kernels::Fast, Kernels::Reference] {
+        let decoder = TinyDecoder::load(dir.path(), DType::F32, &Device::Cpu, kernels).unwrap();
+        // 13 latent rows: 104 output rows, cut into strips of 16 (the last one partial) and of 40.
+        let latents = Tensor::randn(0f32, 1.0, (2, 4, 13, 6), &Device::Cpu).unwrap();
+        let whole = decoder.decode_in_strips(&latents, usize::MAX).unwrap();
+        assert_eq!(whole.dims(), &[2, 3, 104, 48]);
+        for rows in [16, 40] {
+            let strips = decoder.decode_in_strips(&latents, rows).unwrap();
+            assert_eq!(strips.dims(), whole.dims());
+            let diff = (&strips - &whole).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "{kernels:?}, strips of {rows} rows: max difference {diff}");
+        }
+    }
+}
+
 fn params(seed: u64) -> GenerateParams {
     GenerateParams {
         prompt: "a cute baby sea otter".into(),

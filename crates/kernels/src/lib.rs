@@ -46,6 +46,7 @@ use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, ba
 
 use geometry::Geometry;
 pub use norm::Activation;
+use winograd::Taps;
 
 /// How [`conv2d_with`] computes the convolution.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -149,27 +150,56 @@ pub fn conv2d_fused(
     if winograd && (g.kh, g.kw, g.stride) != (3, 3, 1) {
         bail!("conv2d: {algorithm:?} needs a 3x3 kernel at stride 1, got {}x{} at stride {}", g.kh, g.kw, g.stride)
     }
-
-    let (x_storage, x_layout) = input.storage_and_layout();
     let (w_storage, w_layout) = weight.storage_and_layout();
-    let r_storage = residual.as_ref().map(|r| r.storage_and_layout());
-    let x = cpu_f32(&x_storage, x_layout, g.input_len())?;
     let w = cpu_f32(&w_storage, w_layout, g.weight_len())?;
+    let out = run_conv(&input, Taps::F32(w), &g, bias.as_deref(), residual.as_ref(), fused.relu, algorithm);
+    drop(w_storage);
+    out
+}
+
+/// One of the fast paths (`algorithm`, already checked against the geometry) on a contiguous f32
+/// `input`, with the weight's taps in f32 or f16, the bias as values and the residual contiguous.
+fn run_conv(
+    input: &Tensor,
+    w: Taps<'_>,
+    g: &Geometry,
+    bias: Option<&[f32]>,
+    residual: Option<&Tensor>,
+    relu: bool,
+    algorithm: Algorithm,
+) -> Result<Tensor> {
+    let (x_storage, x_layout) = input.storage_and_layout();
+    let r_storage = residual.map(|r| r.storage_and_layout());
+    let x = cpu_f32(&x_storage, x_layout, g.input_len())?;
     let residual = match &r_storage {
         Some((storage, layout)) => Some(cpu_f32(storage, layout, g.output_len())?),
         None => None,
     };
-    let epilogue = geometry::Epilogue { residual, relu: fused.relu };
-    let bias = bias.as_deref();
+    let epilogue = geometry::Epilogue { residual, relu };
     let mut out = vec![0.0f32; g.output_len()];
     let threads = rayon::current_num_threads();
     match algorithm {
-        Algorithm::Winograd2 => winograd::conv::<winograd::F2>(x, w, bias, epilogue, &g, &mut out, threads)?,
-        Algorithm::Winograd4 => winograd::conv::<winograd::F4>(x, w, bias, epilogue, &g, &mut out, threads)?,
-        _ if is_pointwise(&g) => direct::conv_1x1(x, w, bias, epilogue, &g, &mut out, threads)?,
-        _ => direct::conv_im2col(x, w, bias, epilogue, &g, &mut out, threads)?,
+        Algorithm::Winograd2 => winograd::conv::<winograd::F2>(x, w, bias, epilogue, g, &mut out, threads)?,
+        Algorithm::Winograd4 => winograd::conv::<winograd::F4>(x, w, bias, epilogue, g, &mut out, threads)?,
+        _ => {
+            // The direct paths read f32 weights: f16 ones are widened first (1x1 and strided
+            // convolutions: the smaller weights).
+            let widened;
+            let w = match w {
+                Taps::F32(w) => w,
+                Taps::F16(w) => {
+                    widened = widen(w);
+                    &widened
+                }
+            };
+            if is_pointwise(g) {
+                direct::conv_1x1(x, w, bias, epilogue, g, &mut out, threads)?
+            } else {
+                direct::conv_im2col(x, w, bias, epilogue, g, &mut out, threads)?
+            }
+        }
     }
-    drop((x_storage, w_storage, r_storage));
+    drop((x_storage, r_storage));
     Tensor::from_vec(out, (g.batch, g.cout, g.ho, g.wo), &Device::Cpu)
 }
 
@@ -324,11 +354,19 @@ pub fn linear_f16(
     Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
 }
 
-/// [`conv2d_fused`] with the weight as f16 values (`[cout, cin, kh, kw]` row-major, as `dims` says),
-/// for convolutions with few output pixels, whose weights are large beside their arithmetic (the UNet's
-/// 8x8 level: 15-30M weights for 64 pixels): the input's im2col rows (one row of `cin * kh * kw`
-/// values per output pixel) through [`linear_f16`] against the weight read once, as f16, instead of a
-/// gemm on a widened f32 copy. `Ok(None)` when `linear_f16` declines (no AVX2+FMA or AVX-512).
+/// Up to this many output pixels (the UNet's 8x8 level at 512x512 images), [`conv2d_f16`] runs the
+/// convolution as im2col rows through [`linear_f16`]: 15-30M weights read once as f16 for 64 pixels'
+/// arithmetic. (At 256 pixels Winograd on the f16 taps measured faster.)
+pub const FEW_PIXELS: usize = 64;
+
+/// [`conv2d_fused`] with the weight as f16 values (`[cout, cin, kh, kw]` row-major, as `dims` says), as
+/// the engine keeps the UNet's weights, read in place from their file, never widened into a whole f32
+/// copy (up to 118 MB for one layer) on the main paths:
+/// - up to [`FEW_PIXELS`] output pixels, the input's im2col rows (one row of `cin * kh * kw` values
+///   per output pixel) through [`linear_f16`] against the weight read once, as f16;
+/// - 3x3 convolutions at stride 1 that [`Algorithm::Auto`] gives to Winograd, on the f16 taps, widened a
+///   slice of output channels at a time into a reused buffer just before their transform;
+/// - others (1x1 and strided convolutions) on a widened copy, as [`conv2d_fused`] on f32 weights.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_f16(
     input: &Tensor,
@@ -338,7 +376,7 @@ pub fn conv2d_f16(
     stride: usize,
     padding: usize,
     fused: Fused<'_>,
-) -> Result<Option<Tensor>> {
+) -> Result<Tensor> {
     if !input.device().is_cpu() || input.dtype() != DType::F32 {
         bail!("conv2d_f16: needs an f32 CPU input, got {:?} on {:?}", input.dtype(), input.device())
     }
@@ -348,6 +386,25 @@ pub fn conv2d_f16(
     }
     let (bias, residual) = bias_and_residual(&g, bias, fused.residual)?;
     let input = input.contiguous()?;
+    let (bias, residual) = (bias.as_deref(), residual.as_ref());
+    if g.batch * g.ho * g.wo <= FEW_PIXELS
+        && let Some(out) = conv_rows_f16(&input, weight, &g, bias, residual, fused.relu)?
+    {
+        return Ok(out);
+    }
+    run_conv(&input, Taps::F16(weight), &g, bias, residual, fused.relu, choose(&g))
+}
+
+/// [`conv2d_f16`] for few pixels: im2col rows through [`linear_f16`]. `Ok(None)` when `linear_f16`
+/// declines (no AVX2+FMA or AVX-512).
+fn conv_rows_f16(
+    input: &Tensor,
+    weight: &[half::f16],
+    g: &Geometry,
+    bias: Option<&[f32]>,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Option<Tensor>> {
     let (storage, layout) = input.storage_and_layout();
     let x = cpu_f32(&storage, layout, g.input_len())?;
     // The im2col matrix of each image, `[K][pixels]` (as the gemm path builds it), transposed into
@@ -356,28 +413,28 @@ pub fn conv2d_f16(
     let mut col = vec![0.0f32; k * pixels];
     let mut rows = vec![0.0f32; g.batch * pixels * k];
     for (image, rows) in x.chunks_exact(g.cin * g.h * g.w).zip(rows.chunks_exact_mut(pixels * k)) {
-        direct::fill_columns(image, &g, 0, g.ho, &mut col);
+        direct::fill_columns(image, g, 0, g.ho, &mut col);
         for (i, column) in col.chunks_exact(pixels).enumerate() {
             column.iter().enumerate().for_each(|(p, v)| rows[p * k + i] = *v);
         }
     }
     drop(storage);
     let mut y = vec![0.0f32; g.batch * pixels * g.cout];
-    if !linear::linear_f16(&rows, weight, bias.as_deref(), (g.batch * pixels, k, g.cout), &mut y) {
+    if !linear::linear_f16(&rows, weight, bias, (g.batch * pixels, k, g.cout), &mut y) {
         return Ok(None);
     }
     // `[image][pixel][cout]` to NCHW, then the same epilogue as the other paths.
-    let r_storage = residual.as_ref().map(|r| r.storage_and_layout());
+    let r_storage = residual.map(|r| r.storage_and_layout());
     let residual = match &r_storage {
         Some((storage, layout)) => Some(cpu_f32(storage, layout, g.output_len())?),
         None => None,
     };
-    let epilogue = geometry::Epilogue { residual, relu: fused.relu };
+    let epilogue = geometry::Epilogue { residual, relu };
     let mut out = vec![0.0f32; g.output_len()];
     for (i, channel) in out.chunks_exact_mut(pixels.max(1)).enumerate() {
         let (n, co) = (i / g.cout, i % g.cout);
         channel.iter_mut().enumerate().for_each(|(p, o)| *o = y[(n * pixels + p) * g.cout + co]);
-        epilogue.apply(&g, n, co, 0, channel);
+        epilogue.apply(g, n, co, 0, channel);
     }
     drop(r_storage);
     Tensor::from_vec(out, (g.batch, g.cout, g.ho, g.wo), &Device::Cpu).map(Some)
@@ -406,8 +463,9 @@ fn bias_and_residual(
 
 /// Frees the scratch buffers [`conv2d`] and [`attention`] keep between calls, on the calling thread and
 /// on every thread of the current rayon pool; the next call allocates them again. Each pool thread keeps
-/// up to 16 MiB (its band; attention uses 257 KiB of it), the calling thread up to 48 MiB of transformed weight plus, after small images, one
-/// band sized for all the threads (16 MiB each).
+/// up to 16 MiB (its band; attention uses 257 KiB of it), the calling thread up to 48 MiB of transformed
+/// weight, 27 MiB of f16 taps widened for that transform and, after small images, one band sized for
+/// all the threads (16 MiB each).
 pub fn free_buffers() {
     scratch::free_this_thread();
     rayon::broadcast(|_| scratch::free_this_thread());
@@ -489,10 +547,18 @@ pub fn widen<H: Sync>(src: &[H]) -> Vec<f32>
 where
     [H]: half::slice::HalfFloatSliceExt,
 {
+    let mut out = vec![0.0f32; src.len()];
+    widen_into(src, &mut out);
+    out
+}
+
+/// [`widen`] into `dst` (as long as `src`).
+pub(crate) fn widen_into<H: Sync>(src: &[H], dst: &mut [f32])
+where
+    [H]: half::slice::HalfFloatSliceExt,
+{
     use half::slice::HalfFloatSliceExt;
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
-    let mut out = vec![0.0f32; src.len()];
-    out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(dst, src)| src.convert_to_f32_slice(dst));
-    out
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(dst, src)| src.convert_to_f32_slice(dst));
 }

@@ -4,15 +4,17 @@
 
 use std::cell::Cell;
 
-/// Which of the thread's buffers: a band's scratch, or a transformed weight that outlives the bands.
+/// Which of the thread's buffers: a band's scratch, a transformed weight that outlives the bands, or
+/// f16 weights widened for their transform.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Slot {
     Band = 0,
     Weights = 1,
+    Widened = 2,
 }
 
 thread_local! {
-    static BUFFERS: [Cell<Vec<f32>>; 2] = const { [Cell::new(Vec::new()), Cell::new(Vec::new())] };
+    static BUFFERS: [Cell<Vec<f32>>; 3] = const { [Cell::new(Vec::new()), Cell::new(Vec::new()), Cell::new(Vec::new())] };
 }
 
 /// Runs `f` on this thread's `slot` buffer, grown to at least `len` floats; what it holds on entry is

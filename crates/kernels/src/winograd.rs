@@ -195,7 +195,7 @@ fn interleave<const M: usize>(src: [&[f32]; M], dst: &mut [f32], bias: f32) {
 /// size and stride.
 pub(crate) fn conv<V: Variant>(
     x: &[f32],
-    w: &[f32],
+    w: Taps<'_>,
     bias: Option<&[f32]>,
     epilogue: Epilogue<'_>,
     g: &Geometry,
@@ -208,7 +208,7 @@ pub(crate) fn conv<V: Variant>(
 #[allow(clippy::too_many_arguments)]
 fn conv_limited<V: Variant>(
     x: &[f32],
-    w: &[f32],
+    w: Taps<'_>,
     bias: Option<&[f32]>,
     epilogue: Epilogue<'_>,
     g: &Geometry,
@@ -258,13 +258,48 @@ fn conv_limited<V: Variant>(
 #[derive(Clone, Copy)]
 enum Weights<'a> {
     Transformed(&'a [f32]),
-    Raw { w: &'a [f32], channels: usize },
+    Raw { w: Taps<'a>, channels: usize },
+}
+
+/// The 3x3 taps of a weight `[Cout][Cin][3][3]`, as f32 or as the f16 they are stored in (the UNet's
+/// weights, read in place from their file): f16 taps are widened a slice at a time into a reused
+/// buffer, just before their transform, never into a whole f32 copy of the weight.
+#[derive(Clone, Copy)]
+pub(crate) enum Taps<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> Taps<'a> {
+    /// The taps of output channels `cos` (each `cin * 9` of them).
+    fn channels(self, cos: Range<usize>, cin: usize) -> Taps<'a> {
+        let range = cos.start * cin * 9..cos.end * cin * 9;
+        match self {
+            Taps::F32(w) => Taps::F32(&w[range]),
+            Taps::F16(w) => Taps::F16(&w[range]),
+        }
+    }
+
+    /// `f` on the taps as f32: in place, or widened into this thread's [`Slot::Widened`] buffer.
+    fn with_f32<R>(self, f: impl FnOnce(&[f32]) -> R) -> R {
+        match self {
+            Taps::F32(w) => f(w),
+            Taps::F16(w) => with_scratch(Slot::Widened, w.len(), |wide| {
+                crate::widen_into(w, wide);
+                f(wide)
+            }),
+        }
+    }
 }
 
 /// `U[ξ][pair] = (G g[pair] Gᵀ)[ξ]` for the `(co, ci)` kernels of `w` (`[pairs][3][3]`). Each
 /// `U[ξ = i * a + j]` is a fixed combination of the nine taps, `Σ_(r,c) G[i][r] G[j][c] g[r][c]`, so the
 /// transform is one gemm: `U [a² x pairs] = C [a² x 9] * Wᵀ [9 x pairs]` (`w` read transposed in place).
-fn transform_weights<V: Variant>(w: &[f32], u: &mut [f32], threads: usize) -> Result<()> {
+fn transform_weights<V: Variant>(w: Taps<'_>, u: &mut [f32], threads: usize) -> Result<()> {
+    w.with_f32(|w| transform_f32::<V>(w, u, threads))
+}
+
+fn transform_f32<V: Variant>(w: &[f32], u: &mut [f32], threads: usize) -> Result<()> {
     let a = V::A;
     let c: Vec<f32> = (0..a * a * 9).map(|n| V::G[n / 9 / a][n % 9 / 3] * V::G[n / 9 % a][n % 3]).collect();
     let pairs = w.len() / 9;
@@ -328,7 +363,7 @@ fn conv_band<V: Variant>(
             for start in (0..g.cout).step_by(channels) {
                 let cos = start..(start + channels).min(g.cout);
                 with_scratch(Slot::Weights, a2 * cos.len() * g.cin, |u| {
-                    transform_weights::<V>(&w[start * g.cin * 9..cos.end * g.cin * 9], u, threads)?;
+                    transform_weights::<V>(w.channels(cos.clone(), g.cin), u, threads)?;
                     products(u, cos.clone(), m)
                 })?;
             }
@@ -522,17 +557,29 @@ mod tests {
 
     fn check<V: Variant>(g: &Geometry, threads: usize, limits: Limits) {
         let x: Vec<f32> = (0..g.input_len()).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
-        let w: Vec<f32> = (0..g.weight_len()).map(|i| ((i * 53 % 97) as f32 / 97.0) - 0.5).collect();
+        // Values f16 holds exactly, so that the f16 taps are the same weights.
+        let half: Vec<half::f16> =
+            (0..g.weight_len()).map(|i| half::f16::from_f32(((i * 53 % 97) as f32 / 97.0) - 0.5)).collect();
+        let w: Vec<f32> = half.iter().map(|v| v.to_f32()).collect();
         let bias: Vec<f32> = (0..g.cout).map(|i| i as f32 * 0.25 - 0.5).collect();
         let want = naive(&x, &w, &bias, g);
-        let mut out = vec![f32::NAN; g.output_len()];
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| conv_limited::<V>(&x, &w, Some(&bias), Epilogue::default(), g, &mut out, threads, limits))
-            .unwrap();
         let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        for (i, (got, want)) in out.iter().zip(&want).enumerate() {
-            let err = (f64::from(*got) - want).abs() / scale;
-            assert!(err < 1e-5, "F({m}x{m}) {g:?} {threads} threads {limits:?}: element {i} {got} vs {want}", m = V::M);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for taps in [Taps::F32(&w), Taps::F16(&half)] {
+            let mut out = vec![f32::NAN; g.output_len()];
+            pool.install(|| {
+                conv_limited::<V>(&x, taps, Some(&bias), Epilogue::default(), g, &mut out, threads, limits)
+            })
+            .unwrap();
+            let f16 = matches!(taps, Taps::F16(_));
+            for (i, (got, want)) in out.iter().zip(&want).enumerate() {
+                let err = (f64::from(*got) - want).abs() / scale;
+                let m = V::M;
+                assert!(
+                    err < 1e-5,
+                    "F({m}x{m}) {g:?} {threads} threads {limits:?} f16 {f16}: element {i} {got} vs {want}"
+                );
+            }
         }
     }
 

@@ -250,13 +250,22 @@ fn a_residual_of_another_shape_is_an_error_and_other_dtypes_take_candle() {
     assert_eq!(diff, 0.0);
 }
 
-/// `conv2d_f16` (im2col rows through `linear_f16`) against candle's conv2d on the same f16 weights
-/// widened, with and without the fused residual and ReLU, on the UNet's 8x8 shapes scaled down, a
-/// stride-2 downsampler, a 1x1 and a batch of two.
+/// `conv2d_f16` against candle's conv2d on the same f16 weights widened, with and without the fused
+/// residual and ReLU: up to 64 output pixels (im2col rows through `linear_f16`) on the UNet's 8x8
+/// shapes scaled down, a stride-2 downsampler, a 1x1 and a batch of two; beyond, Winograd F(2x2) and
+/// F(4x4) on the f16 taps, and the widened-copy paths (1x1, stride 2).
 #[test]
 fn the_f16_weight_path_matches_candle() {
-    let cases: [Case; 4] =
-        [(1, 40, 8, 8, 24, 3, 1, 1), (2, 16, 7, 5, 12, 3, 2, 1), (1, 12, 6, 6, 5, 1, 1, 0), (2, 9, 4, 3, 7, 3, 1, 1)];
+    let cases: [Case; 8] = [
+        (1, 40, 8, 8, 24, 3, 1, 1),
+        (2, 16, 7, 5, 12, 3, 2, 1),
+        (1, 12, 6, 6, 5, 1, 1, 0),
+        (2, 9, 4, 3, 7, 3, 1, 1),
+        (1, 40, 16, 16, 36, 3, 1, 1),
+        (2, 33, 32, 30, 32, 3, 1, 1),
+        (1, 12, 10, 10, 5, 1, 1, 0),
+        (1, 8, 20, 20, 6, 3, 2, 1),
+    ];
     for (i, case) in cases.into_iter().enumerate() {
         let (x, weight, bias) = tensors(case, i as u64 + 70);
         let (stride, padding) = (case.6, case.7);
@@ -274,12 +283,11 @@ fn the_f16_weight_path_matches_candle() {
             let want = if relu { want.relu().unwrap() } else { want };
             let fused = Fused { residual, relu };
             let dims = weight.dims4().unwrap();
-            let Some(got) = kernels::conv2d_f16(&x, &values, dims, Some(&bias), stride, padding, fused).unwrap() else {
-                eprintln!("no AVX2+FMA on this CPU: conv2d_f16 declines, nothing to compare");
-                return;
-            };
+            let got = kernels::conv2d_f16(&x, &values, dims, Some(&bias), stride, padding, fused).unwrap();
             let err = relative_error(&got, &want);
-            assert!(err < 1e-5, "{case:?} residual {}: relative error {err:e}", residual.is_some());
+            // Winograd's transforms round more than a direct sum.
+            let bound = if dims.2 == 3 && stride == 1 && got.elem_count() / dims.0 > 64 { 1e-4 } else { 1e-5 };
+            assert!(err < bound, "{case:?} residual {}: relative error {err:e}", residual.is_some());
         }
     }
     let (x, weight, _) = tensors((1, 4, 5, 5, 3, 3, 1, 1), 1);
