@@ -208,12 +208,6 @@ pub fn geglu(xs: &Tensor, kernels: Kernels) -> Result<Tensor> {
     &halves[0] * halves[1].gelu_erf()?
 }
 
-/// Up to this many rows (tokens), a [`Linear`] whose weight is kept in f16 on the CPU runs on
-/// [`kernels::linear_f16`], which reads the f16 weight once, in place, instead of a gemm on a widened
-/// copy: 2.9-4x at the text encoders' 77 tokens, 1.07-1.35x at the UNet's 256 (16x16 latents), behind
-/// from 1024 on (`examples/linear_bench.rs` in `kernels`, BENCHMARKS.md).
-pub const FEW_ROWS: usize = 256;
-
 /// A linear layer `x W^T + b` over the last dimension, in the input's dtype.
 pub struct Linear {
     weight: Param,
@@ -228,10 +222,12 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
+    /// On f32 CPU activations with the weight kept in f16, [`kernels::linear_f16`] (the weight read in
+    /// place for few rows, widened into a reused buffer for many); otherwise candle's linear on the
+    /// weight in the input's dtype.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let bias = self.bias.as_ref().map(|b| cast(b, xs.dtype())).transpose()?;
-        let rows = xs.elem_count() / xs.dim(D::Minus1)?.max(1);
-        if rows <= FEW_ROWS && xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        if xs.device().is_cpu() && xs.dtype() == DType::F32 {
             let out_features = self.weight.dims()?.first().copied().unwrap_or(0);
             let fast = self.weight.with_f16(|w| kernels::linear_f16(xs, w, out_features, bias.as_ref()))?;
             if let Some(Some(ys)) = fast.transpose()? {

@@ -314,10 +314,12 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
 
 /// `x wᵀ + bias` over the last dimension of an f32 CPU tensor `x` `[..., k]`, with the weight as f16
 /// values `[out_features x k]` row-major (PyTorch's `Linear` layout; the engine hands in weights read in
-/// place from a mapped file) and an optional f32 `bias` `[out_features]`: for few rows (the text
-/// encoders' 77 tokens), where each weight is used a few dozen times and a gemm on a widened copy is
-/// bound by memory (module `linear`). `Ok(None)` when the CPU has neither AVX2+FMA nor AVX-512 (or is
-/// not x86-64): the caller takes its general path.
+/// place from a mapped file) and an optional f32 `bias` `[out_features]`. Up to [`FEW_ROWS`] rows (the
+/// text encoders' 77 tokens, the UNet's low levels), where each weight is used a few dozen times and a
+/// gemm on a widened copy is bound by memory, dot products on the f16 values (module `linear`);
+/// beyond, a gemm on the weight widened into a reused buffer, into an output that starts from the bias.
+/// `Ok(None)` when there are few rows and the CPU has neither AVX2+FMA nor AVX-512 (or is not x86-64):
+/// the caller takes its general path.
 pub fn linear_f16(
     x: &Tensor,
     weight: &[half::f16],
@@ -345,14 +347,24 @@ pub fn linear_f16(
     let m = x.elem_count() / k.max(1);
     let (storage, layout) = x.storage_and_layout();
     let values = cpu_f32(&storage, layout, m * k)?;
-    let mut out = vec![0.0f32; m * out_features];
-    let done = linear::linear_f16(values, weight, bias.as_deref(), (m, k, out_features), &mut out);
+    let out = if m <= FEW_ROWS {
+        let mut out = vec![0.0f32; m * out_features];
+        if !linear::linear_f16(values, weight, bias.as_deref(), (m, k, out_features), &mut out) {
+            return Ok(None);
+        }
+        out
+    } else {
+        linear::linear_widened(values, weight, bias.as_deref(), (m, k, out_features))?
+    };
     drop(storage);
-    if !done {
-        return Ok(None);
-    }
     Tensor::from_vec(out, dims, &Device::Cpu).map(Some)
 }
+
+/// Up to this many rows (tokens), [`linear_f16`] runs on dot products that read the f16 weight once,
+/// in place: 2.9-4x a gemm on a widened copy at the text encoders' 77 tokens, 1.07-1.35x at the UNet's
+/// 256 (16x16 latents), behind from 1024 on (`examples/linear_bench.rs`, BENCHMARKS.md). Beyond, the
+/// gemm, on the weight widened into a reused buffer.
+pub const FEW_ROWS: usize = 256;
 
 /// Up to this many output pixels (the UNet's 8x8 level at 512x512 images), [`conv2d_f16`] runs the
 /// convolution as im2col rows through [`linear_f16`]: 15-30M weights read once as f16 for 64 pixels'

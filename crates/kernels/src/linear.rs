@@ -21,10 +21,14 @@
 //! `[f32; L]` arrays instead, LLVM stored every accumulator to the stack on each iteration, at a third
 //! of the speed.) On CPUs with neither, [`linear_f16`] declines and the caller takes the general path.
 
+use candle_core::Result;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
+
+use crate::gemm::{Mat, MatMut, matmul};
+use crate::scratch::{Slot, with_scratch};
 
 /// Token rows per tile.
 const R: usize = 4;
@@ -59,6 +63,29 @@ pub(crate) fn linear_f16(
     // Elsewhere the general path, until a NEON variant is measured.
     let _ = (x, w, bias, dims, y);
     false
+}
+
+/// `y = x wᵀ (+ bias)` for many rows, where a gemm wins: `w` widened into this thread's reused
+/// [`Slot::Widened`] buffer (no fresh copy per call), `y` starting from the bias rows if any (no pass of
+/// its own after the product).
+pub(crate) fn linear_widened(
+    x: &[f32],
+    w: &[f16],
+    bias: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+) -> Result<Vec<f32>> {
+    let mut y = match bias {
+        Some(bias) => bias.repeat(m),
+        None => vec![0.0f32; m * n],
+    };
+    with_scratch(Slot::Widened, w.len(), |wide| {
+        crate::widen_into(w, wide);
+        // wᵀ read in place: element (l, j) is w[j * k + l].
+        let wt = Mat { data: wide, rows: k, cols: n, row_stride: 1, col_stride: k };
+        let dst = MatMut { data: &mut y, rows: m, cols: n, row_stride: n };
+        matmul(dst, Mat::rows(x, m, k, k), wt, bias.is_some(), rayon::current_num_threads())
+    })?;
+    Ok(y)
 }
 
 fn run<S: Simd, const C: usize>(

@@ -24,7 +24,10 @@ thread_local! {
 pub(crate) fn with_scratch<R>(slot: Slot, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let mut buffer = BUFFERS.with(|b| b[slot as usize].take());
     if buffer.len() < len {
-        buffer.resize(len, 0.0);
+        // A new buffer of exactly `len`, the old one freed first: growing in place would copy the old
+        // contents (which nobody reads) and round the capacity up to twice the old one.
+        drop(buffer);
+        buffer = vec![0.0; len];
     }
     let result = f(&mut buffer[..len]);
     BUFFERS.with(|b| b[slot as usize].set(buffer));

@@ -1,7 +1,8 @@
 //! `kernels::linear_f16` against candle's matmul on the same f16 weights widened to f64, on the text
 //! encoders' shapes (77 tokens), odd ones (rows, features and widths that are no multiple of the tiles
-//! or the vector lanes, widths shorter than one vector, longer than one widening chunk), with and
-//! without bias, and its argument checks.
+//! or the vector lanes, widths shorter than one vector, longer than one widening chunk), more rows than
+//! the dot products take (the gemm on the widened weight), with and without bias, and its argument
+//! checks.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -23,7 +24,7 @@ fn equals_the_matmul_of_the_widened_weights() {
         (&[5], 3, 40),
         (&[1], 17, 1),
         (&[4, 1], 512, 64),
-        // Hundreds of rows, as the UNet's 16x16 level has, in a partial last tile.
+        // More rows than `FEW_ROWS`: the gemm on the widened weight, starting from the bias.
         (&[2, 301], 70, 100),
         // Longer than one widening chunk (4096): the 8x8 convolutions' im2col rows are 11520 long.
         (&[3, 2], 4200, 40),
