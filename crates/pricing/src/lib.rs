@@ -12,7 +12,7 @@ pub use catalog::{BUILTIN_CATALOG, BillingBasis, Catalog, CatalogError, LocalPri
 pub use cost::{
     Adjustments, Cost, CostLine, HIGH_FIDELITY_OTHER_TOKENS, HIGH_FIDELITY_SQUARE_TOKENS, JobShape,
     PARTIAL_IMAGE_TOKENS, PriceError, UsageSource, compute_cost, cost, count_text_tokens, count_usage,
-    image_input_tokens, reference_output_tokens, tokens_for_words,
+    image_input_tokens, reference_output_tokens, tokens_for_words, warm_up_token_counter,
 };
 pub use estimate::{Estimate, PerImageView, PlannedRequest, estimate, worst_case};
 pub use rust_decimal::Decimal;

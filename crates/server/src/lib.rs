@@ -51,6 +51,8 @@ pub struct AppState {
 impl AppState {
     /// Builds the providers of `config` and the routing over them.
     pub fn from_config(config: &Config) -> Result<AppState, ConfigError> {
+        // Every billed response counts its prompt's tokens: have the encoder ready by the first one.
+        pricing::warm_up_token_counter();
         let mut providers: Vec<routing::ProviderModels> = Vec::new();
         if !config.local_models.is_empty() {
             let local = LocalProvider::new(config::LOCAL_PROVIDER, config.local_models.clone(), config.engine.clone())
