@@ -341,7 +341,18 @@ struct Task {
     plan: Plan,
     reply: Reply,
     cancel: Arc<AtomicBool>,
-    pending: Arc<AtomicUsize>,
+    slot: QueueSlot,
+}
+
+/// A task's place in the queue's count (`LocalProvider::pending`), given back when dropped: by the worker
+/// just before it replies (so that a client that has its answer finds the place free), or with a task
+/// that never ran.
+struct QueueSlot(Arc<AtomicUsize>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Sets the cancel flag when the request's future (or stream) is dropped.
@@ -386,10 +397,10 @@ impl Provider for LocalProvider {
         let guard = CancelOnDrop(Arc::clone(&cancel));
         let stream = job.options().stream;
         let model = served.model.clone();
-        let pending = Arc::clone(&self.pending);
+        let slot = QueueSlot(Arc::clone(&self.pending));
         if stream {
             let (tx, rx) = tokio_mpsc::unbounded_channel();
-            let task = Task { model, plan, reply: Reply::Stream(tx), cancel, pending };
+            let task = Task { model, plan, reply: Reply::Stream(tx), cancel, slot };
             self.queue.send(task).map_err(|_| engine_gone())?;
             let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |e| {
                 let _keep = &guard;
@@ -398,7 +409,7 @@ impl Provider for LocalProvider {
             Ok(ProviderOutput::Stream(events.boxed()))
         } else {
             let (tx, rx) = oneshot::channel();
-            let task = Task { model, plan, reply: Reply::Complete(tx), cancel, pending };
+            let task = Task { model, plan, reply: Reply::Complete(tx), cancel, slot };
             self.queue.send(task).map_err(|_| engine_gone())?;
             let result = rx.await.map_err(|_| engine_gone())?;
             drop(guard);
@@ -421,7 +432,6 @@ fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64
         Err(e) => {
             tracing::error!(error = %e, "no device for the local engine");
             for task in tasks {
-                task.pending.fetch_sub(1, Ordering::AcqRel);
                 task.fail(ProviderError::Api(ApiError::new(
                     500,
                     "server_error",
@@ -435,9 +445,7 @@ fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64
     };
     let mut loaded: Vec<(Resident, Arc<Pipeline>)> = Vec::new();
     for task in tasks {
-        let pending = Arc::clone(&task.pending);
         if task.cancel.load(Ordering::Relaxed) {
-            pending.fetch_sub(1, Ordering::AcqRel);
             continue;
         }
         let key = (task.model.dir.clone(), task.model.tiny_decoder.clone());
@@ -471,7 +479,6 @@ fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64
                         Some("model_load_failed"),
                         msg,
                     )));
-                    pending.fetch_sub(1, Ordering::AcqRel);
                     continue;
                 }
             },
@@ -479,7 +486,6 @@ fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64
         let started = Instant::now();
         task.run(&pipeline);
         recent_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -514,17 +520,22 @@ impl Hooks for StreamHooks<'_> {
 
 impl Task {
     fn fail(self, e: ProviderError) {
-        self.reply.send_err(e);
+        let Task { reply, slot, .. } = self;
+        drop(slot);
+        reply.send_err(e);
     }
 
     fn run(self, pipeline: &Pipeline) {
-        let Task { model, plan, reply, cancel, .. } = self;
+        let Task { model, plan, reply, cancel, slot } = self;
         let Plan { mut params, edit, format, compression, resolved } = plan;
         let started = Instant::now();
         if let Some(pending) = edit {
             match decode_edit(&pending.request, pending.strength) {
                 Ok(e) => params.edit = Some(e),
-                Err(e) => return reply.send_err(ProviderError::Api(e)),
+                Err(e) => {
+                    drop(slot);
+                    return reply.send_err(ProviderError::Api(e));
+                }
             }
         }
         let sender = match &reply {
@@ -539,6 +550,8 @@ impl Task {
         let compute_ms = started.elapsed().as_millis() as u64;
         tracing::info!(model = %model.name, ms = compute_ms, n = params.n, steps = params.steps, "local generation");
         let created = now();
+        // The engine is done with this task: its place in the queue is free before the client hears.
+        drop(slot);
         let b64s = match outcome {
             Ok(b64s) => b64s,
             Err(e) => return reply.send_err(e),
