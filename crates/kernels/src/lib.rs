@@ -46,7 +46,7 @@ use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, ba
 
 use geometry::Geometry;
 pub use norm::Activation;
-use winograd::Taps;
+use scratch::Values;
 
 /// How [`conv2d_with`] computes the convolution.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -152,7 +152,7 @@ pub fn conv2d_fused(
     }
     let (w_storage, w_layout) = weight.storage_and_layout();
     let w = cpu_f32(&w_storage, w_layout, g.weight_len())?;
-    let out = run_conv(&input, Taps::F32(w), &g, bias.as_deref(), residual.as_ref(), fused.relu, algorithm);
+    let out = run_conv(&input, Values::F32(w), &g, bias.as_deref(), residual.as_ref(), fused.relu, algorithm);
     drop(w_storage);
     out
 }
@@ -161,7 +161,7 @@ pub fn conv2d_fused(
 /// `input`, with the weight's taps in f32 or f16, the bias as values and the residual contiguous.
 fn run_conv(
     input: &Tensor,
-    w: Taps<'_>,
+    w: Values<'_>,
     g: &Geometry,
     bias: Option<&[f32]>,
     residual: Option<&Tensor>,
@@ -181,23 +181,10 @@ fn run_conv(
     match algorithm {
         Algorithm::Winograd2 => winograd::conv::<winograd::F2>(x, w, bias, epilogue, g, &mut out, threads)?,
         Algorithm::Winograd4 => winograd::conv::<winograd::F4>(x, w, bias, epilogue, g, &mut out, threads)?,
-        _ => {
-            // The direct paths read f32 weights: f16 ones are widened first (1x1 and strided
-            // convolutions: the smaller weights).
-            let widened;
-            let w = match w {
-                Taps::F32(w) => w,
-                Taps::F16(w) => {
-                    widened = widen(w);
-                    &widened
-                }
-            };
-            if is_pointwise(g) {
-                direct::conv_1x1(x, w, bias, epilogue, g, &mut out, threads)?
-            } else {
-                direct::conv_im2col(x, w, bias, epilogue, g, &mut out, threads)?
-            }
-        }
+        // The direct paths read f32 weights: f16 ones (1x1 and strided convolutions, the smaller
+        // weights) widened into the reused buffer first.
+        _ if is_pointwise(g) => w.with_f32(|w| direct::conv_1x1(x, w, bias, epilogue, g, &mut out, threads))?,
+        _ => w.with_f32(|w| direct::conv_im2col(x, w, bias, epilogue, g, &mut out, threads))?,
     }
     drop((x_storage, r_storage));
     Tensor::from_vec(out, (g.batch, g.cout, g.ho, g.wo), &Device::Cpu)
@@ -378,7 +365,8 @@ pub const FEW_PIXELS: usize = 64;
 ///   per output pixel) through [`linear_f16`] against the weight read once, as f16;
 /// - 3x3 convolutions at stride 1 that [`Algorithm::Auto`] gives to Winograd, on the f16 taps, widened a
 ///   slice of output channels at a time into a reused buffer just before their transform;
-/// - others (1x1 and strided convolutions) on a widened copy, as [`conv2d_fused`] on f32 weights.
+/// - others (1x1 and strided convolutions) as [`conv2d_fused`] on f32 weights, widened into the same
+///   reused buffer.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_f16(
     input: &Tensor,
@@ -404,7 +392,7 @@ pub fn conv2d_f16(
     {
         return Ok(out);
     }
-    run_conv(&input, Taps::F16(weight), &g, bias, residual, fused.relu, choose(&g))
+    run_conv(&input, Values::F16(weight), &g, bias, residual, fused.relu, choose(&g))
 }
 
 /// [`conv2d_f16`] for few pixels: im2col rows through [`linear_f16`]. `Ok(None)` when `linear_f16`
@@ -476,7 +464,7 @@ fn bias_and_residual(
 /// Frees the scratch buffers [`conv2d`] and [`attention`] keep between calls, on the calling thread and
 /// on every thread of the current rayon pool; the next call allocates them again. Each pool thread keeps
 /// up to 16 MiB (its band; attention uses 257 KiB of it), the calling thread up to 48 MiB of transformed
-/// weight, 27 MiB of f16 taps widened for that transform and, after small images, one band sized for
+/// weight, up to 27 MiB of f16 weights widened for use and, after small images, one band sized for
 /// all the threads (16 MiB each).
 pub fn free_buffers() {
     scratch::free_this_thread();

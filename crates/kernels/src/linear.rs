@@ -28,7 +28,7 @@ use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
 use crate::gemm::{Mat, MatMut, matmul};
-use crate::scratch::{Slot, with_scratch};
+use crate::scratch::Values;
 
 /// Token rows per tile.
 const R: usize = 4;
@@ -66,7 +66,7 @@ pub(crate) fn linear_f16(
 }
 
 /// `y = x wᵀ (+ bias)` for many rows, where a gemm wins: `w` widened into this thread's reused
-/// [`Slot::Widened`] buffer (no fresh copy per call), `y` starting from the bias rows if any (no pass of
+/// reused widened buffer ([`Values`]; no fresh copy per call), `y` starting from the bias rows if any (no pass of
 /// its own after the product).
 pub(crate) fn linear_widened(
     x: &[f32],
@@ -78,8 +78,7 @@ pub(crate) fn linear_widened(
         Some(bias) => bias.repeat(m),
         None => vec![0.0f32; m * n],
     };
-    with_scratch(Slot::Widened, w.len(), |wide| {
-        crate::widen_into(w, wide);
+    Values::F16(w).with_f32(|wide| {
         // wᵀ read in place: element (l, j) is w[j * k + l].
         let wt = Mat { data: wide, rows: k, cols: n, row_stride: 1, col_stride: k };
         let dst = MatMut { data: &mut y, rows: m, cols: n, row_stride: n };

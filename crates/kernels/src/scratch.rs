@@ -5,7 +5,7 @@
 use std::cell::Cell;
 
 /// Which of the thread's buffers: a band's scratch, a transformed weight that outlives the bands, or
-/// f16 weights widened for their transform.
+/// f16 weights widened for use ([`Values`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Slot {
     Band = 0,
@@ -37,4 +37,34 @@ pub(crate) fn with_scratch<R>(slot: Slot, len: usize, f: impl FnOnce(&mut [f32])
 /// Frees this thread's buffers.
 pub(crate) fn free_this_thread() {
     BUFFERS.with(|b| b.iter().for_each(|cell| drop(cell.take())));
+}
+
+/// A weight's values as f32, or as the f16 they are stored in (the UNet's weights, read in place from
+/// their file): f16 values are widened just before use into this thread's [`Slot::Widened`] buffer,
+/// reused between calls, never into a fresh f32 copy.
+#[derive(Clone, Copy)]
+pub(crate) enum Values<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> Values<'a> {
+    /// The values in `range`.
+    pub(crate) fn slice(self, range: std::ops::Range<usize>) -> Values<'a> {
+        match self {
+            Values::F32(w) => Values::F32(&w[range]),
+            Values::F16(w) => Values::F16(&w[range]),
+        }
+    }
+
+    /// `f` on the values as f32: in place, or widened into this thread's [`Slot::Widened`] buffer.
+    pub(crate) fn with_f32<R>(self, f: impl FnOnce(&[f32]) -> R) -> R {
+        match self {
+            Values::F32(w) => f(w),
+            Values::F16(w) => with_scratch(Slot::Widened, w.len(), |wide| {
+                crate::widen_into(w, wide);
+                f(wide)
+            }),
+        }
+    }
 }

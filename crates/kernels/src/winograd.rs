@@ -32,7 +32,7 @@ use rayon::prelude::*;
 
 use crate::gemm::{Mat, MatMut, matmul};
 use crate::geometry::{Band, Epilogue, Geometry, band_units, run_bands, split_rows};
-use crate::scratch::{Slot, with_scratch};
+use crate::scratch::{Slot, Values, with_scratch};
 
 /// Sizes of the band split and of the transformed weight held at once.
 #[derive(Clone, Copy, Debug)]
@@ -195,7 +195,7 @@ fn interleave<const M: usize>(src: [&[f32]; M], dst: &mut [f32], bias: f32) {
 /// size and stride.
 pub(crate) fn conv<V: Variant>(
     x: &[f32],
-    w: Taps<'_>,
+    w: Values<'_>,
     bias: Option<&[f32]>,
     epilogue: Epilogue<'_>,
     g: &Geometry,
@@ -208,7 +208,7 @@ pub(crate) fn conv<V: Variant>(
 #[allow(clippy::too_many_arguments)]
 fn conv_limited<V: Variant>(
     x: &[f32],
-    w: Taps<'_>,
+    w: Values<'_>,
     bias: Option<&[f32]>,
     epilogue: Epilogue<'_>,
     g: &Geometry,
@@ -258,44 +258,13 @@ fn conv_limited<V: Variant>(
 #[derive(Clone, Copy)]
 enum Weights<'a> {
     Transformed(&'a [f32]),
-    Raw { w: Taps<'a>, channels: usize },
-}
-
-/// The 3x3 taps of a weight `[Cout][Cin][3][3]`, as f32 or as the f16 they are stored in (the UNet's
-/// weights, read in place from their file): f16 taps are widened a slice at a time into a reused
-/// buffer, just before their transform, never into a whole f32 copy of the weight.
-#[derive(Clone, Copy)]
-pub(crate) enum Taps<'a> {
-    F32(&'a [f32]),
-    F16(&'a [half::f16]),
-}
-
-impl<'a> Taps<'a> {
-    /// The taps of output channels `cos` (each `cin * 9` of them).
-    fn channels(self, cos: Range<usize>, cin: usize) -> Taps<'a> {
-        let range = cos.start * cin * 9..cos.end * cin * 9;
-        match self {
-            Taps::F32(w) => Taps::F32(&w[range]),
-            Taps::F16(w) => Taps::F16(&w[range]),
-        }
-    }
-
-    /// `f` on the taps as f32: in place, or widened into this thread's [`Slot::Widened`] buffer.
-    fn with_f32<R>(self, f: impl FnOnce(&[f32]) -> R) -> R {
-        match self {
-            Taps::F32(w) => f(w),
-            Taps::F16(w) => with_scratch(Slot::Widened, w.len(), |wide| {
-                crate::widen_into(w, wide);
-                f(wide)
-            }),
-        }
-    }
+    Raw { w: Values<'a>, channels: usize },
 }
 
 /// `U[ξ][pair] = (G g[pair] Gᵀ)[ξ]` for the `(co, ci)` kernels of `w` (`[pairs][3][3]`). Each
 /// `U[ξ = i * a + j]` is a fixed combination of the nine taps, `Σ_(r,c) G[i][r] G[j][c] g[r][c]`, so the
 /// transform is one gemm: `U [a² x pairs] = C [a² x 9] * Wᵀ [9 x pairs]` (`w` read transposed in place).
-fn transform_weights<V: Variant>(w: Taps<'_>, u: &mut [f32], threads: usize) -> Result<()> {
+fn transform_weights<V: Variant>(w: Values<'_>, u: &mut [f32], threads: usize) -> Result<()> {
     w.with_f32(|w| transform_f32::<V>(w, u, threads))
 }
 
@@ -363,7 +332,7 @@ fn conv_band<V: Variant>(
             for start in (0..g.cout).step_by(channels) {
                 let cos = start..(start + channels).min(g.cout);
                 with_scratch(Slot::Weights, a2 * cos.len() * g.cin, |u| {
-                    transform_weights::<V>(w.channels(cos.clone(), g.cin), u, threads)?;
+                    transform_weights::<V>(w.slice(cos.start * g.cin * 9..cos.end * g.cin * 9), u, threads)?;
                     products(u, cos.clone(), m)
                 })?;
             }
@@ -565,13 +534,13 @@ mod tests {
         let want = naive(&x, &w, &bias, g);
         let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        for taps in [Taps::F32(&w), Taps::F16(&half)] {
+        for taps in [Values::F32(&w), Values::F16(&half)] {
             let mut out = vec![f32::NAN; g.output_len()];
             pool.install(|| {
                 conv_limited::<V>(&x, taps, Some(&bias), Epilogue::default(), g, &mut out, threads, limits)
             })
             .unwrap();
-            let f16 = matches!(taps, Taps::F16(_));
+            let f16 = matches!(taps, Values::F16(_));
             for (i, (got, want)) in out.iter().zip(&want).enumerate() {
                 let err = (f64::from(*got) - want).abs() / scale;
                 let m = V::M;
