@@ -43,6 +43,7 @@ mod scratch;
 mod winograd;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, bail};
+use rayon::prelude::*;
 
 use geometry::Geometry;
 pub use norm::Activation;
@@ -176,7 +177,7 @@ fn run_conv(
         None => None,
     };
     let epilogue = geometry::Epilogue { residual, relu };
-    let mut out = vec![0.0f32; g.output_len()];
+    let mut out = scratch::zeroed(g.output_len());
     let threads = rayon::current_num_threads();
     match algorithm {
         Algorithm::Winograd2 => winograd::conv::<winograd::F2>(x, w, bias, epilogue, g, &mut out, threads)?,
@@ -222,7 +223,7 @@ pub fn group_norm(
     let (gamma, beta) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
     let (storage, layout) = x.storage_and_layout();
     let values = cpu_f32(&storage, layout, batch * channels * pixels)?;
-    let mut out = vec![0.0f32; values.len()];
+    let mut out = scratch::zeroed(values.len());
     norm::group_norm(values, &mut out, channels, pixels, groups, eps, &gamma, &beta, activation);
     drop(storage);
     Tensor::from_vec(out, dims, &Device::Cpu)
@@ -267,7 +268,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     let q_values = cpu_f32(&q_storage, q_layout, bh * tq * d)?;
     let k_values = cpu_f32(&k_storage, k_layout, bh * tk * d)?;
     let v_values = cpu_f32(&v_storage, v_layout, bh * tk * dv)?;
-    let mut out = vec![0.0f32; bh * tq * dv];
+    let mut out = scratch::zeroed(bh * tq * dv);
     let dims = attention::Dims { bh, tq, tk, d, dv };
     attention::attention(q_values, k_values, v_values, &mut out, dims, scale as f32)?;
     drop((q_storage, k_storage, v_storage));
@@ -293,7 +294,7 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     let values = cpu_f32(&storage, layout, x.elem_count())?;
-    let mut out = vec![0.0f32; values.len() / 2];
+    let mut out = scratch::zeroed(values.len() / 2);
     elementwise::geglu(values, &mut out, n);
     drop(storage);
     Tensor::from_vec(out, dims, &Device::Cpu)
@@ -335,7 +336,7 @@ pub fn linear_f16(
     let (storage, layout) = x.storage_and_layout();
     let values = cpu_f32(&storage, layout, m * k)?;
     let out = if m <= FEW_ROWS {
-        let mut out = vec![0.0f32; m * out_features];
+        let mut out = scratch::zeroed(m * out_features);
         if !linear::linear_f16(values, weight, bias.as_deref(), (m, k, out_features), &mut out) {
             return Ok(None);
         }
@@ -407,19 +408,34 @@ fn conv_rows_f16(
 ) -> Result<Option<Tensor>> {
     let (storage, layout) = input.storage_and_layout();
     let x = cpu_f32(&storage, layout, g.input_len())?;
-    // The im2col matrix of each image, `[K][pixels]` (as the gemm path builds it), transposed into
-    // one row of K values per output pixel.
+    // One row of K = cin * kh * kw values per output pixel (the im2col matrix transposed), the pixels
+    // shared out between the threads.
     let (pixels, k) = (g.ho * g.wo, g.cin * g.kh * g.kw);
-    let mut col = vec![0.0f32; k * pixels];
-    let mut rows = vec![0.0f32; g.batch * pixels * k];
-    for (image, rows) in x.chunks_exact(g.cin * g.h * g.w).zip(rows.chunks_exact_mut(pixels * k)) {
-        direct::fill_columns(image, g, 0, g.ho, &mut col);
-        for (i, column) in col.chunks_exact(pixels).enumerate() {
-            column.iter().enumerate().for_each(|(p, v)| rows[p * k + i] = *v);
+    let mut rows = scratch::zeroed(g.batch * pixels * k);
+    rows.par_chunks_mut(k.max(1)).enumerate().for_each(|(i, row)| {
+        let (n, p) = (i / pixels, i % pixels);
+        let (oy, ox) = (p / g.wo, p % g.wo);
+        let image = &x[n * g.cin * g.h * g.w..][..g.cin * g.h * g.w];
+        // The taps inside the input (the row starts zeroed: padding stays 0): input rows `y0 + ky`
+        // and columns `x0 + kx`, in padded coordinates.
+        let (y0, x0) = (oy * g.stride, ox * g.stride);
+        let inside = |o: usize, size: usize| o >= g.pad && o - g.pad < size;
+        for (plane, taps) in image.chunks_exact(g.h * g.w).zip(row.chunks_exact_mut(g.kh * g.kw)) {
+            for (ky, taps) in taps.chunks_exact_mut(g.kw).enumerate() {
+                if !inside(y0 + ky, g.h) {
+                    continue;
+                }
+                let line = &plane[(y0 + ky - g.pad) * g.w..][..g.w];
+                for (kx, v) in taps.iter_mut().enumerate() {
+                    if inside(x0 + kx, g.w) {
+                        *v = line[x0 + kx - g.pad];
+                    }
+                }
+            }
         }
-    }
+    });
     drop(storage);
-    let mut y = vec![0.0f32; g.batch * pixels * g.cout];
+    let mut y = scratch::zeroed(g.batch * pixels * g.cout);
     if !linear::linear_f16(&rows, weight, bias, (g.batch * pixels, k, g.cout), &mut y) {
         return Ok(None);
     }
@@ -430,12 +446,12 @@ fn conv_rows_f16(
         None => None,
     };
     let epilogue = geometry::Epilogue { residual, relu };
-    let mut out = vec![0.0f32; g.output_len()];
-    for (i, channel) in out.chunks_exact_mut(pixels.max(1)).enumerate() {
+    let mut out = scratch::zeroed(g.output_len());
+    out.par_chunks_mut(pixels.max(1)).enumerate().with_min_len(16).for_each(|(i, channel)| {
         let (n, co) = (i / g.cout, i % g.cout);
         channel.iter_mut().enumerate().for_each(|(p, o)| *o = y[(n * pixels + p) * g.cout + co]);
         epilogue.apply(g, n, co, 0, channel);
-    }
+    });
     drop(r_storage);
     Tensor::from_vec(out, (g.batch, g.cout, g.ho, g.wo), &Device::Cpu).map(Some)
 }
@@ -547,7 +563,7 @@ pub fn widen<H: Sync>(src: &[H]) -> Vec<f32>
 where
     [H]: half::slice::HalfFloatSliceExt,
 {
-    let mut out = vec![0.0f32; src.len()];
+    let mut out = scratch::zeroed(src.len());
     widen_into(src, &mut out);
     out
 }

@@ -30,6 +30,9 @@ use rayon::prelude::*;
 use crate::gemm::{Mat, MatMut, matmul};
 use crate::scratch::Values;
 
+/// Output values per rayon task when [`linear_widened`] writes the bias rows.
+const ROWS_PER_TASK: usize = 1 << 16;
+
 /// Token rows per tile.
 const R: usize = 4;
 /// Weight rows (output features) per rayon task.
@@ -74,10 +77,14 @@ pub(crate) fn linear_widened(
     bias: Option<&[f32]>,
     (m, k, n): (usize, usize, usize),
 ) -> Result<Vec<f32>> {
-    let mut y = match bias {
-        Some(bias) => bias.repeat(m),
-        None => vec![0.0f32; m * n],
-    };
+    let mut y = crate::scratch::zeroed(m * n);
+    // The bias rows written by the threads: up to 42 MB at the UNet's feed-forward (4096 x 2560), where
+    // one thread repeating the bias (and taking the fresh pages' faults) left the other idle.
+    if let Some(bias) = bias.filter(|b| b.len() == n && n > 0) {
+        y.par_chunks_mut(n * ROWS_PER_TASK.div_ceil(n).max(1)).for_each(|rows| {
+            rows.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bias));
+        });
+    }
     Values::F16(w).with_f32(|wide| {
         // wᵀ read in place: element (l, j) is w[j * k + l].
         let wt = Mat { data: wide, rows: k, cols: n, row_stride: 1, col_stride: k };
@@ -120,17 +127,18 @@ fn run<S: Simd, const C: usize>(
             out
         })
         .collect();
-    for (b, out) in blocks.iter().enumerate() {
-        let (n0, nb) = (b * NB, NB.min(n - b * NB));
-        let nbp = nb.next_multiple_of(C);
-        for (dst, src) in y.chunks_exact_mut(n).zip(out.chunks_exact(nbp)) {
-            let (dst, src) = (&mut dst[n0..n0 + nb], &src[..nb]);
+    // Each block's columns into every token row, the rows shared out between the threads.
+    y.par_chunks_exact_mut(n.max(1)).enumerate().with_min_len(8).for_each(|(i, dst)| {
+        for (b, out) in blocks.iter().enumerate() {
+            let (n0, nb) = (b * NB, NB.min(n - b * NB));
+            let src = &out[i * nb.next_multiple_of(C)..][..nb];
+            let dst = &mut dst[n0..n0 + nb];
             match bias {
                 Some(bias) => dst.iter_mut().zip(src).zip(&bias[n0..]).for_each(|((d, s), b)| *d = s + b),
                 None => dst.copy_from_slice(src),
             }
         }
-    }
+    });
 }
 
 /// R token rows (`kc` values each) against every weight row of `wide` (`[nbp x kc]`, widened, `nbp` a
