@@ -37,19 +37,22 @@ impl Attention {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        // The heads' layout copies run on every thread (`kernels::contiguous`); reshaping a transposed
+        // tensor would have candle copy it on one.
         let split = |t: Tensor| -> Result<Tensor> {
             let (b, n, c) = t.dims3()?;
-            t.reshape((b, n, self.heads, c / self.heads))?.transpose(1, 2)?.reshape((b * self.heads, n, c / self.heads))
+            let heads = t.reshape((b, n, self.heads, c / self.heads))?.transpose(1, 2)?;
+            kernels::contiguous(&heads)?.reshape((b * self.heads, n, c / self.heads))
         };
         let (b, n, c) = xs.dims3()?;
         let d = c / self.heads;
         let dtype = xs.dtype();
-        let f32 = |t: Tensor| -> Result<Tensor> { split(t)?.contiguous()?.to_dtype(DType::F32) };
+        let f32 = |t: Tensor| -> Result<Tensor> { split(t)?.to_dtype(DType::F32) };
         let q = f32(self.q.forward(xs)?)?;
         let k = f32(self.k.forward(context)?)?;
         let v = f32(self.v.forward(context)?)?;
         let att = attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), self.kernels)?.to_dtype(dtype)?;
-        let att = att.reshape((b, self.heads, n, d))?.transpose(1, 2)?.reshape((b, n, c))?;
+        let att = kernels::contiguous(&att.reshape((b, self.heads, n, d))?.transpose(1, 2)?)?.reshape((b, n, c))?;
         self.out.forward(&att)
     }
 }
@@ -133,7 +136,7 @@ impl SpatialTransformer {
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs, Activation::None)?;
-        let to_tokens = |t: &Tensor| t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous();
+        let to_tokens = |t: &Tensor| kernels::contiguous(&t.reshape((b, c, h * w))?.transpose(1, 2)?);
         let mut tokens = match &self.proj_in {
             Proj::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
             Proj::Linear(linear) => linear.forward(&to_tokens(&normed)?)?,
@@ -143,8 +146,8 @@ impl SpatialTransformer {
         }
         let to_image = |t: &Tensor| t.transpose(1, 2)?.reshape((b, c, h, w));
         let out = match &self.proj_out {
-            Proj::Conv(conv) => conv.forward(&to_image(&tokens)?.contiguous()?)?,
-            Proj::Linear(linear) => to_image(&linear.forward(&tokens)?)?,
+            Proj::Conv(conv) => conv.forward(&kernels::contiguous(&to_image(&tokens)?)?)?,
+            Proj::Linear(linear) => kernels::contiguous(&to_image(&linear.forward(&tokens)?)?)?,
         };
         out + xs
     }

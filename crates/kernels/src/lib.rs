@@ -535,6 +535,56 @@ fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, len: usize) -> Result<&'a 
     }
 }
 
+/// Below this many values [`contiguous`] leaves the copy to candle.
+const PARALLEL_COPY: usize = 1 << 16;
+
+/// `t` with its elements in row-major order, like candle's `contiguous`, but for big f32 CPU tensors
+/// the copy is shared out between the threads of the current rayon pool, a row of the last dimension
+/// per item (candle copies on one thread: the UNet's token/image and head layout changes left the
+/// other core idle). Anything else, and any layout this does not recognize, goes to candle.
+pub fn contiguous(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() || !t.device().is_cpu() || t.dtype() != DType::F32 || t.elem_count() < PARALLEL_COPY {
+        return t.contiguous();
+    }
+    let dims = t.dims().to_vec();
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        drop(storage);
+        return t.contiguous();
+    };
+    let (strides, start) = (layout.stride(), layout.start_offset());
+    let (Some(&inner), Some(&inner_stride)) = (dims.last(), strides.last()) else {
+        drop(storage);
+        return t.contiguous();
+    };
+    // The farthest element read must lie inside the storage, so that no index below can fail.
+    let last = dims
+        .iter()
+        .zip(strides)
+        .try_fold(start, |acc, (&d, &s)| (d.max(1) - 1).checked_mul(s).and_then(|o| acc.checked_add(o)));
+    if inner == 0 || last.is_none_or(|last| last >= data.len()) {
+        drop(storage);
+        return t.contiguous();
+    }
+    let outer = &dims[..dims.len() - 1];
+    let mut out = scratch::zeroed(t.elem_count());
+    out.par_chunks_mut(inner).enumerate().with_min_len((PARALLEL_COPY / inner).max(1)).for_each(|(row_index, row)| {
+        // The source offset of this output row: its index decomposed over the outer dimensions.
+        let (mut rest, mut offset) = (row_index, start);
+        for (&d, &s) in outer.iter().zip(strides).rev() {
+            offset += (rest % d) * s;
+            rest /= d;
+        }
+        if inner_stride == 1 {
+            row.copy_from_slice(&data[offset..offset + inner]);
+        } else {
+            row.iter_mut().enumerate().for_each(|(j, v)| *v = data[offset + j * inner_stride]);
+        }
+    });
+    drop(storage);
+    Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
 /// `t` as f32 (a no-op for f32 tensors): f16 and bf16 CPU tensors are widened with [`widen`]; other
 /// devices and dtypes go through candle's `to_dtype`. This is how weights stored in f16 (half the
 /// memory) meet f32 activations: one layer's weight is widened at a time, just before it is used.
