@@ -270,7 +270,7 @@ impl Upsample {
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+        self.conv.forward(&kernels::upsample_nearest2d(xs, th, tw)?)
     }
 }
 

@@ -341,7 +341,7 @@ impl TinyDecoder {
             let convs = 1 + rest.iter().map(|s| s.blocks.len() * Block::CONVS + 1).sum::<usize>();
             let tail = |strip: &Tensor| -> candle_core::Result<Tensor> {
                 let (_, _, h, w) = strip.dims4()?;
-                let mut ys = last.conv.forward(&strip.upsample_nearest2d(h * factor, w * factor)?)?;
+                let mut ys = last.conv.forward(&kernels::upsample_nearest2d(strip, h * factor, w * factor)?)?;
                 for stage in rest {
                     ys = stage.forward(&ys)?;
                 }
@@ -367,7 +367,7 @@ impl Stage {
         }
         if let Some(f) = self.upsample {
             let (_, _, h, w) = xs.dims4()?;
-            xs = xs.upsample_nearest2d(h * f, w * f)?;
+            xs = kernels::upsample_nearest2d(&xs, h * f, w * f)?;
         }
         self.conv.forward(&xs)
     }

@@ -585,6 +585,32 @@ pub fn contiguous(t: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
+/// Nearest-neighbour resizing of an NCHW tensor to `(oh, ow)`, the same pixels as candle's
+/// `upsample_nearest2d` (source index `floor(dst * in / out)`), with the output rows shared out between
+/// the threads for big f32 CPU tensors (candle's runs on one: the tiny decoder's last upsampling writes
+/// 64 MiB at 512x512). Anything else goes to candle.
+pub fn upsample_nearest2d(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || b * c * oh * ow < PARALLEL_COPY || h == 0 || w == 0 {
+        return x.upsample_nearest2d(oh, ow);
+    }
+    let x = contiguous(x)?;
+    let (storage, layout) = x.storage_and_layout();
+    let src = cpu_f32(&storage, layout, b * c * h * w)?;
+    let index = |dst: usize, from: usize, to: usize| ((dst as f64 * (from as f64 / to as f64)) as usize).min(from - 1);
+    let columns: Vec<usize> = (0..ow).map(|ox| index(ox, w, ow)).collect();
+    let mut out = scratch::zeroed(b * c * oh * ow);
+    out.par_chunks_mut(ow.max(1)).enumerate().with_min_len((PARALLEL_COPY / ow.max(1)).max(1)).for_each(
+        |(row, dst)| {
+            let (plane, oy) = (row / oh, row % oh);
+            let line = &src[(plane * h + index(oy, h, oh)) * w..][..w];
+            dst.iter_mut().zip(&columns).for_each(|(d, &sx)| *d = line[sx]);
+        },
+    );
+    drop(storage);
+    Tensor::from_vec(out, (b, c, oh, ow), &Device::Cpu)
+}
+
 /// `t` as f32 (a no-op for f32 tensors): f16 and bf16 CPU tensors are widened with [`widen`]; other
 /// devices and dtypes go through candle's `to_dtype`. This is how weights stored in f16 (half the
 /// memory) meet f32 activations: one layer's weight is widened at a time, just before it is used.

@@ -1,5 +1,6 @@
-//! `kernels::contiguous` against candle's `contiguous`: the same values in the same order, exactly, on
-//! the UNet's layout changes (tokens to image, heads split and merged) and on views with an offset.
+//! `kernels::contiguous` and `kernels::upsample_nearest2d` against candle's ops: the same values in the
+//! same order, exactly, on the UNet's layout changes (tokens to image, heads split and merged), the tiny
+//! decoder's upsampling, odd sizes and views with an offset.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -33,4 +34,24 @@ fn equals_candles_copy_on_the_unets_layout_changes_and_offset_views() {
     // Small tensors and contiguous ones are left to candle and come back unchanged.
     same(&ramp(&[3, 5]).t().unwrap());
     same(&ramp(&[1, 70_000]));
+}
+
+#[test]
+fn upsampling_equals_candles_nearest_on_whole_and_odd_sizes() {
+    let cases: [(&[usize], (usize, usize)); 4] = [
+        (&[1, 64, 64, 64], (128, 128)),
+        (&[2, 5, 33, 47], (66, 94)),
+        // Sizes that are not multiples (the UNet's odd latent sides), and a view.
+        (&[1, 16, 31, 40], (64, 81)),
+        (&[1, 16, 40, 40], (80, 80)),
+    ];
+    for (i, (dims, (oh, ow))) in cases.into_iter().enumerate() {
+        let x = ramp(dims);
+        let x = if i == 3 { x.narrow(2, 3, 30).unwrap() } else { x };
+        let got = kernels::upsample_nearest2d(&x, oh, ow).unwrap();
+        let want = x.upsample_nearest2d(oh, ow).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let (got, want) = (got.flatten_all().unwrap(), want.flatten_all().unwrap());
+        assert_eq!(got.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap(), "case {i}");
+    }
 }
