@@ -420,7 +420,7 @@ fn conv_rows_f16(
         // and columns `x0 + kx`, in padded coordinates.
         let (y0, x0) = (oy * g.stride, ox * g.stride);
         let inside = |o: usize, size: usize| o >= g.pad && o - g.pad < size;
-        for (plane, taps) in image.chunks_exact(g.h * g.w).zip(row.chunks_exact_mut(g.kh * g.kw)) {
+        for (plane, taps) in image.chunks_exact((g.h * g.w).max(1)).zip(row.chunks_exact_mut(g.kh * g.kw)) {
             for (ky, taps) in taps.chunks_exact_mut(g.kw).enumerate() {
                 if !inside(y0 + ky, g.h) {
                     continue;

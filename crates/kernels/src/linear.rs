@@ -80,8 +80,11 @@ pub(crate) fn linear_widened(
     let mut y = crate::scratch::zeroed(m * n);
     // The bias rows written by the threads: up to 42 MB at the UNet's feed-forward (4096 x 2560), where
     // one thread repeating the bias (and taking the fresh pages' faults) left the other idle.
-    if let Some(bias) = bias.filter(|b| b.len() == n && n > 0) {
-        y.par_chunks_mut(n * ROWS_PER_TASK.div_ceil(n).max(1)).for_each(|rows| {
+    if let Some(bias) = bias {
+        if bias.len() != n {
+            candle_core::bail!("linear: bias of {} values for {n} output features", bias.len())
+        }
+        y.par_chunks_mut((n * ROWS_PER_TASK.div_ceil(n.max(1))).max(1)).for_each(|rows| {
             rows.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bias));
         });
     }
