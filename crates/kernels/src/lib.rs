@@ -546,28 +546,30 @@ pub fn contiguous(t: &Tensor) -> Result<Tensor> {
     if t.is_contiguous() || !t.device().is_cpu() || t.dtype() != DType::F32 || t.elem_count() < PARALLEL_COPY {
         return t.contiguous();
     }
-    let dims = t.dims().to_vec();
     let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-        drop(storage);
-        return t.contiguous();
+    let copied = match &*storage {
+        Storage::Cpu(CpuStorage::F32(data)) => copy_strided(data, layout),
+        _ => None,
     };
-    let (strides, start) = (layout.stride(), layout.start_offset());
-    let (Some(&inner), Some(&inner_stride)) = (dims.last(), strides.last()) else {
-        drop(storage);
-        return t.contiguous();
-    };
-    // The farthest element read must lie inside the storage, so that no index below can fail.
-    let last = dims
-        .iter()
-        .zip(strides)
-        .try_fold(start, |acc, (&d, &s)| (d.max(1) - 1).checked_mul(s).and_then(|o| acc.checked_add(o)));
-    if inner == 0 || last.is_none_or(|last| last >= data.len()) {
-        drop(storage);
-        return t.contiguous();
+    drop(storage);
+    match copied {
+        Some(values) => Tensor::from_vec(values, t.dims(), &Device::Cpu),
+        None => t.contiguous(),
+    }
+}
+
+/// The elements of `layout` over `data` in row-major order, a row of the last dimension per rayon item;
+/// `None` for a layout whose elements do not all lie inside `data` (then no index below can fail).
+fn copy_strided(data: &[f32], layout: &Layout) -> Option<Vec<f32>> {
+    let (dims, strides, start) = (layout.dims(), layout.stride(), layout.start_offset());
+    let (&inner, &inner_stride) = (dims.last()?, strides.last()?);
+    let last =
+        dims.iter().zip(strides).try_fold(start, |acc, (&d, &s)| acc.checked_add(d.checked_sub(1)?.checked_mul(s)?));
+    if inner == 0 || last? >= data.len() {
+        return None;
     }
     let outer = &dims[..dims.len() - 1];
-    let mut out = scratch::zeroed(t.elem_count());
+    let mut out = scratch::zeroed(layout.shape().elem_count());
     out.par_chunks_mut(inner).enumerate().with_min_len((PARALLEL_COPY / inner).max(1)).for_each(|(row_index, row)| {
         // The source offset of this output row: its index decomposed over the outer dimensions.
         let (mut rest, mut offset) = (row_index, start);
@@ -581,8 +583,7 @@ pub fn contiguous(t: &Tensor) -> Result<Tensor> {
             row.iter_mut().enumerate().for_each(|(j, v)| *v = data[offset + j * inner_stride]);
         }
     });
-    drop(storage);
-    Tensor::from_vec(out, dims, &Device::Cpu)
+    Some(out)
 }
 
 /// Nearest-neighbour resizing of an NCHW tensor to `(oh, ow)`, the same pixels as candle's

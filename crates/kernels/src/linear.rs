@@ -30,8 +30,8 @@ use rayon::prelude::*;
 use crate::gemm::{Mat, MatMut, matmul};
 use crate::scratch::Values;
 
-/// Output values per rayon task when [`linear_widened`] writes the bias rows.
-const ROWS_PER_TASK: usize = 1 << 16;
+/// Output values (at least) per rayon task when [`linear_widened`] writes the bias rows.
+const BIAS_VALUES_PER_TASK: usize = 1 << 16;
 
 /// Token rows per tile.
 const R: usize = 4;
@@ -84,8 +84,9 @@ pub(crate) fn linear_widened(
         if bias.len() != n {
             candle_core::bail!("linear: bias of {} values for {n} output features", bias.len())
         }
-        y.par_chunks_mut((n * ROWS_PER_TASK.div_ceil(n.max(1))).max(1)).for_each(|rows| {
-            rows.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bias));
+        let rows_per_task = BIAS_VALUES_PER_TASK.div_ceil(n.max(1));
+        y.par_chunks_mut(n.max(1) * rows_per_task).for_each(|rows| {
+            rows.chunks_exact_mut(n.max(1)).for_each(|row| row.copy_from_slice(bias));
         });
     }
     Values::F16(w).with_f32(|wide| {

@@ -4,6 +4,8 @@
 
 use std::cell::Cell;
 
+use rayon::prelude::*;
+
 /// Which of the thread's buffers: a band's scratch, a transformed weight that outlives the bands, or
 /// f16 weights widened for use ([`Values`]).
 #[derive(Clone, Copy, Debug)]
@@ -77,7 +79,6 @@ const PARALLEL_ZERO_FLOATS: usize = 1 << 16;
 /// or by the page faults of fresh memory, leaves every other thread idle meanwhile: on the 2-core
 /// development VM that was a tenth of a generation's wall time with one core idle.
 pub(crate) fn zeroed(len: usize) -> Vec<f32> {
-    use rayon::prelude::*;
     if len < PARALLEL_ZERO_FLOATS {
         return vec![0.0; len];
     }
