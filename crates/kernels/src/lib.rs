@@ -40,6 +40,7 @@ mod linear;
 mod math;
 mod norm;
 mod scratch;
+mod widen;
 mod winograd;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, bail};
@@ -47,6 +48,7 @@ use rayon::prelude::*;
 
 use geometry::Geometry;
 pub use norm::Activation;
+pub use widen::HalfFloat;
 use scratch::Values;
 
 /// How [`conv2d_with`] computes the convolution.
@@ -635,23 +637,15 @@ pub fn to_f32(t: &Tensor) -> Result<Tensor> {
 }
 
 /// f16 or bf16 values widened to f32, in parallel, with the CPU's conversion instructions where it has
-/// them (the `half` crate's slice conversions).
-pub fn widen<H: Sync>(src: &[H]) -> Vec<f32>
-where
-    [H]: half::slice::HalfFloatSliceExt,
-{
+/// them (module `widen`).
+pub fn widen<H: HalfFloat>(src: &[H]) -> Vec<f32> {
     let mut out = scratch::zeroed(src.len());
     widen_into(src, &mut out);
     out
 }
 
 /// [`widen`] into `dst` (as long as `src`).
-pub(crate) fn widen_into<H: Sync>(src: &[H], dst: &mut [f32])
-where
-    [H]: half::slice::HalfFloatSliceExt,
-{
-    use half::slice::HalfFloatSliceExt;
-    use rayon::prelude::*;
+pub(crate) fn widen_into<H: HalfFloat>(src: &[H], dst: &mut [f32]) {
     const CHUNK: usize = 1 << 16;
-    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(dst, src)| H::widen_slice(src, dst));
 }

@@ -23,12 +23,12 @@
 
 use candle_core::Result;
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
 use crate::gemm::{Mat, MatMut, matmul};
 use crate::scratch::Values;
+use crate::widen::HalfFloat;
 
 /// Output values (at least) per rayon task when [`linear_widened`] writes the bias rows.
 const BIAS_VALUES_PER_TASK: usize = 1 << 16;
@@ -119,7 +119,7 @@ fn run<S: Simd, const C: usize>(
             for k0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - k0);
                 for (j, row) in wide.chunks_exact_mut(kc).take(nb).enumerate() {
-                    w[(n0 + j) * k + k0..][..kc].convert_to_f32_slice(row);
+                    f16::widen_slice(&w[(n0 + j) * k + k0..][..kc], row);
                 }
                 let x = |i: usize| if i < m { &x[i * k + k0..][..kc] } else { &zeros[..kc] };
                 let wide = &wide[..nbp * kc];
