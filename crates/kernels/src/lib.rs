@@ -48,8 +48,8 @@ use rayon::prelude::*;
 
 use geometry::Geometry;
 pub use norm::Activation;
-pub use widen::HalfFloat;
 use scratch::Values;
+pub use widen::HalfFloat;
 
 /// How [`conv2d_with`] computes the convolution.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
