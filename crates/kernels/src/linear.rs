@@ -167,7 +167,7 @@ impl<const R: usize, const C: usize> WithSimd for Block<'_, R, C> {
             for kb0 in (0..kc).step_by(KB) {
                 let kb = KB.min(kc - kb0);
                 for g in 0..groups {
-                    // R token rows' segments, 24 KiB at most: they stay in L1 while the weight rows
+                    // R token rows' segments, 12 KiB at most: they stay in L1 while the weight rows
                     // stream past them from L2.
                     let rows: [&[f32]; R] = std::array::from_fn(|r| {
                         let i = g * R + r;
