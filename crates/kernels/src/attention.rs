@@ -69,7 +69,7 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], dims: 
 fn query_block(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], m: usize, dims: Dims, scale: f32) -> Result<()> {
     let kb = KEY_BLOCK.min(dims.tk);
     with_scratch(Slot::Band, m * kb + 2 * m, |buffer| {
-        pulp::Arch::new().dispatch(QueryBlock { q, k, v, out, m, dims, scale, buffer })
+        crate::level::arch().dispatch(QueryBlock { q, k, v, out, m, dims, scale, buffer })
     })
 }
 

@@ -22,6 +22,10 @@
 //! only unsafe code). Threads come from the current rayon pool: bands run in parallel when there are
 //! enough of them, otherwise the threads share the work inside each band.
 //!
+//! The hand-written vector loops run at the CPU's best instruction-set [`Level`] (AVX-512, AVX2+FMA or
+//! the SSE2 baseline), picked at run time; [`with_level`] forces a lower one, so that the tests check
+//! every path one binary may take (module `level`).
+//!
 //! Invariants:
 //! - the result equals candle's `conv2d` plus the bias broadcast over `[1, Cout, 1, 1]`, up to f32
 //!   rounding (the tests bound the error: 1e-5 relative for the gemm paths and F(2x2), 1e-3 for F(4x4),
@@ -36,6 +40,7 @@ mod direct;
 mod elementwise;
 mod gemm;
 mod geometry;
+mod level;
 mod linear;
 mod math;
 mod norm;
@@ -47,6 +52,7 @@ use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, ba
 use rayon::prelude::*;
 
 use geometry::Geometry;
+pub use level::{Level, with_level};
 pub use norm::Activation;
 use scratch::Values;
 pub use widen::HalfFloat;

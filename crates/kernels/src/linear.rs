@@ -49,7 +49,8 @@ const KC: usize = 4096;
 const KB: usize = 512;
 
 /// `y = x wᵀ (+ bias)` for `x` `[m x k]`, `w` `[n x k]`, `y` `[m x n]`, on the current rayon pool.
-/// Returns `false`, leaving `y` untouched, when the CPU has neither AVX2+FMA nor AVX-512.
+/// Returns `false`, leaving `y` untouched, when the CPU has neither AVX2+FMA nor AVX-512 (or
+/// [`crate::with_level`] forces the baseline).
 pub(crate) fn linear_f16(
     x: &[f32],
     w: &[f16],
@@ -61,13 +62,16 @@ pub(crate) fn linear_f16(
     {
         // 16 lanes, 6 token rows and 4 weight rows on AVX-512 (24 of its 32 registers hold
         // accumulators), 8 lanes, 4 rows and 2 on AVX2 (8 of 16).
-        if let Some(simd) = pulp::x86::V4::try_new() {
-            run::<_, 6, 4>(simd, x, w, bias, dims, y);
-            return true;
-        }
-        if let Some(simd) = pulp::x86::V3::try_new() {
-            run::<_, 4, 2>(simd, x, w, bias, dims, y);
-            return true;
+        match crate::level::arch() {
+            pulp::Arch::V4(simd) => {
+                run::<_, 6, 4>(simd, x, w, bias, dims, y);
+                return true;
+            }
+            pulp::Arch::V3(simd) => {
+                run::<_, 4, 2>(simd, x, w, bias, dims, y);
+                return true;
+            }
+            _ => {}
         }
     }
     // Elsewhere the general path, until a NEON variant is measured.

@@ -26,7 +26,7 @@ mod sealed {
 impl HalfFloat for f16 {
     fn widen_slice(src: &[f16], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(simd) = pulp::x86::V4::try_new() {
+        if let pulp::Arch::V4(simd) = crate::level::arch() {
             let bits: &[u16] = src.reinterpret_cast();
             simd.vectorize(F16Avx512 { simd, src: bits, dst });
             return;
@@ -74,17 +74,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn widens_every_f16_exactly() {
+    fn widens_every_f16_exactly_at_every_level() {
         // Every bit pattern (a NaN must stay a NaN), at an odd length so that the tail is used, and at an
-        // offset.
+        // offset; at each level this CPU has (AVX-512: sixteen at a time; below: `half`'s path).
         let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
-        for skip in [0, 3] {
-            let src = &all[skip..];
-            let mut got = vec![0.0f32; src.len()];
-            f16::widen_slice(src, &mut got);
-            for (h, g) in src.iter().zip(&got) {
-                let want = h.to_f32();
-                assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{h:?}: {g} vs {want}");
+        for level in crate::Level::supported() {
+            for skip in [0, 3] {
+                let src = &all[skip..];
+                let mut got = vec![0.0f32; src.len()];
+                crate::with_level(level, || f16::widen_slice(src, &mut got)).unwrap();
+                for (h, g) in src.iter().zip(&got) {
+                    let want = h.to_f32();
+                    let same = g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan());
+                    assert!(same, "{level:?} {h:?}: {g} vs {want}");
+                }
             }
         }
     }

@@ -299,7 +299,7 @@ fn conv_band<V: Variant>(
     let image = &x[band.image * g.cin * g.h * g.w..][..g.cin * g.h * g.w];
     let (plane, v_ci) = (g.h * g.w, a2 * tiles);
     let input = |s: &mut InputScratch, (plane, v_ci): (&[f32], &mut [f32])| {
-        pulp::Arch::new().dispatch(Input::<V> { plane, v_ci, g, ty0, tile_rows, s, variant: PhantomData });
+        crate::level::arch().dispatch(Input::<V> { plane, v_ci, g, ty0, tile_rows, s, variant: PhantomData });
     };
     if threads > 1 {
         image.par_chunks_exact(plane).zip(v.par_chunks_exact_mut(v_ci)).for_each_init(InputScratch::default, input);
@@ -344,7 +344,7 @@ fn conv_band<V: Variant>(
     let output = |s: &mut OutputScratch, (co, channel): (usize, &mut [f32])| {
         let b = bias.map_or(0.0, |b| b[co]);
         let m_co = &m[co * tiles..];
-        pulp::Arch::new().dispatch(Output::<V> {
+        crate::level::arch().dispatch(Output::<V> {
             m_co,
             xi_stride: m_xi,
             channel,
@@ -534,20 +534,26 @@ mod tests {
         let want = naive(&x, &w, &bias, g);
         let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        for taps in [Values::F32(&w), Values::F16(&half)] {
-            let mut out = vec![f32::NAN; g.output_len()];
-            pool.install(|| {
-                conv_limited::<V>(&x, taps, Some(&bias), Epilogue::default(), g, &mut out, threads, limits)
-            })
-            .unwrap();
-            let f16 = matches!(taps, Values::F16(_));
-            for (i, (got, want)) in out.iter().zip(&want).enumerate() {
-                let err = (f64::from(*got) - want).abs() / scale;
-                let m = V::M;
-                assert!(
-                    err < 1e-5,
-                    "F({m}x{m}) {g:?} {threads} threads {limits:?} f16 {f16}: element {i} {got} vs {want}"
-                );
+        // At every level this CPU has: the transforms are compiled for each.
+        for level in crate::Level::supported() {
+            for taps in [Values::F32(&w), Values::F16(&half)] {
+                let mut out = vec![f32::NAN; g.output_len()];
+                pool.install(|| {
+                    crate::with_level(level, || {
+                        conv_limited::<V>(&x, taps, Some(&bias), Epilogue::default(), g, &mut out, threads, limits)
+                    })
+                })
+                .unwrap()
+                .unwrap();
+                let f16 = matches!(taps, Values::F16(_));
+                for (i, (got, want)) in out.iter().zip(&want).enumerate() {
+                    let err = (f64::from(*got) - want).abs() / scale;
+                    let m = V::M;
+                    assert!(
+                        err < 1e-5,
+                        "{level:?} F({m}x{m}) {g:?} {threads} threads {limits:?} f16 {f16}: element {i} {got} vs {want}"
+                    );
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
 //! `kernels::attention` against attention written with candle's ops (matmul, scale, a softmax by hand:
 //! subtract the row maximum, exp, divide by the sum; matmul), on the models' shapes scaled down and on
-//! odd ones, and its argument checks.
+//! odd ones, at every instruction-set level this CPU has (the softmax's loops are compiled for each), and
+//! its argument checks.
 //!
 //! Error measure: the largest absolute difference divided by the largest magnitude of the reference
 //! output, `max|a - b| / max(max|b|, 1e-6)`.
@@ -8,7 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
 mod common;
-use common::relative_error;
+use common::{at_each_level, relative_error};
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
@@ -50,10 +51,12 @@ fn check(cases: &[Case]) {
         let k = tensor((bh, tk, d), std, seed + 1);
         let v = tensor((bh, tk, dv), std, seed + 2);
         let want = reference(&q, &k, &v, scale).unwrap();
-        let got = kernels::attention(&q, &k, &v, scale).unwrap();
-        let err = relative_error(&got, &want);
-        println!("(bh {bh}, tq {tq}, tk {tk}, d {d}, dv {dv}, std {std}, scale {scale}): {err:.2e}");
-        assert!(err < 1e-5, "{:?}: relative error {err:e}", cases[i]);
+        at_each_level(|level| {
+            let got = kernels::attention(&q, &k, &v, scale).unwrap();
+            let err = relative_error(&got, &want);
+            println!("(bh {bh}, tq {tq}, tk {tk}, d {d}, dv {dv}, std {std}, scale {scale}): {err:.2e}");
+            assert!(err < 1e-5, "{level:?} {:?}: relative error {err:e}", cases[i]);
+        });
     }
 }
 
@@ -100,10 +103,12 @@ fn matches_candle_with_growing_scores() {
     let k = tensor((bh, tk, d), 1.0, 2).abs().unwrap().broadcast_mul(&ramp).unwrap();
     let v = tensor((bh, tk, d), 1.0, 3);
     let want = reference(&q, &k, &v, 0.1).unwrap();
-    let got = kernels::attention(&q, &k, &v, 0.1).unwrap();
-    let err = relative_error(&got, &want);
-    println!("growing scores: {err:.2e}");
-    assert!(err < 1e-5, "relative error {err:e}");
+    at_each_level(|level| {
+        let got = kernels::attention(&q, &k, &v, 0.1).unwrap();
+        let err = relative_error(&got, &want);
+        println!("growing scores: {err:.2e}");
+        assert!(err < 1e-5, "{level:?}: relative error {err:e}");
+    });
 }
 
 #[test]
@@ -112,8 +117,10 @@ fn takes_strided_inputs() {
     let k = tensor((2, 16, 70), 1.0, 2).transpose(1, 2).unwrap();
     let v = tensor((2, 70, 24), 1.0, 3);
     let want = reference(&q, &k, &v, 0.25).unwrap();
-    let got = kernels::attention(&q, &k, &v, 0.25).unwrap();
-    assert!(relative_error(&got, &want) < 1e-5);
+    at_each_level(|level| {
+        let got = kernels::attention(&q, &k, &v, 0.25).unwrap();
+        assert!(relative_error(&got, &want) < 1e-5, "{level:?}");
+    });
 }
 
 #[test]
@@ -133,9 +140,11 @@ fn nan_inputs_give_nan() {
     let k = Tensor::from_vec(values, (2, 4, 8), &Device::Cpu).unwrap();
     let q = tensor((2, 3, 8), 1.0, 6);
     let v = tensor((2, 4, 8), 1.0, 7);
-    let got = kernels::attention(&q, &k, &v, 1.0).unwrap().to_vec3::<f32>().unwrap();
-    assert!(got[0].iter().flatten().all(|x| x.is_nan()));
-    assert!(got[1].iter().flatten().all(|x| x.is_finite()));
+    at_each_level(|level| {
+        let got = kernels::attention(&q, &k, &v, 1.0).unwrap().to_vec3::<f32>().unwrap();
+        assert!(got[0].iter().flatten().all(|x| x.is_nan()), "{level:?}");
+        assert!(got[1].iter().flatten().all(|x| x.is_finite()), "{level:?}");
+    });
 }
 
 #[test]

@@ -1,8 +1,13 @@
 //! `kernels::contiguous` and `kernels::upsample_nearest2d` against candle's ops: the same values in the
 //! same order, exactly, on the UNet's layout changes (tokens to image, heads split and merged), the tiny
-//! decoder's upsampling, odd sizes and views with an offset.
+//! decoder's upsampling, odd sizes and views with an offset. At every instruction-set level this CPU
+//! has: these copies have no dispatched loop of their own today (they run as compiled, for the
+//! baseline), and this keeps every level covered if one is added.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
+
+mod common;
+use common::at_each_level;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 
@@ -21,6 +26,10 @@ fn same(view: &Tensor) {
 
 #[test]
 fn equals_candles_copy_on_the_unets_layout_changes_and_offset_views() {
+    at_each_level(|_| layout_changes_and_offset_views());
+}
+
+fn layout_changes_and_offset_views() {
     // Image to tokens at 64x64 latents, 320 channels; tokens back to an image.
     same(&ramp(&[1, 320, 4096]).transpose(1, 2).unwrap());
     same(&ramp(&[1, 4096, 320]).transpose(1, 2).unwrap());
@@ -45,13 +54,15 @@ fn upsampling_equals_candles_nearest_on_whole_and_odd_sizes() {
         (&[1, 16, 31, 40], (64, 81)),
         (&[1, 16, 40, 40], (80, 80)),
     ];
-    for (i, (dims, (oh, ow))) in cases.into_iter().enumerate() {
-        let x = ramp(dims);
-        let x = if i == 3 { x.narrow(2, 3, 30).unwrap() } else { x };
-        let got = kernels::upsample_nearest2d(&x, oh, ow).unwrap();
-        let want = x.upsample_nearest2d(oh, ow).unwrap();
-        assert_eq!(got.dims(), want.dims());
-        let (got, want) = (got.flatten_all().unwrap(), want.flatten_all().unwrap());
-        assert_eq!(got.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap(), "case {i}");
-    }
+    at_each_level(|level| {
+        for (i, (dims, (oh, ow))) in cases.into_iter().enumerate() {
+            let x = ramp(dims);
+            let x = if i == 3 { x.narrow(2, 3, 30).unwrap() } else { x };
+            let got = kernels::upsample_nearest2d(&x, oh, ow).unwrap();
+            let want = x.upsample_nearest2d(oh, ow).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let (got, want) = (got.flatten_all().unwrap(), want.flatten_all().unwrap());
+            assert_eq!(got.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap(), "{level:?} case {i}");
+        }
+    });
 }

@@ -1,5 +1,6 @@
 //! Every algorithm of `kernels::conv2d` against candle's own conv2d, on the models' shapes scaled down and
-//! on odd ones.
+//! on odd ones, at every instruction-set level this CPU has (Winograd's transforms are compiled for each,
+//! `conv2d_f16`'s few-pixel path runs on `linear_f16`'s tiles; the `gemm` crate picks its own kernels).
 //!
 //! Error measure: the largest absolute difference divided by the largest magnitude of the reference
 //! output, `max|a - b| / max(max|b|, 1e-6)`, so that the few outputs near zero do not dominate.
@@ -7,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
 mod common;
-use common::relative_error;
+use common::{at_each_level, relative_error};
 
 use candle_core::{DType, Device, Tensor};
 use kernels::{Algorithm, Fused, candle_conv2d, conv2d, conv2d_fused, conv2d_with};
@@ -69,22 +70,27 @@ fn tensors(case: Case, seed: u64) -> (Tensor, Tensor, Tensor) {
     (x, weight, bias)
 }
 
-/// Runs `algorithm` on every case it applies to, with and without bias, and returns the worst error.
-fn worst_error(algorithm: Algorithm, applies: impl Fn(&Case) -> bool) -> f32 {
-    let mut worst = 0f32;
-    for (i, &case) in SHAPES.iter().enumerate().filter(|(_, c)| applies(c)) {
-        let (x, weight, bias) = tensors(case, i as u64);
-        let (stride, padding) = (case.6, case.7);
-        for bias in [Some(&bias), None] {
-            let want = candle_conv2d(&x, &weight, bias, stride, padding).unwrap();
-            let got = conv2d_with(&x, &weight, bias, stride, padding, algorithm).unwrap();
-            let err = relative_error(&got, &want);
-            worst = worst.max(err);
-            println!("{algorithm:?} {case:?} bias {}: {err:.2e}", bias.is_some());
-            assert!(err < 1e-3, "{algorithm:?} {case:?} bias {}: relative error {err:e}", bias.is_some());
+/// Runs `algorithm` on every case it applies to, with and without bias, at every level, and returns the
+/// worst error.
+fn worst_error(algorithm: Algorithm, applies: impl Fn(&Case) -> bool + Sync) -> f32 {
+    let worst = std::sync::Mutex::new(0f32);
+    at_each_level(|level| {
+        for (i, &case) in SHAPES.iter().enumerate().filter(|(_, c)| applies(c)) {
+            let (x, weight, bias) = tensors(case, i as u64);
+            let (stride, padding) = (case.6, case.7);
+            for bias in [Some(&bias), None] {
+                let want = candle_conv2d(&x, &weight, bias, stride, padding).unwrap();
+                let got = conv2d_with(&x, &weight, bias, stride, padding, algorithm).unwrap();
+                let err = relative_error(&got, &want);
+                let what = format!("{level:?} {algorithm:?} {case:?} bias {}", bias.is_some());
+                println!("{what}: {err:.2e}");
+                assert!(err < 1e-3, "{what}: relative error {err:e}");
+                let mut worst = worst.lock().unwrap();
+                *worst = worst.max(err);
+            }
         }
-    }
-    worst
+    });
+    worst.into_inner().unwrap()
 }
 
 fn is_winograd(c: &Case) -> bool {
@@ -121,10 +127,12 @@ fn winograd_4x4_error_at_512_channels() {
     let case = (1, 512, 12, 12, 8, 3, 1, 1);
     let (x, weight, bias) = tensors(case, 7);
     let want = candle_conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
-    let got = conv2d_with(&x, &weight, Some(&bias), 1, 1, Algorithm::Winograd4).unwrap();
-    let err = relative_error(&got, &want);
-    println!("Winograd4 {case:?}: {err:.2e}");
-    assert!(err < 1e-3, "relative error {err:e}");
+    at_each_level(|level| {
+        let got = conv2d_with(&x, &weight, Some(&bias), 1, 1, Algorithm::Winograd4).unwrap();
+        let err = relative_error(&got, &want);
+        println!("Winograd4 {case:?}: {err:.2e}");
+        assert!(err < 1e-3, "{level:?}: relative error {err:e}");
+    });
 }
 
 #[test]
@@ -132,11 +140,13 @@ fn freeing_the_buffers_changes_nothing() {
     let case = (1, 40, 16, 16, 80, 3, 1, 1);
     let (x, weight, bias) = tensors(case, 11);
     let want = candle_conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
-    for _ in 0..2 {
-        let got = conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
-        assert!(relative_error(&got, &want) < 1e-3);
-        kernels::free_buffers();
-    }
+    at_each_level(|level| {
+        for _ in 0..2 {
+            let got = conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
+            assert!(relative_error(&got, &want) < 1e-3, "{level:?}");
+            kernels::free_buffers();
+        }
+    });
 }
 
 #[test]
@@ -158,8 +168,10 @@ fn non_contiguous_input_is_fine() {
     let x = x.transpose(2, 3).unwrap(); // [1, 6, 12, 10], strided
     assert!(!x.is_contiguous());
     let want = candle_conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
-    let got = conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
-    assert!(relative_error(&got, &want) < 1e-3);
+    at_each_level(|level| {
+        let got = conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
+        assert!(relative_error(&got, &want) < 1e-3, "{level:?}");
+    });
 }
 
 #[test]
@@ -176,59 +188,62 @@ fn bad_shapes_are_errors() {
 }
 
 /// Bands are split by thread count (and each gemm gets all threads when bands are few): 1 and 3
-/// threads must be right too.
+/// threads must be right too, at every level (`with_level`'s pool has as many threads as the one it is
+/// called on).
 #[test]
 fn any_thread_count_matches_candle() {
     let (x, weight, bias) = tensors((2, 8, 20, 18, 6, 3, 1, 1), 9);
+    let want = candle_conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
     for algorithm in [Algorithm::Gemm, Algorithm::Winograd4] {
-        let results: Vec<Vec<f32>> = [1, 3]
-            .into_iter()
-            .map(|threads| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                let y = pool.install(|| conv2d_with(&x, &weight, Some(&bias), 1, 1, algorithm)).unwrap();
-                y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-            })
-            .collect();
-        let want = candle_conv2d(&x, &weight, Some(&bias), 1, 1).unwrap();
-        for r in &results {
-            let got = Tensor::from_vec(r.clone(), want.dims(), &Device::Cpu).unwrap();
-            assert!(relative_error(&got, &want) < 1e-3, "{algorithm:?}");
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                at_each_level(|level| {
+                    assert_eq!(rayon::current_num_threads(), threads);
+                    let got = conv2d_with(&x, &weight, Some(&bias), 1, 1, algorithm).unwrap();
+                    assert!(relative_error(&got, &want) < 1e-3, "{level:?} {algorithm:?} {threads} threads");
+                })
+            });
         }
     }
 }
 
-/// The fused residual and ReLU, on every algorithm and every shape it applies to, against candle's
-/// conv2d followed by candle's add and ReLU; batch > 1 checks that each image meets its own residual.
+/// The fused residual and ReLU, on every algorithm and every shape it applies to, at every level,
+/// against candle's conv2d followed by candle's add and ReLU; batch > 1 checks that each image meets its
+/// own residual.
 #[test]
 fn fused_residual_and_relu_match_candle_on_every_algorithm() {
     let algorithms = [Algorithm::Gemm, Algorithm::Winograd2, Algorithm::Winograd4, Algorithm::Auto];
-    for (i, &case) in SHAPES.iter().enumerate() {
-        let (x, weight, bias) = tensors(case, i as u64 + 50);
-        let (stride, padding) = (case.6, case.7);
-        let plain = candle_conv2d(&x, &weight, Some(&bias), stride, padding).unwrap();
-        let residual =
-            Tensor::from_vec(random(plain.elem_count(), 1.0, i as u64 + 90), plain.dims(), &Device::Cpu).unwrap();
-        for algorithm in algorithms
-            .into_iter()
-            .filter(|a| is_winograd(&case) || !matches!(a, Algorithm::Winograd2 | Algorithm::Winograd4))
-        {
-            for (residual, relu) in [(None, true), (Some(&residual), false), (Some(&residual), true)] {
-                let want = match residual {
-                    Some(r) => (&plain + r).unwrap(),
-                    None => plain.clone(),
-                };
-                let want = if relu { want.relu().unwrap() } else { want };
-                let fused = Fused { residual, relu };
-                let got = conv2d_fused(&x, &weight, Some(&bias), stride, padding, algorithm, fused).unwrap();
-                let err = relative_error(&got, &want);
-                let what = format!("{algorithm:?} {case:?} residual {} relu {relu}", residual.is_some());
-                assert!(err < 1e-3, "{what}: relative error {err:e}");
-                if relu {
-                    assert!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| *v >= 0.0), "{what}");
+    at_each_level(|level| {
+        for (i, &case) in SHAPES.iter().enumerate() {
+            let (x, weight, bias) = tensors(case, i as u64 + 50);
+            let (stride, padding) = (case.6, case.7);
+            let plain = candle_conv2d(&x, &weight, Some(&bias), stride, padding).unwrap();
+            let residual =
+                Tensor::from_vec(random(plain.elem_count(), 1.0, i as u64 + 90), plain.dims(), &Device::Cpu).unwrap();
+            for algorithm in algorithms
+                .into_iter()
+                .filter(|a| is_winograd(&case) || !matches!(a, Algorithm::Winograd2 | Algorithm::Winograd4))
+            {
+                for (residual, relu) in [(None, true), (Some(&residual), false), (Some(&residual), true)] {
+                    let want = match residual {
+                        Some(r) => (&plain + r).unwrap(),
+                        None => plain.clone(),
+                    };
+                    let want = if relu { want.relu().unwrap() } else { want };
+                    let fused = Fused { residual, relu };
+                    let got = conv2d_fused(&x, &weight, Some(&bias), stride, padding, algorithm, fused).unwrap();
+                    let err = relative_error(&got, &want);
+                    let what = format!("{level:?} {algorithm:?} {case:?} residual {} relu {relu}", residual.is_some());
+                    assert!(err < 1e-3, "{what}: relative error {err:e}");
+                    if relu {
+                        let values = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                        assert!(values.iter().all(|v| *v >= 0.0), "{what}");
+                    }
                 }
             }
         }
-    }
+    });
 }
 
 #[test]
@@ -253,7 +268,8 @@ fn a_residual_of_another_shape_is_an_error_and_other_dtypes_take_candle() {
 /// `conv2d_f16` against candle's conv2d on the same f16 weights widened, with and without the fused
 /// residual and ReLU: up to 64 output pixels (im2col rows through `linear_f16`) on the UNet's 8x8
 /// shapes scaled down, a stride-2 downsampler, a 1x1 and a batch of two; beyond, Winograd F(2x2) and
-/// F(4x4) on the f16 taps, and the widened-copy paths (1x1, stride 2).
+/// F(4x4) on the f16 taps, and the widened-copy paths (1x1, stride 2); at every level (at the baseline
+/// `linear_f16` declines, and the few-pixel shapes take the other paths).
 #[test]
 fn the_f16_weight_path_matches_candle() {
     let cases: [Case; 8] = [
@@ -266,30 +282,32 @@ fn the_f16_weight_path_matches_candle() {
         (1, 12, 10, 10, 5, 1, 1, 0),
         (1, 8, 20, 20, 6, 3, 2, 1),
     ];
-    for (i, case) in cases.into_iter().enumerate() {
-        let (x, weight, bias) = tensors(case, i as u64 + 70);
-        let (stride, padding) = (case.6, case.7);
-        let half = weight.to_dtype(DType::F16).unwrap();
-        let values: Vec<half::f16> = half.flatten_all().unwrap().to_vec1().unwrap();
-        let widened = half.to_dtype(DType::F32).unwrap();
-        let plain = candle_conv2d(&x, &widened, Some(&bias), stride, padding).unwrap();
-        let residual =
-            Tensor::from_vec(random(plain.elem_count(), 1.0, i as u64 + 80), plain.dims(), &Device::Cpu).unwrap();
-        for (residual, relu) in [(None, false), (Some(&residual), true)] {
-            let want = match residual {
-                Some(r) => (&plain + r).unwrap(),
-                None => plain.clone(),
-            };
-            let want = if relu { want.relu().unwrap() } else { want };
-            let fused = Fused { residual, relu };
-            let dims = weight.dims4().unwrap();
-            let got = kernels::conv2d_f16(&x, &values, dims, Some(&bias), stride, padding, fused).unwrap();
-            let err = relative_error(&got, &want);
-            // Winograd's transforms round more than a direct sum.
-            let bound = if dims.2 == 3 && stride == 1 && got.elem_count() / dims.0 > 64 { 1e-4 } else { 1e-5 };
-            assert!(err < bound, "{case:?} residual {}: relative error {err:e}", residual.is_some());
+    at_each_level(|level| {
+        for (i, case) in cases.into_iter().enumerate() {
+            let (x, weight, bias) = tensors(case, i as u64 + 70);
+            let (stride, padding) = (case.6, case.7);
+            let half = weight.to_dtype(DType::F16).unwrap();
+            let values: Vec<half::f16> = half.flatten_all().unwrap().to_vec1().unwrap();
+            let widened = half.to_dtype(DType::F32).unwrap();
+            let plain = candle_conv2d(&x, &widened, Some(&bias), stride, padding).unwrap();
+            let residual =
+                Tensor::from_vec(random(plain.elem_count(), 1.0, i as u64 + 80), plain.dims(), &Device::Cpu).unwrap();
+            for (residual, relu) in [(None, false), (Some(&residual), true)] {
+                let want = match residual {
+                    Some(r) => (&plain + r).unwrap(),
+                    None => plain.clone(),
+                };
+                let want = if relu { want.relu().unwrap() } else { want };
+                let fused = Fused { residual, relu };
+                let dims = weight.dims4().unwrap();
+                let got = kernels::conv2d_f16(&x, &values, dims, Some(&bias), stride, padding, fused).unwrap();
+                let err = relative_error(&got, &want);
+                // Winograd's transforms round more than a direct sum.
+                let bound = if dims.2 == 3 && stride == 1 && got.elem_count() / dims.0 > 64 { 1e-4 } else { 1e-5 };
+                assert!(err < bound, "{level:?} {case:?} residual {}: relative error {err:e}", residual.is_some());
+            }
         }
-    }
+    });
     let (x, weight, _) = tensors((1, 4, 5, 5, 3, 3, 1, 1), 1);
     let e = kernels::conv2d_f16(&x, &[half::f16::ZERO; 5], weight.dims4().unwrap(), None, 1, 1, Fused::default());
     assert!(e.unwrap_err().to_string().contains("weight holds 5 values"));
