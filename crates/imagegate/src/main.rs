@@ -97,8 +97,10 @@ struct ServeArgs {
     /// Accepted client API keys, comma-separated. Without any, the server is open (loopback only).
     #[arg(long, env = "IMAGEGATE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     api_keys: Vec<String>,
-    /// Seconds a request's budget hold lasts before it is presumed abandoned (a crashed instance) and
-    /// released; also a local job's worst-case compute time.
+    /// Seconds a request's budget hold outlives its instance's last heartbeat (renewed every quarter
+    /// of it while the request runs) before another instance presumes the instance dead, releases the
+    /// hold and records the request as `instance_died`; also a local job's worst-case compute time.
+    /// Must exceed every provider's `timeout_secs` by 10 s.
     #[arg(long, env = "IMAGEGATE_RESERVATION_TTL_SECS", default_value_t = 3600)]
     reservation_ttl_secs: u64,
     #[command(flatten)]
@@ -257,20 +259,14 @@ fn main() -> ExitCode {
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let state = args.config.state(&args.api_keys)?;
     let ttl = std::time::Duration::from_secs(args.reservation_ttl_secs.max(1));
-    let ledger = args.config.open_ledger(ledger::LedgerOptions { reservation_ttl: ttl, ..Default::default() }).await?;
-    let state = state.with_ledger(ledger.clone(), ttl).await.map_err(|e| e.to_string())?;
+    // An in-flight Idempotency-Key lives as long as its request's hold: a heartbeat renews both.
+    let options = ledger::LedgerOptions { reservation_ttl: ttl, idempotency_in_flight_ttl: ttl, ..Default::default() };
+    let ledger = args.config.open_ledger(options).await?;
+    // Also starts the heartbeat that keeps this instance's holds alive and the sweep that frees the
+    // holds of instances that died.
+    let state = state.with_ledger(ledger).await.map_err(|e| e.to_string())?;
     let open = state.is_open().await.map_err(|e| e.to_string())?;
     server::check_listen_address(&args.listen, open).map_err(|e| e.to_string())?;
-    // Holds of requests whose instance died are released once they expire, by whichever instance looks.
-    let sweep = (ttl / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(sweep).await;
-            if let Err(e) = ledger.release_expired(ledger.now()).await {
-                tracing::warn!(error = %e, "could not release expired reservations");
-            }
-        }
-    });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

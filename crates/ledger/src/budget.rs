@@ -16,14 +16,21 @@
 //!   on PostgreSQL (READ COMMITTED), the `UPDATE` locks the row and, if another transaction changed
 //!   it meanwhile, waits for that one to commit and re-evaluates its `WHERE` on the new version.
 //!   Either way the check and the increment cannot be split by another writer. So
-//!   `spent + reserved <= cap` holds whenever every settled cost is at most its worst case; a cost
-//!   above its worst case is still recorded in full (the truth is billed) and then blocks further
-//!   reserves. Caps are read just before the transaction, so a cap an admin changes applies from
+//!   `spent + reserved <= cap` holds always: a request is never charged more than its hold (a cost
+//!   priced above it is charged the hold, and the server's row says `capped`). Caps are read just before the transaction, so a cap an admin changes applies from
 //!   the next reserve (one already under way uses the value it read).
 //! - **Settle once.** Settling or releasing deletes the reservation row in the same transaction that
 //!   moves the money; whoever deletes it (settle, release, or [`Ledger::release_expired`]) is the one
-//!   that gives the hold back. A settle that finds its reservation already expired still charges
-//!   the actual cost, and says so.
+//!   that gives the hold back.
+//! - **Charge as it goes.** [`Ledger::charge`] moves part of a hold to spent while the request still
+//!   runs (each image a stream delivers), so a request whose instance dies has paid for what it
+//!   delivered; the final settle charges the rest, never more than the hold in all.
+//! - **A live hold never expires.** Each hold carries its instance's id, and [`Ledger::heartbeat`]
+//!   renews all of them (and their in-flight idempotency entries); only the holds of an instance that
+//!   stopped renewing expire. The sweep that frees one writes its request's ledger row (`failed`,
+//!   `instance_died`, what it had charged) and forgets its idempotency entry. Should a request finish
+//!   after its hold was swept anyway (an instance paused longer than the TTL), it is charged only what
+//!   still fits under every cap (`hold_expired`): the budget is never overrun.
 //! - **Periods.** A reservation remembers the period rows it holds; it settles into those rows even
 //!   if the period has turned meanwhile, so neither period's numbers are corrupted.
 //! - **Lock order.** On PostgreSQL every transaction touches the key's row before the project's
@@ -40,7 +47,7 @@ use uuid::Uuid;
 use crate::db::{Ledger, from_ms, to_i64, to_ms, to_u64};
 use crate::error::{LedgerError, Result};
 use crate::money::{nanos_to_usd, usd_to_nanos_ceil, usd_to_nanos_floor, usd_to_nanos_half_up};
-use crate::usage::{LedgerEntry, RequestStatus, insert_entry};
+use crate::usage::{CostSource, LedgerEntry, RequestStatus, TokenUsage, insert_entry};
 
 /// A budget period. Periods follow UTC calendar boundaries; weeks start on Monday.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -181,8 +188,9 @@ pub enum Reserve {
     Refused(Refusal),
 }
 
-/// Budget held for one request. Settle or release it exactly once (both take it by value); if the
-/// process dies first, [`Ledger::release_expired`] frees it after [`Reservation::expires_at`].
+/// Budget held for one request. Settle or release it exactly once (both take it by value). While its
+/// instance lives, [`Ledger::heartbeat`] keeps the hold from expiring; if the instance dies,
+/// [`Ledger::release_expired`] frees it after the reservation TTL and writes the request's ledger row.
 #[derive(Debug)]
 pub struct Reservation {
     pub id: String,
@@ -192,11 +200,46 @@ pub struct Reservation {
     /// The worst case held, as given (held rounded up to the nano-dollar).
     pub worst_case_usd: Decimal,
     pub images: u32,
+    /// When the hold expires unless a heartbeat renews it.
     pub expires_at: DateTime<Utc>,
     /// Settled spending of the key or its project is at or past a soft threshold already.
     pub over_soft_limit: bool,
     amount_nanos: i64,
     holds: Vec<Hold>,
+    /// Charged through [`Ledger::charge`] while the hold existed (moved from the hold to spent).
+    charged_nanos: i64,
+    images_charged: u32,
+    /// Charged after the hold had been swept (each charge only where it fit under the caps).
+    charged_after_expiry_nanos: i64,
+    /// The hold was found swept: later charges and the final row say so.
+    expired: bool,
+}
+
+impl Reservation {
+    /// What this request has been charged so far.
+    pub fn charged_usd(&self) -> Decimal {
+        nanos_to_usd(self.charged_nanos.saturating_add(self.charged_after_expiry_nanos))
+    }
+
+    /// What is still held: the worst case less what was charged against it.
+    pub fn remaining_usd(&self) -> Decimal {
+        nanos_to_usd((self.amount_nanos - self.charged_nanos).max(0))
+    }
+}
+
+/// What a held request is: recorded with its reservation, so that the sweep that frees the hold of a
+/// dead instance can write the request's ledger row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldRequest {
+    pub request_id: String,
+    pub operation: String,
+    pub model: String,
+    pub provider: String,
+    pub tier: String,
+    pub billing_basis: String,
+    /// The request's `Idempotency-Key`: its in-flight entry lives as long as the hold and is forgotten
+    /// when a sweep frees it, so a retry after a crash runs again.
+    pub idempotency_key: Option<String>,
 }
 
 /// Why a reservation was refused, with the numbers for the error message.
@@ -244,6 +287,9 @@ struct Hold {
     period: Period,
     period_start_ms: i64,
     soft_nanos: Option<i64>,
+    /// The hard cap and image quota read when the hold was taken (for charges after it was swept).
+    limit_nanos: Option<i64>,
+    quota: Option<i64>,
 }
 
 /// Signed changes to one `budget_usage` row.
@@ -258,13 +304,27 @@ struct Delta {
 impl Ledger {
     /// Holds `worst_case_usd` and `images` against the key's budget and its project's budget, all or
     /// nothing, in one transaction. A key without budgets (and without a project budget) is always
-    /// reserved; the reservation still makes settle/release uniform.
-    ///
-    /// Errors with [`LedgerError::KeyNotFound`] or [`LedgerError::KeyRevoked`].
+    /// reserved; the reservation still makes settle/release uniform. See [`Ledger::reserve_request`].
     pub async fn reserve(
         &self,
         key_id: &str,
         request_id: &str,
+        worst_case_usd: Decimal,
+        images: u32,
+    ) -> Result<Reserve> {
+        let request = HeldRequest { request_id: request_id.to_owned(), ..HeldRequest::default() };
+        self.reserve_request(key_id, &request, worst_case_usd, images).await
+    }
+
+    /// [`Ledger::reserve`] for `request`, which is recorded with the hold: this instance's
+    /// [`Ledger::heartbeat`] keeps it alive, and if the instance dies the sweep that frees it writes
+    /// the request's ledger row (`failed`, `instance_died`, with what it had charged).
+    ///
+    /// Errors with [`LedgerError::KeyNotFound`] or [`LedgerError::KeyRevoked`].
+    pub async fn reserve_request(
+        &self,
+        key_id: &str,
+        request: &HeldRequest,
         worst_case_usd: Decimal,
         images: u32,
     ) -> Result<Reserve> {
@@ -292,9 +352,9 @@ impl Ledger {
                 period: budget.period,
                 period_start_ms: to_ms(budget.period.start(now)),
                 soft_nanos: budget.soft_limit_usd.map(usd_to_nanos_floor).transpose()?,
+                limit_nanos: budget.limit_usd.map(usd_to_nanos_floor).transpose()?,
+                quota: budget.image_quota.map(to_i64).transpose()?,
             };
-            let limit = budget.limit_usd.map(usd_to_nanos_floor).transpose()?;
-            let quota = budget.image_quota.map(to_i64).transpose()?;
             ensure_usage_row(&mut tx, &hold).await?;
             let held = sqlx::query(
                 "UPDATE budget_usage
@@ -310,14 +370,14 @@ impl Ledger {
             .bind(hold.period_start_ms)
             .bind(amount)
             .bind(i64::from(images))
-            .bind(limit)
-            .bind(quota)
+            .bind(hold.limit_nanos)
+            .bind(hold.quota)
             .fetch_optional(&mut *tx)
             .await?;
             let Some(row) = held else {
                 let counts = read_counts(&mut tx, &hold.owner, budget.period, hold.period_start_ms).await?;
                 tx.rollback().await?;
-                let over_cap = limit
+                let over_cap = hold.limit_nanos
                     .is_some_and(|limit| counts.spent.saturating_add(counts.reserved).saturating_add(amount) > limit);
                 let reason = if over_cap { RefusalReason::Budget } else { RefusalReason::ImageQuota };
                 let usage = counts.usage(hold.owner, budget, hold.period_start_ms)?;
@@ -334,11 +394,12 @@ impl Ledger {
         sqlx::query(
             "INSERT INTO reservations (id, request_id, key_id, key_period, key_period_start_ms,
                  project_id, project_period, project_period_start_ms, amount_nanos, images,
-                 created_at_ms, expires_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                 created_at_ms, expires_at_ms, instance_id, operation, model, provider, tier, billing_basis,
+                 idempotency_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
         )
         .bind(&id)
-        .bind(request_id)
+        .bind(&request.request_id)
         .bind(&key.id)
         .bind(key_hold.map(|h| h.period.as_str()))
         .bind(key_hold.map(|h| h.period_start_ms))
@@ -349,13 +410,20 @@ impl Ledger {
         .bind(i64::from(images))
         .bind(to_ms(now))
         .bind(to_ms(expires_at))
+        .bind(&*self.instance_id)
+        .bind(&request.operation)
+        .bind(&request.model)
+        .bind(&request.provider)
+        .bind(&request.tier)
+        .bind(&request.billing_basis)
+        .bind(request.idempotency_key.as_deref())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
 
         Ok(Reserve::Reserved(Reservation {
             id,
-            request_id: request_id.to_owned(),
+            request_id: request.request_id.clone(),
             key_id: key.id,
             project_id: key.project_id,
             worst_case_usd,
@@ -364,84 +432,210 @@ impl Ledger {
             over_soft_limit,
             amount_nanos: amount,
             holds,
+            charged_nanos: 0,
+            images_charged: 0,
+            charged_after_expiry_nanos: 0,
+            expired: false,
         }))
     }
 
-    /// Charges `actual_cost_usd` and `entry.n` images, gives back the rest of the hold and appends
-    /// `entry` as a succeeded ledger row: one transaction.
+    /// Charges `cost_usd` and `images` of a request that is still running (a stream's completed image):
+    /// moved from its hold to spent at once, so that nothing delivered is free even if this instance
+    /// dies before the request finishes. Never more than what is left of the hold; if the hold was
+    /// swept meanwhile, only what still fits under every cap. Returns what was charged.
+    pub async fn charge(&self, reservation: &mut Reservation, cost_usd: Decimal, images: u32) -> Result<Decimal> {
+        let wanted = usd_to_nanos_half_up(cost_usd)?.min((reservation.amount_nanos - reservation.charged_nanos).max(0));
+        let images = images.min(reservation.images.saturating_sub(reservation.images_charged));
+        for _ in 0..CONFLICT_RETRIES {
+            let mut tx = self.begin().await?;
+            if !reservation.expired {
+                let updated = sqlx::query(
+                    "UPDATE reservations SET charged_nanos = charged_nanos + $2, images_charged = images_charged + $3
+                     WHERE id = $1",
+                )
+                .bind(&reservation.id)
+                .bind(wanted)
+                .bind(i64::from(images))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if updated == 1 {
+                    let images = i64::from(images);
+                    let delta =
+                        Delta { spent: wanted, reserved: -wanted, images_spent: images, images_reserved: -images };
+                    for hold in &reservation.holds {
+                        apply(&mut tx, hold, delta).await?;
+                    }
+                    tx.commit().await?;
+                    reservation.charged_nanos += wanted;
+                    reservation.images_charged += images as u32;
+                    return Ok(nanos_to_usd(wanted));
+                }
+                reservation.expired = true;
+            }
+            let Some((charged, _)) = charge_beyond_hold(&mut tx, &reservation.holds, wanted, images).await? else {
+                tx.rollback().await?;
+                continue;
+            };
+            tx.commit().await?;
+            reservation.charged_after_expiry_nanos += charged;
+            return Ok(nanos_to_usd(charged));
+        }
+        Ok(Decimal::ZERO)
+    }
+
+    /// Charges `actual_cost_usd` in all (what [`Ledger::charge`] took so far included) and `entry.n`
+    /// images, gives back the rest of the hold and appends `entry` as a succeeded ledger row: one
+    /// transaction.
     pub async fn settle(
         &self,
         reservation: Reservation,
         actual_cost_usd: Decimal,
         entry: &LedgerEntry,
     ) -> Result<Settlement> {
-        let cost = usd_to_nanos_half_up(actual_cost_usd)?;
-        self.finish(reservation, cost, entry.n, RequestStatus::Succeeded, entry).await
+        self.finish(reservation, actual_cost_usd, entry.n, RequestStatus::Succeeded, entry).await
     }
 
-    /// Gives back the whole hold and appends `entry` as a failed ledger row, charging `cost_usd`
-    /// (pass zero unless the failure was billed, e.g. compute spent before a local error).
+    /// Gives back what is left of the hold and appends `entry` as a failed ledger row, charging
+    /// `cost_usd` in all (what [`Ledger::charge`] took so far included; pass what was delivered or
+    /// incurred, zero when nothing was) and `entry.n` images.
     pub async fn release(
         &self,
         reservation: Reservation,
         cost_usd: Decimal,
         entry: &LedgerEntry,
     ) -> Result<Settlement> {
-        let cost = usd_to_nanos_half_up(cost_usd)?;
-        self.finish(reservation, cost, 0, RequestStatus::Failed, entry).await
+        self.finish(reservation, cost_usd, entry.n, RequestStatus::Failed, entry).await
     }
 
+    /// Ends a request: charges up to `total_usd` in all, never more than its hold; if the hold was
+    /// swept (its instance looked dead), only what fits under every cap, and the row says
+    /// `hold_expired`. A budget is never overrun either way.
     async fn finish(
         &self,
-        reservation: Reservation,
-        cost: i64,
+        mut reservation: Reservation,
+        total_usd: Decimal,
         images: u32,
         status: RequestStatus,
         entry: &LedgerEntry,
     ) -> Result<Settlement> {
-        let mut tx = self.begin().await?;
-        let deleted = sqlx::query("DELETE FROM reservations WHERE id = $1")
-            .bind(&reservation.id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        let still_held = deleted == 1;
-        let delta = Delta {
-            spent: cost,
-            reserved: if still_held { -reservation.amount_nanos } else { 0 },
-            images_spent: i64::from(images),
-            images_reserved: if still_held { -i64::from(reservation.images) } else { 0 },
-        };
-        let mut settlement = Settlement {
-            charged_usd: nanos_to_usd(cost),
-            over_soft_limit: false,
-            crossed_soft_limit: false,
-            reservation_expired: !still_held,
-        };
-        for hold in &reservation.holds {
-            let spent_after = apply(&mut tx, hold, delta).await?;
-            if let Some(soft) = hold.soft_nanos {
-                settlement.over_soft_limit |= spent_after >= soft;
-                settlement.crossed_soft_limit |= spent_after >= soft && spent_after - cost < soft;
+        let total = usd_to_nanos_half_up(total_usd)?.min(reservation.amount_nanos);
+        let images = images.min(reservation.images);
+        for attempt in 0..=CONFLICT_RETRIES {
+            let mut tx = self.begin().await?;
+            let deleted = if reservation.expired {
+                None
+            } else {
+                sqlx::query_scalar::<_, i64>("DELETE FROM reservations WHERE id = $1 RETURNING charged_nanos")
+                    .bind(&reservation.id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            };
+            let (row_cost, charged_now) = match deleted {
+                Some(_) => {
+                    let r = &reservation;
+                    let extra = (total - r.charged_nanos).max(0);
+                    let delta = Delta {
+                        spent: extra,
+                        reserved: -(r.amount_nanos - r.charged_nanos),
+                        images_spent: i64::from(images.saturating_sub(r.images_charged)),
+                        images_reserved: -i64::from(r.images - r.images_charged),
+                    };
+                    for hold in &r.holds {
+                        apply(&mut tx, hold, delta).await?;
+                    }
+                    (r.charged_nanos + extra, extra)
+                }
+                None => {
+                    reservation.expired = true;
+                    let r = &reservation;
+                    let wanted = (total - r.charged_nanos - r.charged_after_expiry_nanos).max(0);
+                    let more_images = images.saturating_sub(r.images_charged);
+                    // Out of conflicts: charge nothing more rather than risk passing a cap.
+                    let (wanted, more_images) =
+                        if attempt == CONFLICT_RETRIES { (0, 0) } else { (wanted, more_images) };
+                    match charge_beyond_hold(&mut tx, &r.holds, wanted, more_images).await? {
+                        Some((charged, _)) => (r.charged_after_expiry_nanos + charged, charged),
+                        None => {
+                            tx.rollback().await?;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let expired = reservation.expired;
+            let mut entry = entry.clone();
+            if expired {
+                tracing::warn!(
+                    reservation = %reservation.id,
+                    request_id = %reservation.request_id,
+                    "a request finished after its hold was swept; charged only what fit under the caps"
+                );
+                entry.error_code.get_or_insert_with(|| "hold_expired".to_owned());
             }
-        }
-        insert_entry(&mut tx, Some(&reservation.key_id), reservation.project_id.as_deref(), status, cost, entry)
+            let mut settlement = Settlement {
+                charged_usd: nanos_to_usd(
+                    reservation.charged_nanos + reservation.charged_after_expiry_nanos + charged_now,
+                ),
+                over_soft_limit: false,
+                crossed_soft_limit: false,
+                reservation_expired: expired,
+            };
+            for hold in &reservation.holds {
+                if let Some(soft) = hold.soft_nanos {
+                    let spent_after = read_counts(&mut tx, &hold.owner, hold.period, hold.period_start_ms).await?.spent;
+                    settlement.over_soft_limit |= spent_after >= soft;
+                    settlement.crossed_soft_limit |= spent_after >= soft && spent_after - charged_now < soft;
+                }
+            }
+            insert_entry(
+                &mut tx,
+                Some(&reservation.key_id),
+                reservation.project_id.as_deref(),
+                status,
+                row_cost,
+                &entry,
+            )
             .await?;
-        tx.commit().await?;
-        if !still_held {
-            tracing::warn!(
-                reservation = %reservation.id,
-                request_id = %reservation.request_id,
-                "settled a reservation that had expired: its hold was already released"
-            );
+            tx.commit().await?;
+            return Ok(settlement);
         }
-        Ok(settlement)
+        Err(LedgerError::InvalidArgument("the budget rows kept changing; the request could not be finished".into()))
     }
 
-    /// Frees every reservation that expired at or before `now` (its process is presumed dead), and
-    /// prunes stale rate-limit windows and idempotency entries. Returns how many reservations were
-    /// freed. Runs on connect; the server runs it every minute or so. Safe to run from several
-    /// instances at once: each reservation is released by whoever deletes it.
+    /// Renews the holds of every request this instance is running (and their in-flight idempotency
+    /// entries) for another reservation TTL. The server calls it well within the TTL, so a live
+    /// request's hold never expires; holds of an instance that stopped calling it (it died) expire
+    /// and [`Ledger::release_expired`] frees them. Returns how many holds were renewed.
+    pub async fn heartbeat(&self) -> Result<u64> {
+        let expires_ms = to_ms(self.clock.now()) + self.reservation_ttl_ms;
+        let renewed = sqlx::query("UPDATE reservations SET expires_at_ms = $2 WHERE instance_id = $1")
+            .bind(&*self.instance_id)
+            .bind(expires_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if renewed > 0 {
+            sqlx::query(
+                "UPDATE idempotency SET expires_at_ms = $2
+                 WHERE state = 'in_flight' AND expires_at_ms < $2 AND EXISTS (
+                     SELECT 1 FROM reservations r WHERE r.instance_id = $1
+                       AND r.key_id = idempotency.key_id AND r.idempotency_key = idempotency.idempotency_key)",
+            )
+            .bind(&*self.instance_id)
+            .bind(expires_ms)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(renewed)
+    }
+
+    /// Frees every reservation that expired at or before `now` (its instance stopped renewing it: it
+    /// died), writes the ledger row of its request (`failed`, `instance_died`, charged what it had
+    /// charged), forgets its in-flight idempotency entry so a retry runs again, and prunes stale
+    /// rate-limit windows and idempotency entries. Returns how many reservations were freed. Runs on
+    /// connect; the server runs it with every heartbeat. Safe to run from several instances at once:
+    /// each reservation is released by whoever deletes it.
     pub async fn release_expired(&self, now: DateTime<Utc>) -> Result<u64> {
         let now_ms = to_ms(now);
         let expired: Vec<String> = sqlx::query_scalar("SELECT id FROM reservations WHERE expires_at_ms <= $1")
@@ -455,25 +649,66 @@ impl Ledger {
             let row = sqlx::query(
                 "DELETE FROM reservations WHERE id = $1 AND expires_at_ms <= $2
                  RETURNING request_id, key_id, key_period, key_period_start_ms,
-                     project_id, project_period, project_period_start_ms, amount_nanos, images",
+                     project_id, project_period, project_period_start_ms, amount_nanos, images,
+                     charged_nanos, images_charged, created_at_ms, operation, model, provider, tier,
+                     billing_basis, idempotency_key",
             )
             .bind(&id)
             .bind(now_ms)
             .fetch_optional(&mut *tx)
             .await?;
             let Some(row) = row else { continue };
+            let charged: i64 = row.try_get("charged_nanos")?;
+            let images_charged: i64 = row.try_get("images_charged")?;
             let delta = Delta {
-                reserved: -row.try_get::<i64, _>("amount_nanos")?,
-                images_reserved: -row.try_get::<i64, _>("images")?,
+                reserved: -(row.try_get::<i64, _>("amount_nanos")? - charged),
+                images_reserved: -(row.try_get::<i64, _>("images")? - images_charged),
                 ..Delta::default()
             };
             for hold in holds_from_row(&row)? {
                 apply(&mut tx, &hold, delta).await?;
             }
+            let key_id: String = row.try_get("key_id")?;
+            let project_id: Option<String> = row.try_get("project_id")?;
+            let request_id: String = row.try_get("request_id")?;
+            let operation: String = row.try_get("operation")?;
+            // Holds taken before requests were recorded with them have nothing to write a row from.
+            if !operation.is_empty() {
+                let created_at = from_ms(row.try_get("created_at_ms")?)?;
+                let entry = LedgerEntry {
+                    request_id: request_id.clone(),
+                    operation,
+                    model: row.try_get("model")?,
+                    provider: row.try_get("provider")?,
+                    tier: row.try_get("tier")?,
+                    quality: None,
+                    size: None,
+                    n: u32::try_from(images_charged).unwrap_or(u32::MAX),
+                    tokens: TokenUsage::default(),
+                    cost_breakdown: None,
+                    billing_basis: row.try_get("billing_basis")?,
+                    error_code: Some("instance_died".to_owned()),
+                    cost_source: Some(if charged > 0 { CostSource::Priced } else { CostSource::None }),
+                    latency_ms: u64::try_from(now_ms - to_ms(created_at)).unwrap_or(0),
+                    created_at,
+                    finished_at: now,
+                };
+                insert_entry(&mut tx, Some(&key_id), project_id.as_deref(), RequestStatus::Failed, charged, &entry)
+                    .await?;
+            }
+            let idempotency_key: Option<String> = row.try_get("idempotency_key")?;
+            if let Some(idem) = idempotency_key {
+                sqlx::query(
+                    "DELETE FROM idempotency WHERE key_id = $1 AND idempotency_key = $2 AND state = 'in_flight'",
+                )
+                .bind(&key_id)
+                .bind(&idem)
+                .execute(&mut *tx)
+                .await?;
+            }
             tx.commit().await?;
             released += 1;
-            let request_id: String = row.try_get("request_id")?;
-            tracing::warn!(reservation = %id, request_id = %request_id, "released an expired reservation");
+            tracing::warn!(reservation = %id, request_id = %request_id, "released the hold of a request whose instance died");
         }
         self.prune(now_ms).await?;
         Ok(released)
@@ -498,6 +733,56 @@ impl Ledger {
         let counts = read_counts(&mut conn, &owner, budget.period, start).await?;
         counts.usage(owner, budget, start).map(Some)
     }
+}
+
+/// How many times a charge outside a hold is retried when a concurrent writer changed a budget row
+/// between reading its room and taking it (PostgreSQL; SQLite serializes writers).
+const CONFLICT_RETRIES: usize = 3;
+
+/// Charges up to `wanted` nano-USD and `images` against `holds`' rows when the request no longer has a
+/// hold there (it was swept): only what fits under every cap and quota right now, so that a budget is
+/// never overrun. Returns what was charged, or `None` when a row changed between the read and the
+/// conditional update (roll back and retry).
+async fn charge_beyond_hold(
+    conn: &mut AnyConnection,
+    holds: &[Hold],
+    wanted: i64,
+    images: u32,
+) -> Result<Option<(i64, i64)>> {
+    let (mut cost, mut images) = (wanted, i64::from(images));
+    for hold in holds {
+        let counts = read_counts(conn, &hold.owner, hold.period, hold.period_start_ms).await?;
+        if let Some(limit) = hold.limit_nanos {
+            cost = cost.min(limit.saturating_sub(counts.spent.saturating_add(counts.reserved)).max(0));
+        }
+        if let Some(quota) = hold.quota {
+            images = images.min(quota.saturating_sub(counts.images_spent.saturating_add(counts.images_reserved)).max(0));
+        }
+    }
+    for hold in holds {
+        ensure_usage_row(conn, hold).await?;
+        let updated = sqlx::query(
+            "UPDATE budget_usage SET spent_nanos = spent_nanos + $5, images_spent = images_spent + $6
+             WHERE scope = $1 AND scope_id = $2 AND period = $3 AND period_start_ms = $4
+               AND ($7 IS NULL OR spent_nanos + reserved_nanos + $5 <= $7)
+               AND ($8 IS NULL OR images_spent + images_reserved + $6 <= $8)",
+        )
+        .bind(hold.owner.scope())
+        .bind(hold.owner.id())
+        .bind(hold.period.as_str())
+        .bind(hold.period_start_ms)
+        .bind(cost)
+        .bind(images)
+        .bind(hold.limit_nanos)
+        .bind(hold.quota)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            return Ok(None);
+        }
+    }
+    Ok(Some((cost, images)))
 }
 
 async fn ensure_usage_row(conn: &mut AnyConnection, hold: &Hold) -> Result<()> {
@@ -607,7 +892,7 @@ fn holds_from_row(row: &AnyRow) -> Result<Vec<Hold>> {
         if let (Some(id), Some(period), Some(period_start_ms)) = (id, period, start) {
             let period =
                 Period::parse(&period).ok_or_else(|| LedgerError::Corrupt(format!("budget period {period:?}")))?;
-            holds.push(Hold { owner: owner(id), period, period_start_ms, soft_nanos: None });
+            holds.push(Hold { owner: owner(id), period, period_start_ms, soft_nanos: None, limit_nanos: None, quota: None });
         }
     }
     Ok(holds)

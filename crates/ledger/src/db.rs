@@ -32,10 +32,11 @@ pub struct LedgerOptions {
     pub clock: Arc<dyn Clock>,
     /// The pool's size. SQLite has one writer at a time whatever this is; readers run in parallel.
     pub max_connections: u32,
-    /// How long a reservation holds budget before [`Ledger::release_expired`] frees it (its process
-    /// is presumed dead). Longer than the slowest request, or a live request loses its hold.
+    /// How long a reservation holds budget after its instance's last [`Ledger::heartbeat`] before
+    /// [`Ledger::release_expired`] frees it (the instance is presumed dead).
     pub reservation_ttl: Duration,
-    /// How long an in-flight idempotency entry blocks retries before it is presumed abandoned.
+    /// How long an in-flight idempotency entry blocks retries before it is presumed abandoned, unless
+    /// its request's hold keeps it alive (a heartbeat renews both). The reservation TTL is right.
     pub idempotency_in_flight_ttl: Duration,
     /// How long a completed idempotency entry is replayed (OpenAI-style: a day).
     pub idempotency_retention: Duration,
@@ -93,6 +94,9 @@ pub struct Ledger {
     pub(crate) reservation_ttl_ms: i64,
     pub(crate) in_flight_ttl_ms: i64,
     pub(crate) retention_ms: i64,
+    /// This process's id among the instances sharing the database: its holds carry it, and its
+    /// heartbeat renews them.
+    pub(crate) instance_id: Arc<str>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -171,10 +175,21 @@ impl Ledger {
             in_flight_ttl_ms: duration_ms(options.idempotency_in_flight_ttl)?,
             retention_ms: duration_ms(options.idempotency_retention)?,
             clock: options.clock,
+            instance_id: Arc::from(uuid::Uuid::now_v7().to_string()),
         };
         let now = ledger.clock.now();
         ledger.release_expired(now).await?;
         Ok(ledger)
+    }
+
+    /// This instance's id: the holds it takes carry it (see [`Ledger::heartbeat`]).
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// How long a hold lives after the last heartbeat of its instance.
+    pub fn reservation_ttl(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.reservation_ttl_ms).unwrap_or(0))
     }
 
     /// Which database this ledger talks to.

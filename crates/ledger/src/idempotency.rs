@@ -6,7 +6,10 @@
 //! the same key exactly one gets [`Idempotency::New`]. The winner then either
 //! [`Ledger::complete_idempotent`]s it (storing the response metadata, replayed for
 //! `idempotency_retention`) or [`Ledger::fail_idempotent`]s it (removing it, so a retry runs again).
-//! An in-flight entry whose process died is taken over after `idempotency_in_flight_ttl`.
+//! An in-flight entry lives as long as its request's hold (the instance's heartbeat renews both); when
+//! its instance dies, the sweep that frees the hold forgets it, so a retry runs again. An entry with no
+//! hold (a request refused before its hold, or one without a key) is taken over after
+//! `idempotency_in_flight_ttl`.
 
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -23,9 +26,18 @@ pub enum Idempotency {
     /// The same request is running elsewhere (the server answers 409 and the client retries later).
     InFlight,
     /// The request already ran; here is what [`Ledger::complete_idempotent`] stored for it.
-    Completed(String),
+    Completed(StoredResponse),
     /// The key was used for a different request body (the server answers 400 or 422).
     Mismatch,
+}
+
+/// What a completed idempotent request stored, replayed to its retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// The response body (or a note saying why it was not stored).
+    pub body: String,
+    /// What the request was charged, as the cost header said (`None` when it said nothing).
+    pub cost_usd: Option<String>,
 }
 
 /// A request fingerprint: lowercase hex SHA-256 of the bytes (e.g. the method, path and body).
@@ -76,7 +88,7 @@ impl Ledger {
                 return Ok(Idempotency::New);
             }
             let row = sqlx::query(
-                "SELECT fingerprint, state, response FROM idempotency
+                "SELECT fingerprint, state, response, cost_usd FROM idempotency
                  WHERE key_id = $1 AND idempotency_key = $2",
             )
             .bind(key_id)
@@ -87,9 +99,10 @@ impl Ledger {
             let stored: String = row.try_get("fingerprint")?;
             let state: String = row.try_get("state")?;
             let response: Option<String> = row.try_get("response")?;
+            let cost_usd: Option<String> = row.try_get("cost_usd")?;
             return Ok(match (stored == fingerprint, state.as_str(), response) {
                 (false, _, _) => Idempotency::Mismatch,
-                (true, "completed", Some(response)) => Idempotency::Completed(response),
+                (true, "completed", Some(body)) => Idempotency::Completed(StoredResponse { body, cost_usd }),
                 (true, "in_flight", _) => Idempotency::InFlight,
                 (true, state, _) => return Err(LedgerError::Corrupt(format!("idempotency state {state:?}"))),
             });
@@ -97,18 +110,26 @@ impl Ledger {
         Ok(Idempotency::InFlight)
     }
 
-    /// Stores the response metadata of a request that owns `idempotency_key`; retries get it back as
-    /// [`Idempotency::Completed`] for `idempotency_retention`.
-    pub async fn complete_idempotent(&self, key_id: &str, idempotency_key: &str, response: &str) -> Result<()> {
+    /// Stores the response of a request that owns `idempotency_key`, and what it was charged
+    /// (`cost_usd`, the cost header's value); retries get both back as [`Idempotency::Completed`] for
+    /// `idempotency_retention`.
+    pub async fn complete_idempotent(
+        &self,
+        key_id: &str,
+        idempotency_key: &str,
+        response: &str,
+        cost_usd: Option<&str>,
+    ) -> Result<()> {
         let now_ms = to_ms(self.clock.now());
         sqlx::query(
-            "UPDATE idempotency SET state = 'completed', response = $3, expires_at_ms = $4
+            "UPDATE idempotency SET state = 'completed', response = $3, cost_usd = $5, expires_at_ms = $4
              WHERE key_id = $1 AND idempotency_key = $2 AND state = 'in_flight'",
         )
         .bind(key_id)
         .bind(idempotency_key)
         .bind(response)
         .bind(now_ms + self.retention_ms)
+        .bind(cost_usd)
         .execute(&self.pool)
         .await?;
         Ok(())

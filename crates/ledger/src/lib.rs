@@ -30,7 +30,7 @@
 //! # let entry: LedgerEntry = unimplemented!();
 //! let settlement = ledger.settle(reservation, Decimal::new(3, 2), &entry).await?;
 //! if settlement.over_soft_limit { /* add a warning header */ }
-//! ledger.complete_idempotent(&key.id, "idem-1", "{\"created\":1}").await?;
+//! ledger.complete_idempotent(&key.id, "idem-1", "{\"created\":1}", Some("0.03")).await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -59,14 +59,17 @@ mod rate;
 pub mod testing;
 pub mod usage;
 
-pub use budget::{Budget, BudgetOwner, BudgetUsage, Period, Refusal, RefusalReason, Reservation, Reserve, Settlement};
+pub use budget::{
+    Budget, BudgetOwner, BudgetUsage, HeldRequest, Period, Refusal, RefusalReason, Reservation, Reserve, Settlement,
+};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use db::{Backend, Ledger, LedgerOptions, sqlite_url};
 pub use error::{LedgerError, Result};
-pub use idempotency::{Idempotency, fingerprint, fingerprint_parts};
+pub use idempotency::{Idempotency, StoredResponse, fingerprint, fingerprint_parts};
 pub use keys::{ApiKey, CreatedKey, KeyUpdate, NewKey, NewProject, Project, ProjectUpdate, RateLimits, Scope};
 pub use rate::{RateLimit, RateLimitKind};
 pub use rust_decimal::Decimal;
 pub use usage::{
+    CostSource,
     BucketWidth, Dimension, LedgerEntry, LedgerRow, RequestStatus, TokenUsage, UsageBucket, UsageQuery, UsageRow,
 };

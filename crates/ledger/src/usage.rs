@@ -50,6 +50,41 @@ impl RequestStatus {
     }
 }
 
+/// Where a ledger row's cost came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CostSource {
+    /// Priced from what ran: the provider's usage, imagegate's count of it, or measured compute time.
+    Priced,
+    /// What ran could not be known or priced (an abandoned request whose outcome never arrived, a
+    /// result the catalog cannot price): the worst case that was held was charged.
+    WorstCase,
+    /// Priced above the worst case that was held: the hold was charged, never more.
+    Capped,
+    /// Nothing was charged.
+    None,
+}
+
+impl CostSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Priced => "priced",
+            Self::WorstCase => "worst_case",
+            Self::Capped => "capped",
+            Self::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "priced" => Some(Self::Priced),
+            "worst_case" => Some(Self::WorstCase),
+            "capped" => Some(Self::Capped),
+            "none" => Some(Self::None),
+            _ => None,
+        }
+    }
+}
+
 /// Token counts of one request (zero where a model does not bill tokens).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TokenUsage {
@@ -71,7 +106,8 @@ pub struct LedgerEntry {
     pub tier: String,
     pub quality: Option<String>,
     pub size: Option<String>,
-    /// Images: produced for a succeeded request (charged to the image quota), requested otherwise.
+    /// Images charged to the image quota: those produced (or, for a request whose client went away,
+    /// incurred); 0 for a request that produced none.
     pub n: u32,
     pub tokens: TokenUsage,
     /// The itemized cost as JSON text, stored as given.
@@ -79,6 +115,8 @@ pub struct LedgerEntry {
     /// `tokens`, `per_image`, `compute`, ...
     pub billing_basis: String,
     pub error_code: Option<String>,
+    /// Where the cost came from; `None` on rows written before it was recorded.
+    pub cost_source: Option<CostSource>,
     pub latency_ms: u64,
     pub created_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
@@ -180,7 +218,7 @@ macro_rules! ledger_columns {
     () => {
         "id, request_id, key_id, project_id, operation, model, provider, tier, quality, size, n,
          input_text_tokens, input_image_tokens, output_tokens, cost_nanos, cost_breakdown,
-         billing_basis, status, error_code, latency_ms, created_at_ms, finished_at_ms"
+         billing_basis, status, error_code, cost_source, latency_ms, created_at_ms, finished_at_ms"
     };
 }
 
@@ -383,9 +421,9 @@ pub(crate) async fn insert_entry(
     sqlx::query(
         "INSERT INTO ledger (request_id, key_id, project_id, operation, model, provider, tier, quality,
              size, n, input_text_tokens, input_image_tokens, output_tokens, cost_nanos, cost_breakdown,
-             billing_basis, status, error_code, latency_ms, created_at_ms, finished_at_ms)
+             billing_basis, status, error_code, cost_source, latency_ms, created_at_ms, finished_at_ms)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
-             $20, $21)",
+             $20, $21, $22)",
     )
     .bind(&entry.request_id)
     .bind(key_id)
@@ -405,6 +443,7 @@ pub(crate) async fn insert_entry(
     .bind(&entry.billing_basis)
     .bind(status.as_str())
     .bind(entry.error_code.as_deref())
+    .bind(entry.cost_source.map(CostSource::as_str))
     .bind(to_i64(entry.latency_ms)?)
     .bind(to_ms(entry.created_at))
     .bind(to_ms(entry.finished_at))
@@ -440,6 +479,12 @@ fn row_from_ledger(row: &AnyRow) -> Result<LedgerRow> {
             cost_breakdown: row.try_get("cost_breakdown")?,
             billing_basis: row.try_get("billing_basis")?,
             error_code: row.try_get("error_code")?,
+            cost_source: match row.try_get::<Option<String>, _>("cost_source")? {
+                None => None,
+                Some(s) => Some(
+                    CostSource::parse(&s).ok_or_else(|| LedgerError::Corrupt(format!("cost source {s:?}")))?,
+                ),
+            },
             latency_ms: to_u64(row.try_get("latency_ms")?)?,
             created_at: from_ms(row.try_get("created_at_ms")?)?,
             finished_at: from_ms(row.try_get("finished_at_ms")?)?,

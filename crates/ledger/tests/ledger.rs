@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use ledger::{
-    ApiKey, BucketWidth, Budget, BudgetOwner, Dimension, Idempotency, KeyUpdate, Ledger, LedgerEntry, LedgerError,
+    ApiKey, BucketWidth, Budget, BudgetOwner, CostSource, Dimension, HeldRequest, Idempotency, KeyUpdate, Ledger, LedgerEntry, LedgerError,
     LedgerOptions, ManualClock, NewKey, NewProject, Period, ProjectUpdate, RateLimit, RateLimitKind, RateLimits,
     RefusalReason, RequestStatus, Reservation, Reserve, Scope, TokenUsage, UsageQuery, UsageRow,
 };
@@ -138,6 +138,8 @@ on_both_databases!(
     project_budget_is_shared_by_its_keys,
     secrets_authenticate_until_revoked,
     expired_reservations_are_released,
+    heartbeats_keep_live_holds_and_sweeps_finish_dead_ones,
+    charges_as_it_goes_stay_within_the_hold,
     release_frees_the_hold_and_records_a_failure,
     idempotency_states,
     rate_limit_window_holds_across_instances,
@@ -172,6 +174,7 @@ fn entry(db: &Db, request_id: &str, model: &str, n: u32) -> LedgerEntry {
         cost_breakdown: Some(r#"[{"item":"output","usd":"0.01"}]"#.into()),
         billing_basis: "tokens".into(),
         error_code: None,
+        cost_source: Some(CostSource::Priced),
         latency_ms: 1500,
         created_at: db.now(),
         finished_at: db.now() + TimeDelta::milliseconds(1500),
@@ -329,7 +332,7 @@ async fn image_quota_is_enforced(db: &Db) {
     db.ledger.settle(first, usd("0.5"), &entry(db, "a", "m", 3)).await.unwrap();
     let second = reserved(db, &key, "b", "0.5", 2).await;
     assert_eq!(refused(db, &key, "0", 1).await.reason, RefusalReason::ImageQuota);
-    db.ledger.release(second, Decimal::ZERO, &entry(db, "b", "m", 2)).await.unwrap();
+    db.ledger.release(second, Decimal::ZERO, &entry(db, "b", "m", 0)).await.unwrap();
     let usage = db.ledger.key_budget_usage(&key.id).await.unwrap().unwrap();
     assert_eq!((usage.images_spent, usage.images_reserved, usage.remaining_images()), (3, 0, Some(2)));
 }
@@ -440,33 +443,135 @@ async fn expired_reservations_are_released(db: &Db) {
     assert_eq!(key_money(db, &key).await, (Decimal::ZERO, Decimal::ZERO));
     let fresh = reserved(db, &key, "fresh", "0.10", 1).await;
 
-    // The "crashed" request finishes after all: its cost is still charged, the fresh hold untouched.
+    // The "crashed" request finishes after all, while the fresh request holds the whole budget: it
+    // is charged only what fits under the cap (nothing), so the budget is never overrun.
     let s = db.ledger.settle(stale, usd("0.02"), &entry(db, "crashed", "m", 1)).await.unwrap();
     assert!(s.reservation_expired);
-    assert_eq!(key_money(db, &key).await, (usd("0.02"), usd("0.10")));
-    db.ledger.release(fresh, Decimal::ZERO, &entry(db, "fresh", "m", 1)).await.unwrap();
-    assert_eq!(key_money(db, &key).await, (usd("0.02"), Decimal::ZERO));
+    assert_eq!(s.charged_usd, Decimal::ZERO);
+    let (spent, held) = key_money(db, &key).await;
+    assert!(spent + held <= usd("0.10"), "spent {spent} + held {held} passed the cap");
+    assert_eq!((spent, held), (Decimal::ZERO, usd("0.10")));
+    let rows = db.ledger.entries_for_request("crashed").await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].cost_usd, rows[0].entry.error_code.as_deref()), (Decimal::ZERO, Some("hold_expired")));
+
+    // With room under the cap, a late finish is charged in full (never more than its hold).
+    db.ledger.settle(fresh, usd("0.03"), &entry(db, "fresh", "m", 1)).await.unwrap();
+    let late = reserved(db, &key, "late", "0.05", 1).await;
+    db.clock.advance(TimeDelta::minutes(10));
+    assert_eq!(db.ledger.release_expired(db.now()).await.unwrap(), 1);
+    let s = db.ledger.settle(late, usd("0.04"), &entry(db, "late", "m", 1)).await.unwrap();
+    assert_eq!((s.charged_usd, s.reservation_expired), (usd("0.04"), true));
+    assert_eq!(key_money(db, &key).await, (usd("0.07"), Decimal::ZERO));
 
     // Expired holds are also released on connect.
-    let orphan = reserved(db, &key, "orphan", "0.05", 1).await;
+    let orphan = reserved(db, &key, "orphan", "0.03", 1).await;
     drop(orphan);
     db.clock.advance(TimeDelta::hours(1));
     let restarted = db.another_instance().await;
-    assert_eq!(key_money(db, &key).await, (usd("0.02"), Decimal::ZERO));
+    assert_eq!(key_money(db, &key).await, (usd("0.07"), Decimal::ZERO));
     restarted.close().await;
+}
+
+/// A hold lives as long as its instance's heartbeat, however long the request runs; when the
+/// instance dies, another instance's sweep frees it, writes the request's row with what it had
+/// charged, and forgets its in-flight idempotency entry.
+async fn heartbeats_keep_live_holds_and_sweeps_finish_dead_ones(db: &Db) {
+    let key = key_with(db, Some(Budget::capped(Period::Total, usd("1"))), None).await;
+    let fp = ledger::fingerprint(b"job");
+    assert_eq!(db.ledger.begin_idempotent(&key.id, "idem", &fp).await.unwrap(), Idempotency::New);
+    let request = HeldRequest {
+        request_id: "long".into(),
+        operation: "generation".into(),
+        model: "gpt-image-1-mini".into(),
+        provider: "openai".into(),
+        tier: "default".into(),
+        billing_basis: "tokens".into(),
+        idempotency_key: Some("idem".into()),
+    };
+    let Reserve::Reserved(mut live) = db.ledger.reserve_request(&key.id, &request, usd("0.5"), 4).await.unwrap() else {
+        panic!("refused")
+    };
+    let other = db.another_instance().await;
+
+    // Three TTLs go by; the heartbeat every 5 minutes keeps the hold and the idempotency entry.
+    for _ in 0..6 {
+        db.clock.advance(TimeDelta::minutes(5));
+        assert_eq!(db.ledger.heartbeat().await.unwrap(), 1);
+        assert_eq!(other.heartbeat().await.unwrap(), 0, "another instance renews only its own holds");
+        assert_eq!(other.release_expired(db.now()).await.unwrap(), 0);
+    }
+    assert_eq!(db.ledger.begin_idempotent(&key.id, "idem", &fp).await.unwrap(), Idempotency::InFlight);
+    assert_eq!(key_money(db, &key).await, (Decimal::ZERO, usd("0.5")));
+
+    // Two images delivered: charged at once, out of the hold.
+    assert_eq!(db.ledger.charge(&mut live, usd("0.1"), 1).await.unwrap(), usd("0.1"));
+    assert_eq!(db.ledger.charge(&mut live, usd("0.1"), 1).await.unwrap(), usd("0.1"));
+    assert_eq!(key_money(db, &key).await, (usd("0.2"), usd("0.3")));
+    assert_eq!(live.charged_usd(), usd("0.2"));
+
+    // The instance dies (no more heartbeats): after a TTL the other instance frees what is left.
+    db.clock.advance(TimeDelta::minutes(9));
+    assert_eq!(other.release_expired(db.now()).await.unwrap(), 0);
+    db.clock.advance(TimeDelta::minutes(1));
+    assert_eq!(other.release_expired(db.now()).await.unwrap(), 1);
+    assert_eq!(key_money(db, &key).await, (usd("0.2"), Decimal::ZERO));
+    let usage = db.ledger.key_budget_usage(&key.id).await.unwrap().unwrap();
+    assert_eq!((usage.images_spent, usage.images_reserved), (2, 0));
+    let rows = db.ledger.entries_for_request("long").await.unwrap();
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!((row.status, row.cost_usd, row.entry.n), (RequestStatus::Failed, usd("0.2"), 2));
+    assert_eq!(row.entry.error_code.as_deref(), Some("instance_died"));
+    assert_eq!(row.entry.cost_source, Some(CostSource::Priced));
+    assert_eq!((row.entry.model.as_str(), row.entry.provider.as_str()), ("gpt-image-1-mini", "openai"));
+    assert_eq!(row.key_id.as_deref(), Some(key.id.as_str()));
+    // The retry after the crash runs at once.
+    assert_eq!(db.ledger.begin_idempotent(&key.id, "idem", &fp).await.unwrap(), Idempotency::New);
+    other.close().await;
+}
+
+/// Progressive charges never pass the hold, and the final settle charges the rest exactly once.
+async fn charges_as_it_goes_stay_within_the_hold(db: &Db) {
+    let key = key_with(db, Some(Budget::capped(Period::Total, usd("1"))), None).await;
+    let mut r = reserved(db, &key, "stream", "0.25", 3).await;
+    assert_eq!(db.ledger.charge(&mut r, usd("0.1"), 1).await.unwrap(), usd("0.1"));
+    assert_eq!(db.ledger.charge(&mut r, usd("0.1"), 1).await.unwrap(), usd("0.1"));
+    // The third image would pass the hold: only what is left of it is charged.
+    assert_eq!(db.ledger.charge(&mut r, usd("0.1"), 1).await.unwrap(), usd("0.05"));
+    assert_eq!(r.remaining_usd(), Decimal::ZERO);
+    assert_eq!(key_money(db, &key).await, (usd("0.25"), Decimal::ZERO));
+    let mut done = entry(db, "stream", "m", 3);
+    done.cost_source = Some(CostSource::Capped);
+    let s = db.ledger.settle(r, usd("0.3"), &done).await.unwrap();
+    assert_eq!(s.charged_usd, usd("0.25"));
+    assert_eq!(key_money(db, &key).await, (usd("0.25"), Decimal::ZERO));
+    let rows = db.ledger.entries_for_request("stream").await.unwrap();
+    assert_eq!((rows.len(), rows[0].cost_usd), (1, usd("0.25")));
+
+    // A stream abandoned after one image: released with what it delivered.
+    let mut r = reserved(db, &key, "abandoned", "0.3", 3).await;
+    db.ledger.charge(&mut r, usd("0.1"), 1).await.unwrap();
+    let mut gone = entry(db, "abandoned", "m", 1);
+    gone.error_code = Some("client_disconnected".into());
+    let s = db.ledger.release(r, usd("0.1"), &gone).await.unwrap();
+    assert_eq!(s.charged_usd, usd("0.1"));
+    assert_eq!(key_money(db, &key).await, (usd("0.35"), Decimal::ZERO));
+    let usage = db.ledger.key_budget_usage(&key.id).await.unwrap().unwrap();
+    assert_eq!((usage.images_spent, usage.images_reserved), (4, 0));
 }
 
 async fn release_frees_the_hold_and_records_a_failure(db: &Db) {
     let key = key_with(db, Some(Budget::capped(Period::Total, usd("1"))), None).await;
     let r = reserved(db, &key, "f1", "0.5", 2).await;
-    let mut failed = entry(db, "f1", "m", 2);
+    let mut failed = entry(db, "f1", "m", 0);
     failed.error_code = Some("upstream_error".into());
     let s = db.ledger.release(r, Decimal::ZERO, &failed).await.unwrap();
     assert_eq!(s.charged_usd, Decimal::ZERO);
     assert_eq!(key_money(db, &key).await, (Decimal::ZERO, Decimal::ZERO));
 
     let r = reserved(db, &key, "f2", "0.5", 2).await;
-    db.ledger.release(r, usd("0.003"), &entry(db, "f2", "m", 2)).await.unwrap();
+    db.ledger.release(r, usd("0.003"), &entry(db, "f2", "m", 0)).await.unwrap();
     assert_eq!(key_money(db, &key).await, (usd("0.003"), Decimal::ZERO));
 
     let rows = db.ledger.entries_for_request("f1").await.unwrap();
@@ -493,8 +598,11 @@ async fn idempotency_states(db: &Db) {
     assert_eq!(l.begin_idempotent("key_a", "i1", &other_fp).await.unwrap(), Idempotency::Mismatch);
     assert_eq!(l.begin_idempotent("key_b", "i1", &fp).await.unwrap(), Idempotency::New, "per API key");
 
-    l.complete_idempotent("key_a", "i1", r#"{"request_id":"req_1"}"#).await.unwrap();
-    let replay = Idempotency::Completed(r#"{"request_id":"req_1"}"#.into());
+    l.complete_idempotent("key_a", "i1", r#"{"request_id":"req_1"}"#, Some("0.011")).await.unwrap();
+    let replay = Idempotency::Completed(ledger::StoredResponse {
+        body: r#"{"request_id":"req_1"}"#.into(),
+        cost_usd: Some("0.011".into()),
+    });
     assert_eq!(l.begin_idempotent("key_a", "i1", &fp).await.unwrap(), replay);
     assert_eq!(l.begin_idempotent("key_a", "i1", &other_fp).await.unwrap(), Idempotency::Mismatch);
 

@@ -14,6 +14,7 @@ use api::{ApiError, ErrorBody};
 use async_trait::async_trait;
 use domain::{ImageJob, ImageResult, StreamEvent};
 use futures_util::stream::BoxStream;
+pub use tokio_util::sync::CancellationToken;
 
 /// Events of a streamed job, as the provider produces them.
 pub type EventStream = BoxStream<'static, Result<StreamEvent, ProviderError>>;
@@ -30,7 +31,17 @@ pub trait Provider: Send + Sync {
     fn name(&self) -> &str;
 
     /// Runs `job` on the provider's model `model` (the provider's own name for it, after routing).
-    async fn run(&self, model: &str, job: &ImageJob) -> Result<ProviderOutput, ProviderError>;
+    ///
+    /// `abandoned` is cancelled when the client went away. A provider that can stop early and knows
+    /// what it spent (the local engine) stops at the next step and ends with
+    /// [`ProviderError::Cancelled`]; one whose bill arrives anyway (an upstream) carries on, so the
+    /// caller can read what it was billed. Either way the caller keeps polling the job to its end.
+    async fn run(
+        &self,
+        model: &str,
+        job: &ImageJob,
+        abandoned: &CancellationToken,
+    ) -> Result<ProviderOutput, ProviderError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,4 +62,8 @@ pub enum ProviderError {
     /// model's size rule, a full queue, a model that failed to load).
     #[error("{}", .0.body.message)]
     Api(ApiError),
+    /// The job was stopped because its client went away, after `compute_ms` of device time (what it
+    /// incurred, for the bill; 0 when it never started).
+    #[error("cancelled after {compute_ms} ms of compute: the client went away")]
+    Cancelled { compute_ms: u64 },
 }

@@ -40,7 +40,7 @@ use futures_util::StreamExt;
 use image::{GrayImage, RgbImage};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
-use crate::{Provider, ProviderError, ProviderOutput};
+use crate::{CancellationToken, Provider, ProviderError, ProviderOutput};
 
 /// Steps per quality and the guidance scale of a model family.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -340,8 +340,17 @@ struct Task {
     model: LocalModel,
     plan: Plan,
     reply: Reply,
+    /// Set when the request's future or stream is dropped.
     cancel: Arc<AtomicBool>,
+    /// Cancelled when the client went away while the caller still waits for the outcome.
+    abandoned: CancellationToken,
     slot: QueueSlot,
+}
+
+impl Task {
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.abandoned.is_cancelled()
+    }
 }
 
 /// A task's place in the queue's count (`LocalProvider::pending`), given back when dropped: by the worker
@@ -370,7 +379,14 @@ impl Provider for LocalProvider {
         &self.name
     }
 
-    async fn run(&self, model: &str, job: &ImageJob) -> Result<ProviderOutput, ProviderError> {
+    /// A job whose client went away (`abandoned`) is skipped if still queued and stopped at the next
+    /// step if running; it ends with [`ProviderError::Cancelled`] and the compute time it had used.
+    async fn run(
+        &self,
+        model: &str,
+        job: &ImageJob,
+        abandoned: &CancellationToken,
+    ) -> Result<ProviderOutput, ProviderError> {
         let served = self
             .models
             .get(model)
@@ -400,7 +416,7 @@ impl Provider for LocalProvider {
         let slot = QueueSlot(Arc::clone(&self.pending));
         if stream {
             let (tx, rx) = tokio_mpsc::unbounded_channel();
-            let task = Task { model, plan, reply: Reply::Stream(tx), cancel, slot };
+            let task = Task { model, plan, reply: Reply::Stream(tx), cancel, abandoned: abandoned.clone(), slot };
             self.queue.send(task).map_err(|_| engine_gone())?;
             let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |e| {
                 let _keep = &guard;
@@ -409,7 +425,7 @@ impl Provider for LocalProvider {
             Ok(ProviderOutput::Stream(events.boxed()))
         } else {
             let (tx, rx) = oneshot::channel();
-            let task = Task { model, plan, reply: Reply::Complete(tx), cancel, slot };
+            let task = Task { model, plan, reply: Reply::Complete(tx), cancel, abandoned: abandoned.clone(), slot };
             self.queue.send(task).map_err(|_| engine_gone())?;
             let result = rx.await.map_err(|_| engine_gone())?;
             drop(guard);
@@ -445,7 +461,9 @@ fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64
     };
     let mut loaded: Vec<(Resident, Arc<Pipeline>)> = Vec::new();
     for task in tasks {
-        if task.cancel.load(Ordering::Relaxed) {
+        if task.cancelled() {
+            // Never started: nothing was spent on it.
+            task.fail(ProviderError::Cancelled { compute_ms: 0 });
             continue;
         }
         let key = (task.model.dir.clone(), task.model.tiny_decoder.clone());
@@ -491,6 +509,7 @@ fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64
 
 struct StreamHooks<'a> {
     cancel: &'a AtomicBool,
+    abandoned: &'a CancellationToken,
     sender: Option<&'a tokio_mpsc::UnboundedSender<Result<StreamEvent, ProviderError>>>,
     format: OutputFormat,
     compression: Option<u8>,
@@ -499,7 +518,9 @@ struct StreamHooks<'a> {
 
 impl Hooks for StreamHooks<'_> {
     fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed) || self.sender.is_some_and(|s| s.is_closed())
+        self.cancel.load(Ordering::Relaxed)
+            || self.abandoned.is_cancelled()
+            || self.sender.is_some_and(|s| s.is_closed())
     }
 
     fn partial(&mut self, index: usize, image: RgbImage) {
@@ -526,7 +547,7 @@ impl Task {
     }
 
     fn run(self, pipeline: &Pipeline) {
-        let Task { model, plan, reply, cancel, slot } = self;
+        let Task { model, plan, reply, cancel, abandoned, slot } = self;
         let Plan { mut params, edit, format, compression, resolved } = plan;
         let started = Instant::now();
         if let Some(pending) = edit {
@@ -542,11 +563,16 @@ impl Task {
             Reply::Stream(tx) => Some(tx),
             Reply::Complete(_) => None,
         };
-        let mut hooks = StreamHooks { cancel: &cancel, sender, format, compression, resolved };
-        let outcome =
-            pipeline.generate(&params, &mut hooks).map_err(|e| engine_error(e, &model.name)).and_then(|images| {
-                images.iter().map(|img| encode(img, format, compression)).collect::<Result<Vec<_>, _>>()
-            });
+        let mut hooks = StreamHooks { cancel: &cancel, abandoned: &abandoned, sender, format, compression, resolved };
+        let generated = pipeline.generate(&params, &mut hooks);
+        let compute_ms = started.elapsed().as_millis() as u64;
+        let outcome = match generated {
+            // Stopped between steps: what it had used until then is what the job incurred.
+            Err(EngineError::Cancelled) => Err(ProviderError::Cancelled { compute_ms }),
+            Err(e) => Err(engine_error(e, &model.name)),
+            Ok(images) => images.iter().map(|img| encode(img, format, compression)).collect::<Result<Vec<_>, _>>(),
+        };
+        // Encoding is part of the job's device time too.
         let compute_ms = started.elapsed().as_millis() as u64;
         tracing::info!(model = %model.name, ms = compute_ms, n = params.n, steps = params.steps, "local generation");
         let created = now();

@@ -17,7 +17,7 @@ use rand::Rng;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::multipart::{Form, Part};
 
-use crate::{Provider, ProviderError, ProviderOutput};
+use crate::{CancellationToken, Provider, ProviderError, ProviderOutput};
 
 /// How to reach one upstream, and how patiently.
 #[derive(Clone)]
@@ -235,7 +235,14 @@ impl Provider for OpenAiUpstream {
         &self.config.name
     }
 
-    async fn run(&self, model: &str, job: &ImageJob) -> Result<ProviderOutput, ProviderError> {
+    /// An upstream bills a job it started whether or not our client is still there, so `abandoned` is
+    /// not acted on: the caller reads the answer to the end (bounded by the timeout) to learn the bill.
+    async fn run(
+        &self,
+        model: &str,
+        job: &ImageJob,
+        _abandoned: &CancellationToken,
+    ) -> Result<ProviderOutput, ProviderError> {
         if job.options().stream { self.stream(model, job).await } else { self.complete(model, job).await }
     }
 }

@@ -90,7 +90,7 @@ async fn main() {
     let state = server::AppState::from_config(&config).unwrap();
     // `--no-ledger`: the same gateway without keys, budgets or ledger, to see what they cost.
     let with_ledger = !args.iter().any(|a| a == "--no-ledger");
-    let state = if with_ledger { state.with_ledger(ledger, Duration::from_secs(3600)).await.unwrap() } else { state };
+    let state = if with_ledger { state.with_ledger(ledger).await.unwrap() } else { state };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway_url = format!("http://{}/v1", listener.local_addr().unwrap());
     tokio::spawn(server::run(listener, server::app(state), std::future::pending()));

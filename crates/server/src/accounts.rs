@@ -7,11 +7,14 @@
 //!    `Idempotency-Key` seen before replays its stored response (or is a 409 while in flight).
 //! 2. [`Admission::reserve`]: the request's worst case ([`crate::billing::worst_case`]) is reserved
 //!    against the key's and its project's budgets, or the request is refused with 429
-//!    `insufficient_quota` before any provider is called.
-//! 3. [`Ticket::settle`] charges the actual cost (never more than the hold: a budget is never overrun)
-//!    and writes the ledger row; [`Ticket::fail`] releases everything and writes a failed row. A ticket
-//!    dropped unsettled (a client that went away mid-stream) releases its hold from a spawned task, and
-//!    a process that dies leaves a hold that expires ([`ledger::Ledger::release_expired`]).
+//!    `insufficient_quota` before any provider is called. The hold lives as long as this instance's
+//!    heartbeat ([`ledger::Ledger::heartbeat`], run by [`crate::AppState::with_ledger`]'s upkeep).
+//! 3. While it runs, [`Ticket::charge`] charges what a stream has produced, image by image; then
+//!    [`Ticket::finish`] charges the rest of the request's cost (never more than the hold in all: a
+//!    budget is never overrun) and writes its one ledger row. The caller decides the cost: what was
+//!    delivered, or for a request whose client went away what the provider incurred. A ticket dropped
+//!    unfinished (a bug or a shutdown) releases its hold with what it had charged, and a process that
+//!    dies leaves a hold that another instance's sweep finishes ([`ledger::Ledger::release_expired`]).
 //!
 //! Requests without a key (the loopback mode with no keys) are recorded too, with no key and no hold.
 
@@ -19,7 +22,10 @@ use std::time::Instant;
 
 use api::ApiError;
 use axum::http::HeaderMap;
-use ledger::{ApiKey, Idempotency, Ledger, LedgerEntry, RateLimit, RequestStatus, Reservation, Reserve, TokenUsage};
+use ledger::{
+    ApiKey, CostSource, HeldRequest, Idempotency, Ledger, LedgerEntry, RateLimit, RequestStatus, Reservation, Reserve,
+    StoredResponse, TokenUsage,
+};
 use pricing::Cost;
 use rust_decimal::Decimal;
 
@@ -64,14 +70,19 @@ pub struct Admission {
 pub enum Admit {
     Go(Box<Admission>),
     /// The stored response of an earlier request with the same `Idempotency-Key`.
-    Replay(String),
+    Replay(StoredResponse),
 }
 
-/// A held worst case, to settle or fail.
+/// A held worst case, to charge as the request runs and finish once.
 pub struct Ticket {
     admission: Box<Admission>,
     reservation: Option<Reservation>,
-    worst_case: Decimal,
+    /// The worst case held (priced before the provider ran).
+    worst: Cost,
+    /// Charged so far by [`Ticket::charge`].
+    charged: Decimal,
+    images_charged: u32,
+    finished: bool,
 }
 
 /// How a request ended, for the response headers.
@@ -171,8 +182,8 @@ pub async fn admit(
 impl Admission {
     /// Step 2: holds `worst` against the key's budgets, or refuses with 429 `insufficient_quota`.
     pub async fn reserve(self: Box<Self>, worst: Result<Cost, pricing::PriceError>) -> Result<Ticket, ApiError> {
-        let worst_case = match worst {
-            Ok(c) => c.total,
+        let worst = match worst {
+            Ok(c) => c,
             Err(e) => {
                 // Fail closed: what cannot be priced cannot be held against a budget.
                 tracing::error!(model = %self.info.model, error = %e, "cannot price a request's worst case");
@@ -182,19 +193,29 @@ impl Admission {
                     Some("model"),
                     Some("unpriced_model"),
                     format!(
-                        "The model '{}' has no price, so its cost cannot be held against a budget: {e}",
+                        "The model '{}' has no price for this request, so its cost cannot be held against a budget ({e}). The operator can add one under [prices] in the config.",
                         self.info.model
                     ),
                 );
                 return Err(self.refused(e).await);
             }
         };
+        let worst_case = worst.total;
         let Some(key) = &self.key else {
-            return Ok(Ticket { admission: self, reservation: None, worst_case });
+            return Ok(Ticket::new(self, None, worst));
         };
-        let reserve = self.ledger.reserve(&key.id, &self.info.request_id, worst_case, self.info.n).await;
+        let held = HeldRequest {
+            request_id: self.info.request_id.clone(),
+            operation: self.info.operation.to_owned(),
+            model: self.info.model.clone(),
+            provider: self.info.provider.clone(),
+            tier: crate::billing::SERVED_TIER.to_owned(),
+            billing_basis: self.info.billing_basis.to_owned(),
+            idempotency_key: self.idempotency_key.clone(),
+        };
+        let reserve = self.ledger.reserve_request(&key.id, &held, worst_case, self.info.n).await;
         match reserve {
-            Ok(Reserve::Reserved(r)) => Ok(Ticket { admission: self, reservation: Some(r), worst_case }),
+            Ok(Reserve::Reserved(r)) => Ok(Ticket::new(self, Some(r), worst)),
             Ok(Reserve::Refused(refusal)) => {
                 let owner = match refusal.usage.owner {
                     ledger::BudgetOwner::Key(_) => "this API key's",
@@ -224,7 +245,7 @@ impl Admission {
 
     /// Records a request refused before any provider ran (cost 0) and hands back its error.
     async fn refused(self, error: ApiError) -> ApiError {
-        let entry = self.entry(None, error.body.code.as_deref(), 0, None, None);
+        let entry = self.entry(None, error.body.code.as_deref(), 0, None, None, CostSource::None);
         let key = self.key.as_ref().map(|k| k.id.as_str());
         if let Err(e) = self.ledger.record(key, RequestStatus::Refused, Decimal::ZERO, &entry).await {
             tracing::error!(request_id = %self.info.request_id, error = %e, "could not record a refused request");
@@ -253,6 +274,7 @@ impl Admission {
         images: u32,
         quality: Option<String>,
         size: Option<String>,
+        cost_source: CostSource,
     ) -> LedgerEntry {
         let usage = cost.and_then(|c| c.usage);
         LedgerEntry {
@@ -274,6 +296,7 @@ impl Admission {
             }),
             billing_basis: cost.map_or(self.info.billing_basis, |c| c.basis.as_str()).to_owned(),
             error_code: error_code.map(str::to_owned),
+            cost_source: Some(cost_source),
             latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             created_at: self.created_at,
             finished_at: self.ledger.now(),
@@ -281,98 +304,153 @@ impl Admission {
     }
 }
 
-/// The settings a finished request ran at, for its ledger row.
-pub struct Finished<'a> {
+/// How a request ended, for its ledger row.
+pub struct End<'a> {
+    /// `Succeeded` when the provider produced every image, `Failed` otherwise.
+    pub status: RequestStatus,
+    /// Why it did not end normally (`client_disconnected`, the provider's error code, ...).
+    pub error_code: Option<&'a str>,
+    /// The whole request's cost (what [`Ticket::charge`] took included), never more than the hold;
+    /// `None` when nothing is charged.
     pub cost: Option<&'a Cost>,
+    pub cost_source: CostSource,
+    /// Images produced (charged to the image quota).
     pub images: u32,
     pub quality: Option<String>,
     pub size: Option<String>,
-    /// The response to replay for a repeated `Idempotency-Key` (`None` for a stream).
+    /// The response body to replay for a repeated `Idempotency-Key` (`None` for a stream), and the
+    /// cost header that went with it.
     pub response: Option<&'a [u8]>,
 }
 
 impl Ticket {
-    /// Step 3: charges the actual cost, capped at the hold, and writes the succeeded row.
-    pub async fn settle(mut self, done: Finished<'_>) -> Outcome {
-        let a = &self.admission;
-        let actual = done.cost.map_or(Decimal::ZERO, |c| c.total);
-        let charged = if actual > self.worst_case {
-            tracing::warn!(
-                request_id = %a.info.request_id,
-                actual = %actual,
-                held = %self.worst_case,
-                "a request cost more than its worst case; the budget is charged the worst case"
-            );
-            self.worst_case
-        } else {
-            actual
+    fn new(admission: Box<Admission>, reservation: Option<Reservation>, worst: Cost) -> Ticket {
+        Ticket { admission, reservation, worst, charged: Decimal::ZERO, images_charged: 0, finished: false }
+    }
+
+    /// The worst case held for this request.
+    pub fn worst_case(&self) -> &Cost {
+        &self.worst
+    }
+
+    /// What may still be charged: the hold less what was charged so far.
+    pub fn remaining(&self) -> Decimal {
+        (self.worst.total - self.charged).max(Decimal::ZERO)
+    }
+
+    /// Charges `amount` (at most [`Ticket::remaining`]) and `images` now, while the request still runs:
+    /// a stream's completed image is paid for as it is produced, so nothing delivered is free even if
+    /// this instance dies before the stream ends.
+    pub async fn charge(&mut self, amount: Decimal, images: u32) {
+        let amount = amount.min(self.remaining());
+        let charged = match &mut self.reservation {
+            Some(r) => match self.admission.ledger.charge(r, amount, images).await {
+                Ok(charged) => charged,
+                Err(e) => {
+                    // Charged at the end instead (finish charges the whole cost).
+                    tracing::error!(request_id = %self.admission.info.request_id, error = %e, "could not charge a delivered image yet");
+                    return;
+                }
+            },
+            None => amount,
         };
-        let entry = a.entry(done.cost, None, done.images, done.quality, done.size);
+        self.charged += charged;
+        self.images_charged += images;
+    }
+
+    /// Step 3: charges the request's whole cost (less what [`Ticket::charge`] took; never more than
+    /// the hold), gives back the rest of the hold and writes the request's one ledger row.
+    pub async fn finish(mut self, end: End<'_>) -> Outcome {
+        self.finished = true;
+        let a = &self.admission;
+        let total = end.cost.map_or(Decimal::ZERO, |c| c.total).min(self.worst.total).max(self.charged);
+        let cost_source = if total.is_zero() { CostSource::None } else { end.cost_source };
+        let entry = a.entry(end.cost, end.error_code, end.images, end.quality, end.size, cost_source);
         let key = a.key.as_ref().map(|k| k.id.clone());
         let mut outcome = Outcome::default();
         let result = match self.reservation.take() {
-            Some(r) => a.ledger.settle(r, charged, &entry).await.map(|s| {
+            Some(r) if end.status == RequestStatus::Succeeded => a.ledger.settle(r, total, &entry).await,
+            Some(r) => a.ledger.release(r, total, &entry).await,
+            None => a.ledger.record(key.as_deref(), end.status, total, &entry).await.map(|()| ledger::Settlement {
+                charged_usd: total,
+                over_soft_limit: false,
+                crossed_soft_limit: false,
+                reservation_expired: false,
+            }),
+        };
+        match result {
+            Ok(s) => {
                 outcome.over_soft_limit = s.over_soft_limit;
                 if s.crossed_soft_limit {
                     tracing::warn!(key = key.as_deref().unwrap_or(""), "spending crossed a soft budget threshold");
                 }
-            }),
-            None => a.ledger.record(key.as_deref(), RequestStatus::Succeeded, charged, &entry).await,
-        };
-        if let Err(e) = result {
-            tracing::error!(request_id = %a.info.request_id, error = %e, "could not settle a request in the ledger");
-        }
-        if let Some(idem) = &a.idempotency_key {
-            let owner = a.owner();
-            let stored = match done.response {
-                Some(body) if body.len() <= MAX_STORED_RESPONSE => String::from_utf8_lossy(body).into_owned(),
-                other => {
-                    let why =
-                        if other.is_some() { "too large to store" } else { "streamed, and streams are not stored" };
-                    serde_json::json!({
-                        "request_id": a.info.request_id,
-                        "replay": format!("this request already succeeded and was charged once; its response was {why}"),
-                    })
-                    .to_string()
-                }
-            };
-            if let Err(e) = a.ledger.complete_idempotent(owner, idem, &stored).await {
-                tracing::error!(error = %e, "could not store an idempotent response");
             }
+            Err(e) => {
+                tracing::error!(request_id = %a.info.request_id, error = %e, "could not finish a request in the ledger");
+            }
+        }
+        let Some(idem) = &a.idempotency_key else { return outcome };
+        let owner = a.owner();
+        // A request that produced its images is replayed to a retry (never run and charged twice),
+        // even when its client went away before the answer arrived; one that failed runs again.
+        if end.status != RequestStatus::Succeeded {
+            a.forget(idem).await;
+            return outcome;
+        }
+        let stored = match end.response {
+            Some(body) if body.len() <= MAX_STORED_RESPONSE => String::from_utf8_lossy(body).into_owned(),
+            other => {
+                let why = if other.is_some() { "too large to store" } else { "streamed, and streams are not stored" };
+                serde_json::json!({
+                    "request_id": a.info.request_id,
+                    "replay": format!("this request already succeeded and was charged once; its response was {why}"),
+                })
+                .to_string()
+            }
+        };
+        let cost = end.cost.map(|c| c.total.min(self.worst.total).normalize().to_string());
+        if let Err(e) = a.ledger.complete_idempotent(owner, idem, &stored, cost.as_deref()).await {
+            tracing::error!(error = %e, "could not store an idempotent response");
         }
         outcome
     }
 
-    /// The provider failed: release the hold, charge nothing, write the failed row.
-    pub async fn fail(mut self, error: &ApiError) {
-        let a = &self.admission;
-        let entry = a.entry(None, Some(error.body.code.as_deref().unwrap_or(&error.body.kind)), 0, None, None);
-        let key = a.key.as_ref().map(|k| k.id.clone());
-        let result = match self.reservation.take() {
-            Some(r) => a.ledger.release(r, Decimal::ZERO, &entry).await.map(drop),
-            None => a.ledger.record(key.as_deref(), RequestStatus::Failed, Decimal::ZERO, &entry).await,
+    /// The provider failed before producing anything: release the hold, charge nothing (or what was
+    /// already charged), write the failed row.
+    pub async fn fail(self, error: &ApiError) {
+        let code = error.body.code.clone().unwrap_or_else(|| error.body.kind.clone());
+        let end = End {
+            status: RequestStatus::Failed,
+            error_code: Some(&code),
+            cost: None,
+            cost_source: CostSource::None,
+            images: 0,
+            quality: None,
+            size: None,
+            response: None,
         };
-        if let Err(e) = result {
-            tracing::error!(request_id = %a.info.request_id, error = %e, "could not release a failed request");
-        }
-        if let Some(idem) = &a.idempotency_key {
-            a.forget(idem).await;
-        }
+        self.finish(end).await;
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        // Neither settled nor failed: the client went away (a stream dropped). Release from a task.
+        // Never finished: the task running the request ended abnormally (a panic, a shutdown). Release
+        // the hold with what was charged, from a task.
+        if self.finished {
+            return;
+        }
         let Some(reservation) = self.reservation.take() else { return };
         let ledger = self.admission.ledger.clone();
-        let entry = self.admission.entry(None, Some("client_disconnected"), 0, None, None);
+        let source = if self.charged.is_zero() { CostSource::None } else { CostSource::Priced };
+        let entry = self.admission.entry(None, Some("aborted"), self.images_charged, None, None, source);
+        let charged = self.charged;
         let owner = self.admission.owner().to_owned();
         let idem = self.admission.idempotency_key.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                if let Err(e) = ledger.release(reservation, Decimal::ZERO, &entry).await {
-                    tracing::error!(error = %e, "could not release an abandoned request; it expires instead");
+                if let Err(e) = ledger.release(reservation, charged, &entry).await {
+                    tracing::error!(error = %e, "could not release an aborted request; another sweep finishes it");
                 }
                 if let Some(idem) = idem
                     && let Err(e) = ledger.fail_idempotent(&owner, &idem).await

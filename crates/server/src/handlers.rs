@@ -1,30 +1,20 @@
 //! The HTTP handlers. Thin on purpose: read the body, let `api` parse and validate, route, call the
 //! provider, and write the response. Image decoding runs on blocking threads, never on the runtime.
 
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use api::{ApiError, Fields, RawRequest};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, FromRequest, Multipart, Path, Request, State};
 use axum::http::header::{ALLOW, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, Method, Uri};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use domain::{EditRequest, GenerateRequest, ImageJob, ImageOptions, InputImage, JobKind, ModelFamily, StreamEvent};
-use futures_util::StreamExt;
-use pricing::Cost;
-use providers::{ProviderError, ProviderOutput};
+use domain::{EditRequest, GenerateRequest, ImageJob, InputImage, JobKind};
 use serde_json::{Map, Value};
 
-use crate::accounts::{self, Admit, Caller, Finished, RequestInfo, Ticket};
+use crate::accounts::{self, Caller};
+use crate::jobs::{Who, execute, json_response, request_id};
 use crate::routing::Route;
-use crate::{AppState, HttpError, billing};
-
-/// The cost of a billed response, in USD, as a decimal.
-const COST_HEADER: &str = "x-imagegate-cost-usd";
+use crate::{AppState, HttpError};
 
 type HandlerResult = Result<Response, HttpError>;
 
@@ -80,16 +70,6 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
     execute(&state, route, job, &headers, Who { caller, model, fingerprint }).await
 }
 
-/// Who asked for a job, for its accounting.
-struct Who {
-    caller: Option<Caller>,
-    /// The model name as the client gave it (what key model lists name).
-    model: String,
-    /// The request's content, to tell an idempotent retry from a reused key; only computed when the
-    /// request has an `Idempotency-Key` to check it against.
-    fingerprint: Option<String>,
-}
-
 fn wants_fingerprint(state: &AppState, headers: &HeaderMap) -> bool {
     state.ledger.is_some() && headers.contains_key(accounts::IDEMPOTENCY_HEADER)
 }
@@ -102,7 +82,8 @@ pub async fn estimates(
 ) -> HandlerResult {
     let map = json_body(&state, &headers, body)?;
     let items = api::estimates::parse_estimate_request(&map)?;
-    let outcome = crate::estimates::estimate(&state, &items)?;
+    // Pricing counts prompt tokens: CPU work for a blocking thread, not the async runtime.
+    let outcome = blocking(move || crate::estimates::estimate(&state, &items), &headers).await??;
     Ok(json_response(serde_json::to_vec(&outcome.json).unwrap_or_default()))
 }
 
@@ -155,218 +136,6 @@ fn route(state: &AppState, raw: &RawRequest, kind: JobKind) -> Result<(String, R
     };
     let route = state.catalog.resolve(&model)?;
     Ok((model, route))
-}
-
-/// Runs the job on its provider and writes the response: JSON, or server-sent events when streaming.
-/// Every billed response carries its cost: the `x-imagegate-cost-usd` header and the `imagegate` body
-/// extension; a stream carries it in each completed event, since its headers leave before the cost is known.
-async fn execute(state: &AppState, route: Route, job: ImageJob, headers: &HeaderMap, who: Who) -> HandlerResult {
-    let provider = route.provider.name().to_owned();
-    let options = job.options().clone();
-    let kind = job.kind();
-    // Before any provider runs: the key's model list, rate limit, idempotency, and the worst case held.
-    let ticket = match &state.ledger {
-        Some(ledger) => {
-            let info = RequestInfo {
-                request_id: request_id(headers).to_owned(),
-                operation: if kind == JobKind::Edit { "edit" } else { "generation" },
-                model: who.model.clone(),
-                provider: provider.clone(),
-                n: u32::from(options.n.max(1)),
-                billing_basis: state
-                    .prices
-                    .model(&route.upstream_model)
-                    .map_or("unpriced", |p| p.billing_basis.as_str()),
-            };
-            match accounts::admit(ledger, who.caller.as_ref(), headers, info, who.fingerprint.as_deref()).await? {
-                Admit::Replay(stored) => {
-                    let mut response = json_response(stored.into_bytes());
-                    response.headers_mut().insert(accounts::REPLAYED_HEADER, HeaderValue::from_static("true"));
-                    return Ok(response);
-                }
-                Admit::Go(admission) => {
-                    let worst = billing::worst_case(state, &route, &job, state.reservation_ttl_ms);
-                    Some(admission.reserve(worst).await?)
-                }
-            }
-        }
-        None => None,
-    };
-    match route.provider.run(&route.upstream_model, &job).await {
-        Err(e) => {
-            let error = provider_error(e, &provider, headers);
-            if let Some(t) = ticket {
-                t.fail(&error).await;
-            }
-            Err(HttpError(error))
-        }
-        Ok(ProviderOutput::Complete(mut result)) => {
-            result.resolved = result.resolved.fill_from(&options, route.family);
-            if result.created == 0 {
-                result.created = now();
-            }
-            let images = result.images.len() as u64;
-            let cost = billing::bill(state, &route, &job, &result.resolved, images, result.usage, result.compute_ms);
-            let cost = billing::cost_extension(&route, cost);
-            // A provider that reports no usage gets imagegate's count in the response, marked as counted
-            // in the cost extension (`usage_source`).
-            if result.usage.is_none()
-                && let Some((c, _)) = &cost
-            {
-                result.usage = c.usage;
-            }
-            let body = api::images_response_json(&result, cost.as_ref().map(|(_, v)| v));
-            let outcome = match ticket {
-                Some(t) => {
-                    let r = &result.resolved;
-                    let finished = Finished {
-                        cost: cost.as_ref().map(|(c, _)| c),
-                        images: u32::try_from(images).unwrap_or(u32::MAX),
-                        quality: r.quality.map(|q| q.to_string()),
-                        size: r.size.map(|s| s.to_string()),
-                        response: Some(&body),
-                    };
-                    t.settle(finished).await
-                }
-                None => accounts::Outcome::default(),
-            };
-            let mut response = json_response(body);
-            if let Some((c, _)) = cost
-                && let Ok(value) = HeaderValue::from_str(&c.total_string())
-            {
-                response.headers_mut().insert(COST_HEADER, value);
-            }
-            if outcome.over_soft_limit {
-                response
-                    .headers_mut()
-                    .insert(accounts::BUDGET_WARNING_HEADER, HeaderValue::from_static("soft budget exceeded"));
-            }
-            Ok(response)
-        }
-        Ok(ProviderOutput::Stream(events)) => {
-            let headers = headers.clone();
-            let family = route.family;
-            let state = state.clone();
-            // What the stream cost so far, settled when it ends (a dropped stream releases its hold).
-            let tally = Arc::new(Mutex::new(StreamTally { ticket, ..StreamTally::default() }));
-            let settle = tally.clone();
-            let sse = events.map(move |item| -> Result<Event, Infallible> {
-                Ok(match item {
-                    Ok(event) => {
-                        let mut event = resolve_event(event, &options, family);
-                        let cost = match &mut event {
-                            StreamEvent::Completed { resolved, usage, compute_ms, .. } => {
-                                let cost = billing::cost_extension(
-                                    &route,
-                                    billing::bill(&state, &route, &job, resolved, 1, *usage, *compute_ms),
-                                );
-                                // As in a JSON response: imagegate's count when the provider reports none.
-                                if usage.is_none() {
-                                    *usage = cost.as_ref().and_then(|(c, _)| c.usage);
-                                }
-                                if let Ok(mut t) = tally.lock() {
-                                    t.images += 1;
-                                    t.quality = resolved.quality.map(|q| q.to_string());
-                                    t.size = resolved.size.map(|s| s.to_string());
-                                    t.costs.extend(cost.as_ref().map(|(c, _)| c.clone()));
-                                }
-                                cost
-                            }
-                            StreamEvent::Partial { .. } => None,
-                        };
-                        let (name, data) = api::stream_event_json(kind, &event, cost.as_ref().map(|(_, v)| v));
-                        Event::default().event(name).data(data)
-                    }
-                    Err(e) => {
-                        let error = provider_error(e, &provider, &headers);
-                        if let Ok(mut t) = tally.lock() {
-                            t.failed = Some(error.clone());
-                        }
-                        Event::default().event("error").data(api::stream_error_json(&error.body))
-                    }
-                })
-            });
-            let finish = futures_util::stream::once(async move {
-                let taken = settle.lock().map(|mut t| std::mem::take(&mut *t)).ok();
-                if let Some(StreamTally { ticket: Some(ticket), costs, images, quality, size, failed }) = taken {
-                    match failed {
-                        Some(error) if images == 0 => ticket.fail(&error).await,
-                        _ => {
-                            let cost = billing::sum(costs);
-                            let finished = Finished { cost: cost.as_ref(), images, quality, size, response: None };
-                            ticket.settle(finished).await;
-                        }
-                    }
-                }
-            })
-            .filter_map(|()| async { None::<Result<Event, Infallible>> });
-            Ok(Sse::new(sse.chain(finish)).into_response())
-        }
-    }
-}
-
-/// A stream's spending so far.
-#[derive(Default)]
-struct StreamTally {
-    ticket: Option<Ticket>,
-    costs: Vec<Cost>,
-    images: u32,
-    quality: Option<String>,
-    size: Option<String>,
-    failed: Option<ApiError>,
-}
-
-fn resolve_event(event: StreamEvent, options: &ImageOptions, family: ModelFamily) -> StreamEvent {
-    match event {
-        StreamEvent::Partial { b64_json, partial_image_index, created_at, resolved } => StreamEvent::Partial {
-            b64_json,
-            partial_image_index,
-            created_at: if created_at == 0 { now() } else { created_at },
-            resolved: resolved.fill_from(options, family),
-        },
-        StreamEvent::Completed { b64_json, created_at, resolved, usage, compute_ms } => StreamEvent::Completed {
-            b64_json,
-            created_at: if created_at == 0 { now() } else { created_at },
-            resolved: resolved.fill_from(options, family),
-            usage,
-            compute_ms,
-        },
-    }
-}
-
-/// What a client sees of a provider failure. Upstream errors pass through with their status and
-/// envelope, except credential failures: those are this server's configuration, not the client's key.
-fn provider_error(e: ProviderError, provider: &str, headers: &HeaderMap) -> ApiError {
-    match e {
-        ProviderError::Upstream { status: status @ (401 | 403), body, .. } => {
-            tracing::error!(provider, status, message = %body.message, "the upstream rejected this server's credentials");
-            ApiError::new(
-                502,
-                "server_error",
-                None,
-                Some("upstream_auth_failed"),
-                format!(
-                    "The upstream provider '{provider}' rejected this server's credentials (HTTP {status}); the server's operator must fix its API key."
-                ),
-            )
-        }
-        ProviderError::Upstream { status, body, retry_after } => ApiError { status, body, retry_after },
-        ProviderError::Api(e) => e,
-        ProviderError::Timeout(d) => {
-            ApiError::upstream_unavailable(504, provider, &format!("did not answer within {} s", d.as_secs()))
-        }
-        ProviderError::Connection(detail) => {
-            tracing::warn!(provider, %detail, request_id = request_id(headers), "upstream connection failed");
-            ApiError::upstream_unavailable(502, provider, "could not be reached, or the connection broke")
-        }
-        ProviderError::InvalidResponse(detail) => ApiError::new(
-            502,
-            "server_error",
-            None,
-            Some("upstream_invalid_response"),
-            format!("The upstream provider '{provider}' sent a malformed response: {detail}"),
-        ),
-    }
 }
 
 enum EditFields {
@@ -572,14 +341,3 @@ fn is_json(ct: &str) -> bool {
     essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")
 }
 
-fn request_id(headers: &HeaderMap) -> &str {
-    headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("unknown")
-}
-
-fn json_response(body: Vec<u8>) -> Response {
-    ([(CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
-}
-
-fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}

@@ -11,6 +11,7 @@ pub mod billing;
 pub mod config;
 pub mod estimates;
 mod handlers;
+pub mod jobs;
 pub mod routing;
 
 use std::future::Future;
@@ -43,9 +44,14 @@ pub struct AppState {
     /// Keys, budgets and the usage ledger. `None` only for embedded uses without accounting (tests,
     /// the CLI's in-process server): `imagegate serve` always has one.
     pub ledger: Option<ledger::Ledger>,
-    /// How long a reservation holds before it is presumed abandoned; also a local job's worst-case
-    /// compute time.
+    /// How long a hold outlives its instance's last heartbeat; also a local job's worst-case compute
+    /// time.
     pub reservation_ttl_ms: u64,
+    /// The longest upstream attempt (`timeout_secs` of the slowest provider, and its name): the
+    /// reservation TTL must exceed it by [`TTL_MARGIN`].
+    pub slowest_upstream: Option<(String, std::time::Duration)>,
+    /// Stops the ledger's upkeep (heartbeat and sweep) when the last clone of the state is dropped.
+    upkeep: Option<Arc<tokio_util::sync::DropGuard>>,
 }
 
 impl AppState {
@@ -76,6 +82,8 @@ impl AppState {
                 discount_percent: p.discount_percent,
             });
         }
+        let slowest_upstream =
+            config.providers.iter().max_by_key(|p| p.timeout).map(|p| (p.name.clone(), p.timeout));
         let catalog = Catalog::new(providers, config.aliases.clone())?;
         if let Some(m) = &config.default_model
             && catalog.resolve(m).is_err()
@@ -90,22 +98,40 @@ impl AppState {
             default_model: config.default_model.as_deref().map(Arc::from),
             ledger: None,
             reservation_ttl_ms: DEFAULT_RESERVATION_TTL.as_millis() as u64,
+            slowest_upstream,
+            upkeep: None,
         })
     }
 
     /// The same state, accounting on `ledger`; its static keys (config `api_keys`, `IMAGEGATE_API_KEYS`)
     /// are imported into it as user keys, so that they keep working and get budgets like any other.
-    pub async fn with_ledger(
-        mut self,
-        ledger: ledger::Ledger,
-        reservation_ttl: std::time::Duration,
-    ) -> Result<AppState, ConfigError> {
+    ///
+    /// Starts the ledger's upkeep, which runs until the last clone of the state is dropped: every
+    /// quarter of the reservation TTL a heartbeat renews the holds of this instance's running requests
+    /// (a live request's hold never expires, however long it runs), then a sweep frees the holds of
+    /// instances that died. Refuses a reservation TTL that does not exceed the slowest upstream's
+    /// timeout by [`TTL_MARGIN`].
+    pub async fn with_ledger(mut self, ledger: ledger::Ledger) -> Result<AppState, ConfigError> {
+        let reservation_ttl = ledger.reservation_ttl();
+        if let Some((provider, timeout)) = &self.slowest_upstream
+            && reservation_ttl < *timeout + TTL_MARGIN
+        {
+            return Err(ConfigError(format!(
+                "--reservation-ttl-secs ({} s) must be at least the longest upstream timeout ({} s: timeout_secs of provider '{provider}') plus {} s, so that a hold never expires before its request could",
+                reservation_ttl.as_secs(),
+                timeout.as_secs(),
+                TTL_MARGIN.as_secs()
+            )));
+        }
         for (i, digest) in self.keys.digests().iter().enumerate() {
             ledger
                 .import_key(&format!("static-{}", i + 1), digest, ledger::Scope::User)
                 .await
                 .map_err(|e| ConfigError(format!("cannot import the static API keys into the database: {e}")))?;
         }
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(upkeep(ledger.clone(), upkeep_interval(reservation_ttl), stop.clone()));
+        self.upkeep = Some(Arc::new(stop.drop_guard()));
         self.ledger = Some(ledger);
         self.reservation_ttl_ms = u64::try_from(reservation_ttl.as_millis()).unwrap_or(u64::MAX);
         Ok(self)
@@ -121,8 +147,34 @@ impl AppState {
     }
 }
 
-/// How long a reservation holds by default: longer than any request should run.
+/// How long a hold outlives its instance's last heartbeat by default.
 pub const DEFAULT_RESERVATION_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How much longer than the slowest upstream attempt the reservation TTL must be: time to settle
+/// after an upstream's last byte, were heartbeats to fail meanwhile.
+pub const TTL_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The upkeep's period: four heartbeats per TTL (so three can fail without a live hold expiring),
+/// between 100 ms and a minute.
+fn upkeep_interval(ttl: std::time::Duration) -> std::time::Duration {
+    (ttl / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(60))
+}
+
+/// Renews this instance's holds, then frees those of dead instances, every `interval` until `stop`.
+async fn upkeep(ledger: ledger::Ledger, interval: std::time::Duration, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if let Err(e) = ledger.heartbeat().await {
+            tracing::warn!(error = %e, "could not renew this instance's holds");
+        }
+        if let Err(e) = ledger.release_expired(ledger.now()).await {
+            tracing::warn!(error = %e, "could not release expired reservations");
+        }
+    }
+}
 
 /// The application: every route, with request ids, tracing, the body limit and OpenAI-shaped errors for
 /// anything unrouted.

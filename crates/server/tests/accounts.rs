@@ -38,7 +38,7 @@ async fn gateway(db: &TestDatabase) -> Gateway {
     let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
     let state = server::AppState::from_config(&config)
         .unwrap()
-        .with_ledger(ledger.clone(), Duration::from_secs(600))
+        .with_ledger(ledger.clone())
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

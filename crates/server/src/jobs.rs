@@ -1,0 +1,583 @@
+//! One admitted image job, run apart from its HTTP connection, and billed for what it delivered or
+//! incurred.
+//!
+//! [`execute`] does the accounting that must happen before any provider runs (model list, rate limit,
+//! idempotency, the worst case held), then hands the job to a task of its own and waits for its answer.
+//! A client that goes away therefore stops nothing it would still be billed for:
+//! - the job's provider is told ([`CancellationToken`]): the local engine stops at the next step and
+//!   reports the compute time it used; an upstream carries on, since it bills what it started, and its
+//!   answer is read to the end (within [`ABANDONED_DRAIN_LIMIT`]) to learn that bill;
+//! - the request is then charged what was incurred (the upstream's usage, the compute time), or, when
+//!   that can never be known (the upstream did not finish in time), what is left of its hold; its ledger
+//!   row says `client_disconnected` and where the cost came from.
+//!
+//! A stream is charged image by image as its completed events are produced ([`accounts::Ticket::charge`]),
+//! each event showing its own cost; the events add up to the ledger's charge. A client that stops
+//! reading for [`CLIENT_STALL_LIMIT`] counts as gone. The ledger row is written before the response ends
+//! (the last byte of a stream, or the JSON response), so a client that has its answer finds it recorded.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use api::ApiError;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use domain::{ImageJob, ImageOptions, ImageResult, JobKind, ModelFamily, Resolved, StreamEvent};
+use futures_util::StreamExt;
+use ledger::{CostSource, RequestStatus};
+use pricing::Cost;
+use providers::{CancellationToken, EventStream, ProviderError, ProviderOutput};
+use rust_decimal::Decimal;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::accounts::{self, Admit, Caller, End, RequestInfo, Ticket};
+use crate::billing::{self, StreamBill};
+use crate::routing::Route;
+use crate::{AppState, HttpError};
+
+/// The cost of a billed response, in USD, as a decimal.
+pub const COST_HEADER: &str = "x-imagegate-cost-usd";
+
+/// How long a job whose client went away is still read, to learn what its upstream billed; beyond it,
+/// what is left of its hold is charged (the bill cannot be known).
+pub const ABANDONED_DRAIN_LIMIT: Duration = Duration::from_secs(600);
+
+/// A stream client that takes no event for this long is treated as gone.
+pub const CLIENT_STALL_LIMIT: Duration = Duration::from_secs(300);
+
+/// Who asked for a job, for its accounting.
+pub struct Who {
+    pub caller: Option<Caller>,
+    /// The model name as the client gave it (what key model lists name).
+    pub model: String,
+    /// The request's content, to tell an idempotent retry from a reused key; only computed when the
+    /// request has an `Idempotency-Key` to check it against.
+    pub fingerprint: Option<String>,
+}
+
+/// Admits, holds, runs and bills `job`, and answers with its response: JSON, or server-sent events
+/// when streaming. Every billed response carries its cost: the `x-imagegate-cost-usd` header and the
+/// `imagegate` body extension; a stream carries it in each completed event.
+pub async fn execute(
+    state: &AppState,
+    route: Route,
+    job: ImageJob,
+    headers: &HeaderMap,
+    who: Who,
+) -> Result<Response, HttpError> {
+    let request_id = request_id(headers).to_owned();
+    let job = Arc::new(job);
+    // The prompt's tokens, counted once, off the async runtime.
+    let text_tokens = {
+        let job = Arc::clone(&job);
+        tokio::task::spawn_blocking(move || billing::count_prompt_tokens(&job))
+            .await
+            .map_err(|_| HttpError(ApiError::internal(&request_id)))?
+    };
+    let options = job.options().clone();
+    let provider = route.provider.name().to_owned();
+    // Before any provider runs: the key's model list, rate limit, idempotency, and the worst case held.
+    let ticket = match &state.ledger {
+        Some(ledger) => {
+            let info = RequestInfo {
+                request_id: request_id.clone(),
+                operation: if job.kind() == JobKind::Edit { "edit" } else { "generation" },
+                model: who.model.clone(),
+                provider: provider.clone(),
+                n: u32::from(options.n.max(1)),
+                billing_basis: state
+                    .prices
+                    .model(&route.upstream_model)
+                    .map_or("unpriced", |p| p.billing_basis.as_str()),
+            };
+            match accounts::admit(ledger, who.caller.as_ref(), headers, info, who.fingerprint.as_deref()).await? {
+                Admit::Replay(stored) => {
+                    let mut response = json_response(stored.body.into_bytes());
+                    response.headers_mut().insert(accounts::REPLAYED_HEADER, HeaderValue::from_static("true"));
+                    if let Some(value) = stored.cost_usd.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                        response.headers_mut().insert(COST_HEADER, value);
+                    }
+                    return Ok(response);
+                }
+                Admit::Go(admission) => {
+                    let worst = billing::worst_case(state, &route, &job, text_tokens, state.reservation_ttl_ms);
+                    Some(admission.reserve(worst).await?)
+                }
+            }
+        }
+        None => None,
+    };
+    let run = Run {
+        state: state.clone(),
+        route,
+        job,
+        options,
+        ticket,
+        text_tokens,
+        request_id: request_id.clone(),
+        abandoned: CancellationToken::new(),
+    };
+    let (reply, answer) = oneshot::channel();
+    tokio::spawn(run.go(reply));
+    match answer.await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) => Err(HttpError(e)),
+        // The job's task ended without answering (it panicked): its ticket released the hold.
+        Err(_) => Err(HttpError(ApiError::internal(&request_id))),
+    }
+}
+
+type Reply = oneshot::Sender<Result<Response, ApiError>>;
+
+/// A job on its own task.
+struct Run {
+    state: AppState,
+    route: Route,
+    job: Arc<ImageJob>,
+    options: ImageOptions,
+    ticket: Option<Ticket>,
+    text_tokens: u64,
+    request_id: String,
+    /// Cancelled when the client went away.
+    abandoned: CancellationToken,
+}
+
+/// How a stream's images were billed.
+struct Tally {
+    costs: Vec<Cost>,
+    source: CostSource,
+    images: u32,
+    quality: Option<String>,
+    size: Option<String>,
+    /// The provider's error, if the stream ended with one.
+    failed: Option<ApiError>,
+}
+
+impl Run {
+    async fn go(self, mut reply: Reply) {
+        let provider = Arc::clone(&self.route.provider);
+        let output = {
+            let run = provider.run(&self.route.upstream_model, &self.job, &self.abandoned);
+            tokio::pin!(run);
+            // While the provider works, watch the client: one that goes away abandons the job, which
+            // still runs to its end here (the local engine stops early, an upstream does not).
+            tokio::select! {
+                output = &mut run => output,
+                () = reply.closed() => {
+                    self.abandoned.cancel();
+                    match tokio::time::timeout(ABANDONED_DRAIN_LIMIT, run).await {
+                        Ok(output) => output,
+                        Err(_) => Err(ProviderError::Timeout(ABANDONED_DRAIN_LIMIT)),
+                    }
+                }
+            }
+        };
+        match output {
+            Err(e) => self.failed(e, reply).await,
+            Ok(ProviderOutput::Complete(result)) => self.complete(result, reply).await,
+            Ok(ProviderOutput::Stream(events)) => self.stream(events, reply).await,
+        }
+    }
+
+    fn family(&self) -> ModelFamily {
+        self.route.family
+    }
+
+    /// The provider failed, or stopped because the client went away.
+    async fn failed(mut self, e: ProviderError, reply: Reply) {
+        let gone = self.abandoned.is_cancelled();
+        let Some(ticket) = self.ticket.take() else {
+            let _ = reply.send(Err(provider_error(e, self.route.provider.name(), &self.request_id)));
+            return;
+        };
+        let (cost, source) = match &e {
+            // The local engine stopped early: the compute time it used is what it incurred.
+            ProviderError::Cancelled { compute_ms } => {
+                let resolved = Resolved::default().fill_from(&self.options, self.family());
+                let priced = billing::bill(
+                    &self.state,
+                    &self.route,
+                    &self.job,
+                    &resolved,
+                    0,
+                    None,
+                    Some(*compute_ms),
+                    self.text_tokens,
+                );
+                self.priced(priced, &ticket, "the compute time used could not be priced")
+            }
+            // Abandoned, and the upstream never said whether it finished: what it billed cannot be
+            // known, so the hold is charged.
+            ProviderError::Timeout(_) if gone => {
+                let worst = billing::worst_case_charge(
+                    ticket.worst_case(),
+                    ticket.remaining(),
+                    "the client went away and the upstream did not answer in time",
+                );
+                (Some(worst), CostSource::WorstCase)
+            }
+            _ => (None, CostSource::None),
+        };
+        let error = provider_error(e, self.route.provider.name(), &self.request_id);
+        let code = if gone { "client_disconnected".to_owned() } else { error_code(&error) };
+        let end = End {
+            status: RequestStatus::Failed,
+            error_code: Some(&code),
+            cost: cost.as_ref(),
+            cost_source: source,
+            images: 0,
+            quality: None,
+            size: None,
+            response: None,
+        };
+        ticket.finish(end).await;
+        let _ = reply.send(Err(error));
+    }
+
+    /// A priced cost capped at what the ticket still holds; an unpricable one charges the hold.
+    fn priced(
+        &self,
+        priced: Result<Cost, pricing::PriceError>,
+        ticket: &Ticket,
+        why: &str,
+    ) -> (Option<Cost>, CostSource) {
+        match priced {
+            Ok(c) => {
+                let (c, source) = billing::cap(c, ticket.remaining());
+                (Some(c), source)
+            }
+            Err(e) => {
+                // Never a gift: what ran is charged at the worst case held for it.
+                tracing::error!(request_id = %self.request_id, model = %self.route.upstream_model, error = %e, "could not price a served request; charging its worst case");
+                (Some(billing::worst_case_charge(ticket.worst_case(), ticket.remaining(), why)), CostSource::WorstCase)
+            }
+        }
+    }
+
+    async fn complete(mut self, mut result: ImageResult, reply: Reply) {
+        result.resolved = result.resolved.fill_from(&self.options, self.family());
+        if result.created == 0 {
+            result.created = now();
+        }
+        let images = result.images.len() as u64;
+        let priced = billing::bill(
+            &self.state,
+            &self.route,
+            &self.job,
+            &result.resolved,
+            images,
+            result.usage,
+            result.compute_ms,
+            self.text_tokens,
+        );
+        let ticket = self.ticket.take();
+        let (cost, source) = match &ticket {
+            Some(t) => self.priced(priced, t, "the result could not be priced"),
+            None => match priced {
+                Ok(c) => (Some(c), CostSource::Priced),
+                Err(e) => {
+                    tracing::error!(request_id = %self.request_id, error = %e, "could not price a served request");
+                    (None, CostSource::None)
+                }
+            },
+        };
+        // A provider that reports no usage gets imagegate's count in the response, marked as counted
+        // in the cost extension (`usage_source`).
+        if result.usage.is_none()
+            && let Some(c) = &cost
+        {
+            result.usage = c.usage;
+        }
+        let extension = cost.as_ref().map(|c| billing::cost_json(&self.route, c));
+        let body = api::images_response_json(&result, extension.as_ref());
+        let outcome = match ticket {
+            Some(t) => {
+                let r = &result.resolved;
+                let gone = self.abandoned.is_cancelled() || reply.is_closed();
+                let end = End {
+                    status: RequestStatus::Succeeded,
+                    error_code: gone.then_some("client_disconnected"),
+                    cost: cost.as_ref(),
+                    cost_source: source,
+                    images: u32::try_from(images).unwrap_or(u32::MAX),
+                    quality: r.quality.map(|q| q.to_string()),
+                    size: r.size.map(|s| s.to_string()),
+                    response: Some(&body),
+                };
+                t.finish(end).await
+            }
+            None => accounts::Outcome::default(),
+        };
+        let mut response = json_response(body);
+        if let Some(c) = &cost
+            && let Ok(value) = HeaderValue::from_str(&c.total_string())
+        {
+            response.headers_mut().insert(COST_HEADER, value);
+        }
+        if outcome.over_soft_limit {
+            response.headers_mut().insert(accounts::BUDGET_WARNING_HEADER, HeaderValue::from_static("soft budget exceeded"));
+        }
+        let _ = reply.send(Ok(response));
+    }
+
+    async fn stream(mut self, mut events: EventStream, reply: Reply) {
+        let (tx, rx) = mpsc::channel::<Event>(1);
+        let body = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
+        if reply.send(Ok(Sse::new(body).into_response())).is_err() {
+            self.abandoned.cancel();
+        }
+        let kind = self.job.kind();
+        let n = u32::from(self.options.n.max(1));
+        let mut bill = StreamBill::default();
+        let mut tally =
+            Tally { costs: Vec::new(), source: CostSource::None, images: 0, quality: None, size: None, failed: None };
+        let mut cancelled_compute = None;
+        let mut unknown = false;
+        let mut drain_until = None;
+        loop {
+            if self.abandoned.is_cancelled() && drain_until.is_none() {
+                drain_until = Some(tokio::time::Instant::now() + ABANDONED_DRAIN_LIMIT);
+            }
+            let next = match drain_until {
+                None => events.next().await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, events.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        unknown = true;
+                        break;
+                    }
+                },
+            };
+            let Some(item) = next else { break };
+            let event = match item {
+                Ok(event) => resolve_event(event, &self.options, self.family()),
+                Err(ProviderError::Cancelled { compute_ms }) => {
+                    cancelled_compute = Some(compute_ms);
+                    break;
+                }
+                Err(e) => {
+                    // An abandoned stream whose upstream went silent: its bill cannot be known.
+                    unknown = self.abandoned.is_cancelled() && matches!(e, ProviderError::Timeout(_));
+                    let error = provider_error(e, self.route.provider.name(), &self.request_id);
+                    if !self.abandoned.is_cancelled() {
+                        let data = api::stream_error_json(&error.body);
+                        self.send(&tx, Event::default().event("error").data(data)).await;
+                    }
+                    tally.failed = Some(error);
+                    break;
+                }
+            };
+            let mut event = event;
+            let extension = match &mut event {
+                StreamEvent::Completed { resolved, usage, compute_ms, .. } => {
+                    let priced = bill.next(
+                        &self.state,
+                        &self.route,
+                        &self.job,
+                        resolved,
+                        *usage,
+                        *compute_ms,
+                        self.text_tokens,
+                    );
+                    let (cost, source) = match &self.ticket {
+                        Some(t) => {
+                            let share = t.worst_case().total / Decimal::from(n);
+                            match priced {
+                                Ok(c) => {
+                                    let (c, source) = billing::cap(c, t.remaining());
+                                    (Some(c), source)
+                                }
+                                Err(e) => {
+                                    tracing::error!(request_id = %self.request_id, error = %e, "could not price a streamed image; charging its share of the worst case");
+                                    let c = billing::worst_case_charge(
+                                        t.worst_case(),
+                                        share.min(t.remaining()),
+                                        "the image could not be priced",
+                                    );
+                                    (Some(c), CostSource::WorstCase)
+                                }
+                            }
+                        }
+                        None => (priced.ok(), CostSource::Priced),
+                    };
+                    // As in a JSON response: imagegate's count when the provider reports none.
+                    if usage.is_none() {
+                        *usage = cost.as_ref().and_then(|c| c.usage);
+                    }
+                    if let (Some(t), Some(c)) = (self.ticket.as_mut(), &cost) {
+                        t.charge(c.total, 1).await;
+                    }
+                    tally.images += 1;
+                    tally.quality = resolved.quality.map(|q| q.to_string());
+                    tally.size = resolved.size.map(|s| s.to_string());
+                    tally.source = worse(tally.source, source);
+                    let extension = cost.as_ref().map(|c| billing::cost_json(&self.route, c));
+                    tally.costs.extend(cost);
+                    extension
+                }
+                StreamEvent::Partial { .. } => None,
+            };
+            if !self.abandoned.is_cancelled() {
+                let (name, data) = api::stream_event_json(kind, &event, extension.as_ref());
+                self.send(&tx, Event::default().event(name).data(data)).await;
+            }
+        }
+        self.finish_stream(tally, n, cancelled_compute, unknown).await;
+        // The ledger row is written: now the client sees the stream end.
+        drop(tx);
+    }
+
+    /// Hands an event to the client; a client that is gone or stalled abandons the job.
+    async fn send(&self, tx: &mpsc::Sender<Event>, event: Event) {
+        match tokio::time::timeout(CLIENT_STALL_LIMIT, tx.send(event)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => self.abandoned.cancel(),
+        }
+    }
+
+    async fn finish_stream(
+        mut self,
+        mut tally: Tally,
+        n: u32,
+        cancelled_compute: Option<u64>,
+        unknown: bool,
+    ) {
+        let Some(ticket) = self.ticket.take() else { return };
+        let gone = self.abandoned.is_cancelled();
+        // What the provider incurred beyond the images it delivered.
+        if let Some(compute_ms) = cancelled_compute {
+            let resolved = Resolved::default().fill_from(&self.options, self.family());
+            let priced = billing::bill(
+                &self.state,
+                &self.route,
+                &self.job,
+                &resolved,
+                0,
+                None,
+                Some(compute_ms),
+                self.text_tokens,
+            );
+            let (cost, source) = self.priced(priced, &ticket, "the compute time used could not be priced");
+            tally.source = worse(tally.source, source);
+            tally.costs.extend(cost);
+        }
+        if unknown && tally.images < n {
+            let charged: Decimal = tally.costs.iter().map(|c| c.total).sum();
+            let left = (ticket.worst_case().total - charged).max(Decimal::ZERO);
+            let why = "the client went away and the upstream did not finish in time";
+            tally.costs.push(billing::worst_case_charge(ticket.worst_case(), left, why));
+            tally.source = worse(tally.source, CostSource::WorstCase);
+        }
+        let total = billing::sum(&tally.costs);
+        let status = if tally.images >= n && tally.failed.is_none() && cancelled_compute.is_none() {
+            RequestStatus::Succeeded
+        } else {
+            RequestStatus::Failed
+        };
+        let code = match (&tally.failed, gone) {
+            (_, true) => Some("client_disconnected".to_owned()),
+            (Some(error), false) => Some(error_code(error)),
+            (None, false) => None,
+        };
+        let end = End {
+            status,
+            error_code: code.as_deref(),
+            cost: total.as_ref(),
+            cost_source: tally.source,
+            images: tally.images,
+            quality: tally.quality,
+            size: tally.size,
+            response: None,
+        };
+        ticket.finish(end).await;
+    }
+}
+
+/// The less reassuring of two cost sources, for a row made of several charges.
+fn worse(a: CostSource, b: CostSource) -> CostSource {
+    let rank = |s: CostSource| match s {
+        CostSource::None => 0,
+        CostSource::Priced => 1,
+        CostSource::Capped => 2,
+        CostSource::WorstCase => 3,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+fn error_code(error: &ApiError) -> String {
+    error.body.code.clone().unwrap_or_else(|| error.body.kind.clone())
+}
+
+fn resolve_event(event: StreamEvent, options: &ImageOptions, family: ModelFamily) -> StreamEvent {
+    match event {
+        StreamEvent::Partial { b64_json, partial_image_index, created_at, resolved } => StreamEvent::Partial {
+            b64_json,
+            partial_image_index,
+            created_at: if created_at == 0 { now() } else { created_at },
+            resolved: resolved.fill_from(options, family),
+        },
+        StreamEvent::Completed { b64_json, created_at, resolved, usage, compute_ms } => StreamEvent::Completed {
+            b64_json,
+            created_at: if created_at == 0 { now() } else { created_at },
+            resolved: resolved.fill_from(options, family),
+            usage,
+            compute_ms,
+        },
+    }
+}
+
+/// What a client sees of a provider failure. Upstream errors pass through with their status and
+/// envelope, except credential failures: those are this server's configuration, not the client's key.
+pub fn provider_error(e: ProviderError, provider: &str, request_id: &str) -> ApiError {
+    match e {
+        ProviderError::Upstream { status: status @ (401 | 403), body, .. } => {
+            tracing::error!(provider, status, message = %body.message, "the upstream rejected this server's credentials");
+            ApiError::new(
+                502,
+                "server_error",
+                None,
+                Some("upstream_auth_failed"),
+                format!(
+                    "The upstream provider '{provider}' rejected this server's credentials (HTTP {status}); the server's operator must fix its API key."
+                ),
+            )
+        }
+        ProviderError::Upstream { status, body, retry_after } => ApiError { status, body, retry_after },
+        ProviderError::Api(e) => e,
+        ProviderError::Timeout(d) => {
+            ApiError::upstream_unavailable(504, provider, &format!("did not answer within {} s", d.as_secs()))
+        }
+        ProviderError::Connection(detail) => {
+            tracing::warn!(provider, %detail, request_id, "upstream connection failed");
+            ApiError::upstream_unavailable(502, provider, "could not be reached, or the connection broke")
+        }
+        ProviderError::InvalidResponse(detail) => ApiError::new(
+            502,
+            "server_error",
+            None,
+            Some("upstream_invalid_response"),
+            format!("The upstream provider '{provider}' sent a malformed response: {detail}"),
+        ),
+        ProviderError::Cancelled { .. } => ApiError::new(
+            499,
+            "invalid_request_error",
+            None,
+            Some("cancelled"),
+            "The request was cancelled because its client went away.".to_owned(),
+        ),
+    }
+}
+
+pub fn request_id(headers: &HeaderMap) -> &str {
+    headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("unknown")
+}
+
+pub fn json_response(body: Vec<u8>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
