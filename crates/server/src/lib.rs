@@ -9,6 +9,7 @@ mod admin;
 pub mod auth;
 pub mod billing;
 pub mod config;
+pub mod decode;
 pub mod estimates;
 mod handlers;
 pub mod routing;
@@ -46,6 +47,8 @@ pub struct AppState {
     /// How long a reservation holds before it is presumed abandoned; also a local job's worst-case
     /// compute time.
     pub reservation_ttl_ms: u64,
+    /// Decoded input-image bytes in flight over all requests (`Limits::max_decode_bytes`).
+    pub decode_budget: decode::DecodeBudget,
 }
 
 impl AppState {
@@ -53,6 +56,7 @@ impl AppState {
     pub fn from_config(config: &Config) -> Result<AppState, ConfigError> {
         // Every billed response counts its prompt's tokens: have the encoder ready by the first one.
         pricing::warm_up_token_counter();
+        config.limits.check()?;
         let mut providers: Vec<routing::ProviderModels> = Vec::new();
         if !config.local_models.is_empty() {
             let local = LocalProvider::new(config::LOCAL_PROVIDER, config.local_models.clone(), config.engine.clone())
@@ -90,6 +94,7 @@ impl AppState {
             default_model: config.default_model.as_deref().map(Arc::from),
             ledger: None,
             reservation_ttl_ms: DEFAULT_RESERVATION_TTL.as_millis() as u64,
+            decode_budget: decode::DecodeBudget::new(config.limits.max_decode_bytes),
         })
     }
 
