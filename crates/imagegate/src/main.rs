@@ -66,6 +66,13 @@ pub struct ConfigArgs {
     /// Largest input image in pixels, checked before decoding (guards against decompression bombs).
     #[arg(long, env = "IMAGEGATE_MAX_IMAGE_PIXELS", default_value_t = Limits::default().max_image_pixels)]
     max_image_pixels: u64,
+    /// Decoded input images in memory at once, in bytes, over all requests (edits beyond wait, then get
+    /// 503); at least 8 bytes per --max-image-pixels.
+    #[arg(long, env = "IMAGEGATE_MAX_DECODE_BYTES", default_value_t = Limits::default().max_decode_bytes)]
+    max_decode_bytes: u64,
+    /// Milliseconds an edit waits for room under --max-decode-bytes before a 503 to retry.
+    #[arg(long, env = "IMAGEGATE_DECODE_WAIT_MS", default_value_t = Limits::default().decode_wait.as_millis() as u64)]
+    decode_wait_ms: u64,
     /// Where pulled models (and stored data) live [default: $XDG_DATA_HOME/imagegate or
     /// ~/.local/share/imagegate].
     #[arg(long, env = "IMAGEGATE_DATA_DIR")]
@@ -164,7 +171,12 @@ impl ConfigArgs {
             Some(path) => format!("{}: {e}", path.display()),
             None => e.to_string(),
         })?;
-        config.limits = Limits { max_body_bytes: self.max_body_bytes, max_image_pixels: self.max_image_pixels };
+        config.limits = Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_image_pixels: self.max_image_pixels,
+            max_decode_bytes: self.max_decode_bytes,
+            decode_wait: std::time::Duration::from_millis(self.decode_wait_ms),
+        };
         let mut state = AppState::from_config(&config).map_err(|e| e.to_string())?;
         let mut keys = KeySet::new(config.api_key_hashes.clone());
         keys.add_plain(plain_keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()));

@@ -149,11 +149,47 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest input image, in pixels, before it is decoded.
     pub max_image_pixels: u64,
+    /// Decoded input images in memory at once, in bytes, over all requests: a few hundred KB of PNG
+    /// can decode to 512 MB, so concurrent edits with such images, each under the pixel limit, would
+    /// otherwise take whatever memory the machine has. At least [`Limits::largest_decode_bytes`].
+    pub max_decode_bytes: u64,
+    /// How long a request waits for room in `max_decode_bytes` before it gets a 503 to retry.
+    pub decode_wait: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body_bytes: 64 * 1024 * 1024, max_image_pixels: 64_000_000 }
+        Limits {
+            max_body_bytes: 64 * 1024 * 1024,
+            max_image_pixels: 64_000_000,
+            // Two images at the default pixel limit at 16 bits RGBA (512 MB each).
+            max_decode_bytes: 1024 * 1024 * 1024,
+            // Long enough for a decode at the pixel limit to finish on a small machine.
+            decode_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Limits {
+    /// The most bytes one input image at the pixel limit takes decoded (16-bit RGBA).
+    pub fn largest_decode_bytes(&self) -> u64 {
+        self.max_image_pixels.saturating_mul(api::images::MAX_DECODED_BYTES_PER_PIXEL)
+    }
+
+    /// Refuses a decode budget too small for one image at the pixel limit: such an image could never
+    /// be decoded, and every edit with one would wait, then fail.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.max_decode_bytes < self.largest_decode_bytes() {
+            return err(format!(
+                "--max-decode-bytes (IMAGEGATE_MAX_DECODE_BYTES) is {} bytes, and one input image at --max-image-pixels (IMAGEGATE_MAX_IMAGE_PIXELS) {} pixels takes up to {} bytes decoded ({} a pixel): raise --max-decode-bytes to at least {}, or lower --max-image-pixels",
+                self.max_decode_bytes,
+                self.max_image_pixels,
+                self.largest_decode_bytes(),
+                api::images::MAX_DECODED_BYTES_PER_PIXEL,
+                self.largest_decode_bytes()
+            ));
+        }
+        Ok(())
     }
 }
 

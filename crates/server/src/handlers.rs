@@ -61,7 +61,7 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
         true => Some(blocking(form.fingerprint_job(), &headers).await?),
         false => None,
     };
-    let (images, mask) = inspect_inputs(form.images, form.mask, state.limits.max_image_pixels, &headers).await?;
+    let (images, mask) = inspect_inputs(form.images, form.mask, &state, &headers).await?;
     api::images::check_inputs(&images, route.family, &model)?;
     if let Some(m) = &mask {
         api::images::check_mask(m, &images[0])?;
@@ -253,22 +253,39 @@ fn check_image_count(count: usize, param: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Decodes every input image and the mask on a blocking thread.
+/// Checks every input image and the mask: first all their headers (format, pixel limit) on a blocking
+/// thread, then decodes each on one, within the process's decode budget: each decode holds its exact
+/// buffer size there while it runs (given back by the blocking task itself, so also when the client
+/// has gone), and the request waits at most `Limits::decode_wait` in all for room, then gets a 503.
 async fn inspect_inputs(
     images: Vec<(String, Bytes, Option<String>)>,
     mask: Option<(Bytes, Option<String>)>,
-    max_pixels: u64,
+    state: &AppState,
     headers: &HeaderMap,
 ) -> Result<(Vec<InputImage>, Option<InputImage>), HttpError> {
-    let work = move || -> Result<(Vec<InputImage>, Option<InputImage>), ApiError> {
-        let images = images
+    let max_pixels = state.limits.max_image_pixels;
+    let has_mask = mask.is_some();
+    let probe = move || -> Result<Vec<api::images::ProbedImage>, ApiError> {
+        images
             .into_iter()
-            .map(|(param, bytes, name)| api::images::inspect_image(&param, bytes, name, max_pixels))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mask = mask.map(|(bytes, name)| api::images::inspect_image("mask", bytes, name, max_pixels)).transpose()?;
-        Ok((images, mask))
+            .map(|(param, bytes, name)| api::images::probe_image(&param, bytes, name, max_pixels))
+            .chain(mask.map(|(bytes, name)| api::images::probe_image("mask", bytes, name, max_pixels)))
+            .collect()
     };
-    Ok(blocking(work, headers).await??)
+    let probed = blocking(probe, headers).await??;
+    let deadline = tokio::time::Instant::now() + state.limits.decode_wait;
+    let mut decoded = Vec::with_capacity(probed.len());
+    for image in probed {
+        let reservation = state.decode_budget.reserve(image.decoded_bytes(), deadline).await?;
+        let decode = move || {
+            let result = image.decode();
+            drop(reservation);
+            result
+        };
+        decoded.push(blocking(decode, headers).await??);
+    }
+    let mask = if has_mask { decoded.pop() } else { None };
+    Ok((decoded, mask))
 }
 
 /// Runs `work` on a blocking thread; a task that panics is a 500.

@@ -9,6 +9,7 @@ mod admin;
 pub mod auth;
 pub mod billing;
 pub mod config;
+pub mod decode;
 pub mod estimates;
 mod handlers;
 pub mod jobs;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub slowest_upstream: Option<(String, std::time::Duration)>,
     /// Stops the ledger's upkeep (heartbeat and sweep) when the last clone of the state is dropped.
     upkeep: Option<Arc<tokio_util::sync::DropGuard>>,
+    /// Decoded input-image bytes in flight over all requests (`Limits::max_decode_bytes`).
+    pub decode_budget: decode::DecodeBudget,
 }
 
 impl AppState {
@@ -59,6 +62,7 @@ impl AppState {
     pub fn from_config(config: &Config) -> Result<AppState, ConfigError> {
         // Every billed response counts its prompt's tokens: have the encoder ready by the first one.
         pricing::warm_up_token_counter();
+        config.limits.check()?;
         let mut providers: Vec<routing::ProviderModels> = Vec::new();
         if !config.local_models.is_empty() {
             let local = LocalProvider::new(config::LOCAL_PROVIDER, config.local_models.clone(), config.engine.clone())
@@ -100,6 +104,7 @@ impl AppState {
             reservation_ttl_ms: DEFAULT_RESERVATION_TTL.as_millis() as u64,
             slowest_upstream,
             upkeep: None,
+            decode_budget: decode::DecodeBudget::new(config.limits.max_decode_bytes),
         })
     }
 
