@@ -3,6 +3,10 @@
 //! `--data-dir`). A secret is printed once, alone on the last stdout line of `keys create`, so that
 //! `KEY=$(imagegate keys create --name ci | tail -1)` works; nothing else ever shows it (only its
 //! SHA-256 is stored).
+//!
+//! Names are chosen by users (here, or through the admin API): a new name with a control character
+//! is refused, and every name printed to the terminal goes through [`printable`], for the names
+//! stored before that rule. `--json` output is left to serde, which escapes them.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -15,7 +19,7 @@ use ledger::{
 use serde_json::{Value, json};
 
 use crate::ConfigArgs;
-use crate::usage::{fmt_time, rfc3339, table};
+use crate::usage::{fmt_time, printable, rfc3339, table};
 
 #[derive(Args)]
 pub struct KeysArgs {
@@ -284,19 +288,24 @@ fn err(e: ledger::LedgerError) -> String {
     e.to_string()
 }
 
+/// A name for a new key or project given with `flag`, or the error naming the flag: not empty, no
+/// control characters (the ledger's own rule, checked here to name the flag).
+fn check_name(flag: &str, name: &str) -> Result<(), String> {
+    ledger::keys::name_problem(name).map_or(Ok(()), |problem| Err(format!("{flag} {problem}")))
+}
+
 async fn create(ledger: &Ledger, args: CreateArgs) -> Result<String, String> {
-    if args.name.trim().is_empty() {
-        return Err("--name cannot be empty".into());
-    }
+    check_name("--name", &args.name)?;
     let budget = args.budget.apply(None)?;
     let allowed_models = args.models.map(clean_models).transpose()?;
     let project = match &args.project {
         Some(name) => Some(match ledger.project_by_name(name).await.map_err(err)? {
             Some(project) => project,
             None => {
+                check_name("--project", name)?;
                 let project =
                     ledger.create_project(NewProject { name: name.clone(), budget: None }).await.map_err(err)?;
-                eprintln!("created project {} ({}), without a budget", project.name, project.id);
+                eprintln!("created project {} ({}), without a budget", printable(&project.name), project.id);
                 project
             }
         }),
@@ -322,6 +331,9 @@ async fn create(ledger: &Ledger, args: CreateArgs) -> Result<String, String> {
 }
 
 async fn update(ledger: &Ledger, args: UpdateArgs) -> Result<String, String> {
+    if let Some(name) = &args.name {
+        check_name("--name", name)?;
+    }
     let key = resolve_key(ledger, &args.key).await?;
     let budget = if args.no_budget { Some(None) } else { args.budget.apply(key.budget.as_ref())?.map(Some) };
     let allowed_models =
@@ -353,11 +365,12 @@ async fn update(ledger: &Ledger, args: UpdateArgs) -> Result<String, String> {
 async fn revoke(ledger: &Ledger, id_or_prefix: &str) -> Result<String, String> {
     let key = resolve_key(ledger, id_or_prefix).await?;
     if let Some(at) = key.revoked_at {
-        return Ok(format!("key {} ({}, {}) was already revoked at {}\n", key.id, key.prefix, key.name, fmt_time(at)));
+        let name = printable(&key.name);
+        return Ok(format!("key {} ({}, {name}) was already revoked at {}\n", key.id, key.prefix, fmt_time(at)));
     }
     let key = ledger.revoke_key(&key.id).await.map_err(err)?;
     let at = key.revoked_at.map_or_else(String::new, |at| format!(" at {}", fmt_time(at)));
-    Ok(format!("revoked key {} ({}, {}){at}\n", key.id, key.prefix, key.name))
+    Ok(format!("revoked key {} ({}, {}){at}\n", key.id, key.prefix, printable(&key.name)))
 }
 
 /// The key with this id, or the one key whose visible prefix this is (or starts with).
@@ -379,7 +392,11 @@ async fn resolve_key(ledger: &Ledger, id_or_prefix: &str) -> Result<ApiKey, Stri
         several => Err(format!(
             "{wanted:?} matches {} keys: {}; give the key id",
             several.len(),
-            several.iter().map(|k| format!("{} ({}, {})", k.id, k.prefix, k.name)).collect::<Vec<_>>().join(", ")
+            several
+                .iter()
+                .map(|k| format!("{} ({}, {})", k.id, k.prefix, printable(&k.name)))
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
     }
 }
@@ -392,7 +409,7 @@ fn clean_models(models: Vec<String>) -> Result<Vec<String>, String> {
     Ok(models)
 }
 
-/// `name: value` lines about a key, for create and update.
+/// `name: value` lines about a key, for create and update (values [`printable`]).
 fn describe_key(key: &ApiKey, project: Option<&Project>) -> String {
     let mut lines = vec![
         ("id", key.id.clone()),
@@ -408,7 +425,7 @@ fn describe_key(key: &ApiKey, project: Option<&Project>) -> String {
     if let Some(at) = key.revoked_at {
         lines.push(("revoked", fmt_time(at)));
     }
-    lines.iter().map(|(name, value)| format!("{:<12} {value}\n", format!("{name}:"))).collect()
+    lines.iter().map(|(name, value)| format!("{:<12} {}\n", format!("{name}:"), printable(value))).collect()
 }
 
 /// `$25.00 per month, soft $20.00, 200 images`.
@@ -562,12 +579,16 @@ async fn list(ledger: &Ledger, as_json: bool) -> Result<String, String> {
 }
 
 async fn project_create(ledger: &Ledger, args: ProjectCreateArgs) -> Result<String, String> {
+    check_name("--name", &args.name)?;
     let budget = args.budget.apply(None)?;
     let project = ledger.create_project(NewProject { name: args.name, budget }).await.map_err(err)?;
     Ok(describe_project(&project))
 }
 
 async fn project_update(ledger: &Ledger, args: ProjectUpdateArgs) -> Result<String, String> {
+    if let Some(name) = &args.rename {
+        check_name("--rename", name)?;
+    }
     let wanted = args.project.or(args.name).unwrap_or_default();
     let project = match ledger.project_by_name(&wanted).await.map_err(err)? {
         Some(project) => project,
@@ -586,7 +607,7 @@ async fn project_update(ledger: &Ledger, args: ProjectUpdateArgs) -> Result<Stri
 
 fn describe_project(project: &Project) -> String {
     let budget = project.budget.as_ref().map_or_else(|| "none".to_owned(), describe_budget);
-    format!("id:          {}\nname:        {}\nbudget:      {budget}\n", project.id, project.name)
+    format!("id:          {}\nname:        {}\nbudget:      {budget}\n", project.id, printable(&project.name))
 }
 
 async fn project_list(ledger: &Ledger, as_json: bool) -> Result<String, String> {

@@ -1,7 +1,13 @@
 //! `imagegate usage`: what was spent, from the usage ledger, as a table for people or CSV for
 //! spreadsheets and scripts. Reads the database `serve` writes (`--database-url`, or the SQLite file
 //! in `--data-dir`); the sums are the ledger's, exact to the nano-dollar.
+//!
+//! Names and models come from users (an admin's key names, any client's model string), so every text
+//! cell is escaped on the way out: control characters shown as visible escapes ([`printable`]) in
+//! tables and CSV alike, and CSV cells that a spreadsheet would run as a formula prefixed with `'`
+//! ([`csv_text`]).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write as _;
 
@@ -231,10 +237,11 @@ fn table_cells(by: By, value: Option<&str>, names: &Names) -> Vec<String> {
     }
 }
 
-/// The CSV fields of one grouping field's value (empty where there is none).
+/// The CSV fields of one grouping field's value (empty where there is none), escaped with
+/// [`csv_text`]: every one of them is text, and names and models come from users.
 fn csv_cells(by: By, value: Option<&str>, names: &Names) -> Vec<String> {
     let value = value.unwrap_or("");
-    match by {
+    let cells = match by {
         By::Key => {
             let (prefix, name) = names.keys.get(value).cloned().unwrap_or_default();
             vec![value.to_owned(), prefix, name]
@@ -242,7 +249,8 @@ fn csv_cells(by: By, value: Option<&str>, names: &Names) -> Vec<String> {
         By::Project => vec![value.to_owned(), names.projects.get(value).cloned().unwrap_or_default()],
         By::Model | By::Day | By::Size | By::Operation => vec![value.to_owned()],
         By::Basis | By::None => Vec::new(),
-    }
+    };
+    cells.iter().map(|cell| csv_text(cell)).collect()
 }
 
 /// The sums' columns; all but the last (the basis) are numbers. Tokens: input text, input image, output.
@@ -338,7 +346,7 @@ fn legend(bases: &BTreeSet<String>) -> String {
             "flat" => "billed a flat price per image, from the config",
             _ => "as recorded by the server",
         };
-        out.push_str(&format!("  {basis:<10} {meaning}\n"));
+        out.push_str(&format!("  {:<10} {meaning}\n", printable(basis)));
     }
     out
 }
@@ -355,10 +363,46 @@ fn to_csv(dims: &[By], groups: &BTreeMap<Vec<Option<String>>, Sums>, names: &Nam
         for (by, value) in dims.iter().zip(key) {
             row.extend(csv_cells(*by, value.as_deref(), names));
         }
-        row.extend(sum_cells(sums, |d| d.normalize().to_string(), true));
+        // The numbers are ours, written as they are; the basis is text read from the ledger.
+        row.extend(sum_cells(sums, |d| d.normalize().to_string(), false));
+        row.push(csv_text(&sums.basis()));
         out.push_str(&csv_line(&row));
     }
     out
+}
+
+/// `s` as it may be shown in a terminal: every control character (C0, DEL and C1, the characters
+/// that start escape sequences, move the cursor or return to the start of the line) written as a
+/// visible escape (`\u{1b}`, `\t`, `\n`), so that a name holding `ESC [2J` shows as text instead of
+/// clearing the operator's screen. Everything else, non-ASCII letters included, is left as it is.
+pub(crate) fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The first characters that make a spreadsheet read a cell as a formula (OWASP's list: `=`, `+`,
+/// `-`, `@`, tab, carriage return), and the full-width forms that some locales' spreadsheets read
+/// as the same.
+const FORMULA_STARTS: [char; 10] = ['=', '+', '-', '@', '\t', '\r', '\u{FF1D}', '\u{FF0B}', '\u{FF0D}', '\u{FF20}'];
+
+/// A text cell from users (a name, a model, a size) for a spreadsheet: [`printable`] (CSV is often
+/// printed to a terminal too), then, if it would start a formula (`=HYPERLINK(...)`), prefixed with
+/// `'` so that spreadsheets show it as text (OWASP's advice against CSV injection). Quoting is left
+/// to [`csv_line`]. Only for text: the numbers this command writes itself are never passed here, so
+/// they stay numbers.
+fn csv_text(s: &str) -> String {
+    let s = printable(s);
+    if s.starts_with(FORMULA_STARTS) { format!("'{s}") } else { s.into_owned() }
 }
 
 /// One CSV record (RFC 4180): fields with a comma, quote or line break are quoted.
@@ -371,11 +415,13 @@ fn csv_line(fields: &[String]) -> String {
 }
 
 /// Rows as aligned columns (two spaces apart), the first row a header followed by a rule, and a rule
-/// before row `rule_before` (the total) when given. Columns where `right(i)` are right-aligned.
+/// before row `rule_before` (the total) when given. Columns where `right(i)` are right-aligned. Every
+/// cell is shown [`printable`]: the tables hold names users chose.
 pub(crate) fn table(rows: &[Vec<String>], right: impl Fn(usize) -> bool, rule_before: Option<usize>) -> String {
+    let rows: Vec<Vec<Cow<'_, str>>> = rows.iter().map(|row| row.iter().map(|c| printable(c)).collect()).collect();
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0usize; columns];
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
@@ -391,7 +437,7 @@ pub(crate) fn table(rows: &[Vec<String>], right: impl Fn(usize) -> bool, rule_be
         }
         let mut line = String::new();
         for (i, width) in widths.iter().enumerate() {
-            let cell = row.get(i).map_or("", String::as_str);
+            let cell = row.get(i).map_or("", |c| c.as_ref());
             if i > 0 {
                 line.push_str("  ");
             }
@@ -478,6 +524,64 @@ mod tests {
     fn csv_quotes_what_needs_it() {
         let fields = ["a".to_owned(), "b,c".to_owned(), "say \"hi\"".to_owned(), String::new()];
         assert_eq!(csv_line(&fields), "a,\"b,c\",\"say \"\"hi\"\"\",\n");
+    }
+
+    #[test]
+    fn printable_escapes_control_characters_visibly() {
+        assert!(matches!(printable("café ☕ =1+2"), Cow::Borrowed("café ☕ =1+2")), "plain text is untouched");
+        assert_eq!(printable("\u{1b}[2J\u{1b}[31mpwned"), "\\u{1b}[2J\\u{1b}[31mpwned");
+        assert_eq!(printable("a\tb\r\nc\0"), "a\\tb\\r\\nc\\0");
+        // DEL, and C1's CSI (U+009B), which some terminals obey like ESC [.
+        assert_eq!(printable("x\u{7f}\u{9b}2J"), "x\\u{7f}\\u{9b}2J");
+        for s in ["\u{1b}]0;title\u{7}", "\u{85}", "bell\u{7}"] {
+            assert!(!printable(s).chars().any(char::is_control), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn csv_text_defuses_formulas_and_control_characters() {
+        assert_eq!(csv_text("=HYPERLINK(\"http://evil\",\"x\")"), "'=HYPERLINK(\"http://evil\",\"x\")");
+        for start in ["+", "-", "@", "\u{FF1D}", "\u{FF0B}", "\u{FF0D}", "\u{FF20}"] {
+            let cell = format!("{start}cmd|' /C calc'!A0");
+            assert_eq!(csv_text(&cell), format!("'{cell}"));
+        }
+        // A leading tab or carriage return is shown as an escape, which no spreadsheet runs.
+        assert_eq!(csv_text("\t=1+2"), "\\t=1+2");
+        assert_eq!(csv_text("\r=1+2"), "\\r=1+2");
+        // Text that starts a formula only further on, and ordinary names, are left alone.
+        for plain in ["alpha", "gpt-image-1", "1024x1024", "a=b", "x-@", "", "'quoted"] {
+            assert_eq!(csv_text(plain), plain);
+        }
+        // Quoting (RFC 4180) comes after the prefix: the quote cannot end the cell early.
+        let fields = [csv_text("=1+2\";=1+2"), csv_text("-2,3"), "0.5".to_owned()];
+        assert_eq!(csv_line(&fields), "\"'=1+2\"\";=1+2\",\"'-2,3\",0.5\n");
+    }
+
+    #[test]
+    fn csv_cells_escape_names_and_models_but_not_numbers() {
+        let mut names = Names::default();
+        names.keys.insert("key_1".into(), ("ig-AbCd1234".into(), "=1+2".into()));
+        names.projects.insert("proj_1".into(), "@SUM(A1)\u{1b}[2J".into());
+        assert_eq!(csv_cells(By::Key, Some("key_1"), &names), ["key_1", "ig-AbCd1234", "'=1+2"]);
+        assert_eq!(csv_cells(By::Project, Some("proj_1"), &names), ["proj_1", "'@SUM(A1)\\u{1b}[2J"]);
+        assert_eq!(csv_cells(By::Model, Some("-x"), &names), ["'-x"]);
+        assert_eq!(csv_cells(By::Size, Some("+1"), &names), ["'+1"]);
+        let mut groups = BTreeMap::new();
+        let sums =
+            Sums { requests: 1, cost_usd: Decimal::new(-5, 1), bases: ["=tokens".into()].into(), ..Sums::default() };
+        groups.insert(vec![Some("=m".to_owned())], sums);
+        let csv = to_csv(&[By::Model], &groups, &names);
+        // (A negative cost never occurs; it shows that our numbers are written as numbers.)
+        assert_eq!(csv.lines().nth(1), Some("'=m,1,0,0,0,0,0,-0.5,'=tokens"), "{csv}");
+    }
+
+    #[test]
+    fn tables_show_control_characters_as_escapes() {
+        let rows = vec![vec!["NAME".to_owned(), "N".to_owned()], vec!["\u{1b}[2Jx".to_owned(), "1".to_owned()]];
+        let text = table(&rows, |i| i == 1, None);
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        // Aligned on what is shown: the escape's ten characters.
+        assert_eq!(text, "NAME        N\n----------  -\n\\u{1b}[2Jx  1\n");
     }
 
     #[test]

@@ -395,6 +395,127 @@ async fn keys_and_usage_on_postgres() {
     db.finish().await.unwrap();
 }
 
+/// The records of a CSV text (RFC 4180: quoted fields may hold commas, doubled quotes, line breaks).
+fn csv_records(text: &str) -> Vec<Vec<String>> {
+    let mut records = Vec::new();
+    let (mut record, mut field, mut quoted, mut chars) = (Vec::new(), String::new(), false, text.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                field.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, c) => field.push(c),
+            (false, '"') if field.is_empty() => quoted = true,
+            (false, ',') => record.push(std::mem::take(&mut field)),
+            (false, '\n') => {
+                record.push(std::mem::take(&mut field));
+                records.push(std::mem::take(&mut record));
+            }
+            (false, c) => field.push(c),
+        }
+    }
+    assert!(!quoted && field.is_empty() && record.is_empty(), "the CSV ends with a complete record: {text:?}");
+    records
+}
+
+/// The cells of the CSV record whose `column` is `value`, by header.
+fn csv_row(text: &str, column: &str, value: &str) -> std::collections::HashMap<String, String> {
+    let records = csv_records(text);
+    let header = &records[0];
+    let i = header.iter().position(|h| h == column).unwrap_or_else(|| panic!("no column {column}: {text}"));
+    let row = records[1..].iter().find(|r| r[i] == value).unwrap_or_else(|| panic!("no {column} {value:?}: {text}"));
+    assert_eq!(row.len(), header.len(), "{text}");
+    header.iter().cloned().zip(row.iter().cloned()).collect()
+}
+
+const ESC_NAME: &str = "\u{1b}[2J\u{1b}[31mpwned";
+const FORMULA: &str = "=HYPERLINK(\"http://evil\",\"x\")";
+
+/// Key, project and model names chosen to attack a terminal or a spreadsheet: new names with control
+/// characters are refused (naming the flag); names and models that get in are shown escaped, in
+/// tables and CSV, while `--json` keeps them exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_names_are_refused_or_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = ledger::sqlite_url(dir.path()).unwrap();
+    let (dir, db) = (dir.path(), None);
+
+    // Control characters in new names: refused, with the flag named, and nothing created.
+    for (args, flag) in [
+        (vec!["keys", "create", "--name", ESC_NAME], "--name"),
+        (vec!["keys", "create", "--name", "ok", "--project", "a\u{9b}2J"], "--project"),
+        (vec!["keys", "project", "create", "--name", "tab\there"], "--name"),
+    ] {
+        let err = fails(&args, dir, db);
+        assert!(err.contains(&format!("{flag} cannot contain control characters")), "{args:?}: {err}");
+    }
+    assert!(ok(&["keys", "list"], dir, db).contains("no keys yet"));
+    assert!(ok(&["keys", "project", "list"], dir, db).contains("no projects yet"));
+
+    // Spreadsheet formulas are ordinary text to imagegate: accepted as names. A model may be anything.
+    let (summary, secret) = create_key(
+        &["--name", FORMULA, "--project", "@SUM(1+1)", "--models", &format!("{ESC_NAME},dall-e-3")],
+        dir,
+        db,
+    );
+    assert!(!summary.contains('\u{1b}'), "{summary:?}");
+    assert!(summary.contains("\\u{1b}[2J\\u{1b}[31mpwned,dall-e-3"), "the models are shown escaped: {summary}");
+    let prefix = &secret[..11];
+    let (_, minus) = create_key(&["--name=-2+3"], dir, db);
+    let err = fails(&["keys", "update", prefix, "--name", "x\u{7f}"], dir, db);
+    assert!(err.contains("--name cannot contain control characters (found U+007F)"), "{err}");
+    let err = fails(&["keys", "project", "update", "--name", "@SUM(1+1)", "--rename", "a\rb"], dir, db);
+    assert!(err.contains("--rename cannot contain control characters"), "{err}");
+
+    let ledger = Ledger::connect(&url).await.unwrap();
+    let key = ledger.authenticate(&secret).await.unwrap().unwrap();
+    let minus = ledger.authenticate(&minus).await.unwrap().unwrap();
+    assert_eq!((key.name.as_str(), minus.name.as_str()), (FORMULA, "-2+3"), "names are stored exactly");
+    let rows = [(&key, ESC_NAME, "+1024x1024"), (&key, "\t=1+2", "1024x1024"), (&minus, "@cmd", "-1")];
+    for (i, (k, model, size)) in rows.into_iter().enumerate() {
+        let mut e = entry(&format!("h{i}"), model, "tokens", 1, TokenUsage::default(), "2026-01-20T10:00:00Z");
+        e.size = Some(size.to_owned());
+        ledger.record(Some(&k.id), RequestStatus::Succeeded, usd("0.5"), &e).await.unwrap();
+    }
+    ledger.close().await;
+
+    // Tables: no ESC (nor any other control character but the line breaks); the escapes are visible.
+    let list = ok(&["keys", "list"], dir, db);
+    assert!(!list.contains('\u{1b}'), "{list:?}");
+    assert!(list.contains("\\u{1b}[2J\\u{1b}[31mpwned,dall-e-3") && list.contains(FORMULA), "{list}");
+    let usage = ok(&["usage", "--since", "2026-01-01", "--until", "2026-01-31", "--by", "key,model,size"], dir, db);
+    assert!(!usage.chars().any(|c| c.is_control() && c != '\n'), "{usage:?}");
+    assert!(usage.contains("\\u{1b}[2J\\u{1b}[31mpwned") && usage.contains("\\t=1+2"), "{usage}");
+
+    // JSON: exact, escaped by serde.
+    let json = ok(&["keys", "list", "--json"], dir, db);
+    assert!(!json.contains('\u{1b}'), "{json:?}");
+    let keys: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(keys[0]["allowed_models"][0], ESC_NAME);
+    assert_eq!(keys[0]["name"], FORMULA);
+
+    // CSV: text cells that start a formula get a leading quote; the numbers stay numbers.
+    let csv = ok(
+        &["usage", "--since", "2026-01-01", "--until", "2026-01-31", "--by", "key,project,model,size", "--csv"],
+        dir,
+        db,
+    );
+    assert!(!csv.contains('\u{1b}') && !csv.contains('\t') && !csv.contains('\r'), "{csv:?}");
+    assert!(csv.contains(",\"'=HYPERLINK(\"\"http://evil\"\",\"\"x\"\")\","), "quoted per RFC 4180: {csv}");
+    let row = csv_row(&csv, "model", "\\u{1b}[2J\\u{1b}[31mpwned");
+    assert_eq!(row["key_name"], format!("'{FORMULA}"));
+    assert_eq!(row["key_prefix"], prefix);
+    assert_eq!((row["project_name"].as_str(), row["size"].as_str()), ("'@SUM(1+1)", "'+1024x1024"));
+    assert_eq!((row["requests"].as_str(), row["cost_usd"].as_str()), ("1", "0.5"));
+    let row = csv_row(&csv, "model", "\\t=1+2");
+    assert_eq!((row["key_name"].as_str(), row["size"].as_str()), (format!("'{FORMULA}").as_str(), "1024x1024"));
+    let row = csv_row(&csv, "model", "'@cmd");
+    assert_eq!((row["key_name"].as_str(), row["size"].as_str(), row["project_name"].as_str()), ("'-2+3", "'-1", ""));
+    assert_eq!(row["billing_basis"], "tokens");
+}
+
 #[test]
 fn a_database_url_flag_selects_the_database() {
     let dir = tempfile::tempdir().unwrap();

@@ -484,12 +484,29 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     out
 }
 
-fn checked_name(name: &str) -> Result<&str> {
+/// Why `name` cannot name a new key or project, as words that follow "a name" or a field's name
+/// ("cannot be empty"); `None` when it can. Names are shown in terminals and spreadsheets, so a
+/// control character (C0, DEL, C1: what starts an escape sequence or moves the cursor) is refused
+/// when a name is set; names stored before this rule are still read and shown (escaped by the CLI).
+/// Surrounding whitespace does not count: it is trimmed before a name is stored.
+pub fn name_problem(name: &str) -> Option<String> {
     let name = name.trim();
     if name.is_empty() {
-        return Err(LedgerError::InvalidArgument("a name cannot be empty".into()));
+        return Some("cannot be empty".into());
     }
-    Ok(name)
+    name.chars().find(|c| c.is_control()).map(|c| {
+        format!(
+            "cannot contain control characters (found U+{:04X}): use letters, digits, spaces and punctuation",
+            u32::from(c)
+        )
+    })
+}
+
+fn checked_name(name: &str) -> Result<&str> {
+    if let Some(problem) = name_problem(name) {
+        return Err(LedgerError::InvalidArgument(format!("a name {problem}")));
+    }
+    Ok(name.trim())
 }
 
 /// Model names are stored joined by newlines, so a name may not contain one.
@@ -605,5 +622,48 @@ mod tests {
         assert_eq!(split_models(join_models(Some(&[])).unwrap()), Some(vec![]));
         assert_eq!(split_models(join_models(None).unwrap()), None);
         assert!(join_models(Some(&["a\nb".to_owned()])).is_err());
+    }
+
+    #[test]
+    fn names_refuse_control_characters_only() {
+        for good in ["ci", "  design team  ", "=HYPERLINK(\"x\")", "café ☕", "a\"b,c", "ci\n"] {
+            assert_eq!(name_problem(good), None, "{good:?}");
+            assert_eq!(checked_name(good).unwrap(), good.trim());
+        }
+        assert_eq!(name_problem(" \t "), Some("cannot be empty".to_owned()));
+        for (bad, code) in [
+            ("\u{1b}[2J\u{1b}[31mpwned", "U+001B"),
+            ("a\tb", "U+0009"),
+            ("a\rb", "U+000D"),
+            ("a\nb", "U+000A"),
+            ("del\u{7f}", "U+007F"),
+            ("csi\u{9b}2J", "U+009B"),
+            ("nul\0", "U+0000"),
+        ] {
+            let problem = name_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(problem.contains("control characters") && problem.contains(code), "{bad:?}: {problem}");
+            let err = checked_name(bad).unwrap_err().to_string();
+            assert!(err.contains("a name cannot contain control characters"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_and_projects_with_control_characters_are_refused() {
+        let db = crate::testing::TestDatabase::sqlite().unwrap();
+        let ledger = Ledger::connect(&db.url).await.unwrap();
+        let evil = "\u{1b}[2Jpwned";
+        assert!(matches!(ledger.create_key(NewKey::user(evil)).await, Err(LedgerError::InvalidArgument(_))));
+        let new = NewProject { name: evil.into(), budget: None };
+        assert!(matches!(ledger.create_project(new).await, Err(LedgerError::InvalidArgument(_))));
+        let key = ledger.create_key(NewKey::user("ci")).await.unwrap().key;
+        let update = KeyUpdate { name: Some(evil.into()), ..KeyUpdate::default() };
+        assert!(matches!(ledger.update_key(&key.id, update).await, Err(LedgerError::InvalidArgument(_))));
+        let project = ledger.create_project(NewProject { name: "design".into(), budget: None }).await.unwrap();
+        let update = ProjectUpdate { name: Some(evil.into()), budget: None };
+        assert!(matches!(ledger.update_project(&project.id, update).await, Err(LedgerError::InvalidArgument(_))));
+        assert_eq!(ledger.get_key(&key.id).await.unwrap().name, "ci");
+        assert_eq!(ledger.get_project(&project.id).await.unwrap().name, "design");
+        ledger.close().await;
+        db.finish().await.unwrap();
     }
 }

@@ -134,6 +134,7 @@ pub async fn create_key(
     let ledger = ledger(&state)?;
     let req: CreateKey =
         serde_json::from_slice(&body).map_err(|e| ApiError::malformed_body(format!("Invalid key request: {e}")))?;
+    check_name(&req.name)?;
     let scope = match req.scope.as_deref() {
         None | Some("user") => Scope::User,
         Some("admin") => Scope::Admin,
@@ -180,7 +181,11 @@ pub async fn update_key(
     let mut limits = current.rate_limits;
     for (name, value) in &patch {
         match name.as_str() {
-            "name" => update.name = Some(field(name, value)?),
+            "name" => {
+                let new_name: String = field(name, value)?;
+                check_name(&new_name)?;
+                update.name = Some(new_name);
+            }
             "models" => update.allowed_models = Some(field(name, value)?),
             "budget" => {
                 let budget: Option<CreateBudget> = field(name, value)?;
@@ -196,6 +201,15 @@ pub async fn update_key(
     }
     let key = ledger.update_key(&id, update).await.map_err(ledger_error)?;
     Ok(json(StatusCode::OK, &key_out(key, None)))
+}
+
+/// A key's new name, or a 400 naming `name`: the ledger's rule (not empty, no control characters,
+/// since names are shown in terminals and spreadsheets), checked here so that the error names the field.
+fn check_name(name: &str) -> Result<(), ApiError> {
+    match ledger::keys::name_problem(name) {
+        Some(problem) => Err(ApiError::invalid_value_msg("name", format!("Invalid 'name': a key's name {problem}."))),
+        None => Ok(()),
+    }
 }
 
 /// One field of a merge patch, or an error naming it.
@@ -407,4 +421,25 @@ pub async fn costs(
             project_id: r.project_id,
         }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_control_characters_are_refused_naming_the_field() {
+        for bad in ["\u{1b}[2J\u{1b}[31mpwned", "a\tb", "x\u{9b}", "  "] {
+            let e = check_name(bad).unwrap_err();
+            assert_eq!(
+                (e.status, e.body.param.as_deref(), e.body.code.as_deref()),
+                (400, Some("name"), Some("invalid_value"))
+            );
+            assert!(e.body.message.starts_with("Invalid 'name': a key's name cannot "), "{}", e.body.message);
+        }
+        assert!(check_name("\u{1b}").unwrap_err().body.message.contains("U+001B"));
+        for good in ["team", "=HYPERLINK(\"x\")", "café"] {
+            assert_eq!(check_name(good), Ok(()));
+        }
+    }
 }
