@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::Duration;
-
 use ledger::{Ledger, LedgerOptions, NewKey, Scope};
 use serde_json::{Value, json};
 use server::config::{Config, Env};
@@ -27,11 +25,7 @@ async fn admin_api_refuses_control_characters_in_key_names() {
     );
     let config = Config::from_toml(&toml, &TestEnv).unwrap();
     let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
-    let state = server::AppState::from_config(&config)
-        .unwrap()
-        .with_ledger(ledger.clone(), Duration::from_secs(600))
-        .await
-        .unwrap();
+    let state = server::AppState::from_config(&config).unwrap().with_ledger(ledger.clone()).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/admin/keys", listener.local_addr().unwrap());
     tokio::spawn(server::run(listener, server::app(state), std::future::pending()));
