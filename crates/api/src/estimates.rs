@@ -6,9 +6,15 @@
 //! ```
 //! Each item names its prompt by `prompt` (text, counted in o200k tokens), `prompt_tokens` or
 //! `prompt_words`; `input_images` lists edit inputs as `"WxH"`; `provider` picks one provider.
+//!
+//! Every count, length and size is bounded (the `MAX_*` constants below): generously for real use, and
+//! so that no price computation comes near overflow. Out of range is a 400 whose `param` names the field
+//! with its item's index (`requests[0].prompt_tokens`) and whose message says the allowed range.
 
 use domain::{InputFidelity, Quality, Size};
 use serde_json::{Map, Value, json};
+
+use pricing::limits;
 
 use crate::{ApiError, Fields};
 
@@ -52,8 +58,32 @@ const ITEM_FIELDS: &[&str] = &[
     "service_tier",
 ];
 
-/// At most this many requests in one planned item (OpenAI's batch limit).
-pub const MAX_COUNT: i64 = 1_000_000;
+/// At most this many planned items in one estimate. An item is one kind of request (a model, quality,
+/// size and prompt length) with its own `count`, so even a varied campaign needs a handful; 100 is
+/// generous, and it bounds the work of one estimate: every item is priced on every model, provider and
+/// tier for the alternatives, and its prompt text tokenized.
+pub const MAX_ITEMS: usize = 100;
+// The limits of one item, as the wire's signed integers. Each is `pricing::limits`'s, which says why it
+// is where it is; the pricing math is checked against overflow within them and beyond.
+/// Requests in one planned item.
+pub const MAX_COUNT: i64 = limits::MAX_REQUESTS as i64;
+/// Images per request (OpenAI's `n`).
+pub const MAX_N: i64 = limits::MAX_IMAGES_PER_REQUEST as i64;
+/// The longest prompt text, in characters: the longest any generation takes, the very constant
+/// generations are checked against.
+pub const MAX_PROMPT_CHARS: usize = crate::request::GPT_PROMPT_MAX;
+/// The most prompt tokens: the most a prompt of `MAX_PROMPT_CHARS` characters can count.
+pub const MAX_PROMPT_TOKENS: i64 = limits::MAX_PROMPT_TOKENS as i64;
+/// The most prompt words: the words that count as `MAX_PROMPT_TOKENS` tokens.
+pub const MAX_PROMPT_WORDS: i64 = limits::MAX_PROMPT_WORDS as i64;
+/// Input images per request, as edits take them.
+pub const MAX_INPUT_IMAGES: usize = crate::images::MAX_INPUT_IMAGES;
+/// Partial images per request (OpenAI's `partial_images`).
+pub const MAX_PARTIAL_IMAGES: i64 = limits::MAX_PARTIAL_IMAGES as i64;
+
+// The limits the pricing math is proven safe for are the ones this parser enforces.
+const _: () = assert!(limits::MAX_PROMPT_TOKENS == 4 * MAX_PROMPT_CHARS as u64);
+const _: () = assert!(limits::MAX_INPUT_IMAGES == MAX_INPUT_IMAGES);
 
 pub fn parse_estimate_request(body: &Map<String, Value>) -> Result<Vec<PlannedItem>, ApiError> {
     if let Some(unknown) = body.keys().find(|k| *k != "requests") {
@@ -61,6 +91,7 @@ pub fn parse_estimate_request(body: &Map<String, Value>) -> Result<Vec<PlannedIt
     }
     let items = match body.get("requests") {
         None | Some(Value::Null) => return Err(ApiError::missing("requests")),
+        Some(Value::Array(a)) if a.len() > MAX_ITEMS => return Err(array_too_long("requests", MAX_ITEMS, a.len())),
         Some(Value::Array(a)) if !a.is_empty() => a,
         Some(Value::Array(_)) => {
             return Err(ApiError::invalid_value_msg("requests", "List at least one planned request.".to_owned()));
@@ -75,6 +106,8 @@ pub fn parse_estimate_request(body: &Map<String, Value>) -> Result<Vec<PlannedIt
             let map = item
                 .as_object()
                 .ok_or_else(|| ApiError::invalid_type(&prefix, "an object", crate::fields::json_kind(item)))?;
+            // The param names the field with its item's index; the message keeps the field's own name,
+            // which is also what the CLI's flags are named after.
             parse_item(map).map_err(|mut e| {
                 e.body.param = Some(match e.body.param {
                     Some(p) => format!("{prefix}.{p}"),
@@ -102,23 +135,26 @@ fn parse_item(map: &Map<String, Value>) -> Result<PlannedItem, ApiError> {
     };
     let size = match f.string("size")?.as_deref() {
         None | Some("auto") => None,
-        Some(s) => Some(s.parse::<Size>().map_err(|()| {
-            ApiError::invalid_value_msg("size", format!("Invalid value: '{s}'. Expected WIDTHxHEIGHT or 'auto'."))
-        })?),
+        Some(s) => Some(parse_size("size", s, "Expected WIDTHxHEIGHT or 'auto'")?),
     };
-    let positive = |name: &str, default: i64, max: i64| -> Result<u64, ApiError> {
-        match f.integer(name)?.unwrap_or(default) {
-            v if v < 1 => Err(ApiError::below_min(name, 1, v)),
-            v if v > max => Err(ApiError::above_max(name, max, v)),
-            v => Ok(v as u64),
+    let n = bounded(&f, "n", (1, MAX_N), "images per request, as generations allow")?.unwrap_or(1);
+    let count = bounded(&f, "count", (1, MAX_COUNT), "requests in one planned item")?.unwrap_or(1);
+    let text = f.string("prompt")?;
+    if let Some(t) = &text {
+        let chars = t.chars().count();
+        if chars > MAX_PROMPT_CHARS {
+            return Err(ApiError::string_too_long("prompt", MAX_PROMPT_CHARS, chars));
         }
-    };
-    let n = positive("n", 1, 10)?;
-    let count = positive("count", 1, MAX_COUNT)?;
-    let prompt = match (f.string("prompt")?, f.integer("prompt_tokens")?, f.integer("prompt_words")?) {
+    }
+    let why =
+        format!("the most tokens a prompt of {MAX_PROMPT_CHARS} characters, the longest any model takes, can have");
+    let tokens = bounded(&f, "prompt_tokens", (0, MAX_PROMPT_TOKENS), &why)?;
+    let why = format!("the words that count as {MAX_PROMPT_TOKENS} tokens");
+    let words = bounded(&f, "prompt_words", (0, MAX_PROMPT_WORDS), &why)?;
+    let prompt = match (text, tokens, words) {
         (Some(t), None, None) => PromptSize::Text(t),
-        (None, Some(t), None) if t >= 0 => PromptSize::Tokens(t as u64),
-        (None, None, Some(w)) if w >= 0 => PromptSize::Words(w as u64),
+        (None, Some(t), None) => PromptSize::Tokens(t),
+        (None, None, Some(w)) => PromptSize::Words(w),
         (None, None, None) => {
             return Err(ApiError::missing("prompt").with_message(
                 "Missing the prompt: give 'prompt' (the text), 'prompt_tokens' or 'prompt_words'.".to_owned(),
@@ -127,23 +163,27 @@ fn parse_item(map: &Map<String, Value>) -> Result<PlannedItem, ApiError> {
         _ => {
             return Err(ApiError::invalid_value_msg(
                 "prompt",
-                "Give exactly one of 'prompt', 'prompt_tokens' and 'prompt_words', with a non-negative count."
-                    .to_owned(),
+                "Give exactly one of 'prompt', 'prompt_tokens' and 'prompt_words'.".to_owned(),
             ));
         }
     };
     let input_images = match map.get("input_images") {
         None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) if a.len() > MAX_INPUT_IMAGES => {
+            return Err(array_too_long("input_images", MAX_INPUT_IMAGES, a.len()));
+        }
         Some(Value::Array(a)) => a
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                v.as_str().and_then(|s| s.parse::<Size>().ok()).ok_or_else(|| {
-                    ApiError::invalid_value_msg(
-                        &format!("input_images[{i}]"),
+                let param = format!("input_images[{i}]");
+                match v.as_str() {
+                    Some(s) => parse_size(&param, s, "Expected \"WIDTHxHEIGHT\""),
+                    None => Err(ApiError::invalid_value_msg(
+                        &param,
                         format!("Invalid input image size {v}: expected \"WIDTHxHEIGHT\"."),
-                    )
-                })
+                    )),
+                }
             })
             .collect::<Result<_, _>>()?,
         Some(other) => {
@@ -157,11 +197,8 @@ fn parse_item(map: &Map<String, Value>) -> Result<PlannedItem, ApiError> {
             Err(()) => return Err(ApiError::invalid_value("input_fidelity", &v, InputFidelity::ALL)),
         },
     };
-    let partial_images = match f.integer("partial_images")?.unwrap_or(0) {
-        p if p < 0 => return Err(ApiError::below_min("partial_images", 0, p)),
-        p if p > 3 => return Err(ApiError::above_max("partial_images", 3, p)),
-        p => p as u64,
-    };
+    let partial_images =
+        bounded(&f, "partial_images", (0, MAX_PARTIAL_IMAGES), "as streaming generations allow")?.unwrap_or(0);
     Ok(PlannedItem {
         model,
         provider: f.string("provider")?,
@@ -175,6 +212,50 @@ fn parse_item(map: &Map<String, Value>) -> Result<PlannedItem, ApiError> {
         partial_images,
         service_tier: f.string("service_tier")?.unwrap_or_else(|| "default".to_owned()),
     })
+}
+
+/// An integer field within `min..=max`, or `None` when absent. Out of range it is OpenAI's
+/// below-minimum or above-maximum error, which also says the whole allowed range and why it ends there.
+fn bounded(f: &Fields<'_>, name: &str, (min, max): (i64, i64), why: &str) -> Result<Option<u64>, ApiError> {
+    let range = |e: ApiError| {
+        let message = format!("{} Allowed: {min} to {max} ({why}).", e.body.message);
+        e.with_message(message)
+    };
+    match f.integer(name)? {
+        None => Ok(None),
+        Some(v) if v < min => Err(range(ApiError::below_min(name, min, v))),
+        Some(v) if v > max => Err(range(ApiError::above_max(name, max, v))),
+        // In range, so non-negative.
+        Some(v) => Ok(Some(v.unsigned_abs())),
+    }
+}
+
+/// `WIDTHxHEIGHT` with each side from 1 to `limits::MAX_IMAGE_SIDE` pixels.
+fn parse_size(param: &str, s: &str, expected: &str) -> Result<Size, ApiError> {
+    let max = limits::MAX_IMAGE_SIDE;
+    match s.parse::<Size>() {
+        Ok(size) if size.width <= max && size.height <= max => Ok(size),
+        Ok(_) => Err(ApiError::invalid_value_msg(
+            param,
+            format!(
+                "Invalid value: '{s}'. Each side must be from 1 to {max} pixels (the largest side an image file can have in JPEG, far beyond what any model makes or reads)."
+            ),
+        )),
+        Err(()) => Err(ApiError::invalid_value_msg(param, format!("Invalid value: '{s}'. {expected}."))),
+    }
+}
+
+/// OpenAI's error for an array with too many elements.
+fn array_too_long(param: &str, max: usize, got: usize) -> ApiError {
+    ApiError::new(
+        400,
+        "invalid_request_error",
+        Some(param),
+        Some("array_above_max_length"),
+        format!(
+            "Invalid '{param}': array too long. Expected an array with maximum length {max}, but got an array with length {got} instead."
+        ),
+    )
 }
 
 /// One priced item of an estimate, with what it was priced as.

@@ -86,7 +86,7 @@ const EDIT_FIELDS: &[&str] = &[
 const MAX_STEPS: i64 = 150;
 
 /// Prompt length limits, in characters.
-const GPT_PROMPT_MAX: usize = 32_000;
+pub(crate) const GPT_PROMPT_MAX: usize = 32_000;
 const DALL_E_3_PROMPT_MAX: usize = 4_000;
 const DALL_E_2_PROMPT_MAX: usize = 1_000;
 

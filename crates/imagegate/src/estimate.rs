@@ -1,5 +1,9 @@
 //! `imagegate estimate`: what a job would cost, itemized, before anything is spent. Runs the same
 //! estimate as `POST /v1/images/estimates`, in-process, on this instance's providers and prices.
+//!
+//! The flags are checked by the endpoint's own parser (`api::estimates`), not by clap's ranges, so
+//! that a value out of range gets the endpoint's message (the allowed range and why) and exit code 1,
+//! the same as every other refusal here. The limits in the help come from there.
 
 use std::io::Write as _;
 
@@ -20,22 +24,22 @@ pub struct EstimateArgs {
     /// WIDTHxHEIGHT, or auto (the most expensive the model prices).
     #[arg(long, default_value = "auto")]
     size: String,
-    /// How many requests.
+    /// How many requests (1 to 1,000,000).
     #[arg(long, default_value_t = 1)]
     count: u64,
-    /// Images per request.
+    /// Images per request (1 to 10).
     #[arg(short = 'n', long = "n", default_value_t = 1)]
     n: u64,
-    /// Prompt length in words (about 4 tokens per 3 words).
+    /// Prompt length in words, 0 to 96,000 (4 tokens per 3 words, rounded up).
     #[arg(long, conflicts_with_all = ["prompt", "prompt_tokens"])]
     prompt_words: Option<u64>,
-    /// Prompt length in tokens.
+    /// Prompt length in tokens, 0 to 128,000 (the most a 32,000-character prompt can have).
     #[arg(long, conflicts_with = "prompt")]
     prompt_tokens: Option<u64>,
-    /// The prompt itself (counted in o200k tokens).
+    /// The prompt itself, up to 32,000 characters (counted in o200k tokens).
     #[arg(long)]
     prompt: Option<String>,
-    /// An input image size for edits (WIDTHxHEIGHT); repeat for several.
+    /// An input image size for edits (WIDTHxHEIGHT, each side up to 65,535); repeat for up to 16.
     #[arg(long)]
     input_image: Vec<String>,
     /// default, flex or batch.
@@ -52,7 +56,19 @@ pub struct EstimateArgs {
 }
 
 pub fn run(args: EstimateArgs) -> Result<(), String> {
+    // The inputs first: a value out of range is refused before any config is read.
+    let items = planned_items(&args)?;
     let state = args.config.state(&[])?;
+    let outcome = server::estimates::estimate(&state, &items).map_err(|e| e.body.message)?;
+    let mut out = std::io::stdout().lock();
+    let text =
+        if args.json { serde_json::to_string_pretty(&outcome.json).unwrap_or_default() } else { human(&outcome.json) };
+    writeln!(out, "{text}").map_err(|e| e.to_string())
+}
+
+/// The flags as the endpoint's one planned item, checked by the endpoint's parser: its message (the
+/// field, the allowed range) is the error.
+fn planned_items(args: &EstimateArgs) -> Result<Vec<PlannedItem>, String> {
     let mut item = serde_json::json!({
         "model": args.model,
         "quality": args.quality,
@@ -73,12 +89,7 @@ pub fn run(args: EstimateArgs) -> Result<(), String> {
     }
     let body = serde_json::json!({ "requests": [item] });
     let map = body.as_object().cloned().unwrap_or_default();
-    let items: Vec<PlannedItem> = api::estimates::parse_estimate_request(&map).map_err(|e| e.body.message)?;
-    let outcome = server::estimates::estimate(&state, &items).map_err(|e| e.body.message)?;
-    let mut out = std::io::stdout().lock();
-    let text =
-        if args.json { serde_json::to_string_pretty(&outcome.json).unwrap_or_default() } else { human(&outcome.json) };
-    writeln!(out, "{text}").map_err(|e| e.to_string())
+    api::estimates::parse_estimate_request(&map).map_err(|e| e.body.message)
 }
 
 /// The estimate for people: each item's lines, the total, the notes, and the alternatives.
@@ -162,7 +173,41 @@ fn thousands(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: EstimateArgs,
+    }
+
+    fn items(flags: &[&str]) -> Result<Vec<PlannedItem>, String> {
+        let cli = Cli::try_parse_from([&["estimate", "--model", "gpt-image-1-mini"], flags].concat()).unwrap();
+        planned_items(&cli.args)
+    }
+
+    /// Issue 17: the flags are bounded as the endpoint's fields are, with the endpoint's message.
+    #[test]
+    fn out_of_range_flags_get_the_endpoints_message() {
+        let e = items(&["--prompt-tokens", "9223372036854775807", "--count", "1000000"]).unwrap_err();
+        assert!(e.contains("'prompt_tokens'") && e.contains("Allowed: 0 to 128000"), "{e}");
+        let e = items(&["--prompt-words", "9223372036854775807"]).unwrap_err();
+        assert!(e.contains("'prompt_words'") && e.contains("Allowed: 0 to 96000"), "{e}");
+        let e = items(&["--prompt-words", "3", "--count", "1000001"]).unwrap_err();
+        assert!(e.contains("'count'") && e.contains("Allowed: 1 to 1000000"), "{e}");
+        let e = items(&["--prompt", &"a".repeat(32_001)]).unwrap_err();
+        assert!(e.contains("'prompt'") && e.contains("maximum length 32000"), "{e}");
+        let sizes: Vec<&str> = (0..17).flat_map(|_| ["--input-image", "512x512"]).collect();
+        let e = items(&[&["--prompt-words", "3"], &sizes[..]].concat()).unwrap_err();
+        assert!(e.contains("maximum length 16"), "{e}");
+        let e = items(&["--prompt-words", "3", "--size", "65536x1024"]).unwrap_err();
+        assert!(e.contains("from 1 to 65535 pixels"), "{e}");
+
+        let ok = items(&["--prompt-tokens", "128000", "--count", "1000000", "-n", "10"]).unwrap();
+        assert_eq!((ok[0].count, ok[0].n), (1_000_000, 10));
+    }
 
     #[test]
     fn thousands_separators() {

@@ -5,6 +5,11 @@
 //! division (per 1M tokens, per 100 percent) is exact in decimal. The one exception is compute time,
 //! whose cost (price per hour x milliseconds / 3,600,000) is rounded once, half away from zero, to the
 //! nano-dollar where it is computed.
+//!
+//! Overflow: none, silently. Every product and sum of token counts and amounts is checked, and one that
+//! does not fit (`u64` tokens, `Decimal`'s 28 digits) is a [`PriceError`], never a wrapped or saturated
+//! number: a bill or an estimate is exact or it is refused. The estimate's input limits
+//! ([`crate::limits`]) keep real plans far from either edge.
 
 use std::sync::OnceLock;
 
@@ -110,6 +115,38 @@ impl Cost {
 #[error("{0}")]
 pub struct PriceError(pub String);
 
+impl PriceError {
+    /// A count or amount too large to compute exactly.
+    pub(crate) fn overflow(what: &str) -> PriceError {
+        PriceError(format!("The {what} is too large to compute exactly: ask for fewer requests or images."))
+    }
+}
+
+/// `a x b` tokens, or the overflow error naming `what`.
+pub(crate) fn tokens_mul(a: u64, b: u64, what: &str) -> Result<u64, PriceError> {
+    a.checked_mul(b).ok_or_else(|| PriceError::overflow(what))
+}
+
+/// `a + b` tokens, or the overflow error naming `what`.
+pub(crate) fn tokens_add(a: u64, b: u64, what: &str) -> Result<u64, PriceError> {
+    a.checked_add(b).ok_or_else(|| PriceError::overflow(what))
+}
+
+/// `a x b` in dollars; `Decimal`'s own operators panic where this returns the overflow error.
+pub(crate) fn money_mul(a: Decimal, b: Decimal) -> Result<Decimal, PriceError> {
+    a.checked_mul(b).ok_or_else(|| PriceError::overflow("cost"))
+}
+
+/// `a / b` in dollars (`b` a nonzero constant: 100, a million, an hour in ms).
+pub(crate) fn money_div(a: Decimal, b: Decimal) -> Result<Decimal, PriceError> {
+    a.checked_div(b).ok_or_else(|| PriceError::overflow("cost"))
+}
+
+/// The sum of amounts in dollars.
+pub(crate) fn money_sum(amounts: impl IntoIterator<Item = Decimal>) -> Result<Decimal, PriceError> {
+    amounts.into_iter().try_fold(Decimal::ZERO, |sum, a| sum.checked_add(a)).ok_or_else(|| PriceError::overflow("cost"))
+}
+
 const PER_MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 
 /// Prices a job. `reported` is the provider's usage (used as is for the token basis); without it the
@@ -124,7 +161,7 @@ pub fn cost(
 ) -> Result<Cost, PriceError> {
     let (usage, usage_source) = match reported {
         Some(u) => (Some(u), UsageSource::Provider),
-        None => (count_usage(price, job), UsageSource::Counted),
+        None => (count_usage(price, job)?, UsageSource::Counted),
     };
     let mut lines = Vec::new();
     match price.billing_basis {
@@ -141,7 +178,7 @@ pub fn cost(
             ];
             for (item, quantity, per_million) in priced {
                 if quantity > 0 {
-                    lines.push(line(item, quantity, per_million / PER_MILLION));
+                    lines.push(line(item, quantity, money_div(per_million, PER_MILLION)?)?);
                 }
             }
         }
@@ -152,30 +189,32 @@ pub fn cost(
                     job.quality, job.size
                 ))
             })?;
-            lines.push(line(&format!("images, {} {}", job.quality, job.size), job.n, unit));
+            lines.push(line(&format!("images, {} {}", job.quality, job.size), job.n, unit)?);
         }
         BillingBasis::Flat => {
             let unit = price.flat_per_image.map(|p| p.0).unwrap_or_default();
-            lines.push(line("images (flat price)", job.n, unit));
+            lines.push(line("images (flat price)", job.n, unit)?);
         }
         BillingBasis::Compute => {
             let per_hour = price.usd_per_hour.map(|p| p.0).unwrap_or_default();
             let ms = compute_ms.unwrap_or(0);
-            let amount = compute_cost(per_hour, ms);
+            let amount = compute_cost(per_hour, ms)?;
             lines.push(CostLine { item: format!("compute time, {ms} ms"), quantity: 1, unit_price: amount, amount });
         }
     }
-    let list_price: Decimal = lines.iter().map(|l| l.amount).sum();
+    let list_price = money_sum(lines.iter().map(|l| l.amount))?;
     if adjustments.tier_multiplier != Decimal::ONE {
-        let amount = list_price * (adjustments.tier_multiplier - Decimal::ONE);
+        let change =
+            adjustments.tier_multiplier.checked_sub(Decimal::ONE).ok_or_else(|| PriceError::overflow("cost"))?;
+        let amount = money_mul(list_price, change)?;
         lines.push(adjustment(
             &format!("service tier '{}' (x{})", adjustments.tier, adjustments.tier_multiplier.normalize()),
             amount,
         ));
     }
     if !adjustments.discount_percent.is_zero() {
-        let after_tier: Decimal = lines.iter().map(|l| l.amount).sum();
-        let amount = -(after_tier * adjustments.discount_percent / Decimal::ONE_HUNDRED);
+        let after_tier = money_sum(lines.iter().map(|l| l.amount))?;
+        let amount = -money_div(money_mul(after_tier, adjustments.discount_percent)?, Decimal::ONE_HUNDRED)?;
         let what = if adjustments.discount_percent.is_sign_positive() {
             format!("{}% off", adjustments.discount_percent.normalize())
         } else {
@@ -183,12 +222,13 @@ pub fn cost(
         };
         lines.push(adjustment(&format!("provider '{}' ({what})", adjustments.provider), amount));
     }
-    let total = lines.iter().map(|l| l.amount).sum();
+    let total = money_sum(lines.iter().map(|l| l.amount))?;
     Ok(Cost { basis: price.billing_basis, usage, usage_source, lines, total })
 }
 
-fn line(item: &str, quantity: u64, unit_price: Decimal) -> CostLine {
-    CostLine { item: item.to_owned(), quantity, unit_price, amount: unit_price * Decimal::from(quantity) }
+fn line(item: &str, quantity: u64, unit_price: Decimal) -> Result<CostLine, PriceError> {
+    let amount = money_mul(unit_price, Decimal::from(quantity))?;
+    Ok(CostLine { item: item.to_owned(), quantity, unit_price, amount })
 }
 
 fn adjustment(item: &str, amount: Decimal) -> CostLine {
@@ -196,33 +236,41 @@ fn adjustment(item: &str, amount: Decimal) -> CostLine {
 }
 
 /// USD for `ms` milliseconds at `usd_per_hour`, rounded once to the nano-dollar.
-pub fn compute_cost(usd_per_hour: Decimal, ms: u64) -> Decimal {
-    (usd_per_hour * Decimal::from(ms) / Decimal::from(3_600_000u64))
-        .round_dp_with_strategy(9, RoundingStrategy::MidpointAwayFromZero)
+pub fn compute_cost(usd_per_hour: Decimal, ms: u64) -> Result<Decimal, PriceError> {
+    let exact = money_div(money_mul(usd_per_hour, Decimal::from(ms))?, Decimal::from(3_600_000u64))?;
+    Ok(exact.round_dp_with_strategy(9, RoundingStrategy::MidpointAwayFromZero))
 }
 
 /// The usage imagegate counts for a job when the provider reports none, or `None` when the model has no
 /// output token count for the job's quality and size.
-pub fn count_usage(price: &ModelPrice, job: &JobShape) -> Option<Usage> {
+pub fn count_usage(price: &ModelPrice, job: &JobShape) -> Result<Option<Usage>, PriceError> {
     let per_image = match price.billing_basis {
         // Models billed by time or per image report usage on the GPT image scale, for comparison.
         BillingBasis::Compute | BillingBasis::Flat => price
             .output_tokens_per_image(job.quality, job.size)
-            .or_else(|| reference_output_tokens(job.quality, job.size))?,
-        _ => price.output_tokens_per_image(job.quality, job.size)?,
+            .or_else(|| reference_output_tokens(job.quality, job.size)),
+        _ => price.output_tokens_per_image(job.quality, job.size),
     };
-    let output = job.n * (per_image + PARTIAL_IMAGE_TOKENS * job.partial_images);
-    let image_in: u64 = job.input_images.iter().map(|s| image_input_tokens(*s, job.input_fidelity_high)).sum();
-    let input = job.text_tokens + image_in;
-    Some(Usage {
+    let Some(per_image) = per_image else {
+        return Ok(None);
+    };
+    let what = "image output token count";
+    let partial = tokens_mul(PARTIAL_IMAGE_TOKENS, job.partial_images, what)?;
+    let output = tokens_mul(job.n, tokens_add(per_image, partial, what)?, what)?;
+    let image_in = job.input_images.iter().try_fold(0u64, |sum, s| {
+        tokens_add(sum, image_input_tokens(*s, job.input_fidelity_high), "image input token count")
+    })?;
+    let input = tokens_add(job.text_tokens, image_in, "input token count")?;
+    let total = tokens_add(input, output, "total token count")?;
+    Ok(Some(Usage {
         input_tokens: input,
         output_tokens: output,
-        total_tokens: input + output,
+        total_tokens: total,
         input_text_tokens: job.text_tokens,
         input_image_tokens: image_in,
         output_image_tokens: None,
         output_text_tokens: None,
-    })
+    }))
 }
 
 /// Output tokens of one image on the GPT image scale (272, 1056 and 4160 at 1024x1024 for low, medium
@@ -230,17 +278,22 @@ pub fn count_usage(price: &ModelPrice, job: &JobShape) -> Option<Usage> {
 /// per image, whose usage is reported on this scale so that it compares with OpenAI's.
 pub fn reference_output_tokens(quality: Quality, size: Size) -> Option<u64> {
     let square = match quality {
-        Quality::Low => 272u64,
+        Quality::Low => 272u128,
         Quality::Medium | Quality::Standard | Quality::Auto => 1056,
         Quality::High | Quality::Hd => 4160,
     };
-    let area = u64::from(size.width) * u64::from(size.height);
-    Some((square * area).div_ceil(1024 * 1024))
+    // In u128 the product cannot overflow (4160 x (2^32)^2 < 2^77), and the result, at most
+    // 4160 x 2^44, fits a u64 for every size a `Size` can hold.
+    let area = u128::from(size.width) * u128::from(size.height);
+    u64::try_from((square * area).div_ceil(1024 * 1024)).ok()
 }
 
 /// Image input tokens of one input image: fit inside 2048x2048, scale down so the shortest side is at
 /// most 512 px, then 65 + 129 per 512 px tile; plus the surcharge for `input_fidelity=high`. Images are
 /// only ever scaled down, never up.
+///
+/// No arithmetic here can overflow: sides are `u32`, so `w * 2048` is below 2^43, and after the fit every
+/// side is at most 2048 (at most 4 tiles).
 pub fn image_input_tokens(size: Size, high_fidelity: bool) -> u64 {
     let (mut w, mut h) = (u64::from(size.width), u64::from(size.height));
     let longest = w.max(h);
@@ -293,7 +346,8 @@ pub fn count_text_tokens(text: &str) -> u64 {
 }
 
 /// Text tokens for a prompt known only by its word count: 4 tokens per 3 words, rounded up (the
-/// published worked example counts 30 words as 40 tokens).
-pub fn tokens_for_words(words: u64) -> u64 {
-    (words * 4).div_ceil(3)
+/// published worked example counts 30 words as 40 tokens). Computed as `words + ceil(words / 3)`, equal
+/// to `ceil(4 x words / 3)`, so that no intermediate product can overflow; the sum is checked.
+pub fn tokens_for_words(words: u64) -> Result<u64, PriceError> {
+    tokens_add(words, words.div_ceil(3), "prompt token count")
 }

@@ -1,11 +1,19 @@
 //! Estimates before spending: the same math as the bill, on counted usage, plus the published per-image
 //! view of token-billed models and an explanation of the common double count.
+//!
+//! A plan of `requests` identical requests is priced as one job with every count multiplied, so that
+//! its total is exactly `requests` x one request's price. Each multiplication is checked (see `cost`):
+//! the limits in [`crate::limits`] keep real plans far from overflow, and bigger numbers are a
+//! [`PriceError`], never a wrapped count.
 
 use domain::{Quality, Size, Usage};
 use rust_decimal::Decimal;
 
 use crate::catalog::{BillingBasis, ModelPrice};
-use crate::cost::{Adjustments, Cost, JobShape, PriceError, UsageSource, cost, count_usage};
+use crate::cost::{
+    Adjustments, Cost, JobShape, PriceError, UsageSource, cost, count_usage, money_div, money_mul, money_sum,
+    tokens_mul,
+};
 
 /// A set of identical requests someone plans to make.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,8 +33,9 @@ pub struct PlannedRequest {
 }
 
 impl PlannedRequest {
-    pub fn images(&self) -> u64 {
-        self.n * self.requests
+    /// Images in all the requests.
+    pub fn images(&self) -> Result<u64, PriceError> {
+        tokens_mul(self.n, self.requests, "number of images")
     }
 }
 
@@ -68,8 +77,9 @@ pub fn estimate(
         input_images: plan.input_images.clone(),
         input_fidelity_high: plan.input_fidelity_high,
     };
-    let usage = count_usage(price, &one).map(|u| scaled(u, plan.requests));
-    let all = JobShape { n: plan.images(), text_tokens: plan.prompt_tokens * plan.requests, ..one };
+    let usage = count_usage(price, &one)?.map(|u| scaled(u, plan.requests)).transpose()?;
+    let text_tokens = tokens_mul(plan.prompt_tokens, plan.requests, "prompt token count")?;
+    let all = JobShape { n: plan.images()?, text_tokens, ..one };
     if price.billing_basis == BillingBasis::Tokens && usage.is_none() {
         return Err(PriceError(format!(
             "model '{model}' has no output token count for quality '{}' at {}",
@@ -82,18 +92,18 @@ pub fn estimate(
         match (price.billing_basis, &price.tokens, usage, price.per_image_price(plan.quality, plan.size)) {
             (BillingBasis::Tokens, Some(tokens), Some(u), Some(unit)) => {
                 let million = Decimal::from(1_000_000u64);
-                let input = (Decimal::from(u.input_text_tokens) * tokens.text_input.0
-                    + Decimal::from(u.input_image_tokens) * tokens.image_input.0)
-                    / million;
-                let output = Decimal::from(u.output_tokens) * tokens.image_output.0 / million;
-                let per_image_total = unit * Decimal::from(plan.images());
+                let text = money_mul(Decimal::from(u.input_text_tokens), tokens.text_input.0)?;
+                let image = money_mul(Decimal::from(u.input_image_tokens), tokens.image_input.0)?;
+                let input = money_div(money_sum([text, image])?, million)?;
+                let output = money_div(money_mul(Decimal::from(u.output_tokens), tokens.image_output.0)?, million)?;
+                let per_image_total = money_mul(unit, Decimal::from(plan.images()?))?;
                 Some(PerImageView {
                     per_image_total,
                     unit_price: unit,
                     input_tokens_cost: input,
                     output_tokens_cost: output,
-                    naive_sum: per_image_total + input + output,
-                    per_image_plus_input: per_image_total + input,
+                    naive_sum: money_sum([per_image_total, input, output])?,
+                    per_image_plus_input: money_sum([per_image_total, input])?,
                 })
             }
             _ => None,
@@ -101,16 +111,18 @@ pub fn estimate(
     Ok(Estimate { cost: c, per_image_view })
 }
 
-fn scaled(u: Usage, k: u64) -> Usage {
-    Usage {
-        input_tokens: u.input_tokens * k,
-        output_tokens: u.output_tokens * k,
-        total_tokens: u.total_tokens * k,
-        input_text_tokens: u.input_text_tokens * k,
-        input_image_tokens: u.input_image_tokens * k,
-        output_image_tokens: u.output_image_tokens.map(|t| t * k),
-        output_text_tokens: u.output_text_tokens.map(|t| t * k),
-    }
+/// One request's usage times `k` requests.
+fn scaled(u: Usage, k: u64) -> Result<Usage, PriceError> {
+    let times = |t: u64| tokens_mul(t, k, "token count");
+    Ok(Usage {
+        input_tokens: times(u.input_tokens)?,
+        output_tokens: times(u.output_tokens)?,
+        total_tokens: times(u.total_tokens)?,
+        input_text_tokens: times(u.input_text_tokens)?,
+        input_image_tokens: times(u.input_image_tokens)?,
+        output_image_tokens: u.output_image_tokens.map(times).transpose()?,
+        output_text_tokens: u.output_text_tokens.map(times).transpose()?,
+    })
 }
 
 /// The quality and size a request that says `auto` is estimated at: the most expensive the model

@@ -2,11 +2,13 @@
 //!
 //! [`Catalog`] holds the prices (shipped in `catalog.toml`, overridable from the config);
 //! [`cost`] prices a finished job from its usage, itemized; [`estimate`] prices planned jobs with the
-//! same math. Money is [`rust_decimal::Decimal`] end to end, never a float.
+//! same math; [`limits`] bounds the plans an estimate takes. Money is [`rust_decimal::Decimal`] end to
+//! end, never a float, and no count or amount ever wraps: arithmetic is checked.
 
 mod catalog;
 mod cost;
 mod estimate;
+pub mod limits;
 
 pub use catalog::{BUILTIN_CATALOG, BillingBasis, Catalog, CatalogError, LocalPrices, ModelPrice, Price, TokenPrices};
 pub use cost::{

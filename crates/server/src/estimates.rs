@@ -1,6 +1,9 @@
 //! Estimates: planned requests priced with the same math as the bill, on the providers this instance
 //! routes to (or at list price for catalog models it does not serve), and the same job priced on every
 //! other model, provider and tier it knows, cheapest first. Shared by the HTTP endpoint and the CLI.
+//!
+//! The items come bounded from `api::estimates` (counts, prompt lengths, sizes), and every sum here is
+//! checked like the pricing math itself: an estimate is exact or refused, never wrapped.
 
 use api::ApiError;
 use api::estimates::{Alternative, PlannedItem, PricedItem, PromptSize};
@@ -26,27 +29,53 @@ pub struct EstimateOutcome {
     pub json: Value,
 }
 
+/// One item priced where it runs.
+struct Priced {
+    target: Target,
+    quality: Quality,
+    size: Size,
+    service_tier: String,
+    images: u64,
+    estimate: Estimate,
+}
+
 pub fn estimate(state: &AppState, items: &[PlannedItem]) -> Result<EstimateOutcome, ApiError> {
-    let mut priced: Vec<(Target, Quality, Size, String, Estimate)> = Vec::new();
-    for (i, item) in items.iter().enumerate() {
+    // Each prompt's tokens, counted once: a prompt text is tokenized here only, however many targets
+    // and tiers it is then priced on.
+    let prompt_tokens: Vec<u64> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            prompt_tokens(item).map_err(|e| {
+                let field = format!("requests[{i}].{}", e.body.param.as_deref().unwrap_or("prompt"));
+                e.with_param(&field)
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut priced: Vec<Priced> = Vec::new();
+    for (i, (item, &tokens)) in items.iter().zip(&prompt_tokens).enumerate() {
         let param = |field: &str| format!("requests[{i}].{field}");
         let target = target_for(state, item).map_err(|e| e.with_param(&param("model")))?;
-        let (estimate, quality, size) = price_on(state, &target, item).map_err(|e| {
+        let (estimate, quality, size) = price_on(state, &target, item, tokens).map_err(|e| {
             let field = param(e.body.param.as_deref().unwrap_or("model"));
             e.with_param(&field)
         })?;
-        priced.push((target, quality, size, item.service_tier.clone(), estimate));
+        let images = item.count.checked_mul(item.n).ok_or_else(|| too_large(&param("count")))?;
+        priced.push(Priced { target, quality, size, service_tier: item.service_tier.clone(), images, estimate });
     }
-    let total: Decimal = priced.iter().map(|p| p.4.cost.total).sum();
+    let total = priced
+        .iter()
+        .try_fold(Decimal::ZERO, |sum, p| sum.checked_add(p.estimate.cost.total))
+        .ok_or_else(|| too_large("requests"))?;
 
     let mut notes = Vec::new();
-    for ((target, _, _, _, e), item) in priced.iter().zip(items) {
+    for Priced { target, images, estimate: e, .. } in &priced {
         if let Some(v) = &e.per_image_view {
             notes.push(format!(
                 "{model}: the published per-image price is ${unit} ({n} images: ${per_image}). Adding that per-image fee, the input tokens (${input}) and the image output tokens (${output}) gives ${naive} (the published campaign example rounds the output line to ${output_rounded} and writes ${naive_rounded}). That counts every image twice: the per-image price is the price of the output tokens. {model} is billed from its usage tokens, so the correct total is input + output tokens: ${total} (per-image fee + input tokens would be ${per_image_plus_input}).",
                 model = target.model,
                 unit = pricing::format_usd(v.unit_price),
-                n = item.count * item.n,
+                n = images,
                 per_image = pricing::format_usd(v.per_image_total),
                 input = pricing::format_usd(v.input_tokens_cost),
                 output = pricing::format_usd(v.output_tokens_cost),
@@ -69,19 +98,18 @@ pub fn estimate(state: &AppState, items: &[PlannedItem]) -> Result<EstimateOutco
     let mut alternatives: Vec<(Target, String, Decimal)> = Vec::new();
     for target in all_targets(state) {
         for tier in state.prices.tiers.keys() {
-            let mut sum = Decimal::ZERO;
-            let mut ok = true;
-            for item in items {
+            let mut sum = Some(Decimal::ZERO);
+            for (item, &tokens) in items.iter().zip(&prompt_tokens) {
                 let item = PlannedItem { service_tier: tier.clone(), ..item.clone() };
-                match price_on(state, &target, &item) {
-                    Ok((e, _, _)) => sum += e.cost.total,
-                    Err(_) => {
-                        ok = false;
-                        break;
-                    }
+                sum = match (sum, price_on(state, &target, &item, tokens)) {
+                    (Some(sum), Ok((e, _, _))) => sum.checked_add(e.cost.total),
+                    _ => None,
+                };
+                if sum.is_none() {
+                    break;
                 }
             }
-            if ok {
+            if let Some(sum) = sum {
                 alternatives.push((
                     Target {
                         provider: target.provider.clone(),
@@ -99,15 +127,15 @@ pub fn estimate(state: &AppState, items: &[PlannedItem]) -> Result<EstimateOutco
     let items_json: Vec<PricedItem<'_>> = priced
         .iter()
         .zip(items)
-        .map(|((t, q, s, tier, e), it)| PricedItem {
-            model: &t.model,
-            provider: &t.provider,
-            service_tier: tier,
-            quality: *q,
-            size: *s,
+        .map(|(p, it)| PricedItem {
+            model: &p.target.model,
+            provider: &p.target.provider,
+            service_tier: &p.service_tier,
+            quality: p.quality,
+            size: p.size,
             requests: it.count,
-            images: it.count * it.n,
-            estimate: e,
+            images: p.images,
+            estimate: &p.estimate,
         })
         .collect();
     let alternatives_json: Vec<Alternative<'_>> = alternatives
@@ -167,8 +195,34 @@ fn all_targets(state: &AppState) -> Vec<Target> {
     out
 }
 
-/// Prices one item on one target; the error's param is the item's field at fault.
-fn price_on(state: &AppState, target: &Target, item: &PlannedItem) -> Result<(Estimate, Quality, Size), ApiError> {
+/// A total or count too large to compute exactly. The parser's limits keep real plans far from this;
+/// only prices configured absurdly high could reach it.
+fn too_large(param: &str) -> ApiError {
+    ApiError::invalid_value_msg(
+        param,
+        "The estimate is too large to compute exactly: ask for fewer requests or images.".to_owned(),
+    )
+}
+
+/// The text tokens of one request's prompt; the error's param is the item's field at fault.
+fn prompt_tokens(item: &PlannedItem) -> Result<u64, ApiError> {
+    match &item.prompt {
+        PromptSize::Text(t) => Ok(pricing::count_text_tokens(t)),
+        PromptSize::Tokens(t) => Ok(*t),
+        PromptSize::Words(w) => {
+            pricing::tokens_for_words(*w).map_err(|e| ApiError::invalid_value_msg("prompt_words", e.0))
+        }
+    }
+}
+
+/// Prices one item on one target, its prompt counted as `prompt_tokens`; the error's param is the
+/// item's field at fault.
+fn price_on(
+    state: &AppState,
+    target: &Target,
+    item: &PlannedItem,
+    prompt_tokens: u64,
+) -> Result<(Estimate, Quality, Size), ApiError> {
     let price = state
         .prices
         .model(&target.model)
@@ -189,11 +243,6 @@ fn price_on(state: &AppState, target: &Target, item: &PlannedItem) -> Result<(Es
         let tiers: Vec<&str> = state.prices.tiers.keys().map(String::as_str).collect();
         ApiError::invalid_value("service_tier", &item.service_tier, &tiers)
     })?;
-    let prompt_tokens = match &item.prompt {
-        PromptSize::Text(t) => pricing::count_text_tokens(t),
-        PromptSize::Tokens(t) => *t,
-        PromptSize::Words(w) => pricing::tokens_for_words(*w),
-    };
     let plan = PlannedRequest {
         quality,
         size,

@@ -726,3 +726,52 @@ async fn estimates_price_the_published_campaign_and_its_alternatives() {
         assert_eq!(e["error"]["param"], param, "{body}: {e}");
     }
 }
+
+/// Issue 17: unbounded counts wrapped the estimate (a million requests of i64::MAX prompt tokens priced
+/// two requests' worth) and any prompt was tokenized. Now they are refused, and the largest plan allowed
+/// is priced exactly.
+#[tokio::test]
+async fn estimates_refuse_unbounded_inputs_and_price_the_largest_plan_exactly() {
+    let g = gateway(Setup::default()).await;
+    let mini = |fields: Value| {
+        let mut item = json!({"model": "gpt-image-1-mini", "quality": "medium", "size": "1024x1024",
+            "provider": "list price"});
+        for (k, v) in fields.as_object().unwrap() {
+            item[k] = v.clone();
+        }
+        json!({ "requests": [item] })
+    };
+    for (body, param, code) in [
+        (
+            mini(json!({"prompt_tokens": 9_223_372_036_854_775_807u64, "count": 1_000_000})),
+            "requests[0].prompt_tokens",
+            "integer_above_max_value",
+        ),
+        (
+            mini(json!({"prompt_words": 9_223_372_036_854_775_807u64})),
+            "requests[0].prompt_words",
+            "integer_above_max_value",
+        ),
+        (mini(json!({"prompt": "a".repeat(2_000_000)})), "requests[0].prompt", "string_above_max_length"),
+        (mini(json!({"prompt_words": 3, "count": 1_000_001})), "requests[0].count", "integer_above_max_value"),
+    ] {
+        let r = g.post("images/estimates").json(&body).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{param}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!((e["error"]["param"].as_str(), e["error"]["code"].as_str()), (Some(param), Some(code)), "{e}");
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+    }
+
+    // The largest allowed: a million requests of 128,000 prompt tokens, or of the 96,000 words that count
+    // as many. One request is 128,000 x $2/M + 1056 x $8/M = $0.264448.
+    for prompt in [json!({"prompt_tokens": 128_000}), json!({"prompt_words": 96_000})] {
+        let mut fields = prompt.clone();
+        fields["count"] = json!(1_000_000);
+        let r = g.post("images/estimates").json(&mini(fields)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{prompt}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["total_usd"], "264448", "{prompt}: {v}");
+        assert_eq!(v["items"][0]["usage"]["text_input_tokens"], 128_000_000_000u64);
+    }
+    assert!(g.fake.requests().is_empty(), "an estimate spends nothing");
+}
