@@ -96,7 +96,7 @@ def servers():
         fake_err = tempfile.TemporaryFile()
         logs.append(fake_err)
         fake = subprocess.Popen(
-            [str(binary("fake-openai")), "--listen", "127.0.0.1:0"],
+            [str(binary("fake-openai")), "--listen", "127.0.0.1:0", "--api-key", "upstream-secret"],
             stdout=subprocess.PIPE,
             stderr=fake_err,
         )

@@ -8,8 +8,9 @@
 //!
 //! - `POST /v1/images/generations` (JSON) and `POST /v1/images/edits` (multipart with `image`
 //!   or repeated `image[]` parts, optional `mask`, text fields; or JSON with
-//!   `images: [{"image_url": "data:..."}]`). Both need `Authorization: Bearer <non-empty>`,
-//!   else 401 (`invalid_api_key`).
+//!   `images: [{"image_url": "data:..."}]`). Both need `Authorization: Bearer <the fake's key>`
+//!   ([`DEFAULT_KEY`] unless [`spawn_with_key`] names another), else 401 (`invalid_api_key`), so a
+//!   gateway that forwards its client's key instead of its own fails.
 //! - `GET /files/<id>.png`: the bytes behind the `url`s handed out for DALL-E
 //!   `response_format=url` (the DALL-E default).
 //! - Anything else: 404 with OpenAI's error envelope.
@@ -68,6 +69,12 @@
 //! | `[fault:drop-mid]` | status 200, part of the body (for a stream: the first event), then the body fails |
 //! | `[fault:malformed]` | 200, `Content-Type: application/json`, a truncated JSON body |
 //! | `[fault:no-usage]` | a normal JSON answer without `usage`, like some gateways |
+//! | `[fault:gap=MS]` | streams pause MS milliseconds between events (instead of 100) |
+//! | `[fault:usage-x=K]` | `usage` reports K times the output tokens (an upstream billing more than its table) |
+//! | `[fault:size=WxH]` | the answer reports this `size` (images stay at the requested size) |
+//!
+//! What the fake "bills" is counted ([`FakeState::billed_images`]): every image of a JSON answer sent
+//! whole, every completed event of a stream produced, whether or not the client reads it.
 //!
 //! The authorization check comes first; faults come before the request's fields are
 //! validated. "Once" counting is per exact prompt string and per directive.
@@ -97,6 +104,8 @@ use tokio::task::AbortHandle;
 
 /// Largest request body accepted (edits carry images).
 const BODY_LIMIT: usize = 256 * 1024 * 1024;
+/// The API key [`spawn`] and the binary accept unless told another.
+pub const DEFAULT_KEY: &str = "sk-upstream";
 /// Largest width or height accepted in `size`.
 const MAX_SIDE: u32 = 4096;
 /// Pause between two streamed events.
@@ -108,9 +117,14 @@ const IMAGE_TOKENS_PER_INPUT: u64 = 194;
 ///
 /// The server stops when the returned [`FakeOpenAi`] is dropped.
 pub async fn spawn() -> io::Result<FakeOpenAi> {
+    spawn_with_key(DEFAULT_KEY).await
+}
+
+/// [`spawn`], accepting only `Authorization: Bearer <key>`.
+pub async fn spawn_with_key(key: &str) -> io::Result<FakeOpenAi> {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
-    let state = FakeState::new(addr);
+    let state = FakeState::with_key(addr, key);
     let task = tokio::spawn(serve(listener, state.clone()));
     Ok(FakeOpenAi { addr, state, task: task.abort_handle() })
 }
@@ -154,6 +168,11 @@ impl FakeOpenAi {
     /// How many image requests (generations or edits) had a prompt containing `prompt_substring`.
     pub fn count(&self, prompt_substring: &str) -> usize {
         self.state.count(prompt_substring)
+    }
+
+    /// Images the fake has billed so far (see [`FakeState::billed_images`]).
+    pub fn billed_images(&self) -> u64 {
+        self.state.billed_images()
     }
 
     /// The shared state behind the server.
@@ -223,6 +242,8 @@ pub struct FakeState {
 #[derive(Debug)]
 struct Inner {
     addr: SocketAddr,
+    key: String,
+    billed_images: AtomicU64,
     requests: Mutex<Vec<Recorded>>,
     seen: Mutex<HashMap<(String, String), u64>>,
     files: Mutex<HashMap<String, Bytes>>,
@@ -234,11 +255,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl FakeState {
-    /// Fresh state for a fake reachable at `addr` (used to build DALL-E file URLs).
+    /// Fresh state for a fake reachable at `addr` (used to build DALL-E file URLs) that accepts
+    /// [`DEFAULT_KEY`].
     pub fn new(addr: SocketAddr) -> Self {
+        Self::with_key(addr, DEFAULT_KEY)
+    }
+
+    /// Fresh state accepting only `Authorization: Bearer <key>`.
+    pub fn with_key(addr: SocketAddr, key: &str) -> Self {
         Self {
             inner: Arc::new(Inner {
                 addr,
+                key: key.to_owned(),
+                billed_images: AtomicU64::new(0),
                 requests: Mutex::new(Vec::new()),
                 seen: Mutex::new(HashMap::new()),
                 files: Mutex::new(HashMap::new()),
@@ -260,6 +289,16 @@ impl FakeState {
             .filter_map(Recorded::prompt)
             .filter(|p| p.contains(prompt_substring))
             .count()
+    }
+
+    /// Images billed so far: every image of a JSON answer sent whole, and every completed event of a
+    /// stream produced (a real upstream bills what it generated, read or not).
+    pub fn billed_images(&self) -> u64 {
+        self.inner.billed_images.load(Ordering::SeqCst)
+    }
+
+    fn bill(&self, images: u64) {
+        self.inner.billed_images.fetch_add(images, Ordering::SeqCst);
     }
 
     fn record(&self, r: Recorded) {
@@ -451,6 +490,20 @@ async fn handle(state: FakeState, endpoint: Endpoint, req: Request) -> Response 
         return invalid_url(&method, &path).into_response();
     }
     let token = rec.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).map(str::trim).unwrap_or("");
+    if !token.is_empty() && token != state.inner.key {
+        let shown: String = token.chars().take(4).collect();
+        return ApiError {
+            code: Some("invalid_api_key"),
+            ..ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                format!(
+                    "Incorrect API key provided: {shown}****. You can find your API key at https://platform.openai.com/account/api-keys."
+                ),
+            )
+        }
+        .into_response();
+    }
     if token.is_empty() {
         return ApiError {
             code: Some("invalid_api_key"),
@@ -476,9 +529,9 @@ async fn handle(state: FakeState, endpoint: Endpoint, req: Request) -> Response 
         let parsed = parsed?;
         let job = Job::resolve(endpoint, &parsed)?;
         if job.stream {
-            Ok(stream_response(job, faults.drop_mid))
+            Ok(stream_response(&state, job, &faults))
         } else {
-            respond_json(&state, job, faults.drop_mid).await
+            respond_json(&state, job, &faults).await
         }
     }
     .await;
@@ -599,6 +652,9 @@ fn check_image_bytes(bytes: &[u8], param: &'static str) -> Result<(), ApiError> 
 #[derive(Debug, Default)]
 struct Faults {
     slow_ms: Option<u64>,
+    gap_ms: Option<u64>,
+    usage_times: Option<u64>,
+    size: Option<(u32, u32)>,
     once_500: bool,
     always_500: bool,
     html_502: bool,
@@ -630,11 +686,25 @@ impl Faults {
                     if let Some(ms) = d.strip_prefix("slow=").and_then(|m| m.parse().ok()) {
                         f.slow_ms = Some(ms);
                     }
+                    if let Some(ms) = d.strip_prefix("gap=").and_then(|m| m.parse().ok()) {
+                        f.gap_ms = Some(ms);
+                    }
+                    if let Some(k) = d.strip_prefix("usage-x=").and_then(|m| m.parse().ok()) {
+                        f.usage_times = Some(k);
+                    }
+                    if let Some(size) = d.strip_prefix("size=").and_then(parse_size) {
+                        f.size = Some(size);
+                    }
                 }
             }
             rest = &after[end..];
         }
         f
+    }
+
+    /// The `size` an answer reports: the job's, unless `[fault:size=WxH]` says otherwise.
+    fn reported_size(&self, job: &Job) -> String {
+        self.size.map_or_else(|| job.size(), |(w, h)| format!("{w}x{h}"))
     }
 
     /// The fault answer, if one applies to this request.
@@ -948,10 +1018,11 @@ impl Job {
         row[col]
     }
 
-    fn usage(&self, images: u64) -> Value {
+    /// The usage of `images` images, output tokens multiplied by `times` (a fault).
+    fn usage(&self, images: u64, times: u64) -> Value {
         let (text, image) = (self.text_tokens(), self.image_tokens());
         let input = text + image;
-        let output = images * self.output_tokens_per_image();
+        let output = images * self.output_tokens_per_image() * times;
         json!({
             "total_tokens": input + output,
             "input_tokens": input,
@@ -1027,7 +1098,8 @@ fn encode(
 // ---------------------------------------------------------------------------------------
 // Answers
 
-async fn respond_json(state: &FakeState, job: Job, drop_mid: bool) -> Result<Response, ApiError> {
+async fn respond_json(state: &FakeState, job: Job, faults: &Faults) -> Result<Response, ApiError> {
+    let drop_mid = faults.drop_mid;
     let mut data = Vec::new();
     for i in 0..job.n {
         let bytes = job.render(i).await?;
@@ -1046,11 +1118,11 @@ async fn respond_json(state: &FakeState, job: Job, drop_mid: bool) -> Result<Res
     if job.family == Family::Gpt {
         body["background"] = json!(job.background());
         body["output_format"] = json!(job.format.name());
-        body["size"] = json!(job.size());
+        body["size"] = json!(faults.reported_size(&job));
         body["quality"] = json!(job.quality);
         // Some OpenAI-compatible gateways report no usage: `[fault:no-usage]` plays one.
         if !job.prompt.contains("[fault:no-usage]") {
-            body["usage"] = job.usage(u64::from(job.n));
+            body["usage"] = job.usage(u64::from(job.n), faults.usage_times.unwrap_or(1));
         }
     }
     let text = body.to_string();
@@ -1070,6 +1142,7 @@ async fn respond_json(state: &FakeState, job: Job, drop_mid: bool) -> Result<Res
         });
         return Ok(([(header::CONTENT_TYPE, "application/json")], Body::from_stream(items)).into_response());
     }
+    state.bill(u64::from(job.n));
     Ok(([(header::CONTENT_TYPE, "application/json")], text).into_response())
 }
 
@@ -1080,7 +1153,11 @@ struct Step {
     partial: Option<u32>,
 }
 
-fn stream_response(job: Job, drop_mid: bool) -> Response {
+fn stream_response(state: &FakeState, job: Job, faults: &Faults) -> Response {
+    let drop_mid = faults.drop_mid;
+    let gap = faults.gap_ms.map_or(EVENT_GAP, Duration::from_millis);
+    let shape = Shape { size: faults.reported_size(&job), usage_times: faults.usage_times.unwrap_or(1) };
+    let state = state.clone();
     let mut steps = Vec::new();
     for image in 0..job.n {
         for k in 0..job.partial_images {
@@ -1089,16 +1166,23 @@ fn stream_response(job: Job, drop_mid: bool) -> Response {
         steps.push(Step { image, partial: None });
     }
     let job = Arc::new(job);
+    let shape = Arc::new(shape);
     let events = stream::iter(steps.into_iter().enumerate()).then(move |(i, step)| {
         let job = Arc::clone(&job);
+        let shape = Arc::clone(&shape);
+        let state = state.clone();
         async move {
             if i > 0 {
-                tokio::time::sleep(EVENT_GAP).await;
+                tokio::time::sleep(gap).await;
             }
             if drop_mid && i == 1 {
                 return Err(io::Error::other("fake-openai: dropped connection"));
             }
-            event(&job, step).await.map_err(|e| io::Error::other(e.message))
+            let event = event(&job, &shape, step).await.map_err(|e| io::Error::other(e.message))?;
+            if step.partial.is_none() {
+                state.bill(1);
+            }
+            Ok(event)
         }
     });
     // Stop after the first error so that hyper aborts the connection.
@@ -1113,14 +1197,20 @@ fn stream_response(job: Job, drop_mid: bool) -> Response {
         .into_response()
 }
 
-async fn event(job: &Job, step: Step) -> Result<Bytes, ApiError> {
+/// What stream events report, as the faults shape it.
+struct Shape {
+    size: String,
+    usage_times: u64,
+}
+
+async fn event(job: &Job, shape: &Shape, step: Step) -> Result<Bytes, ApiError> {
     let seed = step.image * 8 + step.partial.map_or(7, |k| k + 1);
     let bytes = job.render(seed).await?;
     let prefix = job.endpoint.event_prefix();
     let mut data = json!({
         "b64_json": B64.encode(&bytes),
         "created_at": now(),
-        "size": job.size(),
+        "size": shape.size,
         "quality": job.quality,
         "background": job.background(),
         "output_format": job.format.name(),
@@ -1131,7 +1221,7 @@ async fn event(job: &Job, step: Step) -> Result<Bytes, ApiError> {
             format!("{prefix}.partial_image")
         }
         None => {
-            data["usage"] = job.usage(1);
+            data["usage"] = job.usage(1, shape.usage_times);
             format!("{prefix}.completed")
         }
     };

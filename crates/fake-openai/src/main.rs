@@ -15,6 +15,9 @@ struct Args {
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// The only API key accepted (`Authorization: Bearer KEY`).
+    #[arg(long, default_value = fake_openai::DEFAULT_KEY)]
+    api_key: String,
 }
 
 #[tokio::main]
@@ -22,7 +25,7 @@ async fn main() -> std::io::Result<()> {
     let args = Args::parse();
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    let state = fake_openai::FakeState::new(addr);
+    let state = fake_openai::FakeState::with_key(addr, &args.api_key);
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on http://{addr}")?;

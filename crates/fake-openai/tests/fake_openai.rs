@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 
-const KEY: &str = "Bearer sk-test";
+const KEY: &str = "Bearer sk-upstream";
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
@@ -142,6 +142,55 @@ async fn missing_key_is_401_envelope() {
     // Recorded all the same.
     assert_eq!(fake.requests().len(), 1);
     assert_eq!(fake.requests()[0].authorization, None);
+}
+
+/// Only the fake's own key is accepted: a gateway forwarding its client's key would fail.
+#[tokio::test]
+async fn another_key_is_401_and_bills_nothing() {
+    let fake = fake_openai::spawn_with_key("sk-own").await.unwrap();
+    let send = |key: &'static str| {
+        client()
+            .post(format!("{}/images/generations", fake.base_url()))
+            .header("Authorization", key)
+            .json(&json!({"model": "gpt-image-1", "prompt": "p"}))
+            .send()
+    };
+    let resp = send("Bearer sk-upstream").await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    assert!(!body["error"]["message"].as_str().unwrap().contains("sk-upstream"), "{body}");
+    assert_eq!(fake.billed_images(), 0);
+    assert_eq!(send("Bearer sk-own").await.unwrap().status(), 200);
+    assert_eq!(fake.billed_images(), 1);
+}
+
+/// Streams bill every completed image they produce; the faults shape what answers report.
+#[tokio::test]
+async fn streams_bill_completed_images_and_faults_shape_reports() {
+    let fake = fake_openai::spawn().await.unwrap();
+    let body = json!({"model": "gpt-image-1", "prompt": "three [fault:gap=10] [fault:usage-x=5] [fault:size=4096x4096]",
+        "n": 3, "stream": true, "quality": "low", "size": "1024x1024", "partial_images": 1});
+    let text = client()
+        .post(format!("{}/images/generations", fake.base_url()))
+        .header("Authorization", KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let completed: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter(|v| v["type"] == "image_generation.completed")
+        .collect();
+    assert_eq!(completed.len(), 3);
+    assert_eq!(fake.billed_images(), 3);
+    assert_eq!(completed[0]["usage"]["output_tokens"], 272 * 5);
+    assert_eq!(completed[0]["size"], "4096x4096");
 }
 
 #[tokio::test]

@@ -4,125 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::str::FromStr;
-use std::time::Duration;
+mod common;
 
-use fake_openai::FakeOpenAi;
+use std::str::FromStr;
+
+use common::gateway;
 use ledger::testing::TestDatabase;
-use ledger::{Budget, Dimension, Ledger, LedgerOptions, NewKey, Period, RateLimits, Scope, UsageQuery};
+use ledger::{Budget, Dimension, NewKey, Period, RateLimits, Scope, UsageQuery};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
-use server::config::{Config, Env};
-
-struct TestEnv;
-impl Env for TestEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        (name == "FAKE_UPSTREAM_KEY").then(|| "sk-upstream".to_owned())
-    }
-}
-
-struct Gateway {
-    fake: FakeOpenAi,
-    url: String,
-    http: reqwest::Client,
-    ledger: Ledger,
-}
-
-async fn gateway(db: &TestDatabase) -> Gateway {
-    let fake = fake_openai::spawn().await.unwrap();
-    let toml = format!(
-        "[providers.openai]\nbase_url = \"{}\"\nmodels = [\"gpt-image-1-mini\", \"dall-e-2\"]\napi_key_env = \"FAKE_UPSTREAM_KEY\"\ntimeout_secs = 20\nmax_retries = 0\n",
-        fake.base_url()
-    );
-    let config = Config::from_toml(&toml, &TestEnv).unwrap();
-    let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
-    let state = server::AppState::from_config(&config)
-        .unwrap()
-        .with_ledger(ledger.clone())
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(server::run(listener, server::app(state), std::future::pending()));
-    Gateway { fake, url: format!("http://{addr}/v1"), http: reqwest::Client::new(), ledger }
-}
-
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-impl Gateway {
-    async fn generate_with(&self, key: Option<&str>, body: Value, idempotency: Option<&str>) -> Reply {
-        let mut r = self.http.post(format!("{}/images/generations", self.url)).json(&body);
-        if let Some(k) = key {
-            r = r.bearer_auth(k);
-        }
-        if let Some(i) = idempotency {
-            r = r.header("Idempotency-Key", i);
-        }
-        let r = r.send().await.unwrap();
-        let status = r.status().as_u16();
-        let headers = r.headers().clone();
-        Reply { status, headers, body: r.json().await.unwrap() }
-    }
-
-    async fn generate(&self, key: &str, prompt: &str) -> Reply {
-        let body = json!({"model": "gpt-image-1-mini", "prompt": prompt, "quality": "medium", "size": "1024x1024"});
-        self.generate_with(Some(key), body, None).await
-    }
-
-    async fn key(&self, new: NewKey) -> String {
-        self.ledger.create_key(new).await.unwrap().secret
-    }
-
-    /// What the ledger charged, over every row.
-    async fn charged(&self) -> Decimal {
-        let rows = self.ledger.usage(&UsageQuery::since(chrono::DateTime::UNIX_EPOCH, &[])).await.unwrap();
-        rows.iter().map(|r| r.cost_usd).sum()
-    }
-
-    /// The worst case the server holds for one medium 1024x1024 request with `prompt`, read from the
-    /// refusal of a key with a zero budget.
-    async fn worst_case(&self, prompt: &str) -> Decimal {
-        let broke = self
-            .key(NewKey { budget: Some(Budget::capped(Period::Total, Decimal::ZERO)), ..NewKey::user("broke") })
-            .await;
-        let r = self.generate(&broke, prompt).await;
-        assert_eq!(r.status, 429, "{}", r.body);
-        assert_eq!(r.body["error"]["code"], "insufficient_quota");
-        let message = r.body["error"]["message"].as_str().unwrap();
-        assert!(message.contains("has $0 left"), "{message}");
-        let after = message.split("could cost up to $").nth(1).unwrap();
-        Decimal::from_str(after.split(' ').next().unwrap()).unwrap()
-    }
-}
-
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let db = ledger::testing::TestDatabase::sqlite().unwrap();
-                    super::$name(&db).await;
-                    db.finish().await.unwrap();
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let Some(db) = ledger::testing::TestDatabase::postgres().await.unwrap() else { return };
-                    super::$name(&db).await;
-                    db.finish().await.unwrap();
-                }
-            )*
-        }
-    };
-}
 
 on_both_databases!(
     a_burst_never_overspends,
@@ -192,6 +82,7 @@ async fn refusals_failures_and_retries_cost_nothing_extra(db: &TestDatabase) {
     let again = g.generate_with(Some(&key), body.clone(), Some("idem-1")).await;
     assert_eq!(again.status, 200, "{}", again.body);
     assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.cost(), cost, "a replay says what the request was charged, once");
     assert_eq!(again.body["data"][0]["b64_json"], first.body["data"][0]["b64_json"]);
     assert_eq!(g.fake.count("an otter, once"), 1);
     assert_eq!(g.charged().await, cost);
@@ -310,7 +201,9 @@ async fn admins_manage_keys_and_read_usage_and_costs(db: &TestDatabase) {
             (r.status().as_u16(), r.text().await.unwrap())
         }
     };
-    let start = chrono::Utc::now().timestamp() - 3600;
+    // The ledger's clock stands still: move it past the request, so that "until now" includes it.
+    g.clock.advance(chrono::TimeDelta::seconds(1));
+    let start = g.ledger.now().timestamp() - 3600;
     let (status, text) =
         get(format!("{}/organization/costs?start_time={start}&group_by=line_item", g.url), admin.clone()).await;
     assert_eq!(status, 200, "{text}");
