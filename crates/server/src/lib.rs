@@ -291,7 +291,10 @@ pub async fn run(
 /// Each connection is hyper's HTTP/1 with the header timeout (which also bounds idle keep-alive waits)
 /// and every request's body under the body timeout. Header lines hyper's parser finds invalid (a control
 /// byte in a value, a bad name) are dropped and the request served without them, so that the client
-/// gets a real answer rather than hyper's empty 400.
+/// gets a real answer rather than hyper's empty 400 (a NUL byte, or a bad request line, still gets that).
+/// A dropped `Content-Length` or `Transfer-Encoding` line leaves its request without a body, and the
+/// body's bytes are read as the next request: nothing a direct client could not send anyway, but a
+/// proxy in front must not forward such lines while framing by them itself.
 pub async fn run_with(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -375,14 +378,17 @@ async fn serve_request(app: Router, request: axum::http::Request<Incoming>, body
         return response;
     }
     let id = response.headers().get(REQUEST_ID_HEADER).cloned();
-    tracing::info!(request_id = ?id, "a request body was not received in time");
+    let id_text = id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("unknown");
+    tracing::info!(request_id = %id_text, "a request body was not received in time");
     let secs = body_timeout.as_secs_f64();
     let mut timed_out = HttpError(ApiError::new(
         408,
         "invalid_request_error",
         None,
         Some("request_timeout"),
-        format!("The request body was not received within {secs} seconds of its headers; send the whole body promptly."),
+        format!(
+            "The request body was not received within {secs} seconds of its headers; send the whole body promptly."
+        ),
     ))
     .into_response();
     // The rest of the body is unread: the connection cannot carry another request.

@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -306,11 +307,38 @@ async fn boom() -> &'static str {
     panic!("secret detail: /etc/imagegate/key")
 }
 
-#[tokio::test]
+/// Log lines, as the fmt subscriber writes them, for tests to read.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+// One thread: the server's tasks run where the test's log subscriber is installed.
+#[tokio::test(flavor = "current_thread")]
 async fn a_panicking_handler_is_a_500_envelope_with_the_request_id() {
-    let boom = Router::new()
-        .route("/boom", get(boom))
-        .route("/health", get(|| async { "ok" }));
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::ERROR)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let boom = Router::new().route("/boom", get(boom)).route("/health", get(|| async { "ok" }));
     let addr = serve(server::with_layers(boom), options(60_000, 60_000, 64)).await;
     let mut conn = Conn::open(addr).await;
     conn.send(b"GET /boom HTTP/1.1\r\nHost: test\r\nX-Request-Id: mine\r\n\r\n").await;
@@ -324,6 +352,9 @@ async fn a_panicking_handler_is_a_500_envelope_with_the_request_id() {
     let id = reply.header("x-request-id").expect("an x-request-id header");
     assert_ne!(id, "mine");
     assert!(message.contains(id), "the message should name the request id {id}: {message}");
+    let logged = log.text();
+    let line = logged.lines().find(|l| l.contains("a handler panicked")).expect("the panic logged");
+    assert!(line.contains("ERROR") && line.contains(id) && line.contains("secret detail"), "{line}");
     // The server, and even this connection, go on.
     conn.send(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n").await;
     assert_eq!(within("the next request", conn.response()).await.unwrap().status, 200);
