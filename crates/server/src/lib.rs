@@ -243,9 +243,9 @@ pub fn check_listen_address(addr: &SocketAddr, open: bool) -> Result<(), ConfigE
 /// are capped at a day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeOptions {
-    /// How long a client has to send a request's line and headers, from its first byte or from the end
-    /// of the previous response: a connection that is slower (slowloris), or idle this long between
-    /// keep-alive requests, is closed.
+    /// How long a client has to send a request's line and headers, from the connection's start or from
+    /// the end of the previous response: a connection that is slower (slowloris), or idle this long
+    /// between keep-alive requests, is closed without an answer.
     pub header_timeout: Duration,
     /// How long a client has to send a request's whole body, from the end of its headers: a body that
     /// stalls or trickles past it is answered 408 and the connection closed. Large uploads over slow
