@@ -110,6 +110,19 @@ struct ServeArgs {
     /// Must exceed every provider's `timeout_secs` by 10 s.
     #[arg(long, env = "IMAGEGATE_RESERVATION_TTL_SECS", default_value_t = 3600)]
     reservation_ttl_secs: u64,
+    /// Seconds a client has to send a request's headers; also how long an idle keep-alive connection
+    /// stays open.
+    #[arg(long, env = "IMAGEGATE_HEADER_TIMEOUT_SECS", default_value_t = server::DEFAULT_HEADER_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    header_timeout_secs: u64,
+    /// Seconds a client has to send a request's whole body after its headers (408 beyond).
+    #[arg(long, env = "IMAGEGATE_BODY_TIMEOUT_SECS", default_value_t = server::DEFAULT_BODY_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    body_timeout_secs: u64,
+    /// Most connections served at once; more wait until one closes.
+    #[arg(long, env = "IMAGEGATE_MAX_CONNECTIONS", default_value_t = server::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_connections: usize,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -296,7 +309,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         );
     }
     tracing::info!(%addr, models = %models.join(", "), "imagegate listening");
-    server::run(listener, server::app(state), shutdown_signal()).await.map_err(|e| e.to_string())?;
+    let options = server::ServeOptions {
+        header_timeout: std::time::Duration::from_secs(args.header_timeout_secs),
+        body_timeout: std::time::Duration::from_secs(args.body_timeout_secs),
+        max_connections: args.max_connections,
+    };
+    server::run_with(listener, server::app(state), options, shutdown_signal()).await.map_err(|e| e.to_string())?;
     tracing::info!("shut down cleanly");
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! imagegate's HTTP server: the axum application, authentication, model routing and the thin handlers
 //! that join the `api` crate's parsing to the providers.
 //!
-//! [`app`] builds the router from an [`AppState`] (tests call it without a socket); [`run`] serves it on a
-//! listener until a shutdown future resolves, letting in-flight requests finish.
+//! [`app`] builds the router from an [`AppState`] (tests call it without a socket) under the layers of
+//! [`with_layers`]; [`run_with`] serves it on a listener, one hyper HTTP/1 connection per task, with the
+//! timeouts and the connection cap of [`ServeOptions`], until a shutdown future resolves, letting
+//! in-flight requests finish.
 
 pub mod accounts;
 mod admin;
@@ -15,18 +17,34 @@ mod handlers;
 pub mod jobs;
 pub mod routing;
 
+use std::any::Any;
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use api::ApiError;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use providers::local::LocalProvider;
 use providers::openai::{OpenAiUpstream, UpstreamConfig};
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+use tower::util::MapRequestLayer;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -181,10 +199,9 @@ async fn upkeep(ledger: ledger::Ledger, interval: std::time::Duration, stop: tok
     }
 }
 
-/// The application: every route, with request ids, tracing, the body limit and OpenAI-shaped errors for
-/// anything unrouted.
+/// The application: every route, with the body limit and OpenAI-shaped errors for anything unrouted,
+/// under [`with_layers`].
 pub fn app(state: AppState) -> Router {
-    let x_request_id = HeaderName::from_static("x-request-id");
     let v1 = Router::new()
         .route("/images/generations", post(handlers::generations))
         .route("/images/edits", post(handlers::edits))
@@ -196,16 +213,77 @@ pub fn app(state: AppState) -> Router {
         .route("/organization/usage/images", get(admin::usage_images))
         .route("/organization/costs", get(admin::costs))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(handlers::health))
         .nest("/v1", v1)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .with_state(state);
+    with_layers(routes)
+}
+
+/// The header that carries a request's id, in requests (to the handlers) and responses (to the client).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The layers every route of [`app`] runs under, for any router (tests wrap their own handlers in
+/// exactly these). Outermost first:
+/// - the client's `x-request-id` is dropped and the server's own UUID set in its place, since handlers
+///   key the usage ledger on it: a client-chosen id could collide with another key's or be forged to
+///   look like someone else's request (OpenAI likewise ignores the client's). The response carries it;
+/// - tracing;
+/// - a panic in a handler becomes a 500 in OpenAI's envelope naming the request id, logged at error
+///   level with that id (the connection would otherwise be dropped with no answer). This relies on
+///   panics unwinding, the profiles' default (`panic = "abort"` must not be set in Cargo.toml).
+pub fn with_layers(router: Router) -> Router {
+    let x_request_id = HeaderName::from_static(REQUEST_ID_HEADER);
+    router
+        .layer(CatchPanicLayer::custom(panic_response as fn(Box<dyn Any + Send + 'static>) -> Response))
+        .layer(axum::middleware::from_fn(report_panic))
         .layer(TraceLayer::new_for_http())
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
-        .with_state(state)
+        .layer(MapRequestLayer::new(drop_client_request_id as fn(Request) -> Request))
+}
+
+/// Removes any `x-request-id` the client sent, so that [`SetRequestIdLayer`] (which keeps an incoming
+/// one) always sets the server's.
+fn drop_client_request_id(mut request: Request) -> Request {
+    request.headers_mut().remove(REQUEST_ID_HEADER);
+    request
+}
+
+/// What a handler's panic said, for the log only; set on the response [`panic_response`] makes.
+#[derive(Clone)]
+struct Panicked(String);
+
+/// The response for a caught panic. The catch-panic layer does not see the request, so the envelope is
+/// written by [`report_panic`], which knows its id; this one is what the client would get without it.
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let what = if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_owned()
+    };
+    let mut response = HttpError(ApiError::internal("unknown")).into_response();
+    response.extensions_mut().insert(Panicked(what));
+    response
+}
+
+/// Logs a caught panic with the request's id, and answers the 500 envelope naming that id (never what
+/// the panic said: that may hold internals).
+async fn report_panic(request: Request, next: Next) -> Response {
+    let id = request.headers().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("unknown").to_owned();
+    let response = next.run(request).await;
+    match response.extensions().get::<Panicked>() {
+        None => response,
+        Some(Panicked(what)) => {
+            tracing::error!(request_id = %id, panic = %what, "a handler panicked");
+            HttpError(ApiError::internal(&id)).into_response()
+        }
+    }
 }
 
 /// Refuses to serve without keys (`open`) on an address other machines can reach.
@@ -218,13 +296,204 @@ pub fn check_listen_address(addr: &SocketAddr, open: bool) -> Result<(), ConfigE
     Ok(())
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves; requests in flight then finish before it returns.
+/// How [`run_with`] treats connections. The defaults suit a server on the open internet; the timeouts
+/// are capped at a day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// How long a client has to send a request's line and headers, from the connection's start or from
+    /// the end of the previous response: a connection that is slower (slowloris), or idle this long
+    /// between keep-alive requests, is closed without an answer.
+    pub header_timeout: Duration,
+    /// How long a client has to send a request's whole body, from the end of its headers: a body that
+    /// stalls or trickles past it is answered 408 and the connection closed. Large uploads over slow
+    /// links need it raised.
+    pub body_timeout: Duration,
+    /// The most connections served at once; at the cap no connection is accepted (new ones wait in the
+    /// listen backlog) until one closes. Keep it below the process's open-file limit (`ulimit -n`).
+    pub max_connections: usize,
+}
+
+/// [`ServeOptions::header_timeout`]'s default.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// [`ServeOptions::body_timeout`]'s default.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// [`ServeOptions::max_connections`]'s default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// The longest timeout honoured: longer ones could overflow a deadline's clock arithmetic.
+const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Serves `app` on `listener` with the default [`ServeOptions`] until `shutdown` resolves; requests in
+/// flight then finish before it returns.
 pub async fn run(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    run_with(listener, app, ServeOptions::default(), shutdown).await
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves: it then stops accepting, closes idle
+/// connections, and returns once the requests in flight have finished.
+///
+/// Each connection is hyper's HTTP/1 with the header timeout (which also bounds idle keep-alive waits)
+/// and every request's body under the body timeout. Header lines hyper's parser finds invalid (a control
+/// byte in a value, a bad name) are dropped and the request served without them, so that the client
+/// gets a real answer rather than hyper's empty 400 (a NUL byte, or a bad request line, still gets that).
+/// A dropped `Content-Length` or `Transfer-Encoding` line leaves its request without a body, and the
+/// body's bytes are read as the next request: nothing a direct client could not send anyway, but a
+/// proxy in front must not forward such lines while framing by them itself.
+pub async fn run_with(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let body_timeout = options.body_timeout.min(MAX_TIMEOUT);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout.min(MAX_TIMEOUT))
+        .ignore_invalid_headers(true);
+    let slots = Arc::new(Semaphore::new(options.max_connections.clamp(1, Semaphore::MAX_PERMITS)));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        // At the cap, wait for a connection to close before accepting another.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                // The semaphore is never closed.
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_error(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |request: axum::http::Request<Incoming>| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(serve_request(app, request, body_timeout).await) }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                // Timeouts, resets and parse errors: the client's doing, not worth more than a debug line.
+                tracing::debug!(error = %e, "connection closed with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Waits out an accept error as axum's `serve` does: a failed handshake is the client's, skipped; any
+/// other (out of file descriptors) is logged and retried a second later.
+async fn accept_error(e: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset) {
+        return;
+    }
+    tracing::error!(error = %e, "cannot accept a connection");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// One request through `app`, its body under a deadline: a body not all received `body_timeout` after
+/// the headers is answered 408, whatever the handler made of the read error.
+async fn serve_request(app: Router, request: axum::http::Request<Incoming>, body_timeout: Duration) -> Response {
+    let expired = Arc::new(AtomicBool::new(false));
+    let request = request.map(|inner| {
+        Body::new(DeadlineBody {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(body_timeout)),
+            expired: expired.clone(),
+        })
+    });
+    let response = match app.oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    if !expired.load(Ordering::Acquire) {
+        return response;
+    }
+    let id = response.headers().get(REQUEST_ID_HEADER).cloned();
+    let id_text = id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("unknown");
+    tracing::info!(request_id = %id_text, "a request body was not received in time");
+    let secs = body_timeout.as_secs_f64();
+    let mut timed_out = HttpError(ApiError::new(
+        408,
+        "invalid_request_error",
+        None,
+        Some("request_timeout"),
+        format!(
+            "The request body was not received within {secs} seconds of its headers; send the whole body promptly."
+        ),
+    ))
+    .into_response();
+    // The rest of the body is unread: the connection cannot carry another request.
+    timed_out.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+    if let Some(id) = id {
+        timed_out.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    timed_out
+}
+
+/// A request body that fails once its deadline passes, noting that it did. The deadline is for the
+/// whole body, not between chunks (as tower-http's `RequestBodyTimeoutLayer` has it), so that a body
+/// trickled a byte at a time is bounded too.
+struct DeadlineBody {
+    inner: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    expired: Arc<AtomicBool>,
+}
+
+/// The error a body past its deadline reads as (the handler's view; the client gets the 408).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was not received in time")]
+struct BodyTimedOut;
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        // Data already here is taken even at the deadline.
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(axum::BoxError::from)));
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            this.expired.store(true, Ordering::Release);
+            return Poll::Ready(Some(Err(Box::new(BodyTimedOut))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// An [`ApiError`] as an HTTP response: the status, OpenAI's envelope, and `Retry-After` when set.
