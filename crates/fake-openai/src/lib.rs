@@ -528,11 +528,7 @@ async fn handle(state: FakeState, endpoint: Endpoint, req: Request) -> Response 
     let result = async {
         let parsed = parsed?;
         let job = Job::resolve(endpoint, &parsed)?;
-        if job.stream {
-            Ok(stream_response(&state, job, &faults))
-        } else {
-            respond_json(&state, job, &faults).await
-        }
+        if job.stream { Ok(stream_response(&state, job, &faults)) } else { respond_json(&state, job, &faults).await }
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)

@@ -1,6 +1,6 @@
 //! `imagegate serve` as separate processes sharing one database, in front of the fake upstream: the
 //! budget, the rate limit and revocations hold across instances, and a killed instance leaves no
-//! money locked for longer than the reservation lifetime.
+//! money locked for longer than the reservation TTL, and a ledger row for what it was doing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -27,25 +27,52 @@ impl Drop for Instance {
     }
 }
 
-async fn serve(db: &str, upstream: &str, data_dir: &std::path::Path, ttl_secs: u64) -> Instance {
+/// How an instance is started: the zero-config upstream (`OPENAI_API_KEY`, 10 minute timeout) and the
+/// default hold TTL, or a config file whose upstream times out after `upstream_timeout_secs`, which
+/// allows a hold TTL as short as that plus 10 s.
+#[derive(Clone, Copy, Default)]
+struct Options {
+    ttl_secs: Option<u64>,
+    upstream_timeout_secs: Option<u64>,
+}
+
+async fn serve(db: &str, upstream: &str, data_dir: &std::path::Path, options: Options) -> Instance {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(env!("CARGO_BIN_EXE_imagegate"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_imagegate"));
+    command
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--database-url", db])
-        .args(["--reservation-ttl-secs", &ttl_secs.to_string()])
         .arg("--data-dir")
         .arg(data_dir)
         .env_remove("IMAGEGATE_CONFIG")
         .env_remove("IMAGEGATE_API_KEYS")
         .env_remove("IMAGEGATE_DATABASE_URL")
-        .env("OPENAI_API_KEY", "sk-upstream")
-        .env("OPENAI_BASE_URL", upstream)
+        .env_remove("IMAGEGATE_RESERVATION_TTL_SECS")
+        .env("OPENAI_API_KEY", fake_openai::DEFAULT_KEY)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let instance = Instance { child, url: format!("http://127.0.0.1:{port}/v1") };
+        .stdout(Stdio::null());
+    if let Some(ttl) = options.ttl_secs {
+        command.args(["--reservation-ttl-secs", &ttl.to_string()]);
+    }
+    match options.upstream_timeout_secs {
+        Some(timeout) => {
+            let config = data_dir.join(format!("imagegate-{port}.toml"));
+            let toml = format!(
+                "[providers.openai]\nbase_url = \"{upstream}\"\napi_key_env = \"OPENAI_API_KEY\"\nmodels = [\"gpt-image-1-mini\"]\ntimeout_secs = {timeout}\nmax_retries = 0\n"
+            );
+            std::fs::write(&config, toml).unwrap();
+            command.arg("--config").arg(config).env_remove("OPENAI_BASE_URL");
+        }
+        None => {
+            command.env("OPENAI_BASE_URL", upstream);
+        }
+    }
+    let child = command.spawn().unwrap();
+    let mut instance = Instance { child, url: format!("http://127.0.0.1:{port}/v1") };
     let started = Instant::now();
     while reqwest::get(format!("http://127.0.0.1:{port}/health")).await.is_err() {
+        if let Some(status) = instance.child.try_wait().unwrap() {
+            panic!("imagegate serve exited at start ({status}); its error is above");
+        }
         assert!(started.elapsed() < Duration::from_secs(30), "imagegate serve did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -66,9 +93,22 @@ async fn generate(url: &str, key: &str, prompt: &str) -> (u16, Value) {
 
 /// The worst case an instance holds for `prompt`, from the refusal of a key with no budget left.
 async fn worst_case(ledger: &Ledger, url: &str, prompt: &str) -> Decimal {
+    let body = json!({"model": "gpt-image-1-mini", "prompt": prompt, "quality": "low", "size": "1024x1024"});
+    worst_case_of(ledger, url, body).await
+}
+
+/// The worst case an instance holds for a request with `body`.
+async fn worst_case_of(ledger: &Ledger, url: &str, request: Value) -> Decimal {
     let broke = NewKey { budget: Some(Budget::capped(Period::Total, Decimal::ZERO)), ..NewKey::user("broke") };
     let broke = ledger.create_key(broke).await.unwrap().secret;
-    let (status, body) = generate(url, &broke, prompt).await;
+    let r = reqwest::Client::new()
+        .post(format!("{url}/images/generations"))
+        .bearer_auth(&broke)
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    let (status, body): (u16, Value) = (r.status().as_u16(), r.json().await.unwrap());
     assert_eq!(status, 429, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     let after = message.split("could cost up to $").nth(1).unwrap();
@@ -86,8 +126,8 @@ async fn two_instances_on_one_postgres_share_budgets_limits_and_revocations() {
     let fake = fake_openai::spawn().await.unwrap();
     let data = tempfile::tempdir().unwrap();
     let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
-    let a = serve(&db.url, &fake.base_url(), data.path(), 600).await;
-    let b = serve(&db.url, &fake.base_url(), data.path(), 600).await;
+    let a = serve(&db.url, &fake.base_url(), data.path(), Options::default()).await;
+    let b = serve(&db.url, &fake.base_url(), data.path(), Options::default()).await;
 
     // A budget for exactly three slow requests, eight sent to the two instances at once.
     let prompt = "[fault:slow=1500] two instances";
@@ -139,47 +179,88 @@ async fn two_instances_on_one_postgres_share_budgets_limits_and_revocations() {
     db.finish().await.unwrap();
 }
 
-/// An instance killed between reserve and settle: its hold stays until the reservation expires, then
-/// another instance releases it and the key can spend again.
+/// An instance killed (SIGKILL) in the middle of a stream: what it had delivered stays charged, the
+/// rest of its hold stays until the TTL passes without a heartbeat, then another instance releases it,
+/// writes the request's row (`failed`, `instance_died`, what it charged) and forgets its
+/// Idempotency-Key, so the client's retry runs instead of getting 409 for an hour.
 async fn killed_instance_leaves_no_money_locked(db: TestDatabase) {
     let fake = fake_openai::spawn().await.unwrap();
     let data = tempfile::tempdir().unwrap();
     let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
-    let doomed = serve(&db.url, &fake.base_url(), data.path(), 3).await;
-    let worst = worst_case(&ledger, &doomed.url, "[fault:slow=20000] doomed").await;
-    let budget = Budget::capped(Period::Month, worst * Decimal::new(15, 1));
-    let (id, secret) = key(&ledger, NewKey { budget: Some(budget), ..NewKey::user("crash") }).await;
-
-    let url = doomed.url.clone();
-    let s = secret.clone();
-    let in_flight = tokio::spawn(async move {
-        let _ = reqwest::Client::new()
+    // The shortest hold the server accepts with a 1 s upstream timeout: 11 s.
+    let options = Options { ttl_secs: Some(11), upstream_timeout_secs: Some(1) };
+    let doomed = serve(&db.url, &fake.base_url(), data.path(), options).await;
+    let body = json!({"model": "gpt-image-1-mini", "prompt": "[fault:gap=500] doomed", "quality": "low",
+        "size": "1024x1024", "n": 10, "stream": true});
+    let worst = worst_case_of(&ledger, &doomed.url, body.clone()).await;
+    let budget = worst * Decimal::new(15, 1);
+    let (id, secret) =
+        key(&ledger, NewKey { budget: Some(Budget::capped(Period::Month, budget)), ..NewKey::user("crash") }).await;
+    let money = || async {
+        let u = ledger.key_budget_usage(&id).await.unwrap().unwrap();
+        (u.spent_usd, u.reserved_usd)
+    };
+    let stream = |url: String| {
+        reqwest::Client::new()
             .post(format!("{url}/images/generations"))
-            .bearer_auth(&s)
-            .json(&json!({"model": "gpt-image-1-mini", "prompt": "[fault:slow=20000] doomed", "quality": "low", "size": "1024x1024"}))
+            .bearer_auth(&secret)
+            .header("Idempotency-Key", "crash-retry")
+            .json(&body)
             .send()
-            .await;
-    });
-    let held = || async { ledger.key_budget_usage(&id).await.unwrap().map(|u| u.reserved_usd).unwrap_or_default() };
-    let started = Instant::now();
-    while held().await.is_zero() {
-        assert!(started.elapsed() < Duration::from_secs(10), "the request never reserved");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    drop(doomed); // SIGKILL: no settle, no release.
-    in_flight.await.unwrap();
-    assert!(held().await > Decimal::ZERO, "the hold outlives the process until it expires");
+    };
 
-    let survivor = serve(&db.url, &fake.base_url(), data.path(), 3).await;
-    let (status, body) = generate(&survivor.url, &secret, "while held").await;
-    assert_eq!(status, 429, "the held budget is not spendable yet: {body}");
+    // The first image is delivered (and charged), then the instance is killed.
+    let mut r = stream(doomed.url.clone()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let mut seen = String::new();
+    let completed = loop {
+        let event = seen.split("event: image_generation.completed\ndata: ").nth(1).and_then(|d| d.split_once("\n\n"));
+        if let Some((data, _)) = event {
+            break data.to_owned();
+        }
+        seen.push_str(std::str::from_utf8(&r.chunk().await.unwrap().unwrap()).unwrap());
+    };
+    let first_cost: Decimal = {
+        let event: Value = serde_json::from_str(&completed).unwrap();
+        Decimal::from_str(event["imagegate"]["cost_usd"].as_str().unwrap()).unwrap()
+    };
+    drop(doomed); // SIGKILL: no settle, no release, no row.
+    drop(r);
+    let (spent, held) = money().await;
+    assert_eq!(spent, first_cost, "the delivered image stays charged");
+    assert!(held > Decimal::ZERO, "the hold outlives the process until it expires");
+
+    let survivor = serve(&db.url, &fake.base_url(), data.path(), options).await;
+    // Another request of the same size does not fit while the dead instance's hold is there.
+    let mut unstreamed = body.clone();
+    unstreamed["stream"] = json!(false);
+    let r = reqwest::Client::new()
+        .post(format!("{}/images/generations", survivor.url))
+        .bearer_auth(&secret)
+        .json(&unstreamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429, "the held budget is not spendable yet");
+    assert_eq!(stream(survivor.url.clone()).await.unwrap().status().as_u16(), 409, "the retry waits for the hold");
     let started = Instant::now();
-    while !held().await.is_zero() {
-        assert!(started.elapsed() < Duration::from_secs(15), "the expired hold was never released");
+    while money().await.1 > Decimal::ZERO {
+        assert!(started.elapsed() < Duration::from_secs(60), "the dead instance's hold was never released");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (status, body) = generate(&survivor.url, &secret, "after release").await;
-    assert_eq!(status, 200, "{body}");
+    let rows = ledger.entries_for_request(&request_id).await.unwrap();
+    assert_eq!(rows.len(), 1, "one row for the killed request");
+    assert_eq!((rows[0].status, rows[0].cost_usd, rows[0].entry.n), (ledger::RequestStatus::Failed, first_cost, 1));
+    assert_eq!(rows[0].entry.error_code.as_deref(), Some("instance_died"));
+    assert_eq!(money().await, (first_cost, Decimal::ZERO));
+
+    // The retry with the same Idempotency-Key runs now.
+    let retry = stream(survivor.url.clone()).await.unwrap();
+    assert_eq!(retry.status().as_u16(), 200);
+    assert!(retry.text().await.unwrap().contains("image_generation.completed"));
+    let (spent, held) = money().await;
+    assert!(spent <= budget && held == Decimal::ZERO, "spent {spent}, held {held} of {budget}");
     drop(survivor);
     ledger.close().await;
     db.finish().await.unwrap();
@@ -241,7 +322,7 @@ async fn a_budget_of_four_and_a_half_images_buys_four() {
     let secret = created.lines().last().unwrap().trim().to_owned();
 
     let url = format!("sqlite://{}/imagegate.db?mode=rwc", data.path().display());
-    let server = serve(&url, &fake.base_url(), data.path(), 600).await;
+    let server = serve(&url, &fake.base_url(), data.path(), Options::default()).await;
     let client = reqwest::Client::new();
     let mut costs = Vec::new();
     for i in 0..5 {

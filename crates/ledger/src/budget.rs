@@ -377,7 +377,8 @@ impl Ledger {
             let Some(row) = held else {
                 let counts = read_counts(&mut tx, &hold.owner, budget.period, hold.period_start_ms).await?;
                 tx.rollback().await?;
-                let over_cap = hold.limit_nanos
+                let over_cap = hold
+                    .limit_nanos
                     .is_some_and(|limit| counts.spent.saturating_add(counts.reserved).saturating_add(amount) > limit);
                 let reason = if over_cap { RefusalReason::Budget } else { RefusalReason::ImageQuota };
                 let usage = counts.usage(hold.owner, budget, hold.period_start_ms)?;
@@ -756,7 +757,8 @@ async fn charge_beyond_hold(
             cost = cost.min(limit.saturating_sub(counts.spent.saturating_add(counts.reserved)).max(0));
         }
         if let Some(quota) = hold.quota {
-            images = images.min(quota.saturating_sub(counts.images_spent.saturating_add(counts.images_reserved)).max(0));
+            images =
+                images.min(quota.saturating_sub(counts.images_spent.saturating_add(counts.images_reserved)).max(0));
         }
     }
     for hold in holds {
@@ -892,7 +894,14 @@ fn holds_from_row(row: &AnyRow) -> Result<Vec<Hold>> {
         if let (Some(id), Some(period), Some(period_start_ms)) = (id, period, start) {
             let period =
                 Period::parse(&period).ok_or_else(|| LedgerError::Corrupt(format!("budget period {period:?}")))?;
-            holds.push(Hold { owner: owner(id), period, period_start_ms, soft_nanos: None, limit_nanos: None, quota: None });
+            holds.push(Hold {
+                owner: owner(id),
+                period,
+                period_start_ms,
+                soft_nanos: None,
+                limit_nanos: None,
+                quota: None,
+            });
         }
     }
     Ok(holds)

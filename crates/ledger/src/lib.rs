@@ -70,6 +70,6 @@ pub use keys::{ApiKey, CreatedKey, KeyUpdate, NewKey, NewProject, Project, Proje
 pub use rate::{RateLimit, RateLimitKind};
 pub use rust_decimal::Decimal;
 pub use usage::{
-    CostSource,
-    BucketWidth, Dimension, LedgerEntry, LedgerRow, RequestStatus, TokenUsage, UsageBucket, UsageQuery, UsageRow,
+    BucketWidth, CostSource, Dimension, LedgerEntry, LedgerRow, RequestStatus, TokenUsage, UsageBucket, UsageQuery,
+    UsageRow,
 };

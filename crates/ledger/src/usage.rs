@@ -481,9 +481,9 @@ fn row_from_ledger(row: &AnyRow) -> Result<LedgerRow> {
             error_code: row.try_get("error_code")?,
             cost_source: match row.try_get::<Option<String>, _>("cost_source")? {
                 None => None,
-                Some(s) => Some(
-                    CostSource::parse(&s).ok_or_else(|| LedgerError::Corrupt(format!("cost source {s:?}")))?,
-                ),
+                Some(s) => {
+                    Some(CostSource::parse(&s).ok_or_else(|| LedgerError::Corrupt(format!("cost source {s:?}")))?)
+                }
             },
             latency_ms: to_u64(row.try_get("latency_ms")?)?,
             created_at: from_ms(row.try_get("created_at_ms")?)?,

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use ledger::{
-    ApiKey, BucketWidth, Budget, BudgetOwner, CostSource, Dimension, HeldRequest, Idempotency, KeyUpdate, Ledger, LedgerEntry, LedgerError,
-    LedgerOptions, ManualClock, NewKey, NewProject, Period, ProjectUpdate, RateLimit, RateLimitKind, RateLimits,
-    RefusalReason, RequestStatus, Reservation, Reserve, Scope, TokenUsage, UsageQuery, UsageRow,
+    ApiKey, BucketWidth, Budget, BudgetOwner, CostSource, Dimension, HeldRequest, Idempotency, KeyUpdate, Ledger,
+    LedgerEntry, LedgerError, LedgerOptions, ManualClock, NewKey, NewProject, Period, ProjectUpdate, RateLimit,
+    RateLimitKind, RateLimits, RefusalReason, RequestStatus, Reservation, Reserve, Scope, TokenUsage, UsageQuery,
+    UsageRow,
 };
 use rust_decimal::Decimal;
 use sqlx::{Connection, Executor};

@@ -357,4 +357,3 @@ fn is_json(ct: &str) -> bool {
     let essence = ct.split(';').next().unwrap_or("").trim();
     essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")
 }
-

@@ -317,7 +317,9 @@ impl Run {
             response.headers_mut().insert(COST_HEADER, value);
         }
         if outcome.over_soft_limit {
-            response.headers_mut().insert(accounts::BUDGET_WARNING_HEADER, HeaderValue::from_static("soft budget exceeded"));
+            response
+                .headers_mut()
+                .insert(accounts::BUDGET_WARNING_HEADER, HeaderValue::from_static("soft budget exceeded"));
         }
         let _ = reply.send(Ok(response));
     }
@@ -341,7 +343,14 @@ impl Run {
                 drain_until = Some(tokio::time::Instant::now() + ABANDONED_DRAIN_LIMIT);
             }
             let next = match drain_until {
-                None => events.next().await,
+                // A client that goes away is noticed at once, not at the next event.
+                None => tokio::select! {
+                    next = events.next() => next,
+                    () = tx.closed() => {
+                        self.abandoned.cancel();
+                        continue;
+                    }
+                },
                 Some(deadline) => match tokio::time::timeout_at(deadline, events.next()).await {
                     Ok(next) => next,
                     Err(_) => {
@@ -372,15 +381,8 @@ impl Run {
             let mut event = event;
             let extension = match &mut event {
                 StreamEvent::Completed { resolved, usage, compute_ms, .. } => {
-                    let priced = bill.next(
-                        &self.state,
-                        &self.route,
-                        &self.job,
-                        resolved,
-                        *usage,
-                        *compute_ms,
-                        self.text_tokens,
-                    );
+                    let priced =
+                        bill.next(&self.state, &self.route, &self.job, resolved, *usage, *compute_ms, self.text_tokens);
                     let (cost, source) = match &self.ticket {
                         Some(t) => {
                             let share = t.worst_case().total / Decimal::from(n);
@@ -437,13 +439,7 @@ impl Run {
         }
     }
 
-    async fn finish_stream(
-        mut self,
-        mut tally: Tally,
-        n: u32,
-        cancelled_compute: Option<u64>,
-        unknown: bool,
-    ) {
+    async fn finish_stream(mut self, mut tally: Tally, n: u32, cancelled_compute: Option<u64>, unknown: bool) {
         let Some(ticket) = self.ticket.take() else { return };
         let gone = self.abandoned.is_cancelled();
         // What the provider incurred beyond the images it delivered.

@@ -104,8 +104,7 @@ impl AppState {
                 discount_percent: p.discount_percent,
             });
         }
-        let slowest_upstream =
-            config.providers.iter().max_by_key(|p| p.timeout).map(|p| (p.name.clone(), p.timeout));
+        let slowest_upstream = config.providers.iter().max_by_key(|p| p.timeout).map(|p| (p.name.clone(), p.timeout));
         let catalog = Catalog::new(providers, config.aliases.clone())?;
         if let Some(m) = &config.default_model
             && catalog.resolve(m).is_err()

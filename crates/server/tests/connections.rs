@@ -407,11 +407,7 @@ async fn ledger_gateway(db: &TestDatabase) -> (FakeOpenAi, SocketAddr, Ledger) {
     );
     let config = Config::from_toml(&toml, &TestEnv).unwrap();
     let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
-    let state = server::AppState::from_config(&config)
-        .unwrap()
-        .with_ledger(ledger.clone(), Duration::from_secs(600))
-        .await
-        .unwrap();
+    let state = server::AppState::from_config(&config).unwrap().with_ledger(ledger.clone()).await.unwrap();
     let addr = serve(server::app(state), ServeOptions::default()).await;
     (fake, addr, ledger)
 }

@@ -23,6 +23,8 @@ impl Env for NoEnv {
 struct Local {
     url: String,
     http: reqwest::Client,
+    /// The API key requests carry, when the server has a ledger.
+    key: Option<String>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -47,16 +49,84 @@ async fn start(toml: &str, dirs: Vec<tempfile::TempDir>) -> Local {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(server::run(listener, server::app(state), std::future::pending()));
-    Local { url: format!("http://{addr}/v1"), http: reqwest::Client::new(), _dirs: dirs }
+    Local { url: format!("http://{addr}/v1"), http: reqwest::Client::new(), key: None, _dirs: dirs }
+}
+
+/// [`serve`] with keys, budgets and the ledger on `db`; requests carry a key with a $1 budget.
+async fn serve_with_ledger(db: &ledger::testing::TestDatabase) -> (Local, ledger::Ledger) {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
+    let toml = format!("[models.tiny]\npath = {:?}\nprofile = \"turbo\"\n", dir.path().to_str().unwrap());
+    let config = Config::from_toml(&toml, &NoEnv).unwrap();
+    let ledger = ledger::Ledger::connect(&db.url).await.unwrap();
+    let budget = ledger::Budget::capped(ledger::Period::Total, rust_decimal::Decimal::ONE);
+    let key =
+        ledger.create_key(ledger::NewKey { budget: Some(budget), ..ledger::NewKey::user("local") }).await.unwrap();
+    let state = server::AppState::from_config(&config).unwrap().with_ledger(ledger.clone()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server::run(listener, server::app(state), std::future::pending()));
+    let local = Local {
+        url: format!("http://{addr}/v1"),
+        http: reqwest::Client::new(),
+        key: Some(key.secret),
+        _dirs: vec![dir],
+    };
+    (local, ledger)
 }
 
 impl Local {
     async fn generate(&self, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
-        let r = self.http.post(format!("{}/images/generations", self.url)).json(&body).send().await.unwrap();
+        let r = self.post("generations").json(&body).send().await.unwrap();
         let status = r.status().as_u16();
         let headers = r.headers().clone();
         (status, headers, r.json().await.unwrap())
     }
+}
+
+impl Local {
+    fn post(&self, endpoint: &str) -> reqwest::RequestBuilder {
+        let r = self.http.post(format!("{}/images/{endpoint}", self.url));
+        match &self.key {
+            Some(key) => r.bearer_auth(key),
+            None => r,
+        }
+    }
+
+    /// Starts a streamed job of `steps` steps with three partial images, and returns once the first
+    /// partial image has arrived: the job is running on the engine then.
+    async fn running_stream(&self, steps: u32) -> reqwest::Response {
+        let mut r = self
+            .post("generations")
+            .json(&json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": steps, "stream": true, "partial_images": 3}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let mut seen = String::new();
+        while !seen.contains("partial_image") {
+            let chunk = r.chunk().await.unwrap().expect("the stream ended before its first partial image");
+            seen.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        r
+    }
+}
+
+/// The local models' price per CPU hour, from the built-in catalog.
+fn cpu_price() -> rust_decimal::Decimal {
+    pricing::Catalog::builtin().unwrap().local.cpu_usd_per_hour.0
+}
+
+/// The compute line of a billed body: the milliseconds it reports and its amount.
+fn compute_line(body: &Value) -> (u64, rust_decimal::Decimal) {
+    let line = &body["imagegate"]["lines"][0];
+    let item = line["item"].as_str().unwrap();
+    let ms = item.strip_prefix("compute time, ").and_then(|r| r.strip_suffix(" ms")).unwrap().parse().unwrap();
+    (ms, line["amount_usd"].as_str().unwrap().parse().unwrap())
+}
+
+fn header_cost(headers: &reqwest::header::HeaderMap) -> rust_decimal::Decimal {
+    headers["x-imagegate-cost-usd"].to_str().unwrap().parse().unwrap()
 }
 
 fn image_bytes(v: &Value) -> Vec<u8> {
@@ -86,10 +156,13 @@ async fn a_generation_has_the_requested_size_format_usage_and_cost() {
         // Usage on the GPT image scale: 1056 medium tokens per 1024x1024, by area, rounded up.
         assert_eq!(body["usage"]["output_tokens"], json!((1056u64 * 96 * 64).div_ceil(1024 * 1024)));
         assert!(body["usage"]["input_tokens_details"]["text_tokens"].as_u64().unwrap() > 0);
-        // Billed by measured compute time: a cost header and an itemized line.
-        let cost: f64 = headers["x-imagegate-cost-usd"].to_str().unwrap().parse().unwrap();
-        assert!(cost >= 0.0);
+        // Billed by measured compute time: the catalog's CPU price times the time the line reports,
+        // never free.
         assert_eq!(body["imagegate"]["billing_basis"], "compute", "{}", body["imagegate"]);
+        let (ms, amount) = compute_line(&body);
+        assert!(ms > 0, "a generation takes time");
+        assert_eq!(amount, pricing::compute_cost(cpu_price(), ms).unwrap());
+        assert_eq!(header_cost(&headers), amount);
         assert!(headers.contains_key("x-request-id"));
     }
     // Compression really changes the size of lossy formats.
@@ -246,25 +319,14 @@ async fn streaming_sends_partial_images_from_intermediate_steps_then_the_image()
 #[tokio::test]
 async fn a_full_queue_answers_429_with_retry_after() {
     let s = serve("[engine]\nqueue_capacity = 1\n").await;
-    let slow = {
-        let http = s.http.clone();
-        let url = format!("{}/images/generations", s.url);
-        tokio::spawn(async move {
-            http.post(url)
-                .json(&json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": 25}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A job is surely running once its first partial image arrives.
+    let slow = s.running_stream(25).await;
     let (status, headers, body) = s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64"})).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "engine_busy");
     assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
-    assert_eq!(slow.await.unwrap(), 200);
+    let rest = slow.text().await.unwrap();
+    assert!(rest.contains("image_generation.completed"), "{rest}");
     // Once the queue drains, requests are served again.
     let (status, _, _) = s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": 1})).await;
     assert_eq!(status, 200);
@@ -310,24 +372,12 @@ impl Env for DataDirEnv {
 #[tokio::test]
 async fn a_client_that_goes_away_frees_the_engine() {
     let s = serve("[engine]\nqueue_capacity = 1\n").await;
-    let slow = {
-        let http = s.http.clone();
-        let url = format!("{}/images/generations", s.url);
-        tokio::spawn(async move {
-            let _ = http
-                .post(url)
-                .json(&json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": 150}))
-                .send()
-                .await;
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let slow = s.running_stream(150).await;
     // The slow job holds the only slot.
     let (status, _, _) = s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": 1})).await;
     assert_eq!(status, 429);
     // The client hangs up: the run stops at its next step and the slot frees long before 150 steps.
-    slow.abort();
-    let _ = slow.await;
+    drop(slow);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let (status, _, body) =
@@ -371,7 +421,7 @@ async fn quality_low_and_the_decoder_field_pick_the_tiny_decoder_when_there_is_o
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let found_url = format!("http://{}/v1", listener.local_addr().unwrap());
     tokio::spawn(server::run(listener, server::app(state), std::future::pending()));
-    let found = Local { url: found_url, http: reqwest::Client::new(), _dirs: vec![] };
+    let found = Local { url: found_url, http: reqwest::Client::new(), key: None, _dirs: vec![] };
 
     let body = |model: &str, extra: Value| {
         let mut b = json!({"model": model, "prompt": "otter", "size": "64x64", "steps": 2, "seed": 3});
@@ -409,4 +459,42 @@ async fn quality_low_and_the_decoder_field_pick_the_tiny_decoder_when_there_is_o
     let toml = format!("[models.bad]\npath = {m:?}\ntiny_decoder = {:?}\n", eight.path().to_str().unwrap());
     let msg = server::AppState::from_config(&Config::from_toml(&toml, &NoEnv).unwrap()).err().unwrap().to_string();
     assert!(msg.contains("config.json") && msg.contains("upsampling_scaling_factor"), "{msg}");
+}
+
+/// A local job whose client goes away stops at its next step and is charged the compute time it used
+/// (the catalog's price times the time it reports): never free, never the whole hold.
+async fn an_abandoned_local_job_pays_for_the_compute_it_used(db: &ledger::testing::TestDatabase) {
+    let (s, ledger) = serve_with_ledger(db).await;
+    let slow = s.running_stream(150).await;
+    let request_id = slow.headers()["x-request-id"].to_str().unwrap().to_owned();
+    drop(slow);
+    let row = loop {
+        if let Some(row) = ledger.entries_for_request(&request_id).await.unwrap().into_iter().next() {
+            break row;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(row.status, ledger::RequestStatus::Failed);
+    assert_eq!(row.entry.error_code.as_deref(), Some("client_disconnected"));
+    assert_eq!(row.entry.cost_source, Some(ledger::CostSource::Priced));
+    let breakdown: Value = serde_json::from_str(row.entry.cost_breakdown.as_deref().unwrap()).unwrap();
+    let (ms, amount) = compute_line(&json!({"imagegate": breakdown}));
+    assert!(ms > 0);
+    assert_eq!(row.cost_usd, amount);
+    assert_eq!(amount, pricing::compute_cost(cpu_price(), ms).unwrap());
+    let usage = ledger.key_budget_usage(&row.key_id.unwrap()).await.unwrap().unwrap();
+    assert_eq!((usage.spent_usd, usage.reserved_usd), (amount, rust_decimal::Decimal::ZERO));
+}
+
+#[tokio::test]
+async fn an_abandoned_local_job_pays_for_the_compute_it_used_sqlite() {
+    let db = ledger::testing::TestDatabase::sqlite().unwrap();
+    an_abandoned_local_job_pays_for_the_compute_it_used(&db).await;
+}
+
+#[tokio::test]
+async fn an_abandoned_local_job_pays_for_the_compute_it_used_postgres() {
+    let Some(db) = ledger::testing::TestDatabase::postgres().await.unwrap() else { return };
+    an_abandoned_local_job_pays_for_the_compute_it_used(&db).await;
+    db.finish().await.unwrap();
 }

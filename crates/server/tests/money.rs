@@ -74,8 +74,14 @@ async fn an_abandoned_stream_pays_for_every_image_the_upstream_made(db: &TestDat
     assert_eq!(total, row.cost_usd);
 
     // No second free round: what is left of the budget does not hold another worst case.
-    let again = g.generate_with(Some(&key), json!({"model": "gpt-image-1-mini", "prompt": prompt, "quality": "low",
-        "size": "1024x1024", "n": 10}), None).await;
+    let again = g
+        .generate_with(
+            Some(&key),
+            json!({"model": "gpt-image-1-mini", "prompt": prompt, "quality": "low",
+        "size": "1024x1024", "n": 10}),
+            None,
+        )
+        .await;
     assert_eq!(again.status, 429, "{}", again.body);
 }
 
@@ -316,7 +322,10 @@ low = { "1024x1024" = 272 }
     let (_, key) = g.capped_key("unpriced", Decimal::ONE).await;
     let r = g.generate(&key, "a medium otter nobody priced").await;
     assert_eq!(r.status, 500, "{}", r.body);
-    assert_eq!((r.body["error"]["code"].as_str(), r.body["error"]["type"].as_str()), (Some("unpriced_model"), Some("server_error")));
+    assert_eq!(
+        (r.body["error"]["code"].as_str(), r.body["error"]["type"].as_str()),
+        (Some("unpriced_model"), Some("server_error"))
+    );
     assert_eq!(r.body["error"]["param"], "model");
     assert_eq!(g.fake.count("nobody priced"), 0, "never sent upstream");
 
