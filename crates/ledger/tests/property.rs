@@ -15,8 +15,8 @@ use std::time::Duration;
 use chrono::TimeDelta;
 use ledger::testing::TestDatabase;
 use ledger::{
-    Budget, HeldRequest, Ledger, LedgerEntry, LedgerOptions, ManualClock, NewKey, Period, RequestStatus, Reservation,
-    Reserve, TokenUsage,
+    Budget, Clock, HeldRequest, Ledger, LedgerEntry, LedgerOptions, ManualClock, NewKey, Period, RequestStatus,
+    Reservation, Reserve, TokenUsage,
 };
 use proptest::prelude::*;
 use rust_decimal::Decimal;
