@@ -547,6 +547,9 @@ impl Task {
     }
 
     fn run(self, pipeline: &Pipeline) {
+        // Diffusion and encoding belong on the engine's own thread, never on the async runtime (every
+        // local test runs through here, so a move onto the runtime fails them).
+        debug_assert!(tokio::runtime::Handle::try_current().is_err(), "a local generation ran on the async runtime");
         let Task { model, plan, reply, cancel, abandoned, slot } = self;
         let Plan { mut params, edit, format, compression, resolved } = plan;
         let started = Instant::now();

@@ -59,11 +59,8 @@ fn response(mut s: TcpStream) -> (String, String) {
 fn health_answers_while_the_largest_estimates_are_priced() {
     let addr = serve_on_one_thread();
     // The largest estimate accepted: 100 items of 32,000 characters of prose (about 3 MB to tokenize).
-    let prompt: String = "a cute baby sea otter floating on its back in a kelp forest, "
-        .repeat(600)
-        .chars()
-        .take(32_000)
-        .collect();
+    let prompt: String =
+        "a cute baby sea otter floating on its back in a kelp forest, ".repeat(600).chars().take(32_000).collect();
     let items: Vec<Value> = (0..100).map(|_| json!({"model": "gpt-image-1-mini", "prompt": prompt})).collect();
     let body = serde_json::to_vec(&json!({"requests": items})).unwrap();
     // Several rounds: in each, /health is asked once both estimates have been sent whole, and must
