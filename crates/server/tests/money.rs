@@ -25,6 +25,7 @@ on_both_databases!(
     an_unpricable_result_is_charged_its_worst_case_not_given_away,
     nothing_of_the_client_reaches_the_upstream,
     internal_failures_answer_in_the_envelope,
+    random_requests_hang_ups_and_faults_never_leak_or_overspend,
 );
 
 fn stream_body(prompt: &str, n: u32) -> Value {
@@ -335,4 +336,81 @@ low = { "1024x1024" = 272 }
     assert_eq!(r.body["error"]["code"], "ledger_unavailable");
     assert!(!r.body["error"]["message"].as_str().unwrap().contains("sqlx"), "{}", r.body);
     assert_eq!(g.fake.count("no ledger"), 0);
+}
+
+/// Random requests (streamed or not, one to three images, upstream faults: slow, failing once,
+/// dropping mid-answer, billing more than the table) and random hang-ups, six at a time, against one
+/// budget: spent never passes it, spent is exactly the ledger's rows, every request leaves one row,
+/// and every image the upstream made and billed is charged (no free image), however the client
+/// behaved.
+async fn random_requests_hang_ups_and_faults_never_leak_or_overspend(db: &TestDatabase) {
+    use rand::{Rng, SeedableRng};
+    let g = std::sync::Arc::new(gateway(db).await);
+    let budget = Decimal::new(5, 2);
+    let (id, key) = g.capped_key("random", budget).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let faults =
+        ["", "[fault:slow=300]", "[fault:500-once]", "[fault:drop-mid]", "[fault:usage-x=3]", "[fault:gap=50]"];
+    let total = 24;
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        let fault = faults[rng.random_range(0..faults.len())];
+        let stream = rng.random_bool(0.5);
+        let n = rng.random_range(1..=3u32);
+        let hang_up_after = rng.random_bool(0.4).then(|| rng.random_range(0..3usize));
+        let body = json!({"model": "gpt-image-1-mini", "prompt": format!("{fault} random {i}"), "quality": "low",
+            "size": "1024x1024", "n": n, "stream": stream});
+        let (g, key) = (g.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = g.http.post(format!("{}/images/generations", g.url)).bearer_auth(&key).json(&body);
+            match hang_up_after {
+                // Hang up once the upstream has the request (or after a few events of a stream).
+                Some(events) if stream => {
+                    let Ok(mut r) = r.send().await else { return };
+                    for _ in 0..events {
+                        if r.chunk().await.ok().flatten().is_none() {
+                            break;
+                        }
+                    }
+                }
+                Some(_) => {
+                    let prompt = format!("random {i}");
+                    let pending = tokio::spawn(r.send());
+                    while g.fake.count(&prompt) == 0 && !pending.is_finished() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    pending.abort();
+                }
+                None => {
+                    if let Ok(r) = r.send().await {
+                        let _ = r.bytes().await;
+                    }
+                }
+            }
+        }));
+        if tasks.len() == 6 {
+            for t in tasks.drain(..) {
+                t.await.unwrap();
+            }
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Abandoned requests finish in the background: wait for every row.
+    let rows = loop {
+        let rows = g.rows_of(&id).await;
+        if rows.len() >= total {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rows.len(), total, "one row per request");
+    let (spent, held) = g.money(&id).await;
+    assert_eq!(held, Decimal::ZERO, "nothing is left held");
+    assert!(spent <= budget, "spent {spent} of {budget}");
+    assert_eq!(spent, rows.iter().map(|r| r.cost_usd).sum::<Decimal>(), "spent is the rows");
+    let charged_images: u64 = rows.iter().map(|r| u64::from(r.entry.n)).sum();
+    assert_eq!(charged_images, g.fake.billed_images(), "every image the upstream billed is charged, once");
+    assert!(rows.iter().any(|r| r.status == RequestStatus::Refused), "the budget ran out: the test reached it");
 }
