@@ -92,7 +92,7 @@ def main() -> int:
     procs = []
     data_dir = tempfile.mkdtemp(prefix="imagegate-decode-memory-")
     try:
-        fake = subprocess.Popen([str(args.bin_dir / "fake-openai"), "--listen", "127.0.0.1:0"],
+        fake = subprocess.Popen([str(args.bin_dir / "fake-openai"), "--listen", "127.0.0.1:0", "--api-key", "upstream-secret"],
                                 stdout=subprocess.PIPE)
         procs.append(fake)
         line = fake.stdout.readline().decode().strip()

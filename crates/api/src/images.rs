@@ -149,8 +149,21 @@ fn image_format(format: InputFormat) -> ImageFormat {
     }
 }
 
+/// The decoder's error in words a client can use: what kind of problem, never the decoder's own
+/// message (which can carry its internal structures).
 fn undecodable(param: &str, e: image::ImageError) -> ApiError {
-    ApiError::invalid_image(param, format!("Invalid input image '{param}': it does not decode ({e})."))
+    let why = decode_problem(&e);
+    ApiError::invalid_image(param, format!("Invalid input image '{param}': it does not decode ({why})."))
+}
+
+fn decode_problem(e: &image::ImageError) -> &'static str {
+    match e {
+        image::ImageError::Decoding(_) => "its data is corrupt or truncated",
+        image::ImageError::Limits(_) => "it needs more memory to decode than this server allows",
+        image::ImageError::Unsupported(_) => "it uses a feature of its format that is not supported",
+        image::ImageError::IoError(_) => "its data ends early",
+        image::ImageError::Parameter(_) | image::ImageError::Encoding(_) => "it is not a valid image",
+    }
 }
 
 /// Where a decoded image goes: the allocator's memory, or pages mapped for it alone.
@@ -446,5 +459,22 @@ mod tests {
             ("server_error", Some("server_busy"), None)
         );
         assert!(e.body.message.contains("retry"), "{}", e.body.message);
+    }
+
+    /// A PNG whose header checksum is wrong: the decoder's message (its chunk structures, checksums)
+    /// stays out of the client's error.
+    #[test]
+    fn a_corrupt_image_is_refused_without_the_decoders_internals() {
+        let mut png = Vec::new();
+        image::RgbImage::new(8, 8).write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png).unwrap();
+        // The IHDR chunk's CRC sits after the 8-byte signature, the chunk's length and type (8) and its
+        // 13 bytes of data.
+        png[8 + 8 + 13] ^= 0xff;
+        let e = inspect_image("image", Bytes::from(png), None, 1_000_000).unwrap_err();
+        let message = &e.body.message;
+        assert!(message.contains("does not decode"), "{message}");
+        for internal in ["ChunkType", "CRC", "critical", "0x"] {
+            assert!(!message.contains(internal), "{message}");
+        }
     }
 }

@@ -119,6 +119,11 @@ struct ServeArgs {
     #[arg(long, env = "IMAGEGATE_BODY_TIMEOUT_SECS", default_value_t = server::DEFAULT_BODY_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     body_timeout_secs: u64,
+    /// Seconds a write may wait for the client to read (a response, or a stream's next event) before
+    /// the connection is closed: a client that stops reading cannot hold its connection.
+    #[arg(long, env = "IMAGEGATE_WRITE_TIMEOUT_SECS", default_value_t = server::DEFAULT_WRITE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    write_timeout_secs: u64,
     /// Most connections served at once; more wait until one closes.
     #[arg(long, env = "IMAGEGATE_MAX_CONNECTIONS", default_value_t = server::DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -312,6 +317,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let options = server::ServeOptions {
         header_timeout: std::time::Duration::from_secs(args.header_timeout_secs),
         body_timeout: std::time::Duration::from_secs(args.body_timeout_secs),
+        write_timeout: std::time::Duration::from_secs(args.write_timeout_secs),
         max_connections: args.max_connections,
     };
     server::run_with(listener, server::app(state), options, shutdown_signal()).await.map_err(|e| e.to_string())?;

@@ -297,7 +297,8 @@ fn decode_edit(e: &domain::EditRequest, strength: f64) -> Result<Edit, ApiError>
     let mut images = Vec::with_capacity(e.images.len());
     for (i, input) in e.images.iter().enumerate() {
         let img = image::load_from_memory(&input.bytes).map_err(|err| {
-            ApiError::invalid_value_msg("image", format!("Invalid image {i}: it could not be decoded ({err})."))
+            tracing::debug!(image = i, error = %err, "an edit's input image does not decode");
+            ApiError::invalid_value_msg("image", format!("Invalid image {i}: it could not be decoded."))
         })?;
         images.push(img.to_rgb8());
     }
@@ -306,7 +307,8 @@ fn decode_edit(e: &domain::EditRequest, strength: f64) -> Result<Edit, ApiError>
         Some(m) => {
             let rgba = image::load_from_memory(&m.bytes)
                 .map_err(|err| {
-                    ApiError::invalid_value_msg("mask", format!("Invalid mask: it could not be decoded ({err})."))
+                    tracing::debug!(error = %err, "an edit's mask does not decode");
+                    ApiError::invalid_value_msg("mask", "Invalid mask: it could not be decoded.".to_owned())
                 })?
                 .to_rgba8();
             // OpenAI's masks: fully transparent pixels are edited, opaque ones kept.

@@ -24,9 +24,10 @@ pub async fn generations(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HandlerResult {
-    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), &state))?;
+    let limit = generation_body_limit(&state);
+    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), limit))?;
     let fingerprint = wants_fingerprint(&state, &headers).then(|| ledger::fingerprint(&body));
-    let map = json_body(&state, &headers, Ok(body))?;
+    let map = json_body(limit, &headers, Ok(body)).await?;
     let raw = RawRequest::parse(&Fields::Json(&map), JobKind::Generate, &[])?;
     let (model, route) = route(&state, &raw, JobKind::Generate)?;
     let (prompt, options, _) = raw.validate(&model, route.family, JobKind::Generate)?;
@@ -44,8 +45,9 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
     } else if is_json(&ct) {
         let body = Bytes::from_request(request, &state)
             .await
-            .map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), &state))?;
-        read_json_edit(&body)?
+            .map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), state.limits.max_body_bytes))?;
+        // Parsing and base64-decoding megabytes of images is work for a blocking thread.
+        blocking(move || read_json_edit(&body), &headers).await??
     } else {
         return Err(ApiError::unsupported_media_type(&ct, "'multipart/form-data' or 'application/json'").into());
     };
@@ -80,7 +82,7 @@ pub async fn estimates(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> HandlerResult {
-    let map = json_body(&state, &headers, body)?;
+    let map = json_body(state.limits.max_body_bytes, &headers, body).await?;
     let items = api::estimates::parse_estimate_request(&map)?;
     // Pricing counts prompt tokens: CPU work for a blocking thread, not the async runtime.
     let outcome = blocking(move || crate::estimates::estimate(&state, &items), &headers).await??;
@@ -175,7 +177,7 @@ impl EditForm {
 async fn read_multipart(request: Request, state: &AppState) -> Result<EditForm, HttpError> {
     let mut multipart = Multipart::from_request(request, state)
         .await
-        .map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), state))?;
+        .map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), state.limits.max_body_bytes))?;
     let mut texts = Vec::new();
     let mut files = Vec::new();
     let mut mask = None;
@@ -183,13 +185,16 @@ async fn read_multipart(request: Request, state: &AppState) -> Result<EditForm, 
         let field = match multipart.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e) => return Err(body_rejection(e.status().as_u16(), &e.body_text(), state)),
+            Err(e) => return Err(body_rejection(e.status().as_u16(), &e.body_text(), state.limits.max_body_bytes)),
         };
         let name = field.name().unwrap_or_default().to_owned();
         let filename = field.file_name().map(str::to_owned);
         let is_image = name == "image" || name == "image[]" || is_indexed_image(&name);
         let has_file = filename.is_some();
-        let bytes = field.bytes().await.map_err(|e| body_rejection(e.status().as_u16(), &e.body_text(), state))?;
+        let bytes = field
+            .bytes()
+            .await
+            .map_err(|e| body_rejection(e.status().as_u16(), &e.body_text(), state.limits.max_body_bytes))?;
         if is_image {
             files.push((bytes, filename));
         } else if name == "mask" {
@@ -300,30 +305,85 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// A body that could not be read: too large (413) or malformed (400).
-fn body_rejection(status: u16, text: &str, state: &AppState) -> HttpError {
+fn body_rejection(status: u16, text: &str, limit: usize) -> HttpError {
     if status == 413 {
-        HttpError(ApiError::payload_too_large(state.limits.max_body_bytes))
+        HttpError(ApiError::payload_too_large(limit))
     } else {
         HttpError(ApiError::malformed_body(format!("The request body could not be read: {text}")))
     }
 }
 
-/// A JSON-only endpoint's body as an object: 413 when too large, 415 for another content type, 400 when
-/// it is not a JSON object.
-fn json_body(
-    state: &AppState,
+/// The largest generation body: a prompt of at most 32,000 characters and a dozen fields fit in a
+/// fraction of it (the server-wide `max_body_bytes` is for edits' images).
+pub const GENERATION_BODY_LIMIT: usize = 1024 * 1024;
+
+/// [`GENERATION_BODY_LIMIT`], or the server's limit when that is smaller.
+pub fn generation_body_limit(state: &AppState) -> usize {
+    GENERATION_BODY_LIMIT.min(state.limits.max_body_bytes)
+}
+
+/// The most JSON values a request body may hold. OpenAI's requests hold tens, the largest estimate a
+/// few thousand; a parsed value takes tens of bytes however short its text, so a body of tiny values
+/// (`[0,0,0,...]`) would grow twentyfold in memory when parsed.
+pub const MAX_JSON_VALUES: usize = 20_000;
+
+/// Bodies up to this size are parsed on the async runtime; larger ones on a blocking thread.
+const PARSE_ON_RUNTIME_BYTES: usize = 64 * 1024;
+
+/// A JSON-only endpoint's body as an object: 413 when over `limit`, 415 for another content type, 400
+/// when it is not a JSON object (or holds too many values).
+async fn json_body(
+    limit: usize,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Map<String, Value>, HttpError> {
-    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), state))?;
+    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), limit))?;
     let ct = content_type(headers);
     if !ct.is_empty() && !is_json(ct) {
         return Err(ApiError::unsupported_media_type(ct, "'application/json'").into());
     }
-    json_object(&body)
+    if body.len() <= PARSE_ON_RUNTIME_BYTES {
+        return json_object(&body);
+    }
+    blocking(move || json_object(&body), headers).await?
+}
+
+/// Whether `body` holds at most `max` JSON values, counted without parsing: every value after the
+/// first of an array or object follows a `,`, and every array or object opens with `[` or `{` (outside
+/// strings). An upper bound on what parsing it allocates, read in one pass.
+fn json_values_within(body: &[u8], max: usize) -> bool {
+    let (mut count, mut in_string, mut escaped) = (1usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b',' | b'[' | b'{' => {
+                count += 1;
+                if count > max {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 fn json_object(body: &[u8]) -> Result<Map<String, Value>, HttpError> {
+    if !json_values_within(body, MAX_JSON_VALUES) {
+        return Err(ApiError::malformed_body(format!(
+            "The request body holds more than {MAX_JSON_VALUES} JSON values; no request needs that many."
+        ))
+        .into());
+    }
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(ApiError::malformed_body(format!(
@@ -356,4 +416,21 @@ fn content_type(headers: &HeaderMap) -> &str {
 fn is_json(ct: &str) -> bool {
     let essence = ct.split(';').next().unwrap_or("").trim();
     essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_values_are_counted_outside_strings_only() {
+        assert!(json_values_within(br#"{"prompt":"a, b, [c], {d}","n":2}"#, 3));
+        // The document, the object, a member after the first, the array, three elements after its first.
+        assert!(json_values_within(br#"{"prompt":"a","junk":[0,0,0,0]}"#, 7));
+        assert!(!json_values_within(br#"{"prompt":"a","junk":[0,0,0,0]}"#, 6));
+        // An escaped quote does not end the string.
+        assert!(json_values_within(br#"{"p":"say \",,,,,\" twice"}"#, 2));
+        let bomb = format!("{{\"prompt\":\"x\",\"junk\":[{}0]}}", "0,".repeat(MAX_JSON_VALUES));
+        assert!(matches!(json_object(bomb.as_bytes()), Err(HttpError(e)) if e.status == 400));
+    }
 }

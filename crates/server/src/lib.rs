@@ -202,7 +202,10 @@ async fn upkeep(ledger: ledger::Ledger, interval: std::time::Duration, stop: tok
 /// under [`with_layers`].
 pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
-        .route("/images/generations", post(handlers::generations))
+        .route(
+            "/images/generations",
+            post(handlers::generations).layer(DefaultBodyLimit::max(handlers::generation_body_limit(&state))),
+        )
         .route("/images/edits", post(handlers::edits))
         .route("/images/estimates", post(handlers::estimates))
         .route("/models", get(handlers::list_models))
@@ -307,6 +310,10 @@ pub struct ServeOptions {
     /// stalls or trickles past it is answered 408 and the connection closed. Large uploads over slow
     /// links need it raised.
     pub body_timeout: Duration,
+    /// How long a write to a client may wait for it to read: a client that stops reading a response
+    /// (or a stream) this long is disconnected, so it cannot hold its connection slot forever. Time
+    /// between a stream's events does not count, only a write the client does not take.
+    pub write_timeout: Duration,
     /// The most connections served at once; at the cap no connection is accepted (new ones wait in the
     /// listen backlog) until one closes. Keep it below the process's open-file limit (`ulimit -n`).
     pub max_connections: usize,
@@ -316,6 +323,8 @@ pub struct ServeOptions {
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// [`ServeOptions::body_timeout`]'s default.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// [`ServeOptions::write_timeout`]'s default.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// [`ServeOptions::max_connections`]'s default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// The longest timeout honoured: longer ones could overflow a deadline's clock arithmetic.
@@ -326,6 +335,7 @@ impl Default for ServeOptions {
         ServeOptions {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
@@ -358,6 +368,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let body_timeout = options.body_timeout.min(MAX_TIMEOUT);
+    let write_timeout = options.write_timeout.min(MAX_TIMEOUT);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(options.header_timeout.min(MAX_TIMEOUT))
@@ -390,7 +401,11 @@ pub async fn run_with(
             let app = app.clone();
             async move { Ok::<_, Infallible>(serve_request(app, request, body_timeout).await) }
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        // Reads have no timeout here (a client waits quietly for a long generation; the header and body
+        // deadlines bound what it must send); a write the client does not take ends the connection.
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(write_timeout));
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(Box::pin(stream)), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 // Timeouts, resets and parse errors: the client's doing, not worth more than a debug line.

@@ -46,6 +46,7 @@ fn options(header_ms: u64, body_ms: u64, max_connections: usize) -> ServeOptions
     ServeOptions {
         header_timeout: Duration::from_millis(header_ms),
         body_timeout: Duration::from_millis(body_ms),
+        write_timeout: Duration::from_secs(3600),
         max_connections,
     }
 }
@@ -283,6 +284,28 @@ async fn at_the_connection_cap_a_new_connection_waits_until_one_closes() {
     drop(first);
     let reply = within("the third connection, once the first closed", third.response()).await.unwrap();
     assert_eq!(reply.status, 200);
+}
+
+/// A client that pipelines requests and never reads the answers fills the socket buffers, and the
+/// server's writes wait: after the write timeout the connection is closed, so it cannot hold its slot
+/// (here the only one) forever. Found by scripts/hostile.py: without it twenty such clients held every
+/// slot of a server capped at twenty, indefinitely.
+#[tokio::test]
+async fn a_client_that_never_reads_loses_its_connection_after_the_write_timeout() {
+    let options = ServeOptions { write_timeout: Duration::from_millis(300), ..options(60_000, 60_000, 1) };
+    let addr = serve(plain_app(), options).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut greedy = socket.connect(addr).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+        // Until the server closes the connection: requests out, nothing ever read.
+        while greedy.write_all(&request).await.is_ok() {}
+    });
+    // The only slot is the greedy client's until the server gives up writing to it.
+    let reply = within("a request while a client never reads", health_on_new_connection(addr)).await;
+    assert_eq!(reply.status, 200);
+    within("the greedy client's connection to close", writer).await.unwrap();
 }
 
 #[tokio::test]

@@ -414,3 +414,24 @@ async fn random_requests_hang_ups_and_faults_never_leak_or_overspend(db: &TestDa
     assert_eq!(charged_images, g.fake.billed_images(), "every image the upstream billed is charged, once");
     assert!(rows.iter().any(|r| r.status == RequestStatus::Refused), "the budget ran out: the test reached it");
 }
+
+/// A hold TTL that an upstream attempt could outlast is refused at start, naming both settings.
+#[tokio::test]
+async fn a_hold_ttl_shorter_than_the_upstream_timeout_is_refused() {
+    let db = TestDatabase::sqlite().unwrap();
+    let toml = "[providers.openai]\nbase_url = \"http://127.0.0.1:9/v1\"\nmodels = [\"gpt-image-1-mini\"]\napi_key_env = \"FAKE_UPSTREAM_KEY\"\ntimeout_secs = 30\n";
+    let config = server::config::Config::from_toml(toml, &common::TestEnv).unwrap();
+    for (ttl, accepted) in [(39, false), (40, true)] {
+        let options = LedgerOptions { reservation_ttl: Duration::from_secs(ttl), ..LedgerOptions::default() };
+        let ledger = Ledger::connect_with(&db.url, options).await.unwrap();
+        let state = server::AppState::from_config(&config).unwrap().with_ledger(ledger).await;
+        match state {
+            Ok(_) => assert!(accepted, "a {ttl} s TTL was accepted with a 30 s upstream timeout"),
+            Err(e) => {
+                assert!(!accepted, "{e}");
+                let message = e.to_string();
+                assert!(message.contains("--reservation-ttl-secs") && message.contains("timeout_secs"), "{message}");
+            }
+        }
+    }
+}

@@ -89,3 +89,21 @@ fn health_answers_while_the_largest_estimates_are_priced() {
         }
     }
 }
+
+/// A body of tiny JSON values (`[0,0,0,...]`, which would grow twentyfold when parsed) is refused
+/// before it is parsed, and a generation body is held to a size a prompt can need. Found by
+/// scripts/hostile.py: two 60 MiB bodies of zeros took the server from 0.4 to 4 GB.
+#[test]
+fn bodies_of_tiny_json_values_are_refused_unparsed() {
+    let addr = serve_on_one_thread();
+    let junk = format!("{{\"requests\":[{{\"model\":\"gpt-image-1-mini\"}}],\"junk\":[{}0]}}", "0,".repeat(5_000_000));
+    let (status, text) = response(send(addr, "POST", "/v1/images/estimates", junk.as_bytes()));
+    assert!(status.contains("400"), "{status}: {}", &text[..text.len().min(300)]);
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().contains("JSON values"), "{text}");
+
+    let big = format!("{{\"prompt\":\"{}\"}}", "x".repeat(2 * 1024 * 1024));
+    let (status, text) = response(send(addr, "POST", "/v1/images/generations", big.as_bytes()));
+    assert!(status.contains("413"), "{status}: {text}");
+    assert!(text.contains("1048576"), "the limit is named: {text}");
+}
