@@ -1459,6 +1459,31 @@ def s11_small_items(h: Harness):
            f"{str(j.get('replay', ''))[:100]}")
 
 
+def concurrent_uploads(srv, count: int, body: bytes, ctype: str, key) -> tuple[list, float, float, float]:
+    """Sends `count` edits of `body` at once: their statuses, and the server's RSS (MiB) before, at its
+    peak while they ran, and 3 s after."""
+    before = srv.rss_mib()
+    codes = []
+    peak = before
+    threads = [threading.Thread(target=lambda: codes.append(request(
+        srv.url, "POST", "/v1/images/edits", body, key=key, headers={"Content-Type": ctype}, timeout=300).status))
+        for _ in range(count)]
+    peak = max(peak, run_sampling_rss(srv, threads))
+    time.sleep(3)
+    return codes, before, peak, srv.rss_mib()
+
+
+def run_sampling_rss(srv, threads: list) -> float:
+    """Runs `threads` to their end; the server's highest RSS (MiB) seen meanwhile."""
+    peak = 0.0
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, srv.rss_mib())
+        time.sleep(0.01)
+    return peak
+
+
 def s12_json_bomb(h: Harness):
     """JSON bodies under the body limit whose parsed form is many times their size."""
     sc = "12 JSON bodies at the size limit"
@@ -1468,21 +1493,20 @@ def s12_json_bomb(h: Harness):
     broke, _ = h.key(db, "nothing-to-spend", 0)
     time.sleep(0.5)
     # Bodies that are only large: four 60 MiB multipart edits at once (refused: not an image). Each is
-    # under the body limit; nothing bounds them together, and the allocator keeps what they took.
+    # under the body limit; together they fit the default 512 MiB of bodies in flight. Bodies this
+    # large live in memory of their own, so what they took goes back to the OS when they end.
     upload, ctype = multipart({"model": MODEL, "prompt": "x"}, [("image", "a.png", b"\x89PNG\r\n\x1a\n" + bytes(60 << 20))])
-    before = srv.rss_mib()
-    codes = []
-    threads = [threading.Thread(target=lambda: codes.append(request(
-        srv.url, "POST", "/v1/images/edits", upload, key=broke, headers={"Content-Type": ctype}, timeout=300).status))
-        for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    time.sleep(3)
-    record(sc, "4 x 60 MiB multipart uploads", "INFO",
-           f"statuses {codes}; RSS before {before:.0f} MiB, after (+3 s) {srv.rss_mib():.0f} MiB (bodies are held whole, "
-           f"no bound over all requests; jemalloc's dirty_decay_ms:-1 keeps the pages)")
+    codes, before, peak, after = concurrent_uploads(srv, 4, upload, ctype, broke)
+    record(sc, "4 x 60 MiB multipart uploads returned", after - before <= 64 and all(c == 400 for c in codes),
+           f"statuses {codes}; RSS before {before:.0f} MiB, peak {peak:.0f} MiB, after (+3 s) {after:.0f} MiB "
+           f"(bodies counted in --max-body-bytes-in-flight, large ones mapped and unmapped)")
+
+    # Twelve at once: 720 MiB of bodies against 512 MiB in flight. Those that find no room within
+    # --decode-wait-ms get 503 server_busy; memory stays within the budget.
+    codes, before, peak, after = concurrent_uploads(srv, 12, upload, ctype, broke)
+    record(sc, "12 x 60 MiB uploads vs 512 MiB in flight", peak - before <= 600 and after - before <= 64
+           and all(c in (400, 503) for c in codes),
+           f"statuses {sorted(codes)}; RSS before {before:.0f} MiB, peak {peak:.0f} MiB, after (+3 s) {after:.0f} MiB")
 
     body = b'{"prompt":"x","junk":[' + b"0," * (30 * 2**20 - 1) + b"0]}"
     before = srv.rss_mib()
@@ -1503,11 +1527,7 @@ def s12_json_bomb(h: Harness):
     peak = before
     with HealthProbe(srv.url, interval=0.1) as probe:
         threads = [threading.Thread(target=send, args=(broke,)) for _ in range(2)]
-        for t in threads:
-            t.start()
-        while any(t.is_alive() for t in threads):
-            peak = max(peak, srv.rss_mib())
-            time.sleep(0.01)
+        peak = max(peak, run_sampling_rss(srv, threads))
     time.sleep(3)
     after = srv.rss_mib()
     figures = (f"{len(body) / 2**20:.0f} MiB body (limit 64 MiB): no key -> {statuses[0]} (RSS {unauth_rss:.0f} MiB); "

@@ -121,9 +121,23 @@ pub fn decode_data_url(param: &str, url: &str) -> Result<Bytes, ApiError> {
             "Invalid data URL: the data must be base64 (data:image/png;base64,...).".to_owned(),
         ));
     }
-    base64::engine::general_purpose::STANDARD.decode(payload.trim()).map(Bytes::from).map_err(|e| {
+    decode_base64(param, payload.trim())
+}
+
+/// Decodes base64 into a buffer of its own: a large image goes into pages that return to the OS when
+/// it is dropped (see [`crate::buffer`]).
+fn decode_base64(param: &str, payload: &str) -> Result<Bytes, ApiError> {
+    let invalid = |e: &dyn std::fmt::Display| {
         ApiError::invalid_value_msg(param, format!("Invalid data URL: the base64 data does not decode ({e})."))
-    })
+    };
+    // Mapping fails only when the machine is out of memory: a 503 to retry.
+    let mut buffer = crate::buffer::ByteBuffer::zeroed(base64::decoded_len_estimate(payload.len()))
+        .map_err(|_| crate::images::decode_busy(1))?;
+    let len = base64::engine::general_purpose::STANDARD
+        .decode_slice(payload, buffer.as_mut_slice())
+        .map_err(|e| invalid(&e))?;
+    buffer.truncate(len);
+    Ok(buffer.into_bytes())
 }
 
 #[cfg(test)]

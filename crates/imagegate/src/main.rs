@@ -70,7 +70,12 @@ pub struct ConfigArgs {
     /// 503); at least 8 bytes per --max-image-pixels.
     #[arg(long, env = "IMAGEGATE_MAX_DECODE_BYTES", default_value_t = Limits::default().max_decode_bytes)]
     max_decode_bytes: u64,
-    /// Milliseconds an edit waits for room under --max-decode-bytes before a 503 to retry.
+    /// Request bodies in memory at once, in bytes, over all requests (requests beyond wait, then get
+    /// 503); at least --max-body-bytes.
+    #[arg(long, env = "IMAGEGATE_MAX_BODY_BYTES_IN_FLIGHT", default_value_t = Limits::default().max_body_bytes_in_flight)]
+    max_body_bytes_in_flight: u64,
+    /// Milliseconds a request waits for room under --max-decode-bytes or --max-body-bytes-in-flight
+    /// before a 503 to retry.
     #[arg(long, env = "IMAGEGATE_DECODE_WAIT_MS", default_value_t = Limits::default().decode_wait.as_millis() as u64)]
     decode_wait_ms: u64,
     /// Where pulled models (and stored data) live [default: $XDG_DATA_HOME/imagegate or
@@ -193,6 +198,7 @@ impl ConfigArgs {
             max_body_bytes: self.max_body_bytes,
             max_image_pixels: self.max_image_pixels,
             max_decode_bytes: self.max_decode_bytes,
+            max_body_bytes_in_flight: self.max_body_bytes_in_flight,
             decode_wait: std::time::Duration::from_millis(self.decode_wait_ms),
         };
         let mut state = AppState::from_config(&config).map_err(|e| e.to_string())?;

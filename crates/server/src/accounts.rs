@@ -42,6 +42,47 @@ pub const BUDGET_WARNING_HEADER: &str = "x-imagegate-budget-warning";
 /// Responses larger than this are stored for idempotent replay without their images.
 const MAX_STORED_RESPONSE: usize = 16 << 20;
 
+/// What is stored for a succeeded request whose response cannot be replayed (streamed, or larger than
+/// [`MAX_STORED_RESPONSE`]): a retry is told so with a 409 instead of getting a 200 without images.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NotStored {
+    /// Why the response was not stored.
+    imagegate_not_stored: String,
+    /// The request that succeeded and was charged.
+    request_id: String,
+}
+
+impl NotStored {
+    fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The marker, if `stored` is one (a real response has no `imagegate_not_stored` field).
+    fn parse(stored: &str) -> Option<Self> {
+        if stored.len() > 1024 {
+            return None;
+        }
+        serde_json::from_str(stored).ok()
+    }
+}
+
+/// The answer to a retry whose earlier request succeeded: its stored response, or a 409 saying that
+/// the response was delivered once and not kept (it is not run, nor charged, again).
+fn replay(idem: &str, stored: &StoredResponse) -> Result<(), ApiError> {
+    let Some(note) = NotStored::parse(&stored.body) else { return Ok(()) };
+    let cost = stored.cost_usd.as_deref().map(|c| format!(" and was charged ${c}")).unwrap_or_default();
+    Err(ApiError::new(
+        409,
+        "invalid_request_error",
+        Some(IDEMPOTENCY_HEADER),
+        Some("idempotent_response_not_stored"),
+        format!(
+            "The request with the Idempotency-Key '{idem}' already succeeded (request {}){cost}; its response was {}, so it cannot be replayed. It is not run again: use a new Idempotency-Key to generate new images.",
+            note.request_id, note.imagegate_not_stored
+        ),
+    ))
+}
+
 /// What is known of a request before it runs, for its ledger row.
 #[derive(Debug, Clone)]
 pub struct RequestInfo {
@@ -159,7 +200,10 @@ pub async fn admit(
         .map_err(|e| internal(&admission.info, e))?
     {
         Idempotency::New => Ok(Admit::Go(Box::new(Admission { idempotency_key: Some(idem.to_owned()), ..admission }))),
-        Idempotency::Completed(stored) => Ok(Admit::Replay(stored)),
+        Idempotency::Completed(stored) => {
+            replay(idem, &stored)?;
+            Ok(Admit::Replay(stored))
+        }
         Idempotency::InFlight => Err(ApiError::new(
             409,
             "invalid_request_error",
@@ -401,11 +445,7 @@ impl Ticket {
             Some(body) if body.len() <= MAX_STORED_RESPONSE => String::from_utf8_lossy(body).into_owned(),
             other => {
                 let why = if other.is_some() { "too large to store" } else { "streamed, and streams are not stored" };
-                serde_json::json!({
-                    "request_id": a.info.request_id,
-                    "replay": format!("this request already succeeded and was charged once; its response was {why}"),
-                })
-                .to_string()
+                NotStored { imagegate_not_stored: why.to_owned(), request_id: a.info.request_id.clone() }.to_json()
             }
         };
         let cost = end.cost.map(|c| c.total.min(self.worst.total).normalize().to_string());

@@ -153,7 +153,12 @@ pub struct Limits {
     /// can decode to 512 MB, so concurrent edits with such images, each under the pixel limit, would
     /// otherwise take whatever memory the machine has. At least [`Limits::largest_decode_bytes`].
     pub max_decode_bytes: u64,
-    /// How long a request waits for room in `max_decode_bytes` before it gets a 503 to retry.
+    /// Request bodies in memory at once, in bytes, over all requests (each is at most
+    /// `max_body_bytes`): without it, many connections each sending a large body at once would take
+    /// whatever memory the machine has. At least `max_body_bytes`.
+    pub max_body_bytes_in_flight: u64,
+    /// How long a request waits for room in `max_decode_bytes` or `max_body_bytes_in_flight` before it
+    /// gets a 503 to retry.
     pub decode_wait: Duration,
 }
 
@@ -164,6 +169,8 @@ impl Default for Limits {
             max_image_pixels: 64_000_000,
             // Two images at the default pixel limit at 16 bits RGBA (512 MB each).
             max_decode_bytes: 1024 * 1024 * 1024,
+            // Eight requests at the default body limit.
+            max_body_bytes_in_flight: 512 * 1024 * 1024,
             // Long enough for a decode at the pixel limit to finish on a small machine.
             decode_wait: Duration::from_secs(5),
         }
@@ -176,9 +183,16 @@ impl Limits {
         self.max_image_pixels.saturating_mul(api::images::MAX_DECODED_BYTES_PER_PIXEL)
     }
 
-    /// Refuses a decode budget too small for one image at the pixel limit: such an image could never
-    /// be decoded, and every edit with one would wait, then fail.
+    /// Refuses a decode budget too small for one image at the pixel limit (such an image could never
+    /// be decoded, and every edit with one would wait, then fail), and a body budget too small for one
+    /// body at the body limit (the same).
     pub fn check(&self) -> Result<(), ConfigError> {
+        if self.max_body_bytes_in_flight < self.max_body_bytes as u64 {
+            return err(format!(
+                "--max-body-bytes-in-flight (IMAGEGATE_MAX_BODY_BYTES_IN_FLIGHT) is {} bytes, less than one request body at --max-body-bytes (IMAGEGATE_MAX_BODY_BYTES) {}: raise --max-body-bytes-in-flight to at least {}, or lower --max-body-bytes",
+                self.max_body_bytes_in_flight, self.max_body_bytes, self.max_body_bytes
+            ));
+        }
         if self.max_decode_bytes < self.largest_decode_bytes() {
             return err(format!(
                 "--max-decode-bytes (IMAGEGATE_MAX_DECODE_BYTES) is {} bytes, and one input image at --max-image-pixels (IMAGEGATE_MAX_IMAGE_PIXELS) {} pixels takes up to {} bytes decoded ({} a pixel): raise --max-decode-bytes to at least {}, or lower --max-image-pixels",

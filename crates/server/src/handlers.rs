@@ -2,7 +2,6 @@
 //! provider, and write the response. Image decoding runs on blocking threads, never on the runtime.
 
 use api::{ApiError, Fields, RawRequest};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, FromRequest, Multipart, Path, Request, State};
 use axum::http::header::{ALLOW, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, Method, Uri};
@@ -12,6 +11,7 @@ use domain::{EditRequest, GenerateRequest, ImageJob, InputImage, JobKind};
 use serde_json::{Map, Value};
 
 use crate::accounts::{self, Caller};
+use crate::body::BodyError;
 use crate::jobs::{Who, execute, json_response, request_id};
 use crate::routing::Route;
 use crate::{AppState, HttpError};
@@ -21,13 +21,12 @@ type HandlerResult = Result<Response, HttpError>;
 pub async fn generations(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> HandlerResult {
-    let limit = generation_body_limit(&state);
-    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), limit))?;
+    let headers = request.headers().clone();
+    let body = read_body(&state, request, generation_body_limit(&state)).await?;
     let fingerprint = wants_fingerprint(&state, &headers).then(|| ledger::fingerprint(&body));
-    let map = json_body(limit, &headers, Ok(body)).await?;
+    let map = json_body(&headers, body).await?;
     let raw = RawRequest::parse(&Fields::Json(&map), JobKind::Generate, &[])?;
     let (model, route) = route(&state, &raw, JobKind::Generate)?;
     let (prompt, options, _) = raw.validate(&model, route.family, JobKind::Generate)?;
@@ -43,9 +42,7 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
     let form = if ct.starts_with("multipart/form-data") {
         read_multipart(request, &state).await?
     } else if is_json(&ct) {
-        let body = Bytes::from_request(request, &state)
-            .await
-            .map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), state.limits.max_body_bytes))?;
+        let body = read_body(&state, request, state.limits.max_body_bytes).await?;
         // Parsing and base64-decoding megabytes of images is work for a blocking thread.
         blocking(move || read_json_edit(&body), &headers).await??
     } else {
@@ -77,12 +74,10 @@ fn wants_fingerprint(state: &AppState, headers: &HeaderMap) -> bool {
 }
 
 /// `POST /v1/images/estimates`: what planned requests would cost, before spending anything.
-pub async fn estimates(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> HandlerResult {
-    let map = json_body(state.limits.max_body_bytes, &headers, body).await?;
+pub async fn estimates(State(state): State<AppState>, request: Request) -> HandlerResult {
+    let headers = request.headers().clone();
+    let body = read_body(&state, request, state.limits.max_body_bytes).await?;
+    let map = json_body(&headers, body).await?;
     let items = api::estimates::parse_estimate_request(&map)?;
     // Pricing counts prompt tokens: CPU work for a blocking thread, not the async runtime.
     let outcome = blocking(move || crate::estimates::estimate(&state, &items), &headers).await??;
@@ -181,8 +176,10 @@ async fn read_multipart(request: Request, state: &AppState) -> Result<EditForm, 
     let mut texts = Vec::new();
     let mut files = Vec::new();
     let mut mask = None;
+    let limit = state.limits.max_body_bytes;
+    let deadline = tokio::time::Instant::now() + state.limits.decode_wait;
     loop {
-        let field = match multipart.next_field().await {
+        let mut field = match multipart.next_field().await {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => return Err(body_rejection(e.status().as_u16(), &e.body_text(), state.limits.max_body_bytes)),
@@ -191,10 +188,16 @@ async fn read_multipart(request: Request, state: &AppState) -> Result<EditForm, 
         let filename = field.file_name().map(str::to_owned);
         let is_image = name == "image" || name == "image[]" || is_indexed_image(&name);
         let has_file = filename.is_some();
-        let bytes = field
-            .bytes()
-            .await
-            .map_err(|e| body_rejection(e.status().as_u16(), &e.body_text(), state.limits.max_body_bytes))?;
+        // Read into the body budget, and large fields into pages of their own (`crate::body`).
+        let mut collector = state.body_budget.collector(limit, deadline);
+        loop {
+            match field.chunk().await {
+                Ok(Some(chunk)) => collector.push(&chunk).await.map_err(|e| body_error(e, limit))?,
+                Ok(None) => break,
+                Err(e) => return Err(body_rejection(e.status().as_u16(), &e.body_text(), limit)),
+            }
+        }
+        let bytes = collector.finish();
         if is_image {
             files.push((bytes, filename));
         } else if name == "mask" {
@@ -202,6 +205,16 @@ async fn read_multipart(request: Request, state: &AppState) -> Result<EditForm, 
         } else if has_file {
             return Err(ApiError::unknown_parameter(&name).into());
         } else {
+            if bytes.len() > GENERATION_BODY_LIMIT {
+                return Err(ApiError::invalid_value_msg(
+                    &name,
+                    format!(
+                        "The '{name}' field is {} bytes long; a text field is at most {GENERATION_BODY_LIMIT} bytes (a prompt at most 32,000 characters).",
+                        bytes.len()
+                    ),
+                )
+                .into());
+            }
             let text = String::from_utf8(bytes.to_vec())
                 .map_err(|_| ApiError::invalid_type(&name, "a UTF-8 string", "binary data"))?;
             texts.push((name, text));
@@ -304,6 +317,28 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
+/// The whole body, at most `limit` bytes (413 beyond, before anything is read when the
+/// `Content-Length` says so), counted against the server's body budget while any copy of it lives (a
+/// 503 to retry when there is no room in time).
+async fn read_body(state: &AppState, request: Request, limit: usize) -> Result<Bytes, HttpError> {
+    let declared = request.headers().get(axum::http::header::CONTENT_LENGTH);
+    if declared.and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).is_some_and(|len| len > limit as u64) {
+        return Err(HttpError(ApiError::payload_too_large(limit)));
+    }
+    let deadline = tokio::time::Instant::now() + state.limits.decode_wait;
+    state.body_budget.read(request.into_body(), limit, deadline).await.map_err(|e| body_error(e, limit))
+}
+
+fn body_error(e: BodyError, limit: usize) -> HttpError {
+    match e {
+        BodyError::TooLarge => HttpError(ApiError::payload_too_large(limit)),
+        BodyError::Busy(e) => HttpError(e),
+        BodyError::Read(text) => {
+            HttpError(ApiError::malformed_body(format!("The request body could not be read: {text}")))
+        }
+    }
+}
+
 /// A body that could not be read: too large (413) or malformed (400).
 fn body_rejection(status: u16, text: &str, limit: usize) -> HttpError {
     if status == 413 {
@@ -332,12 +367,7 @@ const PARSE_ON_RUNTIME_BYTES: usize = 64 * 1024;
 
 /// A JSON-only endpoint's body as an object: 413 when over `limit`, 415 for another content type, 400
 /// when it is not a JSON object (or holds too many values).
-async fn json_body(
-    limit: usize,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Map<String, Value>, HttpError> {
-    let body = body.map_err(|r| body_rejection(r.status().as_u16(), &r.body_text(), limit))?;
+async fn json_body(headers: &HeaderMap, body: Bytes) -> Result<Map<String, Value>, HttpError> {
     let ct = content_type(headers);
     if !ct.is_empty() && !is_json(ct) {
         return Err(ApiError::unsupported_media_type(ct, "'application/json'").into());

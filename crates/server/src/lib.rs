@@ -10,6 +10,8 @@ pub mod accounts;
 mod admin;
 pub mod auth;
 pub mod billing;
+pub mod body;
+mod budget;
 pub mod config;
 pub mod decode;
 pub mod estimates;
@@ -73,6 +75,8 @@ pub struct AppState {
     upkeep: Option<Arc<tokio_util::sync::DropGuard>>,
     /// Decoded input-image bytes in flight over all requests (`Limits::max_decode_bytes`).
     pub decode_budget: decode::DecodeBudget,
+    /// Request-body bytes in memory over all requests (`Limits::max_body_bytes_in_flight`).
+    pub body_budget: body::BodyBudget,
 }
 
 impl AppState {
@@ -122,6 +126,7 @@ impl AppState {
             slowest_upstream,
             upkeep: None,
             decode_budget: decode::DecodeBudget::new(config.limits.max_decode_bytes),
+            body_budget: body::BodyBudget::new(config.limits.max_body_bytes_in_flight),
         })
     }
 
@@ -202,10 +207,7 @@ async fn upkeep(ledger: ledger::Ledger, interval: std::time::Duration, stop: tok
 /// under [`with_layers`].
 pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
-        .route(
-            "/images/generations",
-            post(handlers::generations).layer(DefaultBodyLimit::max(handlers::generation_body_limit(&state))),
-        )
+        .route("/images/generations", post(handlers::generations))
         .route("/images/edits", post(handlers::edits))
         .route("/images/estimates", post(handlers::estimates))
         .route("/models", get(handlers::list_models))

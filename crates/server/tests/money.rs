@@ -26,6 +26,7 @@ on_both_databases!(
     nothing_of_the_client_reaches_the_upstream,
     internal_failures_answer_in_the_envelope,
     random_requests_hang_ups_and_faults_never_leak_or_overspend,
+    a_retried_stream_is_told_it_succeeded_not_run_again,
 );
 
 fn stream_body(prompt: &str, n: u32) -> Value {
@@ -205,6 +206,33 @@ async fn streamed_and_unstreamed_jobs_cost_the_same(db: &TestDatabase) {
     assert_eq!(row.cost_usd, plain.cost(), "streamed {} vs unstreamed {}", row.cost_usd, plain.cost());
     assert_eq!(total, row.cost_usd, "the events add up to the charge");
     assert_eq!(plain_row.cost_usd, plain.cost());
+}
+
+/// A streamed response is delivered once and not stored: a retry with the same Idempotency-Key gets a
+/// 409 naming the request that succeeded and what it was charged (not a 200 without images, and not a
+/// second run and charge).
+async fn a_retried_stream_is_told_it_succeeded_not_run_again(db: &TestDatabase) {
+    let g = gateway(db).await;
+    let (id, key) = g.capped_key("retries", Decimal::ONE).await;
+    let body = stream_body("an otter streamed once", 2);
+    let mut events = g.stream(&key, body.clone(), Some("stream-once")).await;
+    let request_id = events.response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let mut images = 0;
+    while let Some(e) = events.next().await {
+        images += usize::from(e.is_completed());
+    }
+    assert_eq!(images, 2);
+    let row = g.row_of(&request_id).await;
+
+    let retry = g.generate_with(Some(&key), body, Some("stream-once")).await;
+    assert_eq!(retry.status, 409, "{}", retry.body);
+    let error = &retry.body["error"];
+    assert_eq!(error["code"], "idempotent_response_not_stored", "{}", retry.body);
+    assert_eq!(error["param"], "idempotency-key");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains(&request_id) && message.contains(&row.cost_usd.normalize().to_string()), "{message}");
+    assert_eq!(g.fake.count("streamed once"), 1, "not run again");
+    assert_eq!(g.money(&id).await, (row.cost_usd, Decimal::ZERO), "not charged again");
 }
 
 /// Finding 5: an upstream that reports more usage than the worst case is charged the hold, never more,
