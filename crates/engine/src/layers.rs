@@ -225,7 +225,12 @@ impl Linear {
     /// On f32 CPU activations with the weight kept in f16, [`kernels::linear_f16`] (the weight read in
     /// place for few rows, widened into a reused buffer for many); otherwise candle's linear on the
     /// weight in the input's dtype.
+    ///
+    /// A strided (say, transposed) input is made contiguous first: candle 0.11's batched CPU matmul
+    /// returns wrong values for every batch item after the first when its left side is a transposed
+    /// view (the VAE attention's tokens were one), and no kernel here is faster on strided rows.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = &xs.contiguous()?;
         let bias = self.bias.as_ref().map(|b| cast(b, xs.dtype())).transpose()?;
         if xs.device().is_cpu() && xs.dtype() == DType::F32 {
             let out_features = self.weight.dims()?.first().copied().unwrap_or(0);
@@ -359,5 +364,34 @@ impl VaeAttention {
         let att = att.reshape((b, self.heads, h * w, d))?.transpose(1, 2)?.reshape((b, h * w, c))?;
         let out = self.out.forward(&att)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use candle_core::Device;
+
+    use super::*;
+
+    /// A linear layer gives the same rows whatever the input's strides: each item of a batch of 3 fed
+    /// as a transposed view (as the VAE attention feeds its tokens) equals the contiguous input's.
+    #[test]
+    fn linear_on_a_transposed_batch_equals_the_contiguous_one() {
+        let device = Device::Cpu;
+        let (b, c, tokens, out) = (3, 8, 5, 6);
+        let x = Tensor::randn(0f32, 1., (b, c, tokens), &device).unwrap();
+        let linear = Linear {
+            weight: Param::Tensor(Tensor::randn(0f32, 1., (out, c), &device).unwrap()),
+            bias: Some(Tensor::randn(0f32, 1., out, &device).unwrap()),
+        };
+        let strided = linear.forward(&x.transpose(1, 2).unwrap()).unwrap();
+        let dense = linear.forward(&x.transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
+        for i in 0..b {
+            let diff = (strided.get(i).unwrap() - dense.get(i).unwrap()).unwrap().abs().unwrap();
+            let diff: f32 = diff.max_all().unwrap().to_scalar().unwrap();
+            assert!(diff < 1e-5, "batch item {i}: {diff}");
+        }
     }
 }
