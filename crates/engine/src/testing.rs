@@ -22,6 +22,7 @@ use crate::layers::Kernels;
 use crate::taesd::{TinyConfig, TinyDecoder};
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::byte_alphabet;
+use crate::weights::Weights;
 
 /// What varies between the tiny test checkpoints.
 #[derive(Debug, Clone)]
@@ -216,12 +217,13 @@ pub fn write_checkpoint(dir: &Path, spec: &TinySpec) -> Result<(), EngineError> 
     save_random(&dir.join("vae/diffusion_pytorch_model.safetensors"), &mut rng, |vb| {
         AutoEncoderKL::new(vb, 3, 3, vae_cfg.clone()).map(drop)
     })?;
+    // The hub's layout: the encoder under `text_model.` (its projection, if any, at the root).
     save_random(&dir.join("text_encoder/model.safetensors"), &mut rng, |vb| {
-        TextEncoder::new(vb.into(), &ckpt.text_encoder).map(drop)
+        TextEncoder::new(Weights::from(vb).pp("text_model"), &ckpt.text_encoder).map(drop)
     })?;
     if let Some(config) = &ckpt.text_encoder_2 {
         save_random(&dir.join("text_encoder_2/model.safetensors"), &mut rng, |vb| {
-            TextEncoder::new(vb.into(), config).map(drop)
+            TextEncoder::new(Weights::from(vb).pp("text_model"), config).map(drop)
         })?;
     }
     Ok(())

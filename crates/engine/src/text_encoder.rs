@@ -64,7 +64,10 @@ pub struct SdxlOutput {
 
 impl TextEncoder {
     pub fn new(vb: Weights, c: &TextEncoderFile) -> Result<TextEncoder> {
-        let vb = vb.pp("text_model");
+        // Hub repositories (and `CLIPTextModelWithProjection` as transformers 5 saves it) nest the
+        // weights under `text_model.`; transformers 5 saves a `CLIPTextModel` without it.
+        let vb =
+            if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let d = c.hidden_size;
         let emb = vb.pp("embeddings");
         let token_embedding = emb.pp("token_embedding").param((c.vocab_size, d), "weight")?;

@@ -291,3 +291,21 @@ fn sdxl_inpainting_by_blending_keeps_unmasked_pixels() {
     let out = p.generate(&GenerateParams { edit: Some(edit), ..params(3) }, &mut NoHooks).unwrap();
     assert_outside_mask_kept(&out[0], &input, &mask);
 }
+
+/// transformers 5 saves a `CLIPTextModel` without the `text_model.` prefix that hub repositories (and
+/// older transformers) have: such a checkpoint loads and gives the same images.
+#[test]
+fn a_text_encoder_saved_without_the_text_model_prefix_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
+    let before = Pipeline::load(dir.path(), &Device::Cpu).unwrap().generate(&params(3), &mut NoHooks).unwrap();
+    let file = dir.path().join("text_encoder/model.safetensors");
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let odd: Vec<_> = tensors.keys().filter(|k| !k.starts_with("text_model.")).collect();
+    assert!(odd.is_empty(), "{odd:?}");
+    let unprefixed: std::collections::HashMap<String, candle_core::Tensor> =
+        tensors.into_iter().map(|(k, t)| (k.trim_start_matches("text_model.").to_owned(), t)).collect();
+    candle_core::safetensors::save(&unprefixed, &file).unwrap();
+    let after = Pipeline::load(dir.path(), &Device::Cpu).unwrap().generate(&params(3), &mut NoHooks).unwrap();
+    assert_eq!(before[0], after[0]);
+}
