@@ -437,10 +437,9 @@ impl Pipeline {
         let mut rngs: Vec<StdRng> = seeds.iter().map(|s| StdRng::seed_from_u64(*s)).collect();
         let noise = gaussian(&mut rngs, (channels, lh, lw), &self.device)?.to_dtype(self.dtype)?;
 
-        // Where the schedule starts: the top for text-to-image, `strength` of the way down for edits,
-        // and always at least one step.
+        // Where the schedule starts: the top for text-to-image, `strength` of the way down for edits.
         let strength = p.edit.as_ref().map_or(1.0, |e| e.strength);
-        let run = ((p.steps as f64 * strength).round() as usize).clamp(1, p.steps);
+        let run = steps_run(p.steps, strength);
         let start = p.steps - run;
         let init = edit.map(|e| e.latents.repeat((n, 1, 1, 1))).transpose()?;
         let mut latents = match &init {
@@ -670,9 +669,27 @@ fn release<'a>(files: impl IntoIterator<Item = &'a Arc<MappedFile>>) {
     }
 }
 
+/// How many of `steps` an edit of `strength` runs: diffusers' `int(steps * strength)` (truncated, in
+/// the same f64 arithmetic), and at least one, where diffusers refuses the request instead (a one-step
+/// turbo edit at strength 0.5 is what users ask for).
+fn steps_run(steps: usize, strength: f64) -> usize {
+    ((steps as f64 * strength) as usize).clamp(1, steps.max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_edit_runs_diffusers_share_of_the_steps() {
+        // int(steps * strength) as Python computes it: 4 * 0.65 = 2.6 runs 2 (not 3), 100 * 0.29 =
+        // 28.999999999999996 runs 28; never fewer than one.
+        for (steps, strength, run) in
+            [(4, 0.65, 2), (4, 0.5, 2), (100, 0.29, 28), (10, 0.3, 3), (1, 0.3, 1), (25, 1.0, 25)]
+        {
+            assert_eq!(steps_run(steps, strength), run, "{steps} steps at strength {strength}");
+        }
+    }
 
     #[test]
     fn partial_points_spread_and_skip_the_end() {
