@@ -13,7 +13,7 @@ use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSeq
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::EngineError;
 
@@ -65,10 +65,14 @@ impl ClipTokenizer {
             inner.token_to_id(token).ok_or_else(|| invalid(&vocab, format!("the vocabulary has no '{token}'")))
         };
         let (start, end) = (id(START)?, id(END)?);
-        let pad = match pad_token(dir)? {
-            Some(token) => id(&token)?,
-            None => end,
-        };
+        let pad_token = pad_token(dir)?.unwrap_or_else(|| END.to_owned());
+        let pad = id(&pad_token)?;
+        // transformers splits the special tokens out of the text before anything else, and each is its
+        // own id wherever it is typed: with SD 2.x's pad token `!`, "otter!" is `otter</w>` then the
+        // bare `!` (not `!</w>`).
+        let specials: Vec<AddedToken> =
+            [START, END, pad_token.as_str()].into_iter().map(|t| AddedToken::from(t.to_owned(), true)).collect();
+        inner.add_special_tokens(&specials);
         if max_len < 2 {
             return Err(invalid(dir, format!("a context of {max_len} tokens cannot hold the start and end tokens")));
         }
@@ -152,19 +156,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         crate::testing::write_tokenizer(dir.path(), Some("!")).unwrap();
         let t = ClipTokenizer::load(dir.path(), 16).unwrap();
-        let ids = t.encode("A  cute   Otter!").unwrap();
+        let ids = t.encode("A  cute   Otter").unwrap();
         assert_eq!(ids.len(), 16);
         assert_eq!(ids[0], t.start);
-        // "a", "cute", "otter" are whole words in the tiny vocabulary, "!" a single byte.
+        // "a", "cute", "otter" are whole words in the tiny vocabulary.
         let word = |w: &str| t.inner.token_to_id(w).unwrap();
-        assert_eq!(&ids[1..5], &[word("a</w>"), word("cute</w>"), word("otter</w>"), word("!</w>")]);
-        assert_eq!(ids[5], t.end);
-        assert_eq!(t.eos_position(&ids), 5);
-        assert!(ids[6..].iter().all(|&i| i == word("!")));
+        assert_eq!(&ids[1..4], &[word("a</w>"), word("cute</w>"), word("otter</w>")]);
+        assert_eq!(ids[4], t.end);
+        assert_eq!(t.eos_position(&ids), 4);
+        assert!(ids[5..].iter().all(|&i| i == word("!")));
         // Long prompts are cut to the context, still ending with the end token.
         let long = t.encode(&"otter ".repeat(40)).unwrap();
         assert_eq!(long.len(), 16);
         assert_eq!(long[15], t.end);
+    }
+
+    /// The ids transformers 5.23's `CLIPTokenizer` gives for these prompts on the same tiny vocabulary
+    /// (`write_tokenizer`, pad token `!`, `padding="max_length", max_length=16`): special tokens typed
+    /// in a prompt, the pad token `!` among them, are split out first and keep their own ids.
+    #[test]
+    fn special_tokens_in_the_text_are_what_transformers_makes_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::testing::write_tokenizer(dir.path(), Some("!")).unwrap();
+        let t = ClipTokenizer::load(dir.path(), 16).unwrap();
+        let pad = |ids: &[u32]| -> Vec<u32> { ids.iter().copied().chain(std::iter::repeat(33)).take(16).collect() };
+        for (prompt, expected) in [
+            ("A  cute   Otter!", pad(&[532, 353, 514, 523, 33, 533])),
+            ("a cute otter!!", pad(&[532, 353, 514, 523, 33, 33, 533])),
+            ("hello ! world", pad(&[532, 104, 101, 108, 108, 367, 33, 119, 111, 114, 108, 356, 533])),
+            ("!a", pad(&[532, 33, 353, 533])),
+            ("cute!otter", pad(&[532, 514, 33, 523, 533])),
+            ("a <|endoftext|> cat", pad(&[532, 353, 533, 527, 533])),
+            ("<|startoftext|>cat", pad(&[532, 532, 527, 533])),
+            ("a!?b", pad(&[532, 353, 33, 319, 354, 533])),
+            ("  !  ", pad(&[532, 33, 533])),
+        ] {
+            assert_eq!(t.encode(prompt).unwrap(), expected, "{prompt:?}");
+        }
     }
 
     #[test]
