@@ -171,12 +171,26 @@ pub struct SchedulerFile {
     pub beta_schedule: String,
     #[serde(default = "epsilon")]
     pub prediction_type: String,
-    #[serde(default = "leading")]
-    pub timestep_spacing: String,
+    /// Absent: the class's own default (`linspace` for the Euler samplers, `leading` for DDIM).
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
     #[serde(default)]
     pub steps_offset: usize,
     #[serde(default = "default_true")]
     pub set_alpha_to_one: bool,
+    /// DDIM clamps its clean estimate to `±clip_sample_range` (absent: diffusers' default, on).
+    #[serde(default)]
+    pub clip_sample: Option<bool>,
+    #[serde(default = "one")]
+    pub clip_sample_range: f64,
+    /// Keys that change the schedule's math, which the engine does not implement: a config that sets
+    /// one to anything but its default is refused by name (`Scheduler::new`), never run otherwise.
+    #[serde(flatten)]
+    pub other: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn default_train_steps() -> usize {
@@ -193,9 +207,6 @@ fn scaled_linear() -> String {
 }
 fn epsilon() -> String {
     "epsilon".to_owned()
-}
-fn leading() -> String {
-    "leading".to_owned()
 }
 
 /// `model_index.json`, the keys the engine reads.

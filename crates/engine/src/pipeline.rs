@@ -20,7 +20,7 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::EngineError;
 use crate::checkpoint::Checkpoint;
 use crate::layers::Kernels;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Kind, Scheduler};
 use crate::taesd::{Decoder, TinyDecoder};
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::ClipTokenizer;
@@ -183,6 +183,13 @@ impl Pipeline {
         let tiny = options.tiny_decoder.as_deref();
         let tiny = tiny.map(|d| TinyDecoder::load_for(d, &checkpoint, dtype, device, options.kernels)).transpose()?;
         tracing::info!(dir = %dir.display(), ?dtype, secs = started.elapsed().as_secs_f64(), "checkpoint loaded");
+        let class = checkpoint.scheduler.class_name.as_str();
+        if crate::scheduler::kind_of(class).is_some_and(|k| k == Kind::Euler) && class != "EulerDiscreteScheduler" {
+            tracing::warn!(
+                scheduler = class,
+                "the checkpoint's scheduler runs as Euler on its noise schedule, not as diffusers' {class}"
+            );
+        }
         Ok(Pipeline {
             checkpoint,
             device: device.clone(),

@@ -35,6 +35,8 @@ pub struct Scheduler {
     /// DDIM: cumulative alpha at each step and at the step after it.
     alphas: Vec<(f64, f64)>,
     init_sigma: f64,
+    /// DDIM's `clip_sample`: the clean estimate clamped to `±range`.
+    clip: Option<f64>,
 }
 
 /// How the config's scheduler class is run. Classes without an implementation of their own run as the
@@ -86,15 +88,27 @@ impl Scheduler {
             acc *= 1.0 - b;
             alphas_cumprod.push(acc);
         }
-        let timesteps: Vec<f64> = match cfg.timestep_spacing.as_str() {
-            "linspace" => linspace(0.0, (t_train - 1) as f64, steps).into_iter().rev().collect(),
+        refuse_unsupported_keys(cfg).map_err(|(key, why)| bad(&key, why))?;
+        let spacing = cfg.timestep_spacing.as_deref().unwrap_or(match kind {
+            Kind::Ddim => "leading",
+            Kind::Euler | Kind::EulerAncestral => "linspace",
+        });
+        // diffusers' `set_timesteps`, in the same f64 arithmetic (numpy rounds half to even).
+        let last = (t_train - 1) as f64;
+        let timesteps: Vec<f64> = match spacing {
+            // The Euler samplers keep fractional timesteps (499.5); DDIM rounds them.
+            "linspace" => linspace(0.0, last, steps)
+                .into_iter()
+                .rev()
+                .map(|t| if kind == Kind::Ddim { t.round_ties_even() } else { t })
+                .collect(),
             "leading" => {
                 let ratio = t_train / steps;
-                (0..steps).rev().map(|i| (i * ratio + cfg.steps_offset).min(t_train - 1) as f64).collect()
+                (0..steps).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
             }
             "trailing" => {
                 let ratio = t_train as f64 / steps as f64;
-                (0..steps).map(|i| ((t_train as f64 - i as f64 * ratio).round() - 1.0).max(0.0)).collect()
+                (0..steps).map(|i| (t_train as f64 - i as f64 * ratio).round_ties_even() - 1.0).collect()
             }
             other => {
                 return Err(bad(
@@ -103,6 +117,12 @@ impl Scheduler {
                 ));
             }
         };
+        if let Some(t) = timesteps.iter().find(|t| **t < 0.0 || **t > last) {
+            return Err(bad(
+                "steps_offset",
+                format!("with {steps} steps the schedule reaches timestep {t}, outside 0..{t_train}"),
+            ));
+        }
 
         let sigma_at = |t: f64| -> f64 {
             // Linear interpolation of sigma over the training timesteps, as diffusers does.
@@ -115,26 +135,36 @@ impl Scheduler {
         let mut sigmas: Vec<f64> = timesteps.iter().map(|t| sigma_at(*t)).collect();
         sigmas.push(0.0);
         let max_sigma = sigmas.iter().copied().fold(0.0, f64::max);
-        let init_sigma = match (kind, cfg.timestep_spacing.as_str()) {
+        let init_sigma = match (kind, spacing) {
             (Kind::Ddim, _) => 1.0,
             (_, "linspace" | "trailing") => max_sigma,
             _ => (max_sigma * max_sigma + 1.0).sqrt(),
         };
         let final_alpha = if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        // DDIM steps from t to t - num_train_timesteps / steps, whatever the next listed timestep is.
+        let stride = (t_train / steps) as f64;
         let alphas = timesteps
             .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let a = alphas_cumprod[*t as usize];
-                let prev = timesteps.get(i + 1).map_or(final_alpha, |p| alphas_cumprod[*p as usize]);
-                (a, prev)
+            .map(|t| {
+                let prev = t - stride;
+                let a_prev = if prev >= 0.0 { alphas_cumprod[prev as usize] } else { final_alpha };
+                (alphas_cumprod[*t as usize], a_prev)
             })
             .collect();
-        Ok(Scheduler { kind, prediction, timesteps, sigmas, alphas, init_sigma })
+        let clip = match kind {
+            Kind::Ddim if cfg.clip_sample.unwrap_or(true) => Some(cfg.clip_sample_range),
+            _ => None,
+        };
+        Ok(Scheduler { kind, prediction, timesteps, sigmas, alphas, init_sigma, clip })
     }
 
     pub fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    /// The Euler samplers' noise level at each step, then 0.
+    pub fn sigmas(&self) -> &[f64] {
+        &self.sigmas
     }
 
     /// The factor that turns unit gaussian noise into the first latents.
@@ -160,9 +190,13 @@ impl Scheduler {
         match self.kind {
             Kind::Ddim => {
                 let (a, _) = self.alphas[i];
-                match self.prediction {
-                    Prediction::Epsilon => ((sample - (model_output * (1.0 - a).sqrt())?)? / a.sqrt())?.contiguous(),
-                    Prediction::VPrediction => (sample * a.sqrt())? - (model_output * (1.0 - a).sqrt())?,
+                let original = match self.prediction {
+                    Prediction::Epsilon => ((sample - (model_output * (1.0 - a).sqrt())?)? / a.sqrt())?,
+                    Prediction::VPrediction => ((sample * a.sqrt())? - (model_output * (1.0 - a).sqrt())?)?,
+                };
+                match self.clip {
+                    Some(range) => original.clamp(-range, range),
+                    None => Ok(original),
                 }
             }
             _ => {
@@ -185,8 +219,12 @@ impl Scheduler {
         match self.kind {
             Kind::Ddim => {
                 let (a, a_prev) = self.alphas[i];
-                // The noise the model saw, recovered from the clean estimate.
-                let eps = ((sample - (&original * a.sqrt())?)? / (1.0 - a).sqrt())?;
+                // The noise the model saw, as diffusers has it (from the model's output, not from the
+                // clipped clean estimate).
+                let eps = match self.prediction {
+                    Prediction::Epsilon => model_output.clone(),
+                    Prediction::VPrediction => ((model_output * a.sqrt())? + (sample * (1.0 - a).sqrt())?)?,
+                };
                 (original * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?
             }
             Kind::Euler | Kind::EulerAncestral => {
@@ -218,6 +256,38 @@ impl Scheduler {
     }
 }
 
+/// Keys of diffusers' scheduler configs that change the math, with the value under which the engine
+/// computes what diffusers computes (`null` counts as that value too).
+const MATH_KEYS: [(&str, &str); 9] = [
+    ("use_karras_sigmas", "false"),
+    ("use_exponential_sigmas", "false"),
+    ("use_beta_sigmas", "false"),
+    ("thresholding", "false"),
+    ("rescale_betas_zero_snr", "false"),
+    ("interpolation_type", "\"linear\""),
+    ("timestep_type", "\"discrete\""),
+    ("final_sigmas_type", "\"zero\""),
+    ("trained_betas", "null"),
+];
+
+/// A config key set to something the engine does not compute: its name and why.
+fn refuse_unsupported_keys(cfg: &SchedulerFile) -> std::result::Result<(), (String, String)> {
+    for (key, supported) in MATH_KEYS {
+        let Some(value) = cfg.other.get(key) else { continue };
+        let default: serde_json::Value = serde_json::from_str(supported).unwrap_or(serde_json::Value::Null);
+        if value.is_null() || *value == default {
+            continue;
+        }
+        return Err((
+            key.to_owned(),
+            format!(
+                "{value} is not supported (only {supported}): running the schedule without it would give other images"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
     if n == 1 {
         return vec![start];
@@ -237,9 +307,12 @@ mod tests {
             beta_end: 0.012,
             beta_schedule: "scaled_linear".into(),
             prediction_type: "epsilon".into(),
-            timestep_spacing: spacing.into(),
+            timestep_spacing: Some(spacing.into()),
             steps_offset: 1,
             set_alpha_to_one: false,
+            clip_sample: Some(false),
+            clip_sample_range: 1.0,
+            other: Default::default(),
         }
     }
 
@@ -272,6 +345,41 @@ mod tests {
             Scheduler::new(&cfg("DDIMScheduler", "weird"), 4).unwrap_err().to_string().contains("timestep_spacing")
         );
         assert!(Scheduler::new(&cfg("DDIMScheduler", "leading"), 0).is_err());
+        // Keys that change the math are refused by name, never run as something else.
+        for (key, value) in [
+            ("use_karras_sigmas", serde_json::json!(true)),
+            ("thresholding", serde_json::json!(true)),
+            ("timestep_type", serde_json::json!("continuous")),
+            ("final_sigmas_type", serde_json::json!("sigma_min")),
+        ] {
+            let mut c = cfg("EulerDiscreteScheduler", "leading");
+            c.other.insert(key.into(), value.clone());
+            let e = Scheduler::new(&c, 4).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        // Their defaults (and null) are what the engine computes.
+        let mut c = cfg("EulerDiscreteScheduler", "leading");
+        c.other.insert("use_karras_sigmas".into(), serde_json::json!(false));
+        c.other.insert("interpolation_type".into(), serde_json::json!("linear"));
+        c.other.insert("trained_betas".into(), serde_json::Value::Null);
+        assert!(Scheduler::new(&c, 4).is_ok());
+    }
+
+    #[test]
+    fn a_config_without_timestep_spacing_takes_the_class_default() {
+        let unset = |class: &str| SchedulerFile { timestep_spacing: None, ..cfg(class, "") };
+        // Euler and Euler ancestral: linspace; DDIM: leading (steps_offset 1).
+        assert_eq!(Scheduler::new(&unset("EulerDiscreteScheduler"), 3).unwrap().timesteps(), &[999.0, 499.5, 0.0]);
+        assert_eq!(
+            Scheduler::new(&unset("EulerAncestralDiscreteScheduler"), 3).unwrap().timesteps(),
+            &[999.0, 499.5, 0.0]
+        );
+        assert_eq!(Scheduler::new(&unset("DDIMScheduler"), 4).unwrap().timesteps(), &[751.0, 501.0, 251.0, 1.0]);
+        // DDIM rounds linspace timesteps (499.5 to 500); trailing ones round half to even as numpy does
+        // (at 16 steps 1000 - 3 * 62.5 = 812.5 rounds to 812, minus 1: 811, where rounding half away
+        // from zero gave 812).
+        assert_eq!(Scheduler::new(&cfg("DDIMScheduler", "linspace"), 3).unwrap().timesteps(), &[999.0, 500.0, 0.0]);
+        assert_eq!(Scheduler::new(&cfg("EulerDiscreteScheduler", "trailing"), 16).unwrap().timesteps()[3], 811.0);
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! alphabet, `</w>` ending each word; then start and end tokens, truncation and padding to the text
 //! encoder's context length.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{BPE, Merges, Vocab};
 use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
@@ -35,10 +36,23 @@ impl ClipTokenizer {
     /// `tokenizer_config.json` (`pad_token`: `<|endoftext|>` for SD 1.x, `!` for SD 2.x), and `max_len` is
     /// the text encoder's context length (77).
     pub fn load(dir: &Path, max_len: usize) -> Result<ClipTokenizer, EngineError> {
-        let vocab = existing(dir.join("vocab.json"))?;
-        let merges = existing(dir.join("merges.txt"))?;
         let invalid = |path: &Path, why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
-        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+        let (vocab, builder) = match existing(dir.join("vocab.json")) {
+            Ok(vocab) => {
+                let merges = existing(dir.join("merges.txt"))?;
+                let builder = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy());
+                (vocab, builder)
+            }
+            // transformers 5 saves only `tokenizer.json`, whose model holds the same vocabulary and merges.
+            Err(missing) => match existing(dir.join("tokenizer.json")) {
+                Ok(file) => {
+                    let (vocab, merges) = read_tokenizer_json(&file)?;
+                    (file, BPE::builder().vocab_and_merges(vocab, merges))
+                }
+                Err(_) => return Err(missing),
+            },
+        };
+        let bpe = builder
             .unk_token(END.to_owned())
             .end_of_word_suffix("</w>".to_owned())
             .build()
@@ -103,6 +117,34 @@ impl ClipTokenizer {
     pub fn max_len(&self) -> usize {
         self.max_len
     }
+}
+
+/// The BPE vocabulary and merges of a `tokenizer.json` (`model.vocab`, and `model.merges` as pairs or
+/// as `"a b"` strings, as older files have them).
+fn read_tokenizer_json(path: &Path) -> Result<(Vocab, Merges), EngineError> {
+    let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let model = &json["model"];
+    if model["type"].as_str().is_some_and(|t| t != "BPE") {
+        return Err(invalid(format!("the tokenizer model is {}, not BPE", model["type"])));
+    }
+    let vocab: HashMap<String, u32> =
+        serde_json::from_value(model["vocab"].clone()).map_err(|e| invalid(format!("model.vocab: {e}")))?;
+    let merges = model["merges"].as_array().ok_or_else(|| invalid("model.merges is not a list".into()))?;
+    let merges = merges
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())),
+            serde_json::Value::Array(pair) => match pair.as_slice() {
+                [serde_json::Value::String(a), serde_json::Value::String(b)] => Some((a.clone(), b.clone())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| invalid("model.merges holds something that is not a pair of tokens".into()))?;
+    Ok((vocab.into_iter().collect(), merges))
 }
 
 fn existing(path: PathBuf) -> Result<PathBuf, EngineError> {
