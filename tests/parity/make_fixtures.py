@@ -17,7 +17,7 @@ tests/parity/sd15-tiny-reference.safetensors:
   step_sample, step_model_output, step.<class>.<spacing>.<prediction>
                                   the second of four steps of Euler and DDIM (clip_sample on, its default)
   pipe_noise, pipe_g0, pipe_g75   the initial latents and the whole pipeline's image (float [0, 1],
-                                  [1, 24, 16, 3]) at guidance 0 and 7.5, two Euler steps
+                                  [1, 80, 64, 3]) at guidance 0 and 7.5, two Euler steps
 Norms and biases are perturbed so that a swapped or missing one shows. Versions: bench/requirements.txt.
 """
 
@@ -146,9 +146,9 @@ def main() -> None:
                     prev = s.step(ref["step_model_output"], t, ref["step_sample"]).prev_sample
                     ref[f"step.{cls.__name__}.{spacing}.{prediction}"] = prev
 
-        ref["pipe_noise"] = torch.randn((1, 4, 12, 8), generator=g)
+        ref["pipe_noise"] = torch.randn((1, 4, 40, 32), generator=g)
         for key, guidance in (("pipe_g0", 0.0), ("pipe_g75", 7.5)):
-            image = pipe(PROMPT, height=24, width=16, num_inference_steps=2, guidance_scale=guidance,
+            image = pipe(PROMPT, height=80, width=64, num_inference_steps=2, guidance_scale=guidance,
                          latents=ref["pipe_noise"].clone(), output_type="np").images
             ref[key] = torch.from_numpy(image)
     save_file({k: v.contiguous() for k, v in ref.items()}, HERE / "sd15-tiny-reference.safetensors")

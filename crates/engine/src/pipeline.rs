@@ -73,6 +73,12 @@ pub trait Hooks {
     }
     /// An intermediate image of the first image of the request (`index` counts from 0).
     fn partial(&mut self, _index: usize, _image: RgbImage) {}
+    /// The initial noise of the image seeded `seed` (`[channels, height, width]` latents), in place of
+    /// the engine's own seeded gaussian: reference-parity tests give diffusers' noise here. `None`
+    /// keeps the engine's.
+    fn initial_noise(&mut self, _seed: u64, _shape: (usize, usize, usize)) -> Option<Tensor> {
+        None
+    }
 }
 
 /// Hooks that do nothing.
@@ -442,7 +448,20 @@ impl Pipeline {
         let (lh, lw) = self.latent_size(p.width, p.height);
         let channels = self.checkpoint.vae.latent_channels;
         let mut rngs: Vec<StdRng> = seeds.iter().map(|s| StdRng::seed_from_u64(*s)).collect();
-        let noise = gaussian(&mut rngs, (channels, lh, lw), &self.device)?.to_dtype(self.dtype)?;
+        let mut noise = gaussian(&mut rngs, (channels, lh, lw), &self.device)?;
+        let given: Vec<Option<Tensor>> = seeds.iter().map(|s| hooks.initial_noise(*s, (channels, lh, lw))).collect();
+        if given.iter().any(Option::is_some) {
+            let each = given
+                .into_iter()
+                .enumerate()
+                .map(|(i, g)| match g {
+                    Some(t) => Ok(t.to_device(&self.device)?.to_dtype(DType::F32)?),
+                    None => noise.get(i),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            noise = Tensor::stack(&each, 0)?;
+        }
+        let noise = noise.to_dtype(self.dtype)?;
 
         // Where the schedule starts: the top for text-to-image, `strength` of the way down for edits.
         let strength = p.edit.as_ref().map_or(1.0, |e| e.strength);

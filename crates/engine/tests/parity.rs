@@ -164,3 +164,43 @@ fn one_step_of_each_deterministic_sampler_is_diffusers_step() {
         }
     }
 }
+
+/// diffusers' initial latents for every image.
+struct DiffusersNoise(Tensor);
+
+impl engine::Hooks for DiffusersNoise {
+    fn initial_noise(&mut self, _seed: u64, shape: (usize, usize, usize)) -> Option<Tensor> {
+        assert_eq!(self.0.dims()[1..], [shape.0, shape.1, shape.2]);
+        Some(self.0.get(0).unwrap())
+    }
+}
+
+#[test]
+fn text_to_image_gives_diffusers_pixels_with_and_without_guidance() {
+    let f = sd15();
+    let pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
+    for (key, guidance) in [("pipe_g0", 0.0), ("pipe_g75", 7.5)] {
+        let params = engine::GenerateParams {
+            prompt: "a cute baby sea otter!".into(),
+            negative_prompt: String::new(),
+            width: 64,
+            height: 80,
+            n: 1,
+            steps: 2,
+            guidance_scale: guidance,
+            seed: 0,
+            edit: None,
+            partial_images: 0,
+            decoder: engine::Decoder::Full,
+        };
+        let images = pipeline.generate(&params, &mut DiffusersNoise(f.get("pipe_noise").clone())).unwrap();
+        // diffusers' own conversion to 8 bits: round(x * 255).
+        let want: Vec<f32> = f.get(key).flatten_all().unwrap().to_vec1().unwrap();
+        let got = images[0].as_raw();
+        assert_eq!(got.len(), want.len());
+        let worst = got.iter().zip(&want).map(|(g, w)| (f32::from(*g) - (w * 255.0).round()).abs()).fold(0.0, f32::max);
+        assert!(worst <= 1.0, "guidance {guidance}: {worst} levels off");
+        // The reference image is not flat: the comparison means something.
+        assert!(want.iter().any(|v| (v - want[0]).abs() > 0.1));
+    }
+}
