@@ -363,19 +363,18 @@ impl Pipeline {
         let sum = sum.ok_or_else(|| EngineError::InvalidInput("an edit needs at least one image".into()))?;
         let latents = ((sum / resized.len() as f64)? * scale)?;
 
+        // diffusers' mask processor: resized like the image (Lanczos), then binarized at one half.
         let mask_pixels = edit.mask.as_ref().map(|m| {
             if m.dimensions() == (width, height) {
                 m.clone()
             } else {
-                image::imageops::resize(m, width, height, FilterType::Triangle)
+                image::imageops::resize(m, width, height, FilterType::Lanczos3)
             }
         });
         let (lh, lw) = self.latent_size(width, height);
         let latent_mask = match &mask_pixels {
             Some(m) => {
-                let small = image::imageops::resize(m, lw as u32, lh as u32, FilterType::Triangle);
-                let values: Vec<f32> = small.pixels().map(|p| f32::from(p.0[0]) / 255.0).collect();
-                Some(Tensor::from_vec(values, (1, 1, lh, lw), &self.device)?.to_dtype(self.dtype)?)
+                Some(Tensor::from_vec(latent_mask(m, lh, lw), (1, 1, lh, lw), &self.device)?.to_dtype(self.dtype)?)
             }
             None => None,
         };
@@ -385,14 +384,16 @@ impl Pipeline {
                 Some(m) => m.clone(),
                 None => Tensor::ones((1, 1, lh, lw), self.dtype, &self.device)?,
             };
-            let first = &resized[0];
-            let blanked = match &mask_pixels {
-                Some(m) => RgbImage::from_fn(width, height, |x, y| {
-                    if m.get_pixel(x, y).0[0] >= 128 { image::Rgb([127, 127, 127]) } else { *first.get_pixel(x, y) }
-                }),
-                None => RgbImage::from_pixel(width, height, image::Rgb([127, 127, 127])),
+            // diffusers' masked image: the image in -1..1 where the mask keeps it, exactly 0 where it
+            // repaints (everywhere without a mask).
+            let keep: Vec<f32> = match &mask_pixels {
+                Some(m) => m.pixels().map(|p| if p.0[0] >= 128 { 0.0 } else { 1.0 }).collect(),
+                None => vec![0.0; (width * height) as usize],
             };
-            let masked_latents = (encoder.encode_mean(&self.to_pixels(&blanked)?)?.to_dtype(self.dtype)? * scale)?;
+            let keep = Tensor::from_vec(keep, (1, 1, height as usize, width as usize), &self.device)?;
+            let masked =
+                self.to_pixels(&resized[0])?.to_dtype(DType::F32)?.broadcast_mul(&keep)?.to_dtype(self.vae_dtype)?;
+            let masked_latents = (encoder.encode_mean(&masked)?.to_dtype(self.dtype)? * scale)?;
             Some(Tensor::cat(&[&mask, &masked_latents], 1)?)
         } else {
             None
@@ -645,6 +646,17 @@ fn gaussian(rngs: &mut [StdRng], (c, h, w): (usize, usize, usize), device: &Devi
     Ok(Tensor::from_vec(values, (rngs.len(), c, h, w), device)?)
 }
 
+/// The latent mask diffusers makes of a pixel mask: binarized at one half (1 repaints), then taken
+/// nearest-neighbour down to the `lh x lw` latent grid (`F.interpolate`'s default: source index
+/// `floor(i * in / out)`).
+fn latent_mask(mask: &GrayImage, lh: usize, lw: usize) -> Vec<f32> {
+    let (w, h) = (mask.width() as usize, mask.height() as usize);
+    (0..lh)
+        .flat_map(|y| (0..lw).map(move |x| (x * w / lw, y * h / lh)))
+        .map(|(x, y)| if mask.get_pixel(x as u32, y as u32).0[0] >= 128 { 1.0 } else { 0.0 })
+        .collect()
+}
+
 /// `out = input * (1 - m) + out * m` per pixel, with `m` the mask (255 = repaint).
 fn composite(out: &mut RgbImage, input: &RgbImage, mask: &GrayImage) {
     for (x, y, px) in out.enumerate_pixels_mut() {
@@ -704,7 +716,19 @@ fn steps_run(steps: usize, strength: f64) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use image::Luma;
+
     use super::*;
+
+    #[test]
+    fn the_latent_mask_is_binarized_then_taken_nearest_neighbour() {
+        // 8x4 pixels to a 2x1 latent grid: source pixels (0, 0) and (4, 0) decide, binarized at 128.
+        let mask = GrayImage::from_fn(8, 4, |x, _| Luma([if x < 4 { 127 } else { 128 }]));
+        assert_eq!(latent_mask(&mask, 1, 2), vec![0.0, 1.0]);
+        // A soft edge is not averaged: only the sampled pixel counts.
+        let mask = GrayImage::from_fn(8, 8, |x, y| Luma([if x == 0 && y == 0 { 255 } else { 0 }]));
+        assert_eq!(latent_mask(&mask, 2, 2), vec![1.0, 0.0, 0.0, 0.0]);
+    }
 
     #[test]
     fn an_edit_runs_diffusers_share_of_the_steps() {
