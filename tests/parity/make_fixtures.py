@@ -5,19 +5,19 @@ and what diffusers and transformers compute on them, for the engine's Rust tests
 
     bench/setup.sh && .venv-bench/bin/python tests/parity/make_fixtures.py
 
-Writes tests/parity/sd15-tiny/ (a StableDiffusionPipeline saved with save_pretrained: an SD 1.x-style
-quick_gelu text encoder, a 2-level UNet and VAE with 4 groups, Euler), and
-tests/parity/sd15-tiny-reference.safetensors:
+Writes tests/parity/sd15-tiny/ and sd2-tiny/ (StableDiffusionPipelines saved with save_pretrained, f16
+weights: see build() for what each is like), and <name>-reference.safetensors for each:
   ids, ids_uncond                 token ids of PROMPT and "" (int64 [1, 77])
   text, text_uncond               the text encoder's last hidden state ([1, 77, 16])
   unet_sample, unet_out           a batch of 2 non-square latents through the UNet at UNET_TIMESTEP,
                                   conditioned on [text, text_uncond]
   vae_latents, vae_out            a batch of 3 latents through the VAE decoder (before post-processing)
-  sched.<class>.<spacing>.<steps>.timesteps / .sigmas   every scheduler's schedule (float64)
+  sched.<class>.<spacing>.<steps>.timesteps / .sigmas   every scheduler's schedule (float64; sd15 only)
   step_sample, step_model_output, step.<class>.<spacing>.<prediction>
-                                  the second of four steps of Euler and DDIM (clip_sample on, its default)
+                                  the second of four steps of Euler and DDIM (clip_sample on, its
+                                  default; sd15 only)
   pipe_noise, pipe_g0, pipe_g75   the initial latents and the whole pipeline's image (float [0, 1],
-                                  [1, 80, 64, 3]) at guidance 0 and 7.5, two Euler steps
+                                  [1, 80, 64, 3]) at guidance 0 and 7.5, two steps
 Norms and biases are perturbed so that a swapped or missing one shows. Versions: bench/requirements.txt.
 """
 
@@ -50,7 +50,7 @@ def byte_alphabet() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def write_tokenizer(directory: Path) -> CLIPTokenizer:
+def write_tokenizer(directory: Path, pad_token: str) -> CLIPTokenizer:
     directory.mkdir(parents=True, exist_ok=True)
     alphabet = byte_alphabet()
     vocab = alphabet + [c + "</w>" for c in alphabet]
@@ -66,7 +66,7 @@ def write_tokenizer(directory: Path) -> CLIPTokenizer:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (directory / "merges.txt").write_text("\n".join(merges) + "\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), pad_token="<|endoftext|>",
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), pad_token=pad_token,
                          model_max_length=77)
 
 
@@ -78,33 +78,42 @@ def perturb(model: torch.nn.Module, generator: torch.Generator) -> None:
                 p.add_(0.2 * torch.randn(p.shape, generator=generator))
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
+def build(name: str, sd2: bool, g: torch.Generator) -> None:
+    """Writes tests/parity/<name>/ and <name>-reference.safetensors. SD 1.x style: QuickGELU, pad token
+    <|endoftext|>, Euler (leading), epsilon. SD 2.x style: GELU, pad token `!`, a linear-projection UNet
+    with heads per block, DDIM (its default spacing, clip_sample off), v-prediction."""
     work = Path(tempfile.mkdtemp())
-    tokenizer = write_tokenizer(work / "tokenizer")
+    tokenizer = write_tokenizer(work / "tokenizer", "!" if sd2 else "<|endoftext|>")
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer.get_vocab()), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+        num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)).eval()
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4).eval()
+        cross_attention_dim=16, attention_head_dim=(2, 4) if sd2 else 2, use_linear_projection=sd2,
+        norm_num_groups=4).eval()
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         sample_size=16).eval()
     for m in (text_encoder, unet, vae):
         perturb(m, g)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+        # Weights are stored in f16 (half the size); the reference computes in f32 on the same values.
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(p.half().float())
+    if sd2:
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, steps_offset=1, clip_sample=False,
+                                  set_alpha_to_one=False, prediction_type="v_prediction")
+    else:
+        scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    out = HERE / "sd15-tiny"
-    pipe.save_pretrained(out, safe_serialization=True)
 
     ref: dict[str, torch.Tensor] = {}
     # The config without diffusers' bookkeeping: `_use_default_values` would make `from_config` drop the
@@ -121,20 +130,21 @@ def main() -> None:
         ref["vae_latents"] = torch.randn((3, 4, 8, 6), generator=g)
         ref["vae_out"] = vae.decode(ref["vae_latents"]).sample
 
-        for cls in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler):
+        # The schedules and steps depend on the config alone: written once, with the SD 1.x fixture.
+        for cls in () if sd2 else (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler):
             for spacing in ("leading", "linspace", "trailing"):
                 for steps in (1, 2, 4, 16, 25):
                     s = cls.from_config({**config, "timestep_spacing": spacing})
                     s.set_timesteps(steps)
-                    name = f"sched.{cls.__name__}.{spacing}.{steps}"
-                    ref[name + ".timesteps"] = s.timesteps.to(torch.float64)
+                    key = f"sched.{cls.__name__}.{spacing}.{steps}"
+                    ref[key + ".timesteps"] = s.timesteps.to(torch.float64)
                     if hasattr(s, "sigmas"):
-                        ref[name + ".sigmas"] = s.sigmas.to(torch.float64)
+                        ref[key + ".sigmas"] = s.sigmas.to(torch.float64)
 
         # One step (the second of four) of each deterministic sampler, each spacing and prediction type.
         ref["step_sample"] = torch.randn((1, 4, 8, 6), generator=g)
         ref["step_model_output"] = torch.randn((1, 4, 8, 6), generator=g)
-        for cls in (EulerDiscreteScheduler, DDIMScheduler):
+        for cls in () if sd2 else (EulerDiscreteScheduler, DDIMScheduler):
             for spacing in ("leading", "linspace", "trailing"):
                 for prediction in ("epsilon", "v_prediction"):
                     s = cls.from_config({**config, "timestep_spacing": spacing, "prediction_type": prediction})
@@ -151,9 +161,20 @@ def main() -> None:
             image = pipe(PROMPT, height=80, width=64, num_inference_steps=2, guidance_scale=guidance,
                          latents=ref["pipe_noise"].clone(), output_type="np").images
             ref[key] = torch.from_numpy(image)
-    save_file({k: v.contiguous() for k, v in ref.items()}, HERE / "sd15-tiny-reference.safetensors")
+    save_file({k: v.contiguous() for k, v in ref.items()}, HERE / f"{name}-reference.safetensors")
+    out = HERE / name
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     for f in sorted(p for p in out.rglob("*") if p.is_file()):
         print(f"{f.relative_to(HERE)}: {f.stat().st_size} bytes")
+
+
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    build("sd15-tiny", False, g)
+    build("sd2-tiny", True, g)
 
 
 if __name__ == "__main__":

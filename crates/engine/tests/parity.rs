@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! Reference parity: a tiny SD 1.x-style checkpoint saved by diffusers and transformers themselves
-//! (`tests/parity/sd15-tiny`), and what they compute on it (`tests/parity/sd15-tiny-reference.safetensors`,
-//! written by `tests/parity/make_fixtures.py`, which says how to regenerate them). Every stage is compared:
+//! Reference parity: tiny SD 1.x- and SD 2.x-style checkpoints saved by diffusers and transformers
+//! themselves (`tests/parity/sd15-tiny`, `sd2-tiny`), and what they compute on them
+//! (`tests/parity/*-reference.safetensors`, written by `tests/parity/make_fixtures.py`, which says how to
+//! regenerate them). Every stage is compared:
 //! token ids exactly, tensors within 1e-4 of the reference's largest magnitude.
 
 use std::path::PathBuf;
@@ -27,11 +28,23 @@ struct Fixture {
     reference: std::collections::HashMap<String, Tensor>,
 }
 
-fn sd15() -> Fixture {
+fn fixture(name: &str) -> Fixture {
     let dir = fixtures();
-    let ckpt = Checkpoint::open(&dir.join("sd15-tiny")).unwrap();
-    let reference = candle_core::safetensors::load(dir.join("sd15-tiny-reference.safetensors"), &Device::Cpu).unwrap();
+    let ckpt = Checkpoint::open(&dir.join(name)).unwrap();
+    let reference =
+        candle_core::safetensors::load(dir.join(format!("{name}-reference.safetensors")), &Device::Cpu).unwrap();
     Fixture { ckpt, reference }
+}
+
+/// SD 1.x style (QuickGELU, pad token `<|endoftext|>`, Euler, epsilon).
+fn sd15() -> Fixture {
+    fixture("sd15-tiny")
+}
+
+/// Both checkpoints; SD 2.x style: GELU, pad token `!`, a linear-projection UNet with heads per block,
+/// DDIM at its default spacing, v-prediction.
+fn both() -> [(&'static str, Fixture); 2] {
+    [("sd15", sd15()), ("sd2", fixture("sd2-tiny"))]
 }
 
 impl Fixture {
@@ -59,51 +72,55 @@ fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
 
 #[test]
 fn token_ids_are_transformers_ids() {
-    let f = sd15();
-    // transformers 5 saved only tokenizer.json: the engine reads the vocabulary and merges from it.
-    assert!(!f.ckpt.dir.join("tokenizer/vocab.json").exists());
-    let tokenizer = ClipTokenizer::load(&f.ckpt.dir.join("tokenizer"), 77).unwrap();
-    for (key, prompt) in [("ids", "a cute baby sea otter!"), ("ids_uncond", "")] {
-        let want: Vec<i64> = f.get(key).flatten_all().unwrap().to_vec1().unwrap();
-        let got: Vec<i64> = tokenizer.encode(prompt).unwrap().into_iter().map(i64::from).collect();
-        assert_eq!(got, want, "{prompt:?}");
+    for (name, f) in both() {
+        // transformers 5 saved only tokenizer.json: the engine reads the vocabulary and merges from it.
+        assert!(!f.ckpt.dir.join("tokenizer/vocab.json").exists());
+        let tokenizer = ClipTokenizer::load(&f.ckpt.dir.join("tokenizer"), 77).unwrap();
+        for (key, prompt) in [("ids", "a cute baby sea otter!"), ("ids_uncond", "")] {
+            let want: Vec<i64> = f.get(key).flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<i64> = tokenizer.encode(prompt).unwrap().into_iter().map(i64::from).collect();
+            assert_eq!(got, want, "{name}: {prompt:?}");
+        }
     }
 }
 
 #[test]
 fn the_text_encoder_gives_transformers_hidden_states() {
-    let f = sd15();
-    let encoder = TextEncoder::new(f.weights("text_encoder").into(), &f.ckpt.text_encoder).unwrap();
-    for key in ["", "_uncond"] {
-        let ids = f.get(&format!("ids{key}")).to_dtype(DType::U32).unwrap();
-        let e = relative_error(&encoder.forward(&ids).unwrap(), f.get(&format!("text{key}")));
-        assert!(e < TOLERANCE, "text{key}: {e}");
+    for (name, f) in both() {
+        let encoder = TextEncoder::new(f.weights("text_encoder").into(), &f.ckpt.text_encoder).unwrap();
+        for key in ["", "_uncond"] {
+            let ids = f.get(&format!("ids{key}")).to_dtype(DType::U32).unwrap();
+            let e = relative_error(&encoder.forward(&ids).unwrap(), f.get(&format!("text{key}")));
+            assert!(e < TOLERANCE, "{name}, text{key}: {e}");
+        }
     }
 }
 
 #[test]
 fn the_unet_gives_diffusers_output_on_both_kernel_sets() {
-    let f = sd15();
-    let config = f.ckpt.unet_config().unwrap();
-    let context = Tensor::cat(&[f.get("text"), f.get("text_uncond")], 0).unwrap();
-    for kernels in [Kernels::Reference, Kernels::Fast] {
-        let unet = Unet::new(f.weights("unet").into(), &config, kernels).unwrap();
-        let out = unet.forward(f.get("unet_sample"), 801.0, &context, None).unwrap();
-        let e = relative_error(&out, f.get("unet_out"));
-        assert!(e < TOLERANCE, "{kernels:?}: {e}");
+    for (name, f) in both() {
+        let config = f.ckpt.unet_config().unwrap();
+        let context = Tensor::cat(&[f.get("text"), f.get("text_uncond")], 0).unwrap();
+        for kernels in [Kernels::Reference, Kernels::Fast] {
+            let unet = Unet::new(f.weights("unet").into(), &config, kernels).unwrap();
+            let out = unet.forward(f.get("unet_sample"), 801.0, &context, None).unwrap();
+            let e = relative_error(&out, f.get("unet_out"));
+            assert!(e < TOLERANCE, "{name}, {kernels:?}: {e}");
+        }
     }
 }
 
 #[test]
 fn the_vae_decoder_gives_diffusers_pixels_for_a_batch_of_3() {
-    let f = sd15();
-    let config = f.ckpt.vae_config().unwrap();
-    for kernels in [Kernels::Reference, Kernels::Fast] {
-        let vae = VaeDecoder::load(f.weights("vae").into(), &config, kernels).unwrap();
-        let out = vae.decode(f.get("vae_latents")).unwrap();
-        for i in 0..3 {
-            let e = relative_error(&out.get(i).unwrap(), &f.get("vae_out").get(i).unwrap());
-            assert!(e < TOLERANCE, "{kernels:?}, image {i}: {e}");
+    for (name, f) in both() {
+        let config = f.ckpt.vae_config().unwrap();
+        for kernels in [Kernels::Reference, Kernels::Fast] {
+            let vae = VaeDecoder::load(f.weights("vae").into(), &config, kernels).unwrap();
+            let out = vae.decode(f.get("vae_latents")).unwrap();
+            for i in 0..3 {
+                let e = relative_error(&out.get(i).unwrap(), &f.get("vae_out").get(i).unwrap());
+                assert!(e < TOLERANCE, "{name}, {kernels:?}, image {i}: {e}");
+            }
         }
     }
 }
@@ -177,30 +194,32 @@ impl engine::Hooks for DiffusersNoise {
 
 #[test]
 fn text_to_image_gives_diffusers_pixels_with_and_without_guidance() {
-    let f = sd15();
-    let pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
-    for (key, guidance) in [("pipe_g0", 0.0), ("pipe_g75", 7.5)] {
-        let params = engine::GenerateParams {
-            prompt: "a cute baby sea otter!".into(),
-            negative_prompt: String::new(),
-            width: 64,
-            height: 80,
-            n: 1,
-            steps: 2,
-            guidance_scale: guidance,
-            seed: 0,
-            edit: None,
-            partial_images: 0,
-            decoder: engine::Decoder::Full,
-        };
-        let images = pipeline.generate(&params, &mut DiffusersNoise(f.get("pipe_noise").clone())).unwrap();
-        // diffusers' own conversion to 8 bits: round(x * 255).
-        let want: Vec<f32> = f.get(key).flatten_all().unwrap().to_vec1().unwrap();
-        let got = images[0].as_raw();
-        assert_eq!(got.len(), want.len());
-        let worst = got.iter().zip(&want).map(|(g, w)| (f32::from(*g) - (w * 255.0).round()).abs()).fold(0.0, f32::max);
-        assert!(worst <= 1.0, "guidance {guidance}: {worst} levels off");
-        // The reference image is not flat: the comparison means something.
-        assert!(want.iter().any(|v| (v - want[0]).abs() > 0.1));
+    for (name, f) in both() {
+        let pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
+        for (key, guidance) in [("pipe_g0", 0.0), ("pipe_g75", 7.5)] {
+            let params = engine::GenerateParams {
+                prompt: "a cute baby sea otter!".into(),
+                negative_prompt: String::new(),
+                width: 64,
+                height: 80,
+                n: 1,
+                steps: 2,
+                guidance_scale: guidance,
+                seed: 0,
+                edit: None,
+                partial_images: 0,
+                decoder: engine::Decoder::Full,
+            };
+            let images = pipeline.generate(&params, &mut DiffusersNoise(f.get("pipe_noise").clone())).unwrap();
+            // diffusers' own conversion to 8 bits: round(x * 255).
+            let want: Vec<f32> = f.get(key).flatten_all().unwrap().to_vec1().unwrap();
+            let got = images[0].as_raw();
+            assert_eq!(got.len(), want.len());
+            let worst =
+                got.iter().zip(&want).map(|(g, w)| (f32::from(*g) - (w * 255.0).round()).abs()).fold(0.0, f32::max);
+            assert!(worst <= 1.0, "{name}, guidance {guidance}: {worst} levels off");
+            // The reference image is not flat: the comparison means something.
+            assert!(want.iter().any(|v| (v - want[0]).abs() > 0.1));
+        }
     }
 }
