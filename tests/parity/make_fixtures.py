@@ -18,6 +18,8 @@ weights: see build() for what each is like), and <name>-reference.safetensors fo
                                   default; sd15 only)
   pipe_noise, pipe_g0, pipe_g75   the initial latents and the whole pipeline's image (float [0, 1],
                                   [1, 80, 64, 3]) at guidance 0 and 7.5, two steps
+  eulera_noise, pipe_eulera       Euler ancestral's noise at each of 3 steps, and its image at
+                                  guidance 7.5 (sd15 only)
 Norms and biases are perturbed so that a swapped or missing one shows. Versions: bench/requirements.txt.
 """
 
@@ -161,6 +163,17 @@ def build(name: str, sd2: bool, g: torch.Generator) -> None:
             image = pipe(PROMPT, height=80, width=64, num_inference_steps=2, guidance_scale=guidance,
                          latents=ref["pipe_noise"].clone(), output_type="np").images
             ref[key] = torch.from_numpy(image)
+        if not sd2:
+            # Euler ancestral, 3 steps at guidance 7.5: with the latents given, the generator's only
+            # draws are each step's fresh noise, in order.
+            pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(config)
+            image = pipe(PROMPT, height=80, width=64, num_inference_steps=3, guidance_scale=7.5,
+                         latents=ref["pipe_noise"].clone(), generator=torch.Generator().manual_seed(7),
+                         output_type="np").images
+            ref["pipe_eulera"] = torch.from_numpy(image)
+            replay = torch.Generator().manual_seed(7)
+            ref["eulera_noise"] = torch.cat([torch.randn((1, 4, 40, 32), generator=replay) for _ in range(3)])
+            pipe.scheduler = scheduler
     save_file({k: v.contiguous() for k, v in ref.items()}, HERE / f"{name}-reference.safetensors")
     out = HERE / name
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)

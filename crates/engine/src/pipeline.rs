@@ -73,10 +73,11 @@ pub trait Hooks {
     }
     /// An intermediate image of the first image of the request (`index` counts from 0).
     fn partial(&mut self, _index: usize, _image: RgbImage) {}
-    /// The initial noise of the image seeded `seed` (`[channels, height, width]` latents), in place of
-    /// the engine's own seeded gaussian: reference-parity tests give diffusers' noise here. `None`
-    /// keeps the engine's.
-    fn initial_noise(&mut self, _seed: u64, _shape: (usize, usize, usize)) -> Option<Tensor> {
+    /// Noise for the image seeded `seed` (`[channels, height, width]` latents) in place of the engine's
+    /// own seeded gaussian: the initial noise (`step` `None`), or the ancestral sampler's fresh noise at
+    /// step `step` of the run. Reference-parity tests give diffusers' noise here; `None` keeps the
+    /// engine's.
+    fn noise(&mut self, _seed: u64, _step: Option<usize>, _shape: (usize, usize, usize)) -> Option<Tensor> {
         None
     }
 }
@@ -449,20 +450,8 @@ impl Pipeline {
         let (lh, lw) = self.latent_size(p.width, p.height);
         let channels = self.checkpoint.vae.latent_channels;
         let mut rngs: Vec<StdRng> = seeds.iter().map(|s| StdRng::seed_from_u64(*s)).collect();
-        let mut noise = gaussian(&mut rngs, (channels, lh, lw), &self.device)?;
-        let given: Vec<Option<Tensor>> = seeds.iter().map(|s| hooks.initial_noise(*s, (channels, lh, lw))).collect();
-        if given.iter().any(Option::is_some) {
-            let each = given
-                .into_iter()
-                .enumerate()
-                .map(|(i, g)| match g {
-                    Some(t) => Ok(t.to_device(&self.device)?.to_dtype(DType::F32)?),
-                    None => noise.get(i),
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            noise = Tensor::stack(&each, 0)?;
-        }
-        let noise = noise.to_dtype(self.dtype)?;
+        let shape = (channels, lh, lw);
+        let noise = seeded_noise(&mut rngs, seeds, None, shape, hooks, &self.device)?.to_dtype(self.dtype)?;
 
         // Where the schedule starts: the top for text-to-image, `strength` of the way down for edits.
         let strength = p.edit.as_ref().map_or(1.0, |e| e.strength);
@@ -527,7 +516,7 @@ impl Pipeline {
                 }
             }
             let step_noise = if sched.needs_noise() {
-                Some(gaussian(&mut rngs, (channels, lh, lw), &self.device)?.to_dtype(self.dtype)?)
+                Some(seeded_noise(&mut rngs, seeds, Some(k), shape, hooks, &self.device)?.to_dtype(self.dtype)?)
             } else {
                 None
             };
@@ -637,6 +626,32 @@ fn partial_points(run: usize, wanted: usize) -> Vec<usize> {
 }
 
 /// Unit gaussian noise `[n, c, h, w]`, one generator per image.
+/// The batch's noise, `[n, c, h, w]` f32: each image's from its own generator, or what `hooks` give for
+/// its seed (the generators advance either way, so that what follows does not depend on it).
+fn seeded_noise(
+    rngs: &mut [StdRng],
+    seeds: &[u64],
+    step: Option<usize>,
+    shape: (usize, usize, usize),
+    hooks: &mut dyn Hooks,
+    device: &Device,
+) -> Result<Tensor, EngineError> {
+    let noise = gaussian(rngs, shape, device)?;
+    let given: Vec<Option<Tensor>> = seeds.iter().map(|s| hooks.noise(*s, step, shape)).collect();
+    if given.iter().all(Option::is_none) {
+        return Ok(noise);
+    }
+    let each = given
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| match g {
+            Some(t) => t.to_device(device)?.to_dtype(DType::F32),
+            None => noise.get(i),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&each, 0)?)
+}
+
 fn gaussian(rngs: &mut [StdRng], (c, h, w): (usize, usize, usize), device: &Device) -> Result<Tensor, EngineError> {
     let per = c * h * w;
     let mut values = Vec::with_capacity(rngs.len() * per);

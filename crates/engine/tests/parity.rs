@@ -182,13 +182,26 @@ fn one_step_of_each_deterministic_sampler_is_diffusers_step() {
     }
 }
 
-/// diffusers' initial latents for every image.
-struct DiffusersNoise(Tensor);
+/// diffusers' initial latents, and the ancestral sampler's noise at each step when given.
+struct DiffusersNoise {
+    initial: Tensor,
+    steps: Vec<Tensor>,
+}
+
+impl DiffusersNoise {
+    fn new(initial: &Tensor) -> DiffusersNoise {
+        DiffusersNoise { initial: initial.clone(), steps: Vec::new() }
+    }
+}
 
 impl engine::Hooks for DiffusersNoise {
-    fn initial_noise(&mut self, _seed: u64, shape: (usize, usize, usize)) -> Option<Tensor> {
-        assert_eq!(self.0.dims()[1..], [shape.0, shape.1, shape.2]);
-        Some(self.0.get(0).unwrap())
+    fn noise(&mut self, _seed: u64, step: Option<usize>, shape: (usize, usize, usize)) -> Option<Tensor> {
+        let t = match step {
+            None => &self.initial,
+            Some(k) => self.steps.get(k).unwrap_or_else(|| panic!("no noise for step {k}")),
+        };
+        assert_eq!(t.dims()[1..], [shape.0, shape.1, shape.2]);
+        Some(t.get(0).unwrap())
     }
 }
 
@@ -210,7 +223,7 @@ fn text_to_image_gives_diffusers_pixels_with_and_without_guidance() {
                 partial_images: 0,
                 decoder: engine::Decoder::Full,
             };
-            let images = pipeline.generate(&params, &mut DiffusersNoise(f.get("pipe_noise").clone())).unwrap();
+            let images = pipeline.generate(&params, &mut DiffusersNoise::new(f.get("pipe_noise"))).unwrap();
             // diffusers' own conversion to 8 bits: round(x * 255).
             let want: Vec<f32> = f.get(key).flatten_all().unwrap().to_vec1().unwrap();
             let got = images[0].as_raw();
@@ -222,4 +235,36 @@ fn text_to_image_gives_diffusers_pixels_with_and_without_guidance() {
             assert!(want.iter().any(|v| (v - want[0]).abs() > 0.1));
         }
     }
+}
+
+#[test]
+fn euler_ancestral_with_diffusers_noise_gives_diffusers_pixels() {
+    let f = sd15();
+    let mut pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
+    pipeline.checkpoint.scheduler.class_name = "EulerAncestralDiscreteScheduler".into();
+    let params = engine::GenerateParams {
+        prompt: "a cute baby sea otter!".into(),
+        negative_prompt: String::new(),
+        width: 64,
+        height: 80,
+        n: 1,
+        steps: 3,
+        guidance_scale: 7.5,
+        seed: 0,
+        edit: None,
+        partial_images: 0,
+        decoder: engine::Decoder::Full,
+    };
+    let noise = f.get("eulera_noise");
+    let mut hooks = DiffusersNoise::new(f.get("pipe_noise"));
+    hooks.steps = (0..3).map(|k| noise.narrow(0, k, 1).unwrap()).collect();
+    let images = pipeline.generate(&params, &mut hooks).unwrap();
+    let want: Vec<f32> = f.get("pipe_eulera").flatten_all().unwrap().to_vec1().unwrap();
+    let worst = images[0]
+        .as_raw()
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (f32::from(*g) - (w * 255.0).round()).abs())
+        .fold(0.0, f32::max);
+    assert!(worst <= 1.0, "{worst} levels off");
 }
