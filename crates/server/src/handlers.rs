@@ -317,14 +317,11 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
-/// The whole body, at most `limit` bytes (413 beyond, before anything is read when the
-/// `Content-Length` says so), counted against the server's body budget while any copy of it lives (a
-/// 503 to retry when there is no room in time).
+/// The whole body, at most `limit` bytes (413 once more arrives: reading up to the limit first lets a
+/// client that writes its whole body before reading still see the answer, where refusing on the
+/// `Content-Length` alone broke its pipe), counted against the server's body budget while any copy
+/// of it lives (a 503 to retry when there is no room in time).
 async fn read_body(state: &AppState, request: Request, limit: usize) -> Result<Bytes, HttpError> {
-    let declared = request.headers().get(axum::http::header::CONTENT_LENGTH);
-    if declared.and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).is_some_and(|len| len > limit as u64) {
-        return Err(HttpError(ApiError::payload_too_large(limit)));
-    }
     let deadline = tokio::time::Instant::now() + state.limits.decode_wait;
     state.body_budget.read(request.into_body(), limit, deadline).await.map_err(|e| body_error(e, limit))
 }
