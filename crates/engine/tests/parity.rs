@@ -205,24 +205,29 @@ impl engine::Hooks for DiffusersNoise {
     }
 }
 
+/// The fixtures' whole-pipeline request: the prompt, 64x80, one image.
+fn pipeline_params(steps: usize, guidance_scale: f64) -> engine::GenerateParams {
+    engine::GenerateParams {
+        prompt: "a cute baby sea otter!".into(),
+        negative_prompt: String::new(),
+        width: 64,
+        height: 80,
+        n: 1,
+        steps,
+        guidance_scale,
+        seed: 0,
+        edit: None,
+        partial_images: 0,
+        decoder: engine::Decoder::Full,
+    }
+}
+
 #[test]
 fn text_to_image_gives_diffusers_pixels_with_and_without_guidance() {
     for (name, f) in both() {
         let pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
         for (key, guidance) in [("pipe_g0", 0.0), ("pipe_g75", 7.5)] {
-            let params = engine::GenerateParams {
-                prompt: "a cute baby sea otter!".into(),
-                negative_prompt: String::new(),
-                width: 64,
-                height: 80,
-                n: 1,
-                steps: 2,
-                guidance_scale: guidance,
-                seed: 0,
-                edit: None,
-                partial_images: 0,
-                decoder: engine::Decoder::Full,
-            };
+            let params = pipeline_params(2, guidance);
             let images = pipeline.generate(&params, &mut DiffusersNoise::new(f.get("pipe_noise"))).unwrap();
             // diffusers' own conversion to 8 bits: round(x * 255).
             let want: Vec<f32> = f.get(key).flatten_all().unwrap().to_vec1().unwrap();
@@ -242,19 +247,7 @@ fn euler_ancestral_with_diffusers_noise_gives_diffusers_pixels() {
     let f = sd15();
     let mut pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
     pipeline.checkpoint.scheduler.class_name = "EulerAncestralDiscreteScheduler".into();
-    let params = engine::GenerateParams {
-        prompt: "a cute baby sea otter!".into(),
-        negative_prompt: String::new(),
-        width: 64,
-        height: 80,
-        n: 1,
-        steps: 3,
-        guidance_scale: 7.5,
-        seed: 0,
-        edit: None,
-        partial_images: 0,
-        decoder: engine::Decoder::Full,
-    };
+    let params = pipeline_params(3, 7.5);
     let noise = f.get("eulera_noise");
     let mut hooks = DiffusersNoise::new(f.get("pipe_noise"));
     hooks.steps = (0..3).map(|k| noise.narrow(0, k, 1).unwrap()).collect();
