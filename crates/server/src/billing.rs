@@ -35,6 +35,12 @@ enum Input {
     AlreadyBilled,
 }
 
+/// The quality and size a result is priced at: what the provider reported, or the dearest quality
+/// and OpenAI's default size where it said nothing.
+fn billed_shape(resolved: &Resolved) -> (domain::Quality, Size) {
+    (resolved.quality.unwrap_or(domain::Quality::High), resolved.size.unwrap_or(Size::new(1024, 1024)))
+}
+
 /// Prices a finished job. `images` is the number of images produced; `usage` what the provider reported;
 /// `compute_ms` the device time it measured (the compute basis of local models); `text_tokens` the
 /// prompt's count ([`count_prompt_tokens`]).
@@ -49,8 +55,7 @@ pub fn bill(
     compute_ms: Option<u64>,
     text_tokens: u64,
 ) -> Result<Cost, PriceError> {
-    let quality = resolved.quality.unwrap_or(domain::Quality::High);
-    let size = resolved.size.unwrap_or(Size::new(1024, 1024));
+    let (quality, size) = billed_shape(resolved);
     price_job(state, route, job, quality, size, images, usage, compute_ms, text_tokens, Input::Whole)
 }
 
@@ -114,8 +119,7 @@ impl StreamBill {
         compute_ms: Option<u64>,
         text_tokens: u64,
     ) -> Result<Cost, PriceError> {
-        let quality = resolved.quality.unwrap_or(domain::Quality::High);
-        let size = resolved.size.unwrap_or(Size::new(1024, 1024));
+        let (quality, size) = billed_shape(resolved);
         let (usage, input) = match usage {
             Some(u) => {
                 let text = u.input_text_tokens.saturating_sub(self.text_billed);

@@ -194,20 +194,7 @@ impl Run {
         };
         let (cost, source) = match &e {
             // The local engine stopped early: the compute time it used is what it incurred.
-            ProviderError::Cancelled { compute_ms } => {
-                let resolved = Resolved::default().fill_from(&self.options, self.family());
-                let priced = billing::bill(
-                    &self.state,
-                    &self.route,
-                    &self.job,
-                    &resolved,
-                    0,
-                    None,
-                    Some(*compute_ms),
-                    self.text_tokens,
-                );
-                self.priced(priced, &ticket, "the compute time used could not be priced")
-            }
+            ProviderError::Cancelled { compute_ms } => self.compute_used(*compute_ms, &ticket),
             // Abandoned, and the upstream never said whether it finished: what it billed cannot be
             // known, so the hold is charged.
             ProviderError::Timeout(_) if gone => {
@@ -237,6 +224,15 @@ impl Run {
     }
 
     /// A priced cost capped at what the ticket still holds; an unpricable one charges the hold.
+    /// What a local job that stopped early incurred: the compute time it used, priced.
+    fn compute_used(&self, compute_ms: u64, ticket: &Ticket) -> (Option<Cost>, CostSource) {
+        let resolved = Resolved::default().fill_from(&self.options, self.family());
+        let text_tokens = self.text_tokens;
+        let priced =
+            billing::bill(&self.state, &self.route, &self.job, &resolved, 0, None, Some(compute_ms), text_tokens);
+        self.priced(priced, ticket, "the compute time used could not be priced")
+    }
+
     fn priced(
         &self,
         priced: Result<Cost, pricing::PriceError>,
@@ -444,18 +440,7 @@ impl Run {
         let gone = self.abandoned.is_cancelled();
         // What the provider incurred beyond the images it delivered.
         if let Some(compute_ms) = cancelled_compute {
-            let resolved = Resolved::default().fill_from(&self.options, self.family());
-            let priced = billing::bill(
-                &self.state,
-                &self.route,
-                &self.job,
-                &resolved,
-                0,
-                None,
-                Some(compute_ms),
-                self.text_tokens,
-            );
-            let (cost, source) = self.priced(priced, &ticket, "the compute time used could not be priced");
+            let (cost, source) = self.compute_used(compute_ms, &ticket);
             tally.source = worse(tally.source, source);
             tally.costs.extend(cost);
         }
