@@ -26,7 +26,7 @@ use crate::text_encoder::TextEncoder;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{AddedCond, Unet};
 use crate::vae_decoder::VaeDecoder;
-use crate::vae_encoder::VaeEncoder;
+use crate::vae_encoder::{LatentDist, VaeEncoder};
 
 /// Smallest and largest image side in pixels.
 pub const MIN_SIDE: u32 = 64;
@@ -73,13 +73,28 @@ pub trait Hooks {
     }
     /// An intermediate image of the first image of the request (`index` counts from 0).
     fn partial(&mut self, _index: usize, _image: RgbImage) {}
-    /// Noise for the image seeded `seed` (`[channels, height, width]` latents) in place of the engine's
-    /// own seeded gaussian: the initial noise (`step` `None`), or the ancestral sampler's fresh noise at
-    /// step `step` of the run. Reference-parity tests give diffusers' noise here; `None` keeps the
-    /// engine's.
-    fn noise(&mut self, _seed: u64, _step: Option<usize>, _shape: (usize, usize, usize)) -> Option<Tensor> {
+    /// Noise for the image seeded `seed` (`[channels, height, width]` latents, unit gaussian) in place of
+    /// the engine's own seeded draw `what`. Reference-parity tests give diffusers' noise here; `None`
+    /// keeps the engine's.
+    fn noise(&mut self, _seed: u64, _what: Draw, _shape: (usize, usize, usize)) -> Option<Tensor> {
         None
     }
+}
+
+/// The random draws of one image, each `[channels, height, width]` latents of unit gaussian noise from
+/// the image's seeded generator, in this order (diffusers' order for one generator): the input images'
+/// latent samples (when their latents are used), the initial noise, the masked image's latent sample
+/// (9-channel inpainting), then the ancestral sampler's noise at each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draw {
+    /// The VAE encoder's sample of input image `index` of an edit (0 is the image being edited).
+    Image(usize),
+    /// The initial noise.
+    Initial,
+    /// The VAE encoder's sample of the masked image a 9-channel inpainting UNet sees.
+    MaskedImage,
+    /// The ancestral sampler's fresh noise at step `k` of the run (counting from 0).
+    Step(usize),
 }
 
 /// Hooks that do nothing.
@@ -280,7 +295,8 @@ impl Pipeline {
         tracing::info!(secs = started.elapsed().as_secs_f64(), "prompt encoded");
         let inputs = match &p.edit {
             Some(edit) => Some(self.prepare_edit(edit, p.width, p.height)?),
-            // An inpainting UNet asked for a plain image repaints a blank canvas everywhere.
+            // An inpainting UNet asked for a plain image repaints a blank canvas everywhere (its masked
+            // image is all zeros whatever the canvas).
             None if self.is_inpainting() => {
                 let blank = RgbImage::from_pixel(p.width, p.height, image::Rgb([127, 127, 127]));
                 let all = GrayImage::from_pixel(p.width, p.height, image::Luma([255]));
@@ -351,18 +367,9 @@ impl Pipeline {
         };
         let resized: Vec<RgbImage> = edit.images.iter().map(resize).collect();
         let encoder = self.vae_encoder()?;
-        let scale = self.checkpoint.vae_scale();
-        // The starting point: the first image's latents, or the mean of all references' latents.
-        let mut sum: Option<Tensor> = None;
-        for img in &resized {
-            let lat = encoder.encode_mean(&self.to_pixels(img)?)?.to_dtype(self.dtype)?;
-            sum = Some(match sum {
-                Some(s) => (s + lat)?,
-                None => lat,
-            });
-        }
-        let sum = sum.ok_or_else(|| EngineError::InvalidInput("an edit needs at least one image".into()))?;
-        let latents = ((sum / resized.len() as f64)? * scale)?;
+        // The latent distribution of each image; each generated image samples them with its own seed.
+        let images =
+            resized.iter().map(|img| Ok(encoder.encode(&self.to_pixels(img)?)?)).collect::<Result<_, EngineError>>()?;
 
         // diffusers' mask processor: resized like the image (Lanczos), then binarized at one half.
         let mask_pixels = edit.mask.as_ref().map(|m| {
@@ -380,7 +387,7 @@ impl Pipeline {
             None => None,
         };
         // Inpainting UNets also see the mask and the image with the repainted area blanked out.
-        let inpaint_extra = if self.is_inpainting() {
+        let masked = if self.is_inpainting() {
             let mask = match &latent_mask {
                 Some(m) => m.clone(),
                 None => Tensor::ones((1, 1, lh, lw), self.dtype, &self.device)?,
@@ -392,20 +399,48 @@ impl Pipeline {
                 None => vec![0.0; (width * height) as usize],
             };
             let keep = Tensor::from_vec(keep, (1, 1, height as usize, width as usize), &self.device)?;
-            let masked =
-                self.to_pixels(&resized[0])?.to_dtype(DType::F32)?.broadcast_mul(&keep)?.to_dtype(self.vae_dtype)?;
-            let masked_latents = (encoder.encode_mean(&masked)?.to_dtype(self.dtype)? * scale)?;
-            Some(Tensor::cat(&[&mask, &masked_latents], 1)?)
+            let pixels = self.to_pixels(&resized[0])?.to_dtype(DType::F32)?;
+            let masked = pixels.broadcast_mul(&keep)?.to_dtype(self.vae_dtype)?;
+            Some((mask, encoder.encode(&masked)?))
         } else {
             None
         };
         Ok(EditInputs {
-            latents,
+            images,
+            has_mask: edit.mask.is_some(),
             latent_mask,
-            inpaint_extra,
+            masked,
             first_image: resized.into_iter().next().unwrap_or_default(),
             mask_pixels,
         })
+    }
+
+    /// The batch's starting latents of an edit: per image, each input's latent distribution sampled with
+    /// its noise, averaged over the inputs, scaled as the UNet sees them. `[n, c, h, w]`.
+    fn sample_inputs(
+        &self,
+        edit: &EditInputs,
+        rngs: &mut [StdRng],
+        seeds: &[u64],
+        shape: (usize, usize, usize),
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor, EngineError> {
+        let mut sum: Option<Tensor> = None;
+        for (j, dist) in edit.images.iter().enumerate() {
+            let lat = self.sample(dist, seeded_noise(rngs, seeds, Draw::Image(j), shape, hooks, &self.device)?)?;
+            sum = Some(match sum {
+                Some(s) => (s + lat)?,
+                None => lat,
+            });
+        }
+        let sum = sum.ok_or_else(|| EngineError::InvalidInput("an edit needs at least one image".into()))?;
+        Ok((sum / edit.images.len() as f64)?)
+    }
+
+    /// A latent distribution sampled with `noise` (`[n, c, h, w]`), scaled and in the model's dtype.
+    fn sample(&self, dist: &LatentDist, noise: Tensor) -> Result<Tensor, EngineError> {
+        let latents = dist.sample(&noise.to_dtype(dist.mean.dtype())?)?.to_dtype(self.dtype)?;
+        Ok((latents * self.checkpoint.vae_scale())?)
     }
 
     fn vae_encoder(&self) -> Result<Arc<VaeEncoder>, EngineError> {
@@ -445,21 +480,36 @@ impl Pipeline {
         hooks: &mut dyn Hooks,
         partials: &mut usize,
     ) -> Result<Tensor, EngineError> {
-        let sched = Scheduler::new(&self.checkpoint.scheduler, p.steps)?;
+        let mut sched = Scheduler::new(&self.checkpoint.scheduler, p.steps)?;
         let n = seeds.len();
         let (lh, lw) = self.latent_size(p.width, p.height);
         let channels = self.checkpoint.vae.latent_channels;
         let mut rngs: Vec<StdRng> = seeds.iter().map(|s| StdRng::seed_from_u64(*s)).collect();
         let shape = (channels, lh, lw);
-        let noise = seeded_noise(&mut rngs, seeds, None, shape, hooks, &self.device)?.to_dtype(self.dtype)?;
+        let strength = p.edit.as_ref().map_or(1.0, |e| e.strength);
+        // diffusers' inpainting pipelines start from pure noise at full strength (a 9-channel UNet then
+        // never needs the input's latents); image-to-image noises the input even then.
+        let from_noise = strength >= 1.0 && edit.is_some_and(|e| e.has_mask);
+        let init = match edit {
+            Some(e) if !(from_noise && self.is_inpainting()) => {
+                Some(self.sample_inputs(e, &mut rngs, seeds, shape, hooks)?)
+            }
+            _ => None,
+        };
+        let noise = seeded_noise(&mut rngs, seeds, Draw::Initial, shape, hooks, &self.device)?.to_dtype(self.dtype)?;
+        let extra = match edit.and_then(|e| e.masked.as_ref()) {
+            Some((mask, dist)) => {
+                let noise = seeded_noise(&mut rngs, seeds, Draw::MaskedImage, shape, hooks, &self.device)?;
+                Some(Tensor::cat(&[&mask.repeat((n, 1, 1, 1))?, &self.sample(dist, noise)?], 1)?)
+            }
+            None => None,
+        };
 
         // Where the schedule starts: the top for text-to-image, `strength` of the way down for edits.
-        let strength = p.edit.as_ref().map_or(1.0, |e| e.strength);
         let run = steps_run(p.steps, strength);
         let start = p.steps - run;
-        let init = edit.map(|e| e.latents.repeat((n, 1, 1, 1))).transpose()?;
         let mut latents = match &init {
-            Some(init) if strength < 1.0 => sched.add_noise(init, &noise, start)?,
+            Some(init) if !from_noise => sched.add_noise(init, &noise, start)?,
             _ => (&noise * sched.init_noise_sigma())?,
         };
 
@@ -481,7 +531,6 @@ impl Pipeline {
             }
             None => None,
         };
-        let extra = edit.and_then(|e| e.inpaint_extra.as_ref()).map(|x| x.repeat((n, 1, 1, 1))).transpose()?;
         let blend_mask = if self.is_inpainting() { None } else { edit.and_then(|e| e.latent_mask.as_ref()) };
 
         let partial_after: Vec<usize> = partial_points(run, *partials);
@@ -516,7 +565,7 @@ impl Pipeline {
                 }
             }
             let step_noise = if sched.needs_noise() {
-                Some(seeded_noise(&mut rngs, seeds, Some(k), shape, hooks, &self.device)?.to_dtype(self.dtype)?)
+                Some(seeded_noise(&mut rngs, seeds, Draw::Step(k), shape, hooks, &self.device)?.to_dtype(self.dtype)?)
             } else {
                 None
             };
@@ -608,12 +657,14 @@ impl TextCond {
 }
 
 struct EditInputs {
-    /// Scaled latents of the input(s), `[1, c, h, w]`.
-    latents: Tensor,
+    /// The latent distributions of the inputs (unscaled, batch 1), first the image being edited.
+    images: Vec<LatentDist>,
+    /// Whether the edit has a mask (diffusers' inpainting pipelines rather than image-to-image).
+    has_mask: bool,
     /// The mask at latent size, 1 = repaint.
     latent_mask: Option<Tensor>,
-    /// For 9-channel UNets: mask and masked-image latents, `[1, 5, h, w]`.
-    inpaint_extra: Option<Tensor>,
+    /// For 9-channel UNets: the latent mask (`[1, 1, h, w]`) and the masked image's latent distribution.
+    masked: Option<(Tensor, LatentDist)>,
     first_image: RgbImage,
     mask_pixels: Option<GrayImage>,
 }
@@ -625,19 +676,18 @@ fn partial_points(run: usize, wanted: usize) -> Vec<usize> {
     points
 }
 
-/// Unit gaussian noise `[n, c, h, w]`, one generator per image.
 /// The batch's noise, `[n, c, h, w]` f32: each image's from its own generator, or what `hooks` give for
 /// its seed (the generators advance either way, so that what follows does not depend on it).
 fn seeded_noise(
     rngs: &mut [StdRng],
     seeds: &[u64],
-    step: Option<usize>,
+    what: Draw,
     shape: (usize, usize, usize),
     hooks: &mut dyn Hooks,
     device: &Device,
 ) -> Result<Tensor, EngineError> {
     let noise = gaussian(rngs, shape, device)?;
-    let given: Vec<Option<Tensor>> = seeds.iter().map(|s| hooks.noise(*s, step, shape)).collect();
+    let given: Vec<Option<Tensor>> = seeds.iter().map(|s| hooks.noise(*s, what, shape)).collect();
     if given.iter().all(Option::is_none) {
         return Ok(noise);
     }

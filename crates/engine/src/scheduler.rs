@@ -1,5 +1,6 @@
-//! Samplers, as `scheduler/scheduler_config.json` names them: Euler, Euler ancestral and DDIM, with the
-//! config's beta schedule, `prediction_type` and `timestep_spacing`.
+//! Samplers, as `scheduler/scheduler_config.json` names them: Euler, Euler ancestral, DDIM and
+//! DPM-Solver++ (multistep, first or second order, optionally on Karras sigmas), with the config's beta
+//! schedule, `prediction_type` and `timestep_spacing`, computing what diffusers' classes compute.
 //!
 //! Written here rather than taken from candle because candle has no plain Euler (SD-Turbo's scheduler)
 //! and its ancestral sampler draws noise from an unseedable thread RNG: here every noise tensor comes
@@ -15,6 +16,8 @@ pub enum Kind {
     Euler,
     EulerAncestral,
     Ddim,
+    /// DPM-Solver++ multistep (`DPMSolverMultistepScheduler` with `algorithm_type` `dpmsolver++`).
+    DpmSolver,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,18 +40,32 @@ pub struct Scheduler {
     init_sigma: f64,
     /// DDIM's `clip_sample`: the clean estimate clamped to `±range`.
     clip: Option<f64>,
+    dpm: Dpm,
+    /// DPM-Solver's history: the step index and clean estimate of the step before.
+    previous: Option<(usize, Tensor)>,
 }
 
-/// How the config's scheduler class is run. Classes without an implementation of their own run as the
-/// closest one here (PNDM, LMS and DPM-Solver as Euler, which samples the same model well), others are
-/// refused.
+/// DPM-Solver++'s settings (diffusers' config keys of the same names).
+#[derive(Debug, Clone, Copy, Default)]
+struct Dpm {
+    /// `solver_order` 2: each step after the first uses the previous step's estimate too.
+    second_order: bool,
+    /// `solver_type` `heun` (else `midpoint`), the second-order formula.
+    heun: bool,
+    lower_order_final: bool,
+    euler_at_final: bool,
+    /// `final_sigmas_type` `zero` (else `sigma_min`): the last step lands on a clean sample.
+    final_zero: bool,
+}
+
+/// How the config's scheduler class is run. PNDM and LMS (SD 1.x's and older checkpoints' configs) run
+/// as Euler on their noise schedule, which samples the same models well; other classes are refused.
 pub fn kind_of(class_name: &str) -> Option<Kind> {
     match class_name {
-        "EulerDiscreteScheduler" | "PNDMScheduler" | "LMSDiscreteScheduler" | "DPMSolverMultistepScheduler" => {
-            Some(Kind::Euler)
-        }
+        "EulerDiscreteScheduler" | "PNDMScheduler" | "LMSDiscreteScheduler" => Some(Kind::Euler),
         "EulerAncestralDiscreteScheduler" => Some(Kind::EulerAncestral),
         "DDIMScheduler" => Some(Kind::Ddim),
+        "DPMSolverMultistepScheduler" => Some(Kind::DpmSolver),
         _ => None,
     }
 }
@@ -61,7 +78,7 @@ impl Scheduler {
             why,
         };
         let kind = kind_of(&cfg.class_name).ok_or_else(|| {
-            bad("_class_name", format!("'{}' is not one of EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler (or PNDM/LMS/DPMSolver, run as Euler)", cfg.class_name))
+            bad("_class_name", format!("'{}' is not one of EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler (or PNDM/LMS, run as Euler)", cfg.class_name))
         })?;
         let prediction = match cfg.prediction_type.as_str() {
             "epsilon" => Prediction::Epsilon,
@@ -88,20 +105,33 @@ impl Scheduler {
             acc *= 1.0 - b;
             alphas_cumprod.push(acc);
         }
-        refuse_unsupported_keys(cfg).map_err(|(key, why)| bad(&key, why))?;
+        let (dpm, karras) = if kind == Kind::DpmSolver {
+            dpm_settings(cfg).map_err(|(key, why)| bad(key, why))?
+        } else {
+            (Dpm::default(), false)
+        };
+        refuse_unsupported_keys(cfg, kind).map_err(|(key, why)| bad(&key, why))?;
         let spacing = cfg.timestep_spacing.as_deref().unwrap_or(match kind {
             Kind::Ddim => "leading",
-            Kind::Euler | Kind::EulerAncestral => "linspace",
+            Kind::Euler | Kind::EulerAncestral | Kind::DpmSolver => "linspace",
         });
         // diffusers' `set_timesteps`, in the same f64 arithmetic (numpy rounds half to even).
         let last = (t_train - 1) as f64;
         let timesteps: Vec<f64> = match spacing {
+            // DPM-Solver spaces `steps + 1` points and drops the last (0), rounded.
+            "linspace" if kind == Kind::DpmSolver => {
+                linspace(0.0, last, steps + 1).into_iter().rev().take(steps).map(f64::round_ties_even).collect()
+            }
             // The Euler samplers keep fractional timesteps (499.5); DDIM rounds them.
             "linspace" => linspace(0.0, last, steps)
                 .into_iter()
                 .rev()
                 .map(|t| if kind == Kind::Ddim { t.round_ties_even() } else { t })
                 .collect(),
+            "leading" if kind == Kind::DpmSolver => {
+                let ratio = t_train / (steps + 1);
+                (1..=steps).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
+            }
             "leading" => {
                 let ratio = t_train / steps;
                 (0..steps).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
@@ -124,19 +154,29 @@ impl Scheduler {
             ));
         }
 
+        let train_sigmas: Vec<f64> = alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();
         let sigma_at = |t: f64| -> f64 {
             // Linear interpolation of sigma over the training timesteps, as diffusers does.
             let lo = t.floor().clamp(0.0, (t_train - 1) as f64) as usize;
             let hi = (lo + 1).min(t_train - 1);
             let frac = t - lo as f64;
-            let s = |i: usize| ((1.0 - alphas_cumprod[i]) / alphas_cumprod[i]).sqrt();
-            s(lo) * (1.0 - frac) + s(hi) * frac
+            train_sigmas[lo] * (1.0 - frac) + train_sigmas[hi] * frac
         };
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|t| sigma_at(*t)).collect();
-        sigmas.push(0.0);
+        let (timesteps, mut sigmas) = if karras {
+            // Karras et al.'s schedule between the training schedule's extremes (rho 7); the timesteps
+            // are where those sigmas fall on the training schedule (log-linear), rounded.
+            let (lo, hi) = (train_sigmas[0].powf(1.0 / 7.0), train_sigmas[t_train - 1].powf(1.0 / 7.0));
+            let sigmas: Vec<f64> = linspace(0.0, 1.0, steps).iter().map(|r| (hi + r * (lo - hi)).powi(7)).collect();
+            let timesteps = sigmas.iter().map(|s| sigma_to_t(*s, &train_sigmas).round_ties_even()).collect();
+            (timesteps, sigmas)
+        } else {
+            let sigmas = timesteps.iter().map(|t| sigma_at(*t)).collect();
+            (timesteps, sigmas)
+        };
+        sigmas.push(if kind != Kind::DpmSolver || dpm.final_zero { 0.0 } else { train_sigmas[0] });
         let max_sigma = sigmas.iter().copied().fold(0.0, f64::max);
         let init_sigma = match (kind, spacing) {
-            (Kind::Ddim, _) => 1.0,
+            (Kind::Ddim | Kind::DpmSolver, _) => 1.0,
             (_, "linspace" | "trailing") => max_sigma,
             _ => (max_sigma * max_sigma + 1.0).sqrt(),
         };
@@ -155,14 +195,15 @@ impl Scheduler {
             Kind::Ddim if cfg.clip_sample.unwrap_or(true) => Some(cfg.clip_sample_range),
             _ => None,
         };
-        Ok(Scheduler { kind, prediction, timesteps, sigmas, alphas, init_sigma, clip })
+        Ok(Scheduler { kind, prediction, timesteps, sigmas, alphas, init_sigma, clip, dpm, previous: None })
     }
 
     pub fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
 
-    /// The Euler samplers' noise level at each step, then 0.
+    /// The Euler samplers' and DPM-Solver's noise level at each step, then the last one (0 unless DPM-Solver's
+    /// `final_sigmas_type` is `sigma_min`).
     pub fn sigmas(&self) -> &[f64] {
         &self.sigmas
     }
@@ -180,7 +221,7 @@ impl Scheduler {
     /// The UNet's input at step `i`.
     pub fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         match self.kind {
-            Kind::Ddim => Ok(sample.clone()),
+            Kind::Ddim | Kind::DpmSolver => Ok(sample.clone()),
             _ => sample / (self.sigmas[i].powi(2) + 1.0).sqrt(),
         }
     }
@@ -199,7 +240,15 @@ impl Scheduler {
                     None => Ok(original),
                 }
             }
-            _ => {
+            Kind::DpmSolver => {
+                // DPM-Solver's samples are variance-preserving: `alpha * x0 + sigma_t * noise`.
+                let (alpha, sigma) = vp(self.sigmas[i]);
+                match self.prediction {
+                    Prediction::Epsilon => (sample - (model_output * sigma)?)? / alpha,
+                    Prediction::VPrediction => (sample * alpha)? - (model_output * sigma)?,
+                }
+            }
+            Kind::Euler | Kind::EulerAncestral => {
                 let sigma = self.sigmas[i];
                 match self.prediction {
                     Prediction::Epsilon => sample - (model_output * sigma)?,
@@ -213,10 +262,17 @@ impl Scheduler {
     }
 
     /// One step from step `i` to the next. `noise` is required by the ancestral sampler (same shape as
-    /// `sample`, unit gaussian) and ignored otherwise.
-    pub fn step(&self, model_output: &Tensor, i: usize, sample: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
+    /// `sample`, unit gaussian) and ignored otherwise. Steps are taken in order (DPM-Solver remembers the
+    /// step before; a run may start at any step, as an edit does).
+    pub fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
         let original = self.predict_original(sample, model_output, i)?;
         match self.kind {
+            Kind::DpmSolver => {
+                let previous = self.previous.take().filter(|(j, _)| j + 1 == i).map(|(_, x)| x);
+                let out = self.dpm_step(&original, previous.as_ref(), i, sample)?;
+                self.previous = Some((i, original));
+                Ok(out)
+            }
             Kind::Ddim => {
                 let (a, a_prev) = self.alphas[i];
                 // The noise the model saw, as diffusers has it (from the model's output, not from the
@@ -244,9 +300,45 @@ impl Scheduler {
         }
     }
 
+    /// DPM-Solver++ from step `i` to the next, given this step's clean estimate and the step before's.
+    fn dpm_step(&self, x0: &Tensor, previous: Option<&Tensor>, i: usize, sample: &Tensor) -> Result<Tensor> {
+        let lambda = |s: f64| -> f64 {
+            let (alpha, sigma) = vp(s);
+            alpha.ln() - sigma.ln()
+        };
+        let (s0, t) = (self.sigmas[i], self.sigmas[i + 1]);
+        let (alpha_t, sigma_t) = vp(t);
+        let sigma_s0 = vp(s0).1;
+        let h = lambda(t) - lambda(s0);
+        // With a final sigma of 0, lambda is infinite: exp(-h) is 0 and the step lands on `x0`.
+        let decay = (-h).exp() - 1.0;
+        let first = ((sample * (sigma_t / sigma_s0))? - (x0 * (alpha_t * decay))?)?;
+        let last = i + 1 == self.timesteps.len();
+        let d = self.dpm;
+        let lower_final =
+            last && (d.euler_at_final || (d.lower_order_final && self.timesteps.len() < 15) || d.final_zero);
+        let Some(m1) = previous.filter(|_| d.second_order && !lower_final && i >= 1) else {
+            return Ok(first);
+        };
+        let h0 = lambda(s0) - lambda(self.sigmas[i - 1]);
+        let d1 = ((x0 - m1)? * (h / h0))?;
+        // Heun's factor tends to 0 with h (a step of length 0, as Karras sigmas ending on a final
+        // `sigma_min` give), where diffusers computes 0 / 0.
+        let correction = match (d.heun, h == 0.0) {
+            (true, true) => 0.0,
+            (true, false) => alpha_t * (decay / h + 1.0),
+            (false, _) => -0.5 * alpha_t * decay,
+        };
+        first + (d1 * correction)?
+    }
+
     /// Noises clean latents to the level of step `i` (image-to-image and inpainting).
     pub fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
         match self.kind {
+            Kind::DpmSolver => {
+                let (alpha, sigma) = vp(self.sigmas[i]);
+                (original * alpha)? + (noise * sigma)?
+            }
             Kind::Ddim => {
                 let (a, _) = self.alphas[i];
                 (original * a.sqrt())? + (noise * (1.0 - a).sqrt())?
@@ -256,9 +348,74 @@ impl Scheduler {
     }
 }
 
+/// A noise level's variance-preserving coefficients: `alpha = 1 / sqrt(sigma^2 + 1)` and `sigma * alpha`.
+fn vp(sigma: f64) -> (f64, f64) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// The (fractional) training timestep of noise level `sigma`: diffusers' `_sigma_to_t`, linear in
+/// log-sigma between the two training timesteps around it, clamped to the schedule.
+fn sigma_to_t(sigma: f64, train_sigmas: &[f64]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let n = train_sigmas.len();
+    let low = train_sigmas.iter().rposition(|s| s.ln() <= log_sigma).unwrap_or(0).min(n - 2);
+    let (lo, hi) = (train_sigmas[low].ln(), train_sigmas[low + 1].ln());
+    let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * (low + 1) as f64
+}
+
+/// DPM-Solver's keys, with diffusers' defaults: its settings and whether it runs on Karras sigmas.
+fn dpm_settings(cfg: &SchedulerFile) -> std::result::Result<(Dpm, bool), (&'static str, String)> {
+    let text = |key: &'static str, default: &'static str| -> std::result::Result<String, (&'static str, String)> {
+        match cfg.other.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default.to_owned()),
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err((key, format!("{other} is not a string"))),
+        }
+    };
+    let flag = |key: &'static str, default: bool| -> std::result::Result<bool, (&'static str, String)> {
+        match cfg.other.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(serde_json::Value::Bool(b)) => Ok(*b),
+            Some(other) => Err((key, format!("{other} is not true or false"))),
+        }
+    };
+    // diffusers runs the deprecated DEIS / UniPC names as these.
+    let algorithm = text("algorithm_type", "dpmsolver++")?;
+    if !matches!(algorithm.as_str(), "dpmsolver++" | "deis") {
+        return Err(("algorithm_type", format!("'{algorithm}' is not supported (only 'dpmsolver++')")));
+    }
+    let solver = text("solver_type", "midpoint")?;
+    let heun = match solver.as_str() {
+        "heun" => true,
+        "midpoint" | "logrho" | "bh1" | "bh2" => false,
+        other => return Err(("solver_type", format!("'{other}' is not one of 'midpoint', 'heun'"))),
+    };
+    let second_order = match cfg.other.get("solver_order") {
+        None | Some(serde_json::Value::Null) => true,
+        Some(v) if v.as_u64() == Some(2) => true,
+        Some(v) if v.as_u64() == Some(1) => false,
+        Some(other) => return Err(("solver_order", format!("{other} is not supported (only 1 or 2)"))),
+    };
+    let final_zero = match text("final_sigmas_type", "zero")?.as_str() {
+        "zero" => true,
+        "sigma_min" => false,
+        other => return Err(("final_sigmas_type", format!("'{other}' is not one of 'zero', 'sigma_min'"))),
+    };
+    let dpm = Dpm {
+        second_order,
+        heun,
+        lower_order_final: flag("lower_order_final", true)?,
+        euler_at_final: flag("euler_at_final", false)?,
+        final_zero,
+    };
+    Ok((dpm, flag("use_karras_sigmas", false)?))
+}
+
 /// Keys of diffusers' scheduler configs that change the math, with the value under which the engine
 /// computes what diffusers computes (`null` counts as that value too).
-const MATH_KEYS: [(&str, &str); 9] = [
+const MATH_KEYS: [(&str, &str); 15] = [
     ("use_karras_sigmas", "false"),
     ("use_exponential_sigmas", "false"),
     ("use_beta_sigmas", "false"),
@@ -268,11 +425,24 @@ const MATH_KEYS: [(&str, &str); 9] = [
     ("timestep_type", "\"discrete\""),
     ("final_sigmas_type", "\"zero\""),
     ("trained_betas", "null"),
+    ("use_lu_lambdas", "false"),
+    ("use_flow_sigmas", "false"),
+    ("use_dynamic_shifting", "false"),
+    ("variance_type", "null"),
+    // What `-Infinity` in a config file reads as (see `checkpoint::read_json`).
+    ("lambda_min_clipped", "\"-Infinity\""),
+    ("sigma_min", "null"),
 ];
 
+/// The keys DPM-Solver reads itself ([`dpm_settings`]).
+const DPM_KEYS: [&str; 2] = ["use_karras_sigmas", "final_sigmas_type"];
+
 /// A config key set to something the engine does not compute: its name and why.
-fn refuse_unsupported_keys(cfg: &SchedulerFile) -> std::result::Result<(), (String, String)> {
+fn refuse_unsupported_keys(cfg: &SchedulerFile, kind: Kind) -> std::result::Result<(), (String, String)> {
     for (key, supported) in MATH_KEYS {
+        if kind == Kind::DpmSolver && DPM_KEYS.contains(&key) {
+            continue;
+        }
         let Some(value) = cfg.other.get(key) else { continue };
         let default: serde_json::Value = serde_json::from_str(supported).unwrap_or(serde_json::Value::Null);
         if value.is_null() || *value == default {
@@ -366,6 +536,41 @@ mod tests {
     }
 
     #[test]
+    fn dpm_solver_configs_it_cannot_honour_are_refused_by_name() {
+        let dpm = |key: &str, value: serde_json::Value| {
+            let mut c = cfg("DPMSolverMultistepScheduler", "linspace");
+            c.other.insert(key.into(), value);
+            Scheduler::new(&c, 4)
+        };
+        for (key, value) in [
+            ("algorithm_type", serde_json::json!("sde-dpmsolver++")),
+            ("solver_order", serde_json::json!(3)),
+            ("solver_type", serde_json::json!("bogus")),
+            ("final_sigmas_type", serde_json::json!("bogus")),
+            ("lambda_min_clipped", serde_json::json!(-5.1)),
+            ("use_lu_lambdas", serde_json::json!(true)),
+            ("variance_type", serde_json::json!("learned_range")),
+        ] {
+            let e = dpm(key, value).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        // What real configs carry: its defaults, `-Infinity` as read from the file, Karras sigmas.
+        for (key, value) in [
+            ("lambda_min_clipped", serde_json::json!("-Infinity")),
+            ("algorithm_type", serde_json::json!("dpmsolver++")),
+            ("solver_order", serde_json::json!(2)),
+            ("use_karras_sigmas", serde_json::json!(true)),
+            ("final_sigmas_type", serde_json::json!("sigma_min")),
+        ] {
+            assert!(dpm(key, value).is_ok(), "{key}");
+        }
+        // Karras sigmas stay refused where the engine does not implement them.
+        let mut c = cfg("EulerDiscreteScheduler", "leading");
+        c.other.insert("use_karras_sigmas".into(), serde_json::json!(true));
+        assert!(Scheduler::new(&c, 4).unwrap_err().to_string().contains("use_karras_sigmas"));
+    }
+
+    #[test]
     fn a_config_without_timestep_spacing_takes_the_class_default() {
         let unset = |class: &str| SchedulerFile { timestep_spacing: None, ..cfg(class, "") };
         // Euler and Euler ancestral: linspace; DDIM: leading (steps_offset 1).
@@ -387,7 +592,7 @@ mod tests {
         // If the model predicts exactly the noise that was added, one Euler step to sigma 0 gives back the
         // clean sample.
         let dev = candle_core::Device::Cpu;
-        let s = Scheduler::new(&cfg("EulerDiscreteScheduler", "trailing"), 1).unwrap();
+        let mut s = Scheduler::new(&cfg("EulerDiscreteScheduler", "trailing"), 1).unwrap();
         let clean = Tensor::new(&[0.5f32, -0.25, 1.0], &dev).unwrap();
         let noise = Tensor::new(&[1.0f32, -2.0, 0.5], &dev).unwrap();
         let noisy = s.add_noise(&clean, &noise, 0).unwrap();

@@ -1,8 +1,10 @@
 //! The VAE's encoder half, for edits: pixels to latents.
 //!
 //! candle's `AutoEncoderKL::encode` returns a distribution whose mean is private and whose sampling draws
-//! from an unseedable RNG; edits here use the distribution's mean (diffusers' `argmax` mode), which is
-//! deterministic. Built from candle's public blocks with the same tensor names as the real VAE.
+//! from an unseedable RNG; here the encoder returns the distribution itself (mean and standard deviation),
+//! and the pipeline samples it with the request's seeded noise as diffusers' pipelines do
+//! (`latent_dist.sample(generator)`). Built from candle's public blocks with the same tensor names as the
+//! real VAE.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
@@ -62,8 +64,10 @@ impl VaeEncoder {
         Ok(VaeEncoder { conv_in, down_blocks, mid_block, norm_out, conv_out, quant_conv, latent_channels: latent })
     }
 
-    /// The mean latents of `pixels` (`[batch, 3, h, w]` in -1..1), unscaled.
-    pub fn encode_mean(&self, pixels: &Tensor) -> Result<Tensor> {
+    /// The latent distribution of `pixels` (`[batch, 3, h, w]` in -1..1), unscaled: its mean and standard
+    /// deviation, each `[batch, latent_channels, h / 8, w / 8]`. As diffusers'
+    /// `DiagonalGaussianDistribution`: the log-variance is clamped to -30..20 before `std = exp(logvar / 2)`.
+    pub fn encode(&self, pixels: &Tensor) -> Result<LatentDist> {
         let mut xs = self.conv_in.forward(pixels)?;
         for block in &self.down_blocks {
             xs = block.forward(&xs)?;
@@ -74,6 +78,23 @@ impl VaeEncoder {
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;
         }
-        moments.narrow(1, 0, self.latent_channels)
+        let mean = moments.narrow(1, 0, self.latent_channels)?;
+        let std = (moments.narrow(1, self.latent_channels, self.latent_channels)?.clamp(-30.0, 20.0)? * 0.5)?.exp()?;
+        Ok(LatentDist { mean, std })
+    }
+}
+
+/// A diagonal gaussian over latents.
+#[derive(Debug, Clone)]
+pub struct LatentDist {
+    pub mean: Tensor,
+    pub std: Tensor,
+}
+
+impl LatentDist {
+    /// `mean + std * noise`, with `noise` unit gaussian of the mean's shape (or a batch of them, when the
+    /// distribution has batch 1).
+    pub fn sample(&self, noise: &Tensor) -> Result<Tensor> {
+        self.mean.broadcast_add(&self.std.broadcast_mul(noise)?)
     }
 }
