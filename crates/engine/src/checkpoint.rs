@@ -189,6 +189,28 @@ pub struct SchedulerFile {
     pub other: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
+impl SchedulerFile {
+    /// Stable Diffusion's noise schedule (scaled linear betas 0.00085..0.012 over 1000 timesteps,
+    /// epsilon, `steps_offset` 1, SD 1.5's config) for scheduler class `class`, at `spacing`
+    /// (`None`: the class's default).
+    pub fn stable_diffusion(class: &str, spacing: Option<&str>) -> SchedulerFile {
+        SchedulerFile {
+            class_name: class.into(),
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "scaled_linear".into(),
+            prediction_type: "epsilon".into(),
+            timestep_spacing: spacing.map(str::to_owned),
+            steps_offset: 1,
+            set_alpha_to_one: false,
+            clip_sample: Some(false),
+            clip_sample_range: 1.0,
+            other: Default::default(),
+        }
+    }
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -522,14 +544,12 @@ fn quote_non_finite(text: &str) -> std::borrow::Cow<'_, str> {
     let (mut in_string, mut escaped) = (false, false);
     let mut rest = text;
     while let Some(c) = rest.chars().next() {
-        if !in_string {
-            if let Some(word) = WORDS.iter().find(|w| rest.starts_with(**w)) {
-                out.push('"');
-                out.push_str(word);
-                out.push('"');
-                rest = &rest[word.len()..];
-                continue;
-            }
+        if !in_string && let Some(word) = WORDS.iter().find(|w| rest.starts_with(**w)) {
+            out.push('"');
+            out.push_str(word);
+            out.push('"');
+            rest = &rest[word.len()..];
+            continue;
         }
         if in_string {
             if escaped {

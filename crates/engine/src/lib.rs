@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 pub use checkpoint::Checkpoint;
 pub use layers::Kernels;
-pub use pipeline::{Draw, Edit, GenerateParams, Hooks, LoadOptions, NoHooks, Pipeline, default_device};
+pub use pipeline::{Draw, Edit, GenerateParams, Hooks, LoadOptions, NoHooks, Pipeline, Sampler, default_device};
 pub use taesd::Decoder;
 
 /// Whether this build runs models on a GPU (the `cuda` or `metal` feature).

@@ -57,6 +57,7 @@ fn params(seed: u64) -> GenerateParams {
         edit: None,
         partial_images: 0,
         decoder: engine::Decoder::Full,
+        sampler: engine::Sampler::Checkpoint,
     }
 }
 

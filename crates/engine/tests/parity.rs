@@ -298,6 +298,7 @@ fn pipeline_params(steps: usize, guidance_scale: f64) -> engine::GenerateParams 
         edit: None,
         partial_images: 0,
         decoder: engine::Decoder::Full,
+        sampler: engine::Sampler::Checkpoint,
     }
 }
 
@@ -333,9 +334,10 @@ fn euler_ancestral_with_diffusers_noise_gives_diffusers_pixels() {
 #[test]
 fn dpm_solver_2m_karras_gives_diffusers_pixels() {
     let f = sd15();
-    let mut pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
-    pipeline.checkpoint.scheduler = dpm_config(&f, &[("use_karras_sigmas", serde_json::json!(true))]);
-    let images = pipeline.generate(&pipeline_params(4, 7.5), &mut DiffusersNoise::new(f.get("pipe_noise"))).unwrap();
+    // The sampler the standard profile picks, over the checkpoint's own (Euler) config.
+    let pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
+    let params = engine::GenerateParams { sampler: engine::Sampler::DpmSolver2mKarras, ..pipeline_params(4, 7.5) };
+    let images = pipeline.generate(&params, &mut DiffusersNoise::new(f.get("pipe_noise"))).unwrap();
     let worst = levels_off(&images[0], f.get("pipe_dpm"), |_, _| true);
     assert!(worst <= 1, "{worst} levels off");
 }

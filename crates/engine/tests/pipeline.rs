@@ -27,6 +27,7 @@ fn params(seed: u64) -> GenerateParams {
         edit: None,
         partial_images: 0,
         decoder: engine::Decoder::Full,
+        sampler: engine::Sampler::Checkpoint,
     }
 }
 

@@ -152,6 +152,7 @@ fn params(seed: u64) -> GenerateParams {
         edit: None,
         partial_images: 0,
         decoder: Decoder::Full,
+        sampler: engine::Sampler::Checkpoint,
     }
 }
 

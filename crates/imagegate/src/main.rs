@@ -225,8 +225,10 @@ fn add_local_model(file: &mut ConfigFile, spec: &str, env: &dyn Env) -> Result<O
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "local".to_owned());
-        file.models
-            .insert(name.clone(), LocalModelFile { path: Some(path.to_path_buf()), profile: None, tiny_decoder: None });
+        file.models.insert(
+            name.clone(),
+            LocalModelFile { path: Some(path.to_path_buf()), profile: None, sampler: None, tiny_decoder: None },
+        );
         return Ok(Some(name));
     }
     if let Some(builtin) = registry::builtin(spec) {
@@ -238,7 +240,10 @@ fn add_local_model(file: &mut ConfigFile, spec: &str, env: &dyn Env) -> Result<O
         let use_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let dir = models::ensure_installed(builtin, &models_dir, models::endpoint_from_env(), use_bar)
             .map_err(|e| e.to_string())?;
-        file.models.insert(spec.to_owned(), LocalModelFile { path: Some(dir), profile: None, tiny_decoder: None });
+        file.models.insert(
+            spec.to_owned(),
+            LocalModelFile { path: Some(dir), profile: None, sampler: None, tiny_decoder: None },
+        );
         return Ok(None);
     }
     if spec.contains('/') && (spec.starts_with('.') || spec.starts_with('/')) {

@@ -35,27 +35,48 @@ use domain::{
 use engine::encode::Format;
 use engine::pipeline::{MAX_SIDE, MIN_SIDE};
 use engine::taesd::TinyConfig;
-use engine::{Checkpoint, Decoder, Edit, EngineError, GenerateParams, Hooks, LoadOptions, Pipeline, registry};
+use engine::{Checkpoint, Decoder, Edit, EngineError, GenerateParams, Hooks, LoadOptions, Pipeline, Sampler, registry};
 use futures_util::StreamExt;
 use image::{GrayImage, RgbImage};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::{CancellationToken, Provider, ProviderError, ProviderOutput};
 
-/// Steps per quality and the guidance scale of a model family.
+/// Steps per quality, the guidance scale and the sampler of a model family.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Profile {
     /// Steps for low, medium and high.
     pub steps: [usize; 3],
     /// Classifier-free guidance; 0 for distilled (turbo) models, which are trained without it.
     pub guidance: f64,
+    pub sampler: Sampler,
 }
 
 impl Profile {
-    /// Adversarially distilled models (SD-Turbo, SDXL-Turbo): 1, 2 or 4 steps, no guidance.
-    pub const TURBO: Profile = Profile { steps: [1, 2, 4], guidance: 0.0 };
-    /// Ordinary Stable Diffusion checkpoints.
-    pub const STANDARD: Profile = Profile { steps: [15, 25, 40], guidance: 7.5 };
+    /// Adversarially distilled models (SD-Turbo, SDXL-Turbo): 1, 2 or 4 steps of their own schedule,
+    /// no guidance.
+    pub const TURBO: Profile = Profile { steps: [1, 2, 4], guidance: 0.0, sampler: Sampler::Checkpoint };
+    /// Ordinary Stable Diffusion checkpoints, on DPM-Solver++ 2M Karras: 10, 15 or 25 steps land
+    /// closer to the model's exact sample than Euler's 15, 25 or 40 (BENCHMARKS.md, "Samplers").
+    pub const STANDARD: Profile = Profile { steps: [10, 15, 25], guidance: 7.5, sampler: Sampler::DpmSolver2mKarras };
+    /// Ordinary checkpoints on their own scheduler config (Euler for PNDM and LMS configs).
+    pub const STANDARD_OWN_SAMPLER: Profile =
+        Profile { steps: [15, 25, 40], guidance: 7.5, sampler: Sampler::Checkpoint };
+
+    /// This profile with the sampler named `name` (`dpm++2m-karras` or `checkpoint`); a standard
+    /// profile takes the steps its sampler needs.
+    pub fn with_sampler(self, name: &str) -> Result<Profile, String> {
+        let sampler = match name {
+            "dpm++2m-karras" => Sampler::DpmSolver2mKarras,
+            "checkpoint" => Sampler::Checkpoint,
+            other => return Err(format!("'{other}' is not one of 'dpm++2m-karras', 'checkpoint'")),
+        };
+        Ok(match (self == Profile::TURBO, sampler) {
+            (true, _) => Profile { sampler, ..self },
+            (false, Sampler::DpmSolver2mKarras) => Profile::STANDARD,
+            (false, Sampler::Checkpoint) => Profile::STANDARD_OWN_SAMPLER,
+        })
+    }
 
     /// Turbo when the model's name or directory says so, else standard.
     pub fn guess(name: &str, dir: &Path) -> Profile {
@@ -254,6 +275,7 @@ impl LocalProvider {
             edit: None,
             partial_images: if options.stream { usize::from(options.partial_images) } else { 0 },
             decoder,
+            sampler: served.model.profile.sampler,
         };
         let format = options.output_format.unwrap_or(OutputFormat::Png);
         let resolved = Resolved {
@@ -676,9 +698,21 @@ mod tests {
     fn profiles_map_quality_to_steps() {
         assert_eq!(Profile::TURBO.steps_for(Quality::Low), 1);
         assert_eq!(Profile::TURBO.steps_for(Quality::Auto), 2);
-        assert_eq!(Profile::STANDARD.steps_for(Quality::High), 40);
+        assert_eq!(Profile::STANDARD.steps_for(Quality::High), 25);
+        assert_eq!(Profile::STANDARD.sampler, Sampler::DpmSolver2mKarras);
         assert_eq!(Profile::guess("sd-turbo", Path::new("/m")), Profile::TURBO);
         assert_eq!(Profile::guess("x", Path::new("/m/sdxl-turbo")), Profile::TURBO);
         assert_eq!(Profile::guess("sd-1.5", Path::new("/m/x")), Profile::STANDARD);
+    }
+
+    #[test]
+    fn a_standard_model_on_its_own_sampler_takes_the_steps_euler_needs() {
+        let own = Profile::STANDARD.with_sampler("checkpoint").unwrap();
+        assert_eq!((own.steps, own.sampler), ([15, 25, 40], Sampler::Checkpoint));
+        assert_eq!(own.with_sampler("dpm++2m-karras").unwrap(), Profile::STANDARD);
+        // Turbo models keep their steps whatever sampler is asked for.
+        let turbo = Profile::TURBO.with_sampler("dpm++2m-karras").unwrap();
+        assert_eq!((turbo.steps, turbo.sampler), ([1, 2, 4], Sampler::DpmSolver2mKarras));
+        assert!(Profile::STANDARD.with_sampler("euler").unwrap_err().contains("'dpm++2m-karras'"));
     }
 }

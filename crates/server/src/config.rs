@@ -23,7 +23,9 @@
 //! [models.sd-turbo]                           # a local model: a built-in name (pulled) or a path
 //! [models.my-finetune]
 //! path = "/srv/models/my-finetune"            # a diffusers-layout directory
-//! profile = "standard"                        # steps per quality: "turbo" (1/2/4) or "standard" (15/25/40)
+//! profile = "standard"                        # steps per quality: "turbo" (1/2/4) or "standard" (10/15/25)
+//! sampler = "checkpoint"                      # optional: the checkpoint's scheduler (standard: 15/25/40 steps)
+//!                                             # instead of the standard profile's DPM++ 2M Karras
 //! tiny_decoder = "/srv/models/taesd"          # optional TAESD directory (default: the pulled taesd/taesdxl)
 //!
 //! [engine]
@@ -71,6 +73,8 @@ pub struct LocalModelFile {
     pub path: Option<std::path::PathBuf>,
     /// `turbo` or `standard`; guessed from the name when absent.
     pub profile: Option<String>,
+    /// `dpm++2m-karras` or `checkpoint` (the checkpoint's own scheduler config); absent: the profile's.
+    pub sampler: Option<String>,
     /// A tiny decoder directory (`config.json` + `diffusion_pytorch_model.safetensors` of an
     /// `AutoencoderTiny`) for `quality=low`, the `decoder` field and streamed previews; without it the
     /// pulled `taesd` or `taesdxl` matching the model is used when installed.
@@ -367,6 +371,10 @@ fn local_model(name: &str, m: LocalModelFile, data_dir: &Path) -> Result<provide
         Some("standard") => providers::local::Profile::STANDARD,
         Some(other) => return err(format!("models.{name}.profile: '{other}' is not one of 'turbo', 'standard'")),
     };
+    let profile = match m.sampler.as_deref() {
+        None => profile,
+        Some(s) => profile.with_sampler(s).map_err(|why| ConfigError(format!("models.{name}.sampler: {why}")))?,
+    };
     if let Some(tiny) = &m.tiny_decoder
         && !tiny.is_dir()
     {
@@ -514,6 +522,21 @@ mod tests {
         assert_eq!(c.providers[0].base_url, "http://127.0.0.1:1/v1");
         assert_eq!(c.providers[0].models.len(), 5);
         assert!(Config::from_toml("", &env(&[])).unwrap().providers.is_empty());
+    }
+
+    #[test]
+    fn a_local_model_picks_its_sampler_and_a_wrong_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = |extra: &str| {
+            let text = format!("[models.m]\npath = {:?}\nprofile = \"standard\"\n{extra}", dir.path());
+            Config::from_toml(&text, &env(&[]))
+        };
+        let standard = model("").unwrap().local_models[0].profile;
+        assert_eq!(standard, providers::local::Profile::STANDARD);
+        let own = model("sampler = \"checkpoint\"").unwrap().local_models[0].profile;
+        assert_eq!(own, providers::local::Profile::STANDARD_OWN_SAMPLER);
+        let e = model("sampler = \"euler\"").unwrap_err().0;
+        assert!(e.contains("models.m.sampler") && e.contains("'dpm++2m-karras'"), "{e}");
     }
 
     #[test]
