@@ -206,15 +206,9 @@ impl RawRequest {
             }
         }
 
+        // Every model answers with URLs when asked (a superset of OpenAI, which refuses 'url' for GPT
+        // image models): the server stores the images and serves them (`server::links`).
         let response_format = parse_enum::<ResponseFormat>("response_format", self.response_format.as_deref())?;
-        if gpt && response_format == Some(ResponseFormat::Url) {
-            return Err(ApiError::invalid_value_msg(
-                "response_format",
-                format!(
-                    "Invalid value: 'url'. Model '{model}' always returns base64-encoded images: omit 'response_format' or use 'b64_json'."
-                ),
-            ));
-        }
 
         let output_format = parse_enum::<OutputFormat>("output_format", self.output_format.as_deref())?;
         let background = parse_enum::<Background>("background", self.background.as_deref())?;

@@ -115,6 +115,10 @@ struct ServeArgs {
     /// Must exceed every provider's `timeout_secs` by 10 s.
     #[arg(long, env = "IMAGEGATE_RESERVATION_TTL_SECS", default_value_t = 3600)]
     reservation_ttl_secs: u64,
+    /// The URL clients reach this server at (`https://images.example.com` behind a proxy): the base of
+    /// the image URLs of `response_format=url` [default: http:// and the request's Host].
+    #[arg(long, env = "IMAGEGATE_PUBLIC_URL")]
+    public_url: Option<String>,
     /// Seconds a client has to send a request's headers; also how long an idle keep-alive connection
     /// stays open.
     #[arg(long, env = "IMAGEGATE_HEADER_TIMEOUT_SECS", default_value_t = server::DEFAULT_HEADER_TIMEOUT.as_secs(),
@@ -305,7 +309,13 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let ledger = args.config.open_ledger(options).await?;
     // Also starts the heartbeat that keeps this instance's holds alive and the sweep that frees the
     // holds of instances that died.
-    let state = state.with_ledger(ledger).await.map_err(|e| e.to_string())?;
+    let mut state = state.with_ledger(ledger).await.map_err(|e| e.to_string())?;
+    if let Some(url) = &args.public_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!("--public-url: '{url}' is not an http:// or https:// URL"));
+        }
+        state.public_url = Some(url.trim_end_matches('/').into());
+    }
     let open = state.is_open().await.map_err(|e| e.to_string())?;
     server::check_listen_address(&args.listen, open).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -1,6 +1,6 @@
-//! imagegate's store: API keys, projects, budgets and reservations, rate limits, idempotency keys
-//! and the usage ledger, on SQLite (the default, one file in the data dir) or PostgreSQL (several
-//! instances sharing one database), with the same behaviour on both.
+//! imagegate's store: API keys, projects, budgets and reservations, rate limits, idempotency keys,
+//! images kept for URL responses and the usage ledger, on SQLite (the default, one file in the data
+//! dir) or PostgreSQL (several instances sharing one database), with the same behaviour on both.
 //!
 //! The crate knows nothing of HTTP or JSON: it takes and returns plain Rust values, and the server
 //! shapes responses. One [`Ledger`] (cheap to clone) serves a whole process.
@@ -53,6 +53,7 @@ mod clock;
 mod db;
 mod error;
 mod idempotency;
+mod images;
 pub mod keys;
 pub mod money;
 mod rate;
@@ -66,6 +67,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use db::{Backend, Ledger, LedgerOptions, sqlite_url};
 pub use error::{LedgerError, Result};
 pub use idempotency::{Idempotency, StoredResponse, fingerprint, fingerprint_parts};
+pub use images::StoredImage;
 pub use keys::{ApiKey, CreatedKey, KeyUpdate, NewKey, NewProject, Project, ProjectUpdate, RateLimits, Scope};
 pub use rate::{RateLimit, RateLimitKind};
 pub use rust_decimal::Decimal;

@@ -148,6 +148,7 @@ on_both_databases!(
     usage_groups_by_billing_basis,
     keys_and_projects_are_managed,
     static_keys_are_imported_by_digest,
+    stored_images_are_served_until_they_expire,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1009,4 +1010,25 @@ async fn sqlite_file_is_created_in_wal_mode() {
     assert!(!again.has_keys().await.unwrap());
     again.close().await;
     ledger.close().await;
+}
+
+async fn stored_images_are_served_until_they_expire(db: &Db) {
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let ttl = chrono::Duration::minutes(60);
+    let id = db.ledger.store_image(Some("key_1"), "image/png", &bytes, ttl).await.unwrap();
+    let other = db.ledger.store_image(None, "image/webp", b"RIFF", chrono::Duration::minutes(90)).await.unwrap();
+    assert!(id.starts_with("img_") && id.len() == 52 && id != other, "{id}");
+    let got = db.ledger.stored_image(&id).await.unwrap().unwrap();
+    assert_eq!((got.content_type.as_str(), &got.bytes), ("image/png", &bytes));
+    assert_eq!(got.expires_at, db.now() + ttl);
+    assert!(db.ledger.stored_image("img_nothing").await.unwrap().is_none());
+    // Another instance on the same database serves it too.
+    let second = db.another_instance().await;
+    assert_eq!(second.stored_image(&id).await.unwrap().unwrap().bytes, bytes);
+    // At its expiry it is gone, before the sweep deletes it; the sweep deletes only what expired.
+    db.clock.advance(ttl);
+    assert!(db.ledger.stored_image(&id).await.unwrap().is_none());
+    assert_eq!(db.ledger.delete_expired_images().await.unwrap(), 1);
+    assert!(db.ledger.stored_image(&other).await.unwrap().is_some());
+    second.close().await;
 }

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use crate::accounts::{self, Caller};
 use crate::body::BodyError;
 use crate::jobs::{Who, execute, json_response, request_id};
+use crate::links;
 use crate::routing::Route;
 use crate::{AppState, HttpError};
 
@@ -29,10 +30,11 @@ pub async fn generations(
     let map = json_body(&headers, body).await?;
     let raw = RawRequest::parse(&Fields::Json(&map), JobKind::Generate, &[])?;
     let (model, route) = route(&state, &raw, JobKind::Generate)?;
-    let (prompt, options, _) = raw.validate(&model, route.family, JobKind::Generate)?;
+    let (prompt, mut options, _) = raw.validate(&model, route.family, JobKind::Generate)?;
+    let caller = caller.map(|Extension(c)| c);
+    let links = links::plan(&state, &headers, &mut options, route.family, caller.as_ref().map(|c| c.0.id.as_str()))?;
     let job = ImageJob::Generate(GenerateRequest { prompt, options });
-    let who = Who { caller: caller.map(|Extension(c)| c), model, fingerprint };
-    execute(&state, route, job, &headers, who).await
+    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links }).await
 }
 
 pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerResult {
@@ -54,7 +56,8 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
         EditFields::Json(map) => RawRequest::parse(&Fields::Json(map), JobKind::Edit, &["images", "mask"])?,
     };
     let (model, route) = route(&state, &raw, JobKind::Edit)?;
-    let (prompt, options, input_fidelity) = raw.validate(&model, route.family, JobKind::Edit)?;
+    let (prompt, mut options, input_fidelity) = raw.validate(&model, route.family, JobKind::Edit)?;
+    let links = links::plan(&state, &headers, &mut options, route.family, caller.as_ref().map(|c| c.0.id.as_str()))?;
     let fingerprint = match wants_fingerprint(&state, &headers) {
         // Hashing megabytes of images is work for a blocking thread.
         true => Some(blocking(form.fingerprint_job(), &headers).await?),
@@ -66,7 +69,7 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
         api::images::check_mask(m, &images[0])?;
     }
     let job = ImageJob::Edit(EditRequest { prompt, images, mask, input_fidelity, options });
-    execute(&state, route, job, &headers, Who { caller, model, fingerprint }).await
+    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links }).await
 }
 
 fn wants_fingerprint(state: &AppState, headers: &HeaderMap) -> bool {

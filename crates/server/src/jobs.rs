@@ -55,6 +55,8 @@ pub struct Who {
     /// The request's content, to tell an idempotent retry from a reused key; only computed when the
     /// request has an `Idempotency-Key` to check it against.
     pub fingerprint: Option<String>,
+    /// Where the response's images are stored and linked (`response_format=url`), if they are.
+    pub links: Option<crate::links::Links>,
 }
 
 /// Admits, holds, runs and bills `job`, and answers with its response: JSON, or server-sent events
@@ -118,6 +120,7 @@ pub async fn execute(
         text_tokens,
         request_id: request_id.clone(),
         abandoned: CancellationToken::new(),
+        links: who.links,
     };
     let (reply, answer) = oneshot::channel();
     tokio::spawn(run.go(reply));
@@ -142,6 +145,7 @@ struct Run {
     request_id: String,
     /// Cancelled when the client went away.
     abandoned: CancellationToken,
+    links: Option<crate::links::Links>,
 }
 
 /// How a stream's images were billed.
@@ -285,6 +289,9 @@ impl Run {
             && let Some(c) = &cost
         {
             result.usage = c.usage;
+        }
+        if let Some(links) = &self.links {
+            crate::links::store(&self.state, links, &mut result, &self.request_id).await;
         }
         let extension = cost.as_ref().map(|c| billing::cost_json(&self.route, c));
         let body = api::images_response_json(&result, extension.as_ref());

@@ -14,9 +14,11 @@ pub mod body;
 mod budget;
 pub mod config;
 pub mod decode;
+pub mod drain;
 pub mod estimates;
 mod handlers;
 pub mod jobs;
+pub mod links;
 pub mod routing;
 
 use std::any::Any;
@@ -77,6 +79,8 @@ pub struct AppState {
     pub decode_budget: decode::DecodeBudget,
     /// Request-body bytes in memory over all requests (`Limits::max_body_bytes_in_flight`).
     pub body_budget: body::BodyBudget,
+    /// The base of the image URLs this server makes (`--public-url`); `None`: the request's `Host`.
+    pub public_url: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -127,6 +131,7 @@ impl AppState {
             upkeep: None,
             decode_budget: decode::DecodeBudget::new(config.limits.max_decode_bytes),
             body_budget: body::BodyBudget::new(config.limits.max_body_bytes_in_flight),
+            public_url: None,
         })
     }
 
@@ -187,7 +192,8 @@ fn upkeep_interval(ttl: std::time::Duration) -> std::time::Duration {
     (ttl / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(60))
 }
 
-/// Renews this instance's holds, then frees those of dead instances, every `interval` until `stop`.
+/// Renews this instance's holds, then frees those of dead instances and deletes expired images, every
+/// `interval` until `stop`.
 async fn upkeep(ledger: ledger::Ledger, interval: std::time::Duration, stop: tokio_util::sync::CancellationToken) {
     loop {
         tokio::select! {
@@ -199,6 +205,9 @@ async fn upkeep(ledger: ledger::Ledger, interval: std::time::Duration, stop: tok
         }
         if let Err(e) = ledger.release_expired(ledger.now()).await {
             tracing::warn!(error = %e, "could not release expired reservations");
+        }
+        if let Err(e) = ledger.delete_expired_images().await {
+            tracing::warn!(error = %e, "could not delete expired images");
         }
     }
 }
@@ -216,13 +225,19 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/keys/{id}", axum::routing::delete(admin::revoke_key).post(admin::update_key))
         .route("/organization/usage/images", get(admin::usage_images))
         .route("/organization/costs", get(admin::costs))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
+        // Image URLs need no key: their unguessable id is the capability.
+        .route("/images/{id}/content", get(links::content));
     let routes = Router::new()
         .route("/health", get(handlers::health))
         .nest("/v1", v1)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            drain::DrainLimit(state.limits.max_body_bytes),
+            drain::drain_unread,
+        ))
         .with_state(state);
     with_layers(routes)
 }
