@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Runs the OpenAI Python SDK conformance test against imagegate and the fake upstream.
+# Runs the OpenAI Python SDK conformance test, then the Node SDK's (tests/conformance/node), against
+# imagegate and the fake upstream.
 #
 #   tests/conformance/run.sh [pytest args...]
 #
 # Creates (or reuses) a venv at tests/conformance/.venv-conformance, installs requirements.txt
-# into it when that file changed, builds the two binaries, then runs pytest. Exits with pytest's
-# status. Env: PYTHON (interpreter for the venv, default python3); IMAGEGATE_BIN_DIR (use
-# prebuilt binaries from that folder and skip the cargo build).
+# into it when that file changed, builds the two binaries, runs pytest, then the Node suite (`npm ci`
+# installs the pinned `openai` package into tests/conformance/node/node_modules). Fails when either
+# fails. Env: PYTHON (interpreter for the venv, default python3); IMAGEGATE_BIN_DIR (use prebuilt
+# binaries from that folder and skip the cargo build).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,4 +33,14 @@ else
 fi
 
 cd "$here"
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$here" "$@"
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "$here" "$@"
+
+# The official Node SDK (the version package-lock.json pins), on node's own test runner.
+if command -v npm > /dev/null; then
+    (cd "$here/node" && npm ci --no-audit --no-fund --loglevel=error && npm test --silent)
+elif [ -n "${CI:-}" ]; then
+    echo "run.sh: npm is missing: the Node SDK conformance suite cannot run" >&2
+    exit 1
+else
+    echo "run.sh: SKIPPED the Node SDK conformance suite: install Node.js 20+ and npm to run it" >&2
+fi

@@ -1,0 +1,299 @@
+// imagegate against the official OpenAI Node SDK (pinned in package.json), as the Python suite next to
+// it does with the Python SDK: the fake upstream (`fake-openai`) and `imagegate serve` pointed at it
+// are started once, then each test uses the unmodified client the way a user would and checks what
+// the user sees. Run by tests/conformance/run.sh; by hand:
+//
+//     cargo build -p imagegate -p fake-openai --bins
+//     cd tests/conformance/node && npm ci && npm test
+//
+// IMAGEGATE_BIN_DIR overrides where the two binaries are looked up (default: the cargo target
+// directory's debug/).
+
+import { spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, isAbsolute, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+
+import OpenAI, { toFile } from "openai";
+
+const REPO = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
+const GATEWAY_KEY = "sk-conformance-node";
+// Small enough that the refusal test's upload passes it quickly.
+const MAX_BODY_BYTES = 4_000_000;
+
+function binDir() {
+  if (process.env.IMAGEGATE_BIN_DIR) return process.env.IMAGEGATE_BIN_DIR;
+  const target = process.env.CARGO_TARGET_DIR || join(REPO, "target");
+  return join(isAbsolute(target) ? target : join(REPO, target), "debug");
+}
+
+function freePort() {
+  return new Promise((ok, fail) => {
+    const s = createServer();
+    s.once("error", fail);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => ok(port));
+    });
+  });
+}
+
+const procs = [];
+let gateway;
+let dataDir;
+
+/** The fake upstream: it prints `listening on http://ADDR` once bound. */
+function startFake() {
+  const fake = spawn(join(binDir(), "fake-openai"), ["--listen", "127.0.0.1:0", "--api-key", "upstream-secret"], {
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  procs.push(fake);
+  return new Promise((ok, fail) => {
+    let out = "";
+    const timer = setTimeout(() => fail(new Error(`fake-openai did not announce its address: ${out}`)), 10_000);
+    fake.stdout.on("data", (chunk) => {
+      out += chunk;
+      const line = out.split("\n")[0];
+      if (out.includes("\n") && line.startsWith("listening on http://")) {
+        clearTimeout(timer);
+        ok(line.slice("listening on ".length).trim());
+      }
+    });
+    fake.once("exit", (code) => fail(new Error(`fake-openai exited with ${code}`)));
+  });
+}
+
+before(async () => {
+  const fakeUrl = await startFake();
+  const port = await freePort();
+  dataDir = mkdtempSync(join(tmpdir(), "imagegate-conformance-node-"));
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("IMAGEGATE_")));
+  Object.assign(env, {
+    OPENAI_API_KEY: "upstream-secret",
+    OPENAI_BASE_URL: `${fakeUrl}/v1`,
+    IMAGEGATE_API_KEYS: GATEWAY_KEY,
+    IMAGEGATE_DATA_DIR: dataDir,
+  });
+  const args = ["serve", "--listen", `127.0.0.1:${port}`, "--max-body-bytes", String(MAX_BODY_BYTES)];
+  const serve = spawn(join(binDir(), "imagegate"), args, { env, cwd: tmpdir(), stdio: ["ignore", "ignore", "inherit"] });
+  procs.push(serve);
+  gateway = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    if (serve.exitCode !== null) throw new Error(`imagegate serve exited with ${serve.exitCode}`);
+    try {
+      if ((await fetch(`${gateway}/health`)).status === 200) break;
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) throw new Error(`imagegate did not answer ${gateway}/health in 30 s`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+});
+
+after(() => {
+  for (const p of procs.reverse()) p.kill();
+  if (dataDir) rmSync(dataDir, { recursive: true, force: true });
+});
+
+/** The unmodified client, as a user makes it; no retries, so that an error shows as it arrived. */
+function client(options = {}) {
+  return new OpenAI({ apiKey: GATEWAY_KEY, baseURL: `${gateway}/v1`, maxRetries: 0, timeout: 60_000, ...options });
+}
+
+const PNG_SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+
+function assertPng(bytes) {
+  assert.ok(bytes.subarray(0, 8).equals(PNG_SIGNATURE), "expected a PNG");
+}
+
+/** A valid PNG of `side` x `side` pixels (stored, uncompressed deflate), plus `padding` bytes in a
+ * private ancillary chunk, so that its size can be chosen. */
+function png(side, padding = 0) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc = (buf) => {
+    let c = 0xffffffff;
+    for (const b of buf) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8);
+    return (c ^ 0xffffffff) >>> 0;
+  };
+  const chunk = (type, data) => {
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(data.length);
+    const body = Buffer.concat([Buffer.from(type, "ascii"), data]);
+    const sum = Buffer.alloc(4);
+    sum.writeUInt32BE(crc(body));
+    return Buffer.concat([len, body, sum]);
+  };
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(side, 0);
+  ihdr.writeUInt32BE(side, 4);
+  ihdr.set([8, 2, 0, 0, 0], 8); // 8-bit RGB
+  const row = Buffer.concat([Buffer.from([0]), Buffer.alloc(side * 3, 0x80)]);
+  const raw = Buffer.concat(Array.from({ length: side }, () => row));
+  // zlib stream of stored blocks (at most 65535 bytes each), then the Adler-32 of the data.
+  const blocks = [];
+  for (let i = 0; i < raw.length; i += 65535) {
+    const part = raw.subarray(i, i + 65535);
+    const head = Buffer.alloc(5);
+    head[0] = i + 65535 >= raw.length ? 1 : 0;
+    head.writeUInt16LE(part.length, 1);
+    head.writeUInt16LE(~part.length & 0xffff, 3);
+    blocks.push(head, part);
+  }
+  let a = 1;
+  let b = 0;
+  for (const v of raw) {
+    a = (a + v) % 65521;
+    b = (b + a) % 65521;
+  }
+  const adler = Buffer.alloc(4);
+  adler.writeUInt32BE(((b << 16) | a) >>> 0);
+  const idat = Buffer.concat([Buffer.from([0x78, 0x01]), ...blocks, adler]);
+  const parts = [PNG_SIGNATURE, chunk("IHDR", ihdr)];
+  if (padding > 0) parts.push(chunk("prVt", Buffer.alloc(padding, 7)));
+  parts.push(chunk("IDAT", idat), chunk("IEND", Buffer.alloc(0)));
+  return Buffer.concat(parts);
+}
+
+test("generate: a GPT image model answers base64 with usage", async () => {
+  const r = await client().images.generate({ model: "gpt-image-1-mini", prompt: "an otter", size: "1024x1024" });
+  assert.equal(r.data.length, 1);
+  assertPng(Buffer.from(r.data[0].b64_json, "base64"));
+  assert.ok(r.usage.total_tokens > 0);
+  assert.equal(r.size, "1024x1024");
+});
+
+test("generate: response_format url works for a GPT image model and the URL serves the image", async () => {
+  const r = await client().images.generate({
+    model: "gpt-image-1-mini",
+    prompt: "an otter",
+    size: "1024x1024",
+    n: 2,
+    response_format: "url",
+  });
+  assert.equal(r.data.length, 2);
+  for (const d of r.data) {
+    assert.equal(d.b64_json, undefined);
+    assert.ok(d.url.startsWith(`${gateway}/v1/images/img_`), d.url);
+    const image = await fetch(d.url);
+    assert.equal(image.status, 200);
+    assert.equal(image.headers.get("content-type"), "image/png");
+    assertPng(Buffer.from(await image.arrayBuffer()));
+  }
+  const missing = await fetch(`${gateway}/v1/images/img_nothing/content`);
+  assert.equal(missing.status, 404);
+  assert.equal((await missing.json()).error.code, "image_not_found");
+});
+
+test("generate: DALL-E answers with a URL by default", async () => {
+  const r = await client().images.generate({ model: "dall-e-3", prompt: "an otter" });
+  assert.ok(r.data[0].url.startsWith(gateway), r.data[0].url);
+  assert.equal((await fetch(r.data[0].url)).status, 200);
+});
+
+test("edit: multipart with an image and a mask", async () => {
+  const r = await client().images.edit({
+    model: "gpt-image-1-mini",
+    prompt: "add a hat",
+    image: await toFile(png(64), "otter.png", { type: "image/png" }),
+    size: "1024x1024",
+  });
+  assertPng(Buffer.from(r.data[0].b64_json, "base64"));
+  assert.ok(r.usage.input_tokens_details.image_tokens > 0);
+});
+
+test("edit: JSON with a data URL", async () => {
+  const url = `data:image/png;base64,${png(64).toString("base64")}`;
+  const r = await client().post("/images/edits", {
+    body: { model: "gpt-image-1-mini", prompt: "add a hat", images: [{ image_url: url }] },
+  });
+  assertPng(Buffer.from(r.data[0].b64_json, "base64"));
+});
+
+test("generate: a stream of partial images, then the completed image with usage", async () => {
+  const stream = await client().images.generate({
+    model: "gpt-image-1-mini",
+    prompt: "an otter",
+    stream: true,
+    partial_images: 2,
+  });
+  const types = [];
+  let completed;
+  for await (const event of stream) {
+    types.push(event.type);
+    if (event.type === "image_generation.completed") completed = event;
+  }
+  assert.deepEqual(types, [
+    "image_generation.partial_image",
+    "image_generation.partial_image",
+    "image_generation.completed",
+  ]);
+  assertPng(Buffer.from(completed.b64_json, "base64"));
+  assert.ok(completed.usage.total_tokens > 0);
+});
+
+/** Calls `run` and returns the error it throws, which must be the SDK's error for `status`. */
+async function refused(run, status, ErrorClass) {
+  const e = await run().then(
+    () => assert.fail(`expected a ${status}`),
+    (err) => err,
+  );
+  assert.ok(!(e instanceof OpenAI.APIConnectionError), `a connection error instead of ${status}: ${e}`);
+  assert.ok(e instanceof ErrorClass, `${e.constructor.name}: ${e.message}`);
+  assert.equal(e.status, status);
+  assert.ok(e.error && typeof e.error.message === "string", JSON.stringify(e.error));
+  return e;
+}
+
+// A multipart upload of ~3 MB: larger than the socket buffers, so a server that answered without
+// reading it would break the upload (Node saw "Connection error." and retried).
+const upload = async () => toFile(png(64, 3_000_000), "big.png", { type: "image/png" });
+
+test("errors on multipart uploads arrive as their status: 401", async () => {
+  const bad = client({ apiKey: "sk-wrong" });
+  await refused(
+    async () => bad.images.edit({ model: "gpt-image-1-mini", prompt: "x", image: await upload() }),
+    401,
+    OpenAI.AuthenticationError,
+  );
+});
+
+test("errors on multipart uploads arrive as their status: 404", async () => {
+  const elsewhere = client({ baseURL: `${gateway}/v1/nothing` });
+  await refused(
+    async () => elsewhere.images.edit({ model: "gpt-image-1-mini", prompt: "x", image: await upload() }),
+    404,
+    OpenAI.NotFoundError,
+  );
+});
+
+test("errors on multipart uploads arrive as their status: 413", async () => {
+  const big = await toFile(png(64, MAX_BODY_BYTES + 1_000_000), "huge.png", { type: "image/png" });
+  const e = await refused(
+    async () => client().images.edit({ model: "gpt-image-1-mini", prompt: "x", image: big }),
+    413,
+    OpenAI.APIError,
+  );
+  assert.equal(e.code, "payload_too_large");
+});
+
+test("errors on uploads arrive as their status: 415", async () => {
+  const e = await refused(
+    () =>
+      client().post("/images/edits", {
+        body: Buffer.alloc(3_000_000, 65),
+        headers: { "Content-Type": "text/plain" },
+      }),
+    415,
+    OpenAI.APIError,
+  );
+  assert.equal(e.code, "unsupported_media_type");
+});
