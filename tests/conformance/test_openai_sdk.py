@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import select
 import shutil
@@ -354,6 +355,49 @@ def test_dalle3_b64_and_revised_prompt(client):
     assert img.size == (1024, 1024)
     assert r.data[0].revised_prompt
     assert "an astronaut riding a horse" in r.data[0].revised_prompt
+
+
+def fetch(url: str) -> Image.Image:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.status == 200
+        assert resp.headers["content-type"] == "image/png"
+        img = Image.open(io.BytesIO(resp.read()))
+    img.load()
+    return img
+
+
+def test_dalle_answers_with_urls_that_serve_the_images(client):
+    # DALL-E's default response_format is url: code written for it reads `.url`.
+    r = client.images.generate(model="dall-e-3", prompt="an astronaut riding a horse", size="1024x1024")
+    assert r.data[0].b64_json is None
+    assert fetch(r.data[0].url).size == (1024, 1024)
+
+
+def test_gpt_image_models_answer_with_urls_when_asked(client):
+    # OpenAI refuses this; imagegate stores the images and links them.
+    r = client.images.generate(model="gpt-image-1-mini", prompt="an otter", size="1024x1024", response_format="url")
+    assert fetch(r.data[0].url).size == (1024, 1024)
+
+
+def test_create_variation(client):
+    r = client.images.create_variation(image=("otter.png", png_bytes(64, 64), "image/png"), n=2, size="256x256")
+    assert len(r.data) == 2
+    for d in r.data:
+        assert fetch(d.url).size == (256, 256)
+    r = client.images.create_variation(
+        image=("otter.png", png_bytes(64, 64), "image/png"), size="512x512", response_format="b64_json"
+    )
+    assert decode(r.data[0].b64_json).size == (512, 512)
+
+
+def test_expired_or_unknown_image_urls_are_404_in_openais_envelope(servers):
+    try:
+        urllib.request.urlopen(f"{servers.gateway_url}/v1/images/img_unknown/content", timeout=10)
+        raise AssertionError("expected a 404")
+    except urllib.error.HTTPError as e:
+        with e:
+            assert e.code == 404
+            assert json.loads(e.read())["error"]["code"] == "image_not_found"
 
 
 # ---------------------------------------------------------------------------------------------

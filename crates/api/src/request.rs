@@ -82,6 +82,9 @@ const EDIT_FIELDS: &[&str] = &[
     "decoder",
 ];
 
+/// OpenAI's variation fields (dall-e-2), and the local models' extensions.
+const VARIATION_FIELDS: &[&str] = &["model", "n", "response_format", "size", "user", "seed", "steps", "decoder"];
+
 /// The most denoising steps a request may ask a local model for.
 const MAX_STEPS: i64 = 150;
 
@@ -101,6 +104,7 @@ impl RawRequest {
         let known = match kind {
             JobKind::Generate => GENERATION_FIELDS,
             JobKind::Edit => EDIT_FIELDS,
+            JobKind::Variation => VARIATION_FIELDS,
         };
         if let Some(unknown) = fields.names().into_iter().find(|n| !known.contains(n) && !extra.contains(n)) {
             return Err(ApiError::unknown_parameter(unknown));
@@ -129,10 +133,13 @@ impl RawRequest {
     }
 
     /// The model OpenAI would pick when the request names none: for generations dall-e-2, unless a field
-    /// only the GPT image models take is present (then gpt-image-1); for edits gpt-image-1.5.
+    /// only the GPT image models take is present (then gpt-image-1); for edits gpt-image-1.5; for
+    /// variations dall-e-2 (the only model OpenAI makes them with).
     pub fn openai_default_model(&self, kind: JobKind) -> &'static str {
-        if kind == JobKind::Edit {
-            return "gpt-image-1.5";
+        match kind {
+            JobKind::Edit => return "gpt-image-1.5",
+            JobKind::Variation => return "dall-e-2",
+            JobKind::Generate => {}
         }
         let gpt_quality = matches!(self.quality.as_deref(), Some("low" | "medium" | "high"));
         let gpt_only = self.output_format.is_some()
@@ -163,8 +170,19 @@ impl RawRequest {
             ));
         }
 
-        let prompt = self.prompt.clone().ok_or_else(|| ApiError::missing("prompt"))?;
-        if prompt.is_empty() {
+        if kind == JobKind::Variation && !matches!(family, ModelFamily::DallE2 | ModelFamily::Local) {
+            return Err(ApiError::invalid_value_msg(
+                "model",
+                format!("Model '{model}' does not make variations: use dall-e-2 or a local model."),
+            ));
+        }
+
+        // A variation has no prompt (its fields have none to give).
+        let prompt = match kind {
+            JobKind::Variation => String::new(),
+            _ => self.prompt.clone().ok_or_else(|| ApiError::missing("prompt"))?,
+        };
+        if prompt.is_empty() && kind != JobKind::Variation {
             return Err(ApiError::empty_string("prompt"));
         }
         let max = match family {

@@ -207,9 +207,10 @@ pub fn stream_event_json(kind: JobKind, event: &StreamEvent, extension: Option<&
         #[serde(skip_serializing_if = "Option::is_none")]
         imagegate: Option<&'a Value>,
     }
+    // Variations do not stream (OpenAI has no such events); were one to, it would read as an edit.
     let prefix = match kind {
         JobKind::Generate => "image_generation",
-        JobKind::Edit => "image_edit",
+        JobKind::Edit | JobKind::Variation => "image_edit",
     };
     let (name, b64_json, index, created_at, resolved, usage) = match event {
         StreamEvent::Partial { b64_json, partial_image_index, created_at, resolved } => {
@@ -222,8 +223,8 @@ pub fn stream_event_json(kind: JobKind, event: &StreamEvent, extension: Option<&
     let event_name: &'static str = match (kind, name) {
         (JobKind::Generate, "partial_image") => "image_generation.partial_image",
         (JobKind::Generate, _) => "image_generation.completed",
-        (JobKind::Edit, "partial_image") => "image_edit.partial_image",
-        (JobKind::Edit, _) => "image_edit.completed",
+        (JobKind::Edit | JobKind::Variation, "partial_image") => "image_edit.partial_image",
+        (JobKind::Edit | JobKind::Variation, _) => "image_edit.completed",
     };
     debug_assert!(event_name.starts_with(prefix));
     let out = Out {

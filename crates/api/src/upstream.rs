@@ -5,7 +5,7 @@
 
 use base64::Engine as _;
 use bytes::Bytes;
-use domain::{EditRequest, GenerateRequest, ImageOptions, SizeChoice};
+use domain::{EditRequest, GenerateRequest, ImageOptions, SizeChoice, VariationRequest};
 use serde_json::{Map, Value};
 
 use crate::ApiError;
@@ -21,19 +21,35 @@ pub fn generation_body(model: &str, req: &GenerateRequest) -> Value {
     Value::Object(m)
 }
 
+/// The text parts of a multipart `POST /images/variations` for `model` (the image is added by the
+/// caller).
+pub fn variation_text_fields(model: &str, req: &VariationRequest) -> Vec<(&'static str, String)> {
+    let mut out = vec![("model", model.to_owned())];
+    out.extend(text_fields(&req.options));
+    out
+}
+
+/// The options as multipart text parts.
+fn text_fields(options: &ImageOptions) -> Vec<(&'static str, String)> {
+    option_fields(options)
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            (k, text)
+        })
+        .collect()
+}
+
 /// The text parts of a multipart `POST /images/edits` for `model` (files are added by the caller).
 pub fn edit_text_fields(model: &str, req: &EditRequest) -> Vec<(&'static str, String)> {
     let mut out = vec![("model", model.to_owned()), ("prompt", req.prompt.clone())];
     if let Some(f) = req.input_fidelity {
         out.push(("input_fidelity", f.as_str().to_owned()));
     }
-    for (k, v) in option_fields(&req.options) {
-        let text = match v {
-            Value::String(s) => s,
-            other => other.to_string(),
-        };
-        out.push((k, text));
-    }
+    out.extend(text_fields(&req.options));
     out
 }
 

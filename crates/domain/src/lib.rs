@@ -224,11 +224,19 @@ pub struct EditRequest {
     pub options: ImageOptions,
 }
 
+/// A validated `POST /v1/images/variations`: new images like the input, without a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariationRequest {
+    pub image: InputImage,
+    pub options: ImageOptions,
+}
+
 /// What a request asks a provider to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ImageJob {
     Generate(GenerateRequest),
     Edit(EditRequest),
+    Variation(VariationRequest),
 }
 
 impl ImageJob {
@@ -236,13 +244,16 @@ impl ImageJob {
         match self {
             ImageJob::Generate(r) => &r.options,
             ImageJob::Edit(r) => &r.options,
+            ImageJob::Variation(r) => &r.options,
         }
     }
 
+    /// The prompt; a variation has none (empty).
     pub fn prompt(&self) -> &str {
         match self {
             ImageJob::Generate(r) => &r.prompt,
             ImageJob::Edit(r) => &r.prompt,
+            ImageJob::Variation(_) => "",
         }
     }
 
@@ -250,6 +261,7 @@ impl ImageJob {
         match self {
             ImageJob::Generate(_) => JobKind::Generate,
             ImageJob::Edit(_) => JobKind::Edit,
+            ImageJob::Variation(_) => JobKind::Variation,
         }
     }
 }
@@ -258,6 +270,18 @@ impl ImageJob {
 pub enum JobKind {
     Generate,
     Edit,
+    Variation,
+}
+
+impl JobKind {
+    /// The operation's name in the ledger: `generation`, `edit` or `variation`.
+    pub fn operation(self) -> &'static str {
+        match self {
+            JobKind::Generate => "generation",
+            JobKind::Edit => "edit",
+            JobKind::Variation => "variation",
+        }
+    }
 }
 
 /// The image formats accepted as input.

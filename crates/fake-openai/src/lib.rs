@@ -11,6 +11,7 @@
 //!   `images: [{"image_url": "data:..."}]`). Both need `Authorization: Bearer <the fake's key>`
 //!   ([`DEFAULT_KEY`] unless [`spawn_with_key`] names another), else 401 (`invalid_api_key`), so a
 //!   gateway that forwards its client's key instead of its own fails.
+//! - `POST /v1/images/variations` (multipart with one `image`, no prompt; dall-e-2 only, as OpenAI).
 //! - `GET /files/<id>.png`: the bytes behind the `url`s handed out for DALL-E
 //!   `response_format=url` (the DALL-E default).
 //! - Anything else: 404 with OpenAI's error envelope.
@@ -139,6 +140,7 @@ pub fn router(state: FakeState) -> Router {
     Router::new()
         .route("/v1/images/generations", any(generations))
         .route("/v1/images/edits", any(edits))
+        .route("/v1/images/variations", any(variations))
         .route("/files/{file}", any(file))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -457,17 +459,23 @@ async fn edits(State(state): State<FakeState>, req: Request) -> Response {
     handle(state, Endpoint::Edits, req).await
 }
 
+async fn variations(State(state): State<FakeState>, req: Request) -> Response {
+    handle(state, Endpoint::Variations, req).await
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
     Generations,
     Edits,
+    /// dall-e-2 only, multipart with one `image`, no prompt.
+    Variations,
 }
 
 impl Endpoint {
     fn event_prefix(self) -> &'static str {
         match self {
             Endpoint::Generations => "image_generation",
-            Endpoint::Edits => "image_edit",
+            Endpoint::Edits | Endpoint::Variations => "image_edit",
         }
     }
 }
@@ -541,8 +549,15 @@ async fn read_body(
     rec: &mut Recorded,
 ) -> Result<Parsed, ApiError> {
     let ct = rec.content_type.clone().unwrap_or_default().to_lowercase();
-    if endpoint == Endpoint::Edits && ct.starts_with("multipart/form-data") {
+    if endpoint != Endpoint::Generations && ct.starts_with("multipart/form-data") {
         return read_multipart(state, req, rec).await;
+    }
+    if endpoint == Endpoint::Variations {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "Unsupported content type: expected multipart/form-data.",
+        ));
     }
     let bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT).await.map_err(|e| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("could not read the body: {e}"))
@@ -866,8 +881,20 @@ const GPT_ONLY: [&str; 7] =
 impl Job {
     fn resolve(endpoint: Endpoint, p: &Parsed) -> Result<Job, ApiError> {
         let f = &p.fields;
+        if endpoint == Endpoint::Variations {
+            if let Some(field) = ["prompt", "quality", "stream", "mask"].into_iter().find(|k| f.contains_key(*k)) {
+                return Err(ApiError::invalid(field, format!("Unrecognized request argument supplied: {field}")));
+            }
+            if !matches!(get_str(f, "model")?, None | Some("dall-e-2")) {
+                return Err(ApiError::invalid("model", "Invalid model: variations are made with dall-e-2 only."));
+            }
+            if p.input_images != 1 {
+                return Err(ApiError::invalid("image", "A variation takes exactly one image."));
+            }
+        }
         let prompt = match get_str(f, "prompt")? {
             Some(s) if !s.is_empty() => s.to_owned(),
+            _ if endpoint == Endpoint::Variations => String::new(),
             _ => return Err(ApiError::missing("prompt")),
         };
         let quality_in = get_str(f, "quality")?;
@@ -996,7 +1023,8 @@ impl Job {
     fn image_tokens(&self) -> u64 {
         match self.endpoint {
             Endpoint::Edits => IMAGE_TOKENS_PER_INPUT * self.input_images,
-            Endpoint::Generations => 0,
+            // dall-e-2 variations report no usage.
+            Endpoint::Generations | Endpoint::Variations => 0,
         }
     }
 

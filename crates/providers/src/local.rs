@@ -16,7 +16,8 @@
 //!   model's native size (or the input's, scaled down to fit, for edits);
 //! - edits with a mask repaint the masked area (strength 1); edits without one, and reference images,
 //!   run image-to-image at strength 0.6 (0.4 with `input_fidelity=high`), with the steps scaled so the
-//!   steps actually run match the quality;
+//!   steps actually run match the quality; variations run image-to-image of their input with no
+//!   prompt at strength 0.7 ([`VARIATION_STRENGTH`]);
 //! - `seed` fixes every random number; without it a random seed is drawn.
 
 use std::collections::BTreeMap;
@@ -41,6 +42,9 @@ use image::{GrayImage, RgbImage};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::{CancellationToken, Provider, ProviderError, ProviderOutput};
+
+/// How far a variation moves from its input: image-to-image at this strength, with an empty prompt.
+pub const VARIATION_STRENGTH: f64 = 0.7;
 
 /// Steps per quality, the guidance scale and the sampler of a model family.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -204,7 +208,27 @@ impl LocalProvider {
         // were read from the headers when the request was checked.
         let edit = match job {
             ImageJob::Generate(_) => None,
-            ImageJob::Edit(e) => Some(e),
+            ImageJob::Edit(e) => {
+                let strength = if e.mask.is_some() {
+                    1.0
+                } else if e.input_fidelity == Some(domain::InputFidelity::High) {
+                    0.4
+                } else {
+                    0.6
+                };
+                Some((e.clone(), strength))
+            }
+            // A variation: image-to-image of the input with no prompt.
+            ImageJob::Variation(v) => {
+                let request = domain::EditRequest {
+                    prompt: String::new(),
+                    images: vec![v.image.clone()],
+                    mask: None,
+                    input_fidelity: None,
+                    options: v.options.clone(),
+                };
+                Some((request, VARIATION_STRENGTH))
+            }
         };
         let size = match options.size {
             Some(SizeChoice::Exact(s)) => {
@@ -223,7 +247,7 @@ impl LocalProvider {
                 s
             }
             _ => match &edit {
-                Some(e) => {
+                Some((e, _)) => {
                     let first = e.images.first().map_or(Size::new(served.native, served.native), |i| i.size);
                     fit((first.width, first.height), served.size_multiple, served.native.max(1024))
                 }
@@ -250,17 +274,10 @@ impl LocalProvider {
         };
         let (edit, steps) = match edit {
             None => (None, steps),
-            Some(e) => {
-                let strength = if e.mask.is_some() {
-                    1.0
-                } else if e.input_fidelity == Some(domain::InputFidelity::High) {
-                    0.4
-                } else {
-                    0.6
-                };
+            Some((request, strength)) => {
                 // Run about as many steps as the quality asks for, whatever the strength.
                 let total = (steps as f64 / strength).ceil() as usize;
-                (Some(PendingEdit { request: e.clone(), strength }), total.max(1))
+                (Some(PendingEdit { request, strength }), total.max(1))
             }
         };
         let params = GenerateParams {
@@ -512,8 +529,12 @@ fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64
                     p
                 }
                 Err(e) => {
+                    // The details (file paths, library errors) are for the log, never the client.
                     tracing::error!(model = %task.model.name, error = %e, "local model failed to load");
-                    let msg = format!("The local model '{}' could not be loaded: {e}", task.model.name);
+                    let msg = format!(
+                        "The local model '{}' could not be loaded: its files are broken or incomplete. The server log has the details.",
+                        task.model.name
+                    );
                     task.fail(ProviderError::Api(ApiError::new(
                         500,
                         "server_error",

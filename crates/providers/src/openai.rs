@@ -93,6 +93,14 @@ impl OpenAiUpstream {
                 self.client.post(self.url("images/generations")).json(&api::upstream::generation_body(model, req))
             }
             ImageJob::Edit(req) => self.client.post(self.url("images/edits")).multipart(edit_form(model, req)),
+            ImageJob::Variation(req) => {
+                let mut form = Form::new();
+                for (name, value) in api::upstream::variation_text_fields(model, req) {
+                    form = form.text(name, value);
+                }
+                let form = form.part("image", file_part(&req.image, "image"));
+                self.client.post(self.url("images/variations")).multipart(form)
+            }
         };
         let builder = match &self.config.api_key {
             Some(key) => builder.bearer_auth(key),

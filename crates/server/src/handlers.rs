@@ -7,7 +7,7 @@ use axum::http::header::{ALLOW, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use domain::{EditRequest, GenerateRequest, ImageJob, InputImage, JobKind};
+use domain::{EditRequest, GenerateRequest, ImageJob, InputImage, JobKind, VariationRequest};
 use serde_json::{Map, Value};
 
 use crate::accounts::{self, Caller};
@@ -72,6 +72,43 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
     execute(&state, route, job, &headers, Who { caller, model, fingerprint, links }).await
 }
 
+/// `POST /v1/images/variations`: multipart with one `image`, as OpenAI's (dall-e-2), or for a local model.
+pub async fn variations(State(state): State<AppState>, request: Request) -> HandlerResult {
+    let headers = request.headers().clone();
+    let caller = request.extensions().get::<Caller>().cloned();
+    let ct = content_type(&headers).to_owned();
+    if !ct.starts_with("multipart/form-data") {
+        return Err(ApiError::unsupported_media_type(&ct, "'multipart/form-data'").into());
+    }
+    let form = read_multipart(request, &state).await?;
+    if form.mask.is_some() {
+        return Err(ApiError::unknown_parameter("mask").into());
+    }
+    if form.images.len() > 1 {
+        return Err(ApiError::invalid_value_msg(
+            "image",
+            format!("A variation is made of exactly one image, and {} were sent.", form.images.len()),
+        )
+        .into());
+    }
+    let EditFields::Text(parts) = &form.fields else {
+        return Err(ApiError::unsupported_media_type(&ct, "'multipart/form-data'").into());
+    };
+    let raw = RawRequest::parse(&Fields::Text(parts), JobKind::Variation, &[])?;
+    let (model, route) = route(&state, &raw, JobKind::Variation)?;
+    let (_, mut options, _) = raw.validate(&model, route.family, JobKind::Variation)?;
+    let links = links::plan(&state, &headers, &mut options, route.family, caller.as_ref().map(|c| c.0.id.as_str()))?;
+    let fingerprint = match wants_fingerprint(&state, &headers) {
+        true => Some(blocking(form.fingerprint_job(), &headers).await?),
+        false => None,
+    };
+    let (images, _) = inspect_inputs(form.images, None, &state, &headers).await?;
+    api::images::check_inputs(&images, route.family, &model)?;
+    let Some(image) = images.into_iter().next() else { return Err(ApiError::missing("image").into()) };
+    let job = ImageJob::Variation(VariationRequest { image, options });
+    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links }).await
+}
+
 fn wants_fingerprint(state: &AppState, headers: &HeaderMap) -> bool {
     state.ledger.is_some() && headers.contains_key(accounts::IDEMPOTENCY_HEADER)
 }
@@ -113,7 +150,11 @@ pub async fn not_found(method: Method, uri: Uri) -> HttpError {
 
 pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     let path = uri.path();
-    let allowed = if path.starts_with("/v1/models") || path.starts_with("/v1/organization/") || path == "/health" {
+    let allowed = if path.starts_with("/v1/models")
+        || path.starts_with("/v1/organization/")
+        || path == "/health"
+        || (path.starts_with("/v1/images/") && path.ends_with("/content"))
+    {
         "GET"
     } else if path.starts_with("/v1/admin/keys/") {
         "POST, DELETE"

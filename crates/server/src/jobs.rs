@@ -24,7 +24,7 @@ use api::ApiError;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use domain::{ImageJob, ImageOptions, ImageResult, JobKind, ModelFamily, Resolved, StreamEvent};
+use domain::{ImageJob, ImageOptions, ImageResult, ModelFamily, Resolved, StreamEvent};
 use futures_util::StreamExt;
 use ledger::{CostSource, RequestStatus};
 use pricing::Cost;
@@ -85,7 +85,7 @@ pub async fn execute(
         Some(ledger) => {
             let info = RequestInfo {
                 request_id: request_id.clone(),
-                operation: if job.kind() == JobKind::Edit { "edit" } else { "generation" },
+                operation: job.kind().operation(),
                 model: who.model.clone(),
                 provider: provider.clone(),
                 n: u32::from(options.n.max(1)),
@@ -362,7 +362,25 @@ impl Run {
                     }
                 },
             };
-            let Some(item) = next else { break };
+            let Some(item) = next else {
+                // The provider's stream ended before its images: say so, rather than end in silence.
+                if tally.images < n && !self.abandoned.is_cancelled() {
+                    let error = ApiError::new(
+                        502,
+                        "server_error",
+                        None,
+                        Some("upstream_stream_incomplete"),
+                        format!(
+                            "The provider '{}' ended the stream after {} of {n} images.",
+                            self.route.provider.name(),
+                            tally.images
+                        ),
+                    );
+                    self.send(&tx, Event::default().event("error").data(api::stream_error_json(&error.body))).await;
+                    tally.failed = Some(error);
+                }
+                break;
+            };
             let event = match item {
                 Ok(event) => resolve_event(event, &self.options, self.family()),
                 Err(ProviderError::Cancelled { compute_ms }) => {

@@ -218,6 +218,7 @@ pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/images/generations", post(handlers::generations))
         .route("/images/edits", post(handlers::edits))
+        .route("/images/variations", post(handlers::variations))
         .route("/images/estimates", post(handlers::estimates))
         .route("/models", get(handlers::list_models))
         .route("/models/{*id}", get(handlers::get_model))

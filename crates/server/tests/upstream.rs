@@ -144,6 +144,53 @@ fn file(bytes: Vec<u8>, name: &str) -> Part {
     Part::bytes(bytes).file_name(name.to_owned()).mime_str("image/png").unwrap()
 }
 
+#[tokio::test]
+async fn variations_go_to_dall_e_2_as_openai_takes_them() {
+    let g = gateway(Setup::default()).await;
+    let form = Form::new()
+        .text("n", "2")
+        .text("size", "256x256")
+        .text("response_format", "b64_json")
+        .part("image", file(png(64, 64, false), "square.png"));
+    let r = g.post("images/variations").multipart(form).send().await.unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    let sent = g.fake.requests().into_iter().last().unwrap();
+    assert_eq!(sent.path, "/v1/images/variations");
+    let text = |name: &str| String::from_utf8(sent.part(name).unwrap().bytes.to_vec()).unwrap();
+    assert_eq!((text("model"), text("n"), text("size")), ("dall-e-2".into(), "2".into(), "256x256".into()));
+    assert!(sent.part("prompt").is_none() && sent.part("image").is_some());
+
+    // OpenAI's rules, before the upstream sees anything.
+    let before = g.fake.requests().len();
+    for (form, param, code) in [
+        (
+            Form::new().text("model", "dall-e-3").part("image", file(png(64, 64, false), "a.png")),
+            "model",
+            "invalid_value",
+        ),
+        (Form::new().part("image", file(png(64, 32, false), "a.png")), "image", "invalid_image"),
+        (
+            Form::new().text("prompt", "p").part("image", file(png(64, 64, false), "a.png")),
+            "prompt",
+            "unknown_parameter",
+        ),
+        (
+            Form::new().text("size", "1024x1536").part("image", file(png(64, 64, false), "a.png")),
+            "size",
+            "invalid_value",
+        ),
+        (Form::new().text("n", "2"), "image", "missing_required_parameter"),
+    ] {
+        let r = g.post("images/variations").multipart(form).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{param}");
+        assert_error(&r.json().await.unwrap(), Some(param), code);
+    }
+    assert_eq!(g.fake.requests().len(), before);
+}
+
 fn assert_error(body: &Value, param: Option<&str>, code: &str) {
     let e = &body["error"];
     assert_eq!(e["code"], code, "{body}");
@@ -616,6 +663,26 @@ async fn a_stream_that_breaks_ends_with_an_error_event() {
     assert_eq!(last_name, "error");
     assert_eq!(last["type"], "error");
     assert_eq!(last["error"]["code"], "upstream_unavailable");
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_before_its_images_ends_with_an_error_event() {
+    // The upstream answers a stream request with a truncated JSON body: no event at all. The client
+    // hears why instead of a stream that ends with nothing.
+    let g = gateway(Setup::default()).await;
+    let r = g
+        .post("images/generations")
+        .json(&json!({"model": "gpt-image-1", "prompt": "cut [fault:malformed]", "stream": true, "n": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = sse_events(&r.text().await.unwrap());
+    assert_eq!(events.len(), 1, "{events:?}");
+    let (name, error) = &events[0];
+    assert_eq!(name, "error");
+    assert_eq!(error["error"]["code"], "upstream_stream_incomplete", "{error}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("0 of 2"), "{error}");
 }
 
 #[tokio::test]

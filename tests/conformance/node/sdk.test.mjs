@@ -199,6 +199,19 @@ test("generate: DALL-E answers with a URL by default", async () => {
   assert.equal((await fetch(r.data[0].url)).status, 200);
 });
 
+test("variations: dall-e-2 answers with URLs by default, and base64 when asked", async () => {
+  const image = async () => toFile(png(64), "otter.png", { type: "image/png" });
+  const r = await client().images.createVariation({ image: await image(), n: 2, size: "256x256" });
+  assert.equal(r.data.length, 2);
+  for (const d of r.data) {
+    const fetched = await fetch(d.url);
+    assert.equal(fetched.status, 200);
+    assertPng(Buffer.from(await fetched.arrayBuffer()));
+  }
+  const b64 = await client().images.createVariation({ image: await image(), response_format: "b64_json" });
+  assertPng(Buffer.from(b64.data[0].b64_json, "base64"));
+});
+
 test("edit: multipart with an image and a mask", async () => {
   const r = await client().images.edit({
     model: "gpt-image-1-mini",
