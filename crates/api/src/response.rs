@@ -2,8 +2,8 @@
 //! (imagegate writes them to its clients and reads them from upstream providers).
 
 use domain::{
-    Background, GeneratedImage, ImagePayload, ImageResult, JobKind, OutputFormat, Quality, Resolved, Size, StreamEvent,
-    Usage,
+    Background, GeneratedImage, ImagePayload, ImageResult, JobKind, ModelFamily, OutputFormat, Quality, Resolved, Size,
+    StreamEvent, Usage,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -101,10 +101,14 @@ struct ImageOut<'a> {
     revised_prompt: Option<&'a str>,
 }
 
-/// Serializes a finished job as OpenAI's `ImagesResponse`, with imagegate's extension object (the cost)
-/// under `imagegate` when given.
-pub fn images_response_json(result: &ImageResult, extension: Option<&Value>) -> Vec<u8> {
-    let r = &result.resolved;
+/// Serializes a finished job as OpenAI's `ImagesResponse` for a model of `family`, with imagegate's
+/// extension object (the cost) under `imagegate` when given. DALL-E's responses are `created` and
+/// `data` only, as OpenAI's: the GPT image models' `background`, `output_format`, `size` and `quality`
+/// are left out (DALL-E's `standard` quality is not a value of that field).
+pub fn images_response_json(result: &ImageResult, family: ModelFamily, extension: Option<&Value>) -> Vec<u8> {
+    let dall_e = matches!(family, ModelFamily::DallE2 | ModelFamily::DallE3);
+    let resolved = Resolved::default();
+    let r = if dall_e { &resolved } else { &result.resolved };
     let out = ImagesResponseOut {
         created: result.created,
         data: result
@@ -358,9 +362,25 @@ mod tests {
         let r = parse_images_response(body).unwrap();
         assert_eq!(r.resolved.size, Some(Size::new(1024, 1024)));
         assert_eq!(r.usage.unwrap().output_tokens, 1056);
-        let out: serde_json::Value = serde_json::from_slice(&images_response_json(&r, None)).unwrap();
+        let out: serde_json::Value =
+            serde_json::from_slice(&images_response_json(&r, ModelFamily::GptImageMini, None)).unwrap();
         let original: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(out, original);
+    }
+
+    #[test]
+    fn dall_e_responses_are_created_and_data_only() {
+        let body = br#"{"created":5,"data":[{"url":"http://x/y.png","revised_prompt":"p"}],"size":"1024x1024","quality":"standard"}"#;
+        let mut r = parse_images_response(body).unwrap();
+        r.resolved.size = Some(Size::new(1024, 1024));
+        r.resolved.output_format = Some(OutputFormat::Png);
+        for family in [ModelFamily::DallE2, ModelFamily::DallE3] {
+            let out: serde_json::Value = serde_json::from_slice(&images_response_json(&r, family, None)).unwrap();
+            assert_eq!(
+                out,
+                serde_json::json!({"created": 5, "data": [{"url": "http://x/y.png", "revised_prompt": "p"}]})
+            );
+        }
     }
 
     #[test]

@@ -33,6 +33,15 @@ pub struct CommonArgs {
     /// transparent, opaque or auto.
     #[arg(long)]
     background: Option<String>,
+    /// vivid or natural (dall-e-3).
+    #[arg(long)]
+    style: Option<String>,
+    /// low or auto (GPT image models).
+    #[arg(long)]
+    moderation: Option<String>,
+    /// An end-user id, passed on for abuse monitoring.
+    #[arg(long)]
+    user: Option<String>,
     /// Number of images.
     #[arg(short = 'n', long = "n")]
     n: Option<u8>,
@@ -95,6 +104,9 @@ impl CommonArgs {
             ("quality", &self.quality),
             ("output_format", &self.output_format),
             ("background", &self.background),
+            ("style", &self.style),
+            ("moderation", &self.moderation),
+            ("user", &self.user),
         ];
         for (k, v) in strings {
             if let Some(v) = v {
@@ -200,7 +212,7 @@ struct Target {
     /// The model name to send, when `--model` named a directory served under another name.
     model: Option<String>,
     /// Keeps the in-process server alive for the command's duration.
-    _server: Option<tokio::task::JoinHandle<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Target {
@@ -220,7 +232,7 @@ impl Target {
             }
             let base = url.trim_end_matches('/');
             let base = if base.ends_with("/v1") { base.to_owned() } else { format!("{base}/v1") };
-            return Ok(Target { base, api_key: args.api_key.clone(), http, model: None, _server: None });
+            return Ok(Target { base, api_key: args.api_key.clone(), http, model: None, server: None });
         }
         // In-process: open (no keys), on an ephemeral loopback port nobody else knows. A model directory
         // or built-in local model named by --model is served too (pulled first if need be).
@@ -233,7 +245,7 @@ impl Target {
                 tracing::error!(error = %e, "in-process server stopped");
             }
         });
-        Ok(Target { base: format!("http://{addr}/v1"), api_key: None, http, model, _server: Some(handle) })
+        Ok(Target { base: format!("http://{addr}/v1"), api_key: None, http, model, server: Some(handle) })
     }
 
     /// The request fields, with the model name this target knows the model by.
@@ -266,6 +278,12 @@ async fn write_images(target: &Target, response: reqwest::Response, out: &Path) 
     let body = response.bytes().await.map_err(|e| format!("reading the response failed: {e}"))?;
     if !status.is_success() {
         return Err(match api::parse_error_body(&body) {
+            // In-process, a model nothing serves usually means nothing is configured at all.
+            Some(e) if target.server.is_some() && e.code.as_deref() == Some("model_not_found") => format!(
+                "{} Set OPENAI_API_KEY (and OPENAI_BASE_URL) to reach an upstream, pass --config, or name a local \
+                 model: --model sd-turbo (a built-in model, downloaded on first use) or --model ./a-diffusers-dir.",
+                e.message
+            ),
             Some(e) => format!(
                 "HTTP {}: {} (param: {}, code: {})",
                 status.as_u16(),

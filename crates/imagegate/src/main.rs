@@ -36,7 +36,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the OpenAI Images API (/v1/images/generations, /v1/images/edits, /v1/models, /health).
+    /// Serve the OpenAI Images API (/v1/images/generations, edits and variations, /v1/models) with
+    /// imagegate's own endpoints (/v1/images/estimates, /v1/admin/keys, /v1/organization/usage/images,
+    /// /v1/organization/costs, /health).
     Serve(ServeArgs),
     /// Generate images from a prompt and write them to files.
     Generate(client::GenerateArgs),
@@ -56,8 +58,9 @@ enum Command {
 /// Where the providers, keys and limits come from. Shared by `serve` and the in-process client.
 #[derive(Args, Clone)]
 pub struct ConfigArgs {
-    /// TOML config: providers, model aliases, API key hashes. Without it, OPENAI_API_KEY (and
-    /// OPENAI_BASE_URL) configure an upstream provider named `openai`.
+    /// TOML config: providers, model aliases, prices, local models, and client API keys (stored as their
+    /// SHA-256, never in plain text). Without it, OPENAI_API_KEY (and OPENAI_BASE_URL) configure an
+    /// upstream provider named `openai`.
     #[arg(long, env = "IMAGEGATE_CONFIG")]
     config: Option<PathBuf>,
     /// Largest request body in bytes (413 beyond).

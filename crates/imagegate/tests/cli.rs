@@ -48,6 +48,17 @@ fn estimate_prints_the_campaign_and_json() {
     assert_eq!(v["total_usd"], "0.8528");
 }
 
+#[test]
+fn generate_without_any_provider_says_how_to_get_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let args = ["generate", "otter", "--model", "gpt-image-1-mini", "--data-dir", data, "--out", "o.png"];
+    let out = imagegate(&args, None, dir.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("OPENAI_API_KEY") && err.contains("--model sd-turbo"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn generate_and_edit_write_real_images() {
     let fake = fake_openai::spawn().await.unwrap();

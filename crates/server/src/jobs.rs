@@ -294,7 +294,7 @@ impl Run {
             crate::links::store(&self.state, links, &mut result, &self.request_id).await;
         }
         let extension = cost.as_ref().map(|c| billing::cost_json(&self.route, c));
-        let body = api::images_response_json(&result, extension.as_ref());
+        let body = api::images_response_json(&result, self.family(), extension.as_ref());
         let outcome = match ticket {
             Some(t) => {
                 let r = &result.resolved;
