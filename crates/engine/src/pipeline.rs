@@ -47,7 +47,8 @@ pub struct GenerateParams {
     pub guidance_scale: f64,
     pub seed: u64,
     pub edit: Option<Edit>,
-    /// How many intermediate images to hand to [`Hooks::partial`] (at most one per intermediate step).
+    /// How many intermediate images of each image to hand to [`Hooks::partial`] (at most one per
+    /// intermediate step).
     /// They come from the tiny decoder when one is loaded, else from the full one.
     pub partial_images: usize,
     /// Which decoder makes the final images; [`Decoder::Tiny`] needs [`LoadOptions::tiny_decoder`].
@@ -110,8 +111,9 @@ pub trait Hooks {
     fn cancelled(&self) -> bool {
         false
     }
-    /// An intermediate image of the first image of the request (`index` counts from 0).
-    fn partial(&mut self, _index: usize, _image: RgbImage) {}
+    /// Intermediate image number `index` (from 0) of the request's image `image` (from 0 to `n - 1`):
+    /// every image of a request gets its partial images, each at the same steps.
+    fn partial(&mut self, _image: usize, _index: usize, _partial: RgbImage) {}
     /// Noise for the image seeded `seed` (`[channels, height, width]` latents, unit gaussian) in place of
     /// the engine's own seeded draw `what`. Reference-parity tests give diffusers' noise here; `None`
     /// keeps the engine's.
@@ -352,9 +354,8 @@ impl Pipeline {
         while first < p.n {
             let batch = (p.n - first).min(self.max_batch.max(1));
             let seeds: Vec<u64> = (first..first + batch).map(|i| p.seed.wrapping_add(i as u64)).collect();
-            let mut partial = if first == 0 { p.partial_images } else { 0 };
             let t0 = std::time::Instant::now();
-            let latents = self.denoise(p, &seeds, &cond, uncond.as_ref(), inputs.as_ref(), hooks, &mut partial)?;
+            let latents = self.denoise(p, first, &seeds, &cond, uncond.as_ref(), inputs.as_ref(), hooks)?;
             release(&self.unet_file);
             let t1 = std::time::Instant::now();
             images.extend(self.decode(&latents, p.decoder)?);
@@ -507,17 +508,18 @@ impl Pipeline {
         (height as usize / f, width as usize / f)
     }
 
-    /// The denoising loop for one batch; returns the final latents (scaled as the UNet sees them).
+    /// The denoising loop for one batch, whose images are the request's `first..first + seeds.len()`;
+    /// returns the final latents (scaled as the UNet sees them).
     #[allow(clippy::too_many_arguments)]
     fn denoise(
         &self,
         p: &GenerateParams,
+        first: usize,
         seeds: &[u64],
         cond: &TextCond,
         uncond: Option<&TextCond>,
         edit: Option<&EditInputs>,
         hooks: &mut dyn Hooks,
-        partials: &mut usize,
     ) -> Result<Tensor, EngineError> {
         let mut sched = Scheduler::new(&p.sampler.config(&self.checkpoint.scheduler), p.steps)?;
         let n = seeds.len();
@@ -572,7 +574,7 @@ impl Pipeline {
         };
         let blend_mask = if self.is_inpainting() { None } else { edit.and_then(|e| e.latent_mask.as_ref()) };
 
-        let partial_after: Vec<usize> = partial_points(run, *partials);
+        let partial_after: Vec<usize> = partial_points(run, p.partial_images);
         let mut emitted = 0;
         for (k, i) in (start..p.steps).enumerate() {
             if hooks.cancelled() {
@@ -598,10 +600,10 @@ impl Pipeline {
                 let clean = sched.predict_original(&latents, &out, i)?;
                 // Previews are what the tiny decoder is for: cheap, and thrown away.
                 let preview = if self.tiny.is_some() { Decoder::Tiny } else { Decoder::Full };
-                if let Some(img) = self.decode(&clean.i(0..1)?, preview)?.into_iter().next() {
-                    hooks.partial(emitted, img);
-                    emitted += 1;
+                for (j, img) in self.decode(&clean, preview)?.into_iter().enumerate() {
+                    hooks.partial(first + j, emitted, img);
                 }
+                emitted += 1;
             }
             let step_noise = if sched.needs_noise() {
                 Some(seeded_noise(&mut rngs, seeds, Draw::Step(k), shape, hooks, &self.device)?.to_dtype(self.dtype)?)
@@ -616,7 +618,6 @@ impl Pipeline {
                 latents = (latents.broadcast_mul(mask)? + known.broadcast_mul(&keep)?)?;
             }
         }
-        *partials = emitted;
         Ok(latents)
     }
 

@@ -170,7 +170,8 @@ fn image_to_image_runs_at_least_one_step_and_depends_on_the_input() {
 }
 
 struct Collect {
-    partials: Vec<(usize, RgbImage)>,
+    /// (image, partial index, the partial image)
+    partials: Vec<(usize, usize, RgbImage)>,
     cancel_after: Option<usize>,
 }
 
@@ -178,19 +179,36 @@ impl Hooks for Collect {
     fn cancelled(&self) -> bool {
         self.cancel_after.is_some_and(|n| self.partials.len() >= n)
     }
-    fn partial(&mut self, index: usize, image: RgbImage) {
-        self.partials.push((index, image));
+    fn partial(&mut self, image: usize, index: usize, partial: RgbImage) {
+        self.partials.push((image, index, partial));
     }
 }
 
 #[test]
 fn partial_images_come_from_intermediate_steps_and_cancellation_stops_the_run() {
-    let (_dir, p) = tiny(&TinySpec::default());
+    let (_dir, mut p) = tiny(&TinySpec::default());
     let mut hooks = Collect { partials: vec![], cancel_after: None };
     let out = p.generate(&GenerateParams { steps: 4, partial_images: 2, ..params(9) }, &mut hooks).unwrap();
-    assert_eq!(hooks.partials.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 1]);
-    assert_eq!(hooks.partials[0].1.dimensions(), (80, 64));
-    assert_ne!(hooks.partials[1].1, out[0]);
+    assert_eq!(hooks.partials.iter().map(|(_, i, _)| *i).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(hooks.partials[0].2.dimensions(), (80, 64));
+    assert_ne!(hooks.partials[1].2, out[0]);
+    // Every image of n has its partial images, each its own, in batches or not: the same as its seed
+    // alone would give.
+    for max_batch in [3, 2] {
+        p.max_batch = max_batch;
+        let mut hooks = Collect { partials: vec![], cancel_after: None };
+        p.generate(&GenerateParams { n: 3, steps: 4, partial_images: 2, ..params(9) }, &mut hooks).unwrap();
+        let mut got: Vec<(usize, usize)> = hooks.partials.iter().map(|(m, i, _)| (*m, *i)).collect();
+        got.sort_unstable();
+        assert_eq!(got, [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]);
+        for (image, index, partial) in &hooks.partials {
+            let mut alone = Collect { partials: vec![], cancel_after: None };
+            let seed = 9 + *image as u64;
+            p.generate(&GenerateParams { steps: 4, partial_images: 2, ..params(seed) }, &mut alone).unwrap();
+            let diff = max_diff(partial, &alone.partials[*index].2);
+            assert!(diff <= 1, "batches of {max_batch}: partial {index} of image {image} is {diff} levels off");
+        }
+    }
     // One step leaves no intermediate step to show.
     let mut hooks = Collect { partials: vec![], cancel_after: None };
     p.generate(&GenerateParams { steps: 1, partial_images: 3, ..params(9) }, &mut hooks).unwrap();

@@ -214,7 +214,7 @@ fn asking_for_the_tiny_decoder_without_one_says_what_to_pull() {
 struct Collect(Vec<RgbImage>);
 
 impl Hooks for Collect {
-    fn partial(&mut self, _index: usize, image: RgbImage) {
+    fn partial(&mut self, _image: usize, _index: usize, image: RgbImage) {
         self.0.push(image);
     }
 }

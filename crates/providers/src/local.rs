@@ -568,7 +568,8 @@ impl Hooks for StreamHooks<'_> {
             || self.sender.is_some_and(|s| s.is_closed())
     }
 
-    fn partial(&mut self, index: usize, image: RgbImage) {
+    /// Every image of `n` has its partial images (their events carry only their index, as OpenAI's).
+    fn partial(&mut self, _image: usize, index: usize, image: RgbImage) {
         let Some(sender) = self.sender else { return };
         match encode(&image, self.format, self.compression) {
             Ok(b64_json) => {

@@ -353,6 +353,25 @@ async fn streaming_sends_partial_images_from_intermediate_steps_then_the_image()
     assert_eq!(events[1]["partial_image_index"], 1);
     assert_eq!(decode(&events[0]["b64_json"]).width(), 64);
     assert!(events[2]["usage"]["output_tokens"].as_u64().unwrap() > 0);
+
+    // With n = 2 each image has its partial images (not only the first), so the partial-image tokens
+    // counted on each completed image were streamed.
+    let r = s
+        .http
+        .post(format!("{}/images/generations", s.url))
+        .json(&json!({"model": "tiny", "prompt": "otter", "size": "64x64", "stream": true, "partial_images": 2, "steps": 4, "seed": 2, "n": 2}))
+        .send()
+        .await
+        .unwrap();
+    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+    let kinds: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(|d| serde_json::from_str::<Value>(d.trim()).unwrap()["type"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    let count = |kind: &str| kinds.iter().filter(|k| *k == kind).count();
+    assert_eq!(count("image_generation.partial_image"), 4, "{kinds:?}");
+    assert_eq!(count("image_generation.completed"), 2, "{kinds:?}");
 }
 
 #[tokio::test]
