@@ -91,9 +91,16 @@ fn option_fields(o: &ImageOptions) -> Vec<(&'static str, Value)> {
     out
 }
 
-/// Decodes an image reference of the JSON edit form. Only `data:` URLs are taken: fetching arbitrary
-/// URLs from the server would let clients make it reach hosts they cannot.
-pub fn decode_image_ref(param: &str, value: &Value) -> Result<Bytes, ApiError> {
+/// An image reference of the JSON edit form: the bytes of a `data:` URL, or an `http(s)://` URL for the
+/// server to fetch (only from the hosts its operator allows: `server::remote`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageRef {
+    Data(Bytes),
+    Url(String),
+}
+
+/// Reads an image reference of the JSON edit form (`{"image_url": ...}`); `file_id` is refused.
+pub fn parse_image_ref(param: &str, value: &Value) -> Result<ImageRef, ApiError> {
     let obj = value
         .as_object()
         .ok_or_else(|| ApiError::invalid_type(param, "an object with 'image_url'", crate::fields::json_kind(value)))?;
@@ -103,7 +110,7 @@ pub fn decode_image_ref(param: &str, value: &Value) -> Result<Bytes, ApiError> {
     if obj.get("file_id").is_some_and(|v| !v.is_null()) {
         return Err(ApiError::invalid_value_msg(
             &format!("{param}.file_id"),
-            "Image references by 'file_id' are not supported by this server yet: send the image as a data: URL in 'image_url', or use the multipart form.".to_owned(),
+            "Image references by 'file_id' need the Files API, which this server does not have yet: send the image as a data: URL (or an allowed https:// URL) in 'image_url', or use the multipart form.".to_owned(),
         ));
     }
     let param = format!("{param}.image_url");
@@ -114,7 +121,10 @@ pub fn decode_image_ref(param: &str, value: &Value) -> Result<Bytes, ApiError> {
         }
         None => return Err(ApiError::missing(&param)),
     };
-    decode_data_url(&param, url)
+    if url.starts_with("https://") || url.starts_with("http://") {
+        return Ok(ImageRef::Url(url.clone()));
+    }
+    decode_data_url(&param, url).map(ImageRef::Data)
 }
 
 /// Decodes `data:<mime>;base64,<payload>`.
@@ -122,7 +132,7 @@ pub fn decode_data_url(param: &str, url: &str) -> Result<Bytes, ApiError> {
     let Some(rest) = url.strip_prefix("data:") else {
         return Err(ApiError::invalid_value_msg(
             param,
-            "Invalid image URL: only base64 data: URLs (data:image/png;base64,...) are accepted; this server does not fetch remote URLs.".to_owned(),
+            "Invalid image URL: expected a base64 data: URL (data:image/png;base64,...) or an https:// URL.".to_owned(),
         ));
     };
     let Some((meta, payload)) = rest.split_once(',') else {

@@ -31,6 +31,9 @@
 //! [engine]
 //! queue_capacity = 8                          # requests queued or running before 429
 //! resident_models = 2                         # models kept loaded
+//!
+//! [remote_images]                             # https:// image URLs of JSON edits (server::remote)
+//! allow_hosts = ["images.example.com", ".cdn.example.com"]
 //! ```
 
 use std::collections::BTreeMap;
@@ -63,6 +66,23 @@ pub struct ConfigFile {
     pub models: BTreeMap<String, LocalModelFile>,
     #[serde(default)]
     pub engine: EngineFile,
+    /// Which image URLs of JSON edits the server fetches; absent: none.
+    pub remote_images: Option<RemoteImagesFile>,
+}
+
+/// `[remote_images]`: hosts the server fetches input images from (`server::remote`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteImagesFile {
+    /// Exact host names, or `.example.com` for its subdomains.
+    pub allow_hosts: Vec<String>,
+    /// Largest image fetched, in bytes (default 50 MB, the largest upload OpenAI takes).
+    pub max_bytes: Option<usize>,
+    /// The whole fetch, in seconds (default 10).
+    pub timeout_secs: Option<u64>,
+    /// Also fetch `http://` URLs and private addresses: for tests and trusted networks only.
+    #[serde(default)]
+    pub allow_insecure: bool,
 }
 
 /// `[models.NAME]`: a local model.
@@ -145,6 +165,7 @@ pub struct Config {
     /// Local models, served by the provider named `local`.
     pub local_models: Vec<providers::local::LocalModel>,
     pub engine: providers::local::LocalOptions,
+    pub remote_images: Option<crate::remote::RemoteImages>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -329,6 +350,18 @@ impl Config {
             limits: Limits::default(),
             local_models,
             engine,
+            remote_images: match file.remote_images {
+                None => None,
+                Some(r) if r.allow_hosts.is_empty() => {
+                    return err("remote_images.allow_hosts: name at least one host (or leave [remote_images] out)");
+                }
+                Some(r) => Some(crate::remote::RemoteImages {
+                    allow_hosts: r.allow_hosts,
+                    max_bytes: r.max_bytes.unwrap_or(50 * 1024 * 1024),
+                    timeout: std::time::Duration::from_secs(r.timeout_secs.unwrap_or(10).max(1)),
+                    allow_insecure: r.allow_insecure,
+                }),
+            },
         })
     }
 }

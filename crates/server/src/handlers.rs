@@ -13,9 +13,10 @@ use serde_json::{Map, Value};
 use crate::accounts::{self, Caller};
 use crate::body::BodyError;
 use crate::jobs::{Who, execute, json_response, request_id};
-use crate::links;
 use crate::routing::Route;
 use crate::{AppState, HttpError};
+use crate::{links, remote};
+use api::upstream::ImageRef;
 
 type HandlerResult = Result<Response, HttpError>;
 
@@ -46,7 +47,9 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
     } else if is_json(&ct) {
         let body = read_body(&state, request, state.limits.max_body_bytes).await?;
         // Parsing and base64-decoding megabytes of images is work for a blocking thread.
-        blocking(move || read_json_edit(&body), &headers).await??
+        let (mut form, remote) = blocking(move || read_json_edit(&body), &headers).await??;
+        fetch_remote(&state, &mut form, remote).await?;
+        form
     } else {
         return Err(ApiError::unsupported_media_type(&ct, "'multipart/form-data' or 'application/json'").into());
     };
@@ -276,7 +279,31 @@ fn is_indexed_image(name: &str) -> bool {
         .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
 }
 
-fn read_json_edit(body: &[u8]) -> Result<EditForm, HttpError> {
+/// An image of a JSON edit given by URL: where it goes in the form, and the URL.
+struct RemoteRef {
+    /// `None`: the mask; else the index in the form's images.
+    slot: Option<usize>,
+    param: String,
+    url: String,
+}
+
+/// Fetches the form's images given by URL (`server::remote`) into their places.
+async fn fetch_remote(state: &AppState, form: &mut EditForm, remote: Vec<RemoteRef>) -> Result<(), HttpError> {
+    for r in remote {
+        let bytes = remote::fetch(state.remote_images.as_deref(), &r.param, &r.url).await?;
+        match r.slot {
+            Some(i) => {
+                if let Some(image) = form.images.get_mut(i) {
+                    image.1 = bytes;
+                }
+            }
+            None => form.mask = Some((bytes, None)),
+        }
+    }
+    Ok(())
+}
+
+fn read_json_edit(body: &[u8]) -> Result<(EditForm, Vec<RemoteRef>), HttpError> {
     let map = json_object(body)?;
     let refs = match map.get("images") {
         None | Some(Value::Null) => return Err(ApiError::missing("images").into()),
@@ -287,16 +314,29 @@ fn read_json_edit(body: &[u8]) -> Result<EditForm, HttpError> {
     };
     check_image_count(refs.len(), "images")?;
     let mut images = Vec::with_capacity(refs.len());
+    let mut remote = Vec::new();
     for (i, r) in refs.iter().enumerate() {
         let param = format!("images[{i}]");
-        let bytes = api::upstream::decode_image_ref(&param, r)?;
+        let bytes = match api::upstream::parse_image_ref(&param, r)? {
+            ImageRef::Data(bytes) => bytes,
+            ImageRef::Url(url) => {
+                remote.push(RemoteRef { slot: Some(i), param: format!("{param}.image_url"), url });
+                Bytes::new()
+            }
+        };
         images.push((param, bytes, None));
     }
     let mask = match map.get("mask") {
         None | Some(Value::Null) => None,
-        Some(r) => Some((api::upstream::decode_image_ref("mask", r)?, None)),
+        Some(r) => match api::upstream::parse_image_ref("mask", r)? {
+            ImageRef::Data(bytes) => Some((bytes, None)),
+            ImageRef::Url(url) => {
+                remote.push(RemoteRef { slot: None, param: "mask.image_url".into(), url });
+                None
+            }
+        },
     };
-    Ok(EditForm { fields: EditFields::Json(map), images, mask })
+    Ok((EditForm { fields: EditFields::Json(map), images, mask }, remote))
 }
 
 fn check_image_count(count: usize, param: &str) -> Result<(), ApiError> {

@@ -19,6 +19,7 @@ pub mod estimates;
 mod handlers;
 pub mod jobs;
 pub mod links;
+pub mod remote;
 pub mod routing;
 
 use std::any::Any;
@@ -81,6 +82,8 @@ pub struct AppState {
     pub body_budget: body::BodyBudget,
     /// The base of the image URLs this server makes (`--public-url`); `None`: the request's `Host`.
     pub public_url: Option<Arc<str>>,
+    /// Which input image URLs the server fetches (`[remote_images]`); `None`: none.
+    pub remote_images: Option<Arc<remote::RemoteImages>>,
 }
 
 impl AppState {
@@ -132,6 +135,7 @@ impl AppState {
             decode_budget: decode::DecodeBudget::new(config.limits.max_decode_bytes),
             body_budget: body::BodyBudget::new(config.limits.max_body_bytes_in_flight),
             public_url: None,
+            remote_images: config.remote_images.clone().map(Arc::new),
         })
     }
 

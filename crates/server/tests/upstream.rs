@@ -354,7 +354,10 @@ async fn dall_e_urls_and_revised_prompts_pass_through() {
     assert_eq!(body["data"][0]["revised_prompt"], "revised: otter");
     let bytes = g.http.get(url).send().await.unwrap().bytes().await.unwrap();
     assert!(image::load_from_memory(&bytes).is_ok());
-    assert_eq!(body["quality"], "standard", "resolved, never auto");
+    // As OpenAI's DALL-E responses: created and data only (no GPT-only fields, no invented quality).
+    for field in ["quality", "size", "background", "output_format"] {
+        assert!(body.get(field).is_none(), "{field}: {body}");
+    }
 }
 
 #[tokio::test]
@@ -413,6 +416,74 @@ async fn json_edits_with_data_urls() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_error(&r.json().await.unwrap(), Some("images[0].image_url"), "invalid_value");
+}
+
+/// An image host on 127.0.0.1: `/a.png` (a 16x16 PNG), `/moved` (a redirect to it), `/big` (too large).
+async fn image_host() -> String {
+    let app = axum::Router::new()
+        .route("/a.png", axum::routing::get(|| async { ([("content-type", "image/png")], png(16, 16, false)) }))
+        .route("/moved", axum::routing::get(|| async { (axum::http::StatusCode::FOUND, [("location", "/a.png")], "") }))
+        .route("/big", axum::routing::get(|| async { vec![0u8; 300_000] }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn image_urls_are_fetched_only_from_allowed_hosts_and_never_from_private_addresses() {
+    let host = image_host().await;
+    let edit = |g: &Gateway, url: String| {
+        let body = json!({"model": "gpt-image-1-mini", "prompt": "p", "images": [{"image_url": url}]});
+        let request = g.post("images/edits").json(&body);
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let message = |body: &Value| body["error"]["message"].as_str().unwrap().to_owned();
+
+    // Allowed (insecure: the host is on loopback), fetched and sent on as if uploaded.
+    let toml: &'static str = Box::leak(
+        "[remote_images]\nallow_hosts = [\"127.0.0.1\"]\nallow_insecure = true\nmax_bytes = 100000\n"
+            .to_owned()
+            .into_boxed_str(),
+    );
+    let g = gateway(Setup { extra_toml: toml, ..Setup::default() }).await;
+    let (status, body) = edit(&g, format!("{host}/a.png")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(g.fake.requests()[0].part("image").unwrap().bytes.as_ref(), &png(16, 16, false)[..]);
+    // Redirects are not followed; bodies past max_bytes are refused; other hosts are refused.
+    for (url, says) in [
+        (format!("{host}/moved"), "redirect"),
+        (format!("{host}/big"), "larger than 100000 bytes"),
+        ("http://localhost:1/a.png".to_owned(), "not a host this server fetches"),
+        ("ftp://127.0.0.1/a.png".to_owned(), "expected a base64 data: URL"),
+    ] {
+        let (status, body) = edit(&g, url.clone()).await;
+        assert_eq!(status, 400, "{url}: {body}");
+        assert_eq!(body["error"]["param"], "images[0].image_url", "{body}");
+        assert!(message(&body).contains(says), "{url}: {body}");
+    }
+    assert_eq!(g.fake.requests().len(), 1);
+
+    // The same host allowed without `allow_insecure`: http is refused, and so is a private address.
+    let g = gateway(Setup {
+        extra_toml: "[remote_images]\nallow_hosts = [\"127.0.0.1\", \"localhost\"]\n",
+        ..Setup::default()
+    })
+    .await;
+    let (status, body) = edit(&g, format!("{host}/a.png")).await;
+    assert_eq!(status, 400);
+    assert!(message(&body).contains("use https://"), "{body}");
+    let (status, body) = edit(&g, "https://localhost:1/a.png".to_owned()).await;
+    assert_eq!(status, 400);
+    assert!(message(&body).contains("private or reserved address"), "{body}");
+    // Without [remote_images], nothing is fetched and the message says how to send the image.
+    let g = gateway(Setup::default()).await;
+    let (status, body) = edit(&g, format!("{host}/a.png")).await;
+    assert_eq!(status, 400);
+    assert!(message(&body).contains("does not fetch image URLs"), "{body}");
 }
 
 #[tokio::test]
