@@ -11,7 +11,29 @@ use ledger::NewKey;
 use ledger::testing::TestDatabase;
 use serde_json::{Value, json};
 
-on_both_databases!(image_urls_serve_the_images_until_they_expire);
+on_both_databases!(image_urls_serve_the_images_until_they_expire, local_models_answer_with_urls_too);
+
+/// A local model (a tiny checkpoint) behind a server with a database: `response_format=url` there too.
+async fn local_models_answer_with_urls_too(db: &TestDatabase) {
+    let dir = tempfile::tempdir().unwrap();
+    engine::testing::write_checkpoint(dir.path(), &engine::testing::TinySpec::default()).unwrap();
+    let toml = format!("[models.tiny]\npath = {:?}\nprofile = \"turbo\"\n", dir.path().to_str().unwrap());
+    let config = server::config::Config::from_toml(&toml, &common::TestEnv).unwrap();
+    let ledger = ledger::Ledger::connect_with(&db.url, ledger::LedgerOptions::default()).await.unwrap();
+    let state = server::AppState::from_config(&config).unwrap().with_ledger(ledger).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(server::run(listener, server::app(state), std::future::pending()));
+    let http = reqwest::Client::new();
+    let body = json!({"model": "tiny", "prompt": "otter", "size": "64x64", "seed": 1, "response_format": "url"});
+    let r = http.post(format!("{url}/images/generations")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    let link = body["data"][0]["url"].as_str().unwrap();
+    assert!(link.starts_with(&format!("{url}/images/img_")), "{link}");
+    let image = http.get(link).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(image::load_from_memory(&image).unwrap().width(), 64);
+}
 
 async fn image_urls_serve_the_images_until_they_expire(db: &TestDatabase) {
     let gw = gateway(db).await;
