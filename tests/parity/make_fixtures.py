@@ -13,9 +13,9 @@ weights: see build() for what each is like), and <name>-reference.safetensors fo
                                   conditioned on [text, text_uncond]
   vae_latents, vae_out            a batch of 3 latents through the VAE decoder (before post-processing)
   sched.<class>.<spacing>.<steps>.timesteps / .sigmas   every scheduler's schedule (float64; sd15 only)
-  step_sample, step_model_output, step.<class>.<spacing>.<prediction>
-                                  the second of four steps of Euler and DDIM (clip_sample on, its
-                                  default; sd15 only)
+  step_sample, step_model_output, step.<class>.<spacing>.<prediction>.<steps>
+                                  the second step (the only one at 1) of Euler and DDIM at 1, 2, 4,
+                                  16 and 25 steps (clip_sample on, its default; sd15 only)
   pipe_noise, pipe_g0, pipe_g75   the initial latents and the whole pipeline's image at guidance 0 and
                                   7.5, two steps (every pipe_* image is diffusers' 8-bit image, uint8
                                   [1, 80, 64, 3])
@@ -148,20 +148,23 @@ def build(name: str, sd2: bool, g: torch.Generator) -> StableDiffusionPipeline:
                     if hasattr(s, "sigmas"):
                         ref[key + ".sigmas"] = s.sigmas.to(torch.float64)
 
-        # One step (the second of four) of each deterministic sampler, each spacing and prediction type.
+        # One step (the second, or the only one) of each deterministic sampler, each spacing and
+        # prediction type, at each step count.
         ref["step_sample"] = torch.randn((1, 4, 8, 6), generator=g)
         ref["step_model_output"] = torch.randn((1, 4, 8, 6), generator=g)
         for cls in () if sd2 else (EulerDiscreteScheduler, DDIMScheduler):
             for spacing in ("leading", "linspace", "trailing"):
                 for prediction in ("epsilon", "v_prediction"):
-                    s = cls.from_config({**config, "timestep_spacing": spacing, "prediction_type": prediction})
-                    assert s.config.prediction_type == prediction
-                    s.set_timesteps(4)
-                    t = s.timesteps[1]
-                    if cls is EulerDiscreteScheduler:
-                        s._step_index = 1
-                    prev = s.step(ref["step_model_output"], t, ref["step_sample"]).prev_sample
-                    ref[f"step.{cls.__name__}.{spacing}.{prediction}"] = prev
+                    for steps in (1, 2, 4, 16, 25):
+                        s = cls.from_config({**config, "timestep_spacing": spacing, "prediction_type": prediction})
+                        assert s.config.prediction_type == prediction
+                        s.set_timesteps(steps)
+                        index = min(1, steps - 1)
+                        t = s.timesteps[index]
+                        if cls is EulerDiscreteScheduler:
+                            s._step_index = index
+                        prev = s.step(ref["step_model_output"], t, ref["step_sample"]).prev_sample
+                        ref[f"step.{cls.__name__}.{spacing}.{prediction}.{steps}"] = prev
 
         ref["pipe_noise"] = torch.randn((1, 4, 40, 32), generator=g)
         for key, guidance in (("pipe_g0", 0.0), ("pipe_g75", 7.5)):

@@ -179,10 +179,12 @@ fn one_step_of_each_deterministic_sampler_is_diffusers_step() {
                     prediction_type: prediction.into(),
                     ..f.ckpt.scheduler.clone()
                 };
-                let mut s = Scheduler::new(&config, 4).unwrap();
-                let got = s.step(model_output, 1, sample, None).unwrap();
-                let e = relative_error(&got, f.get(&format!("step.{class}.{spacing}.{prediction}")));
-                assert!(e < TOLERANCE, "{class}, {spacing}, {prediction}: {e}");
+                for steps in [1, 2, 4, 16, 25] {
+                    let mut s = Scheduler::new(&config, steps).unwrap();
+                    let got = s.step(model_output, 1.min(steps - 1), sample, None).unwrap();
+                    let e = relative_error(&got, f.get(&format!("step.{class}.{spacing}.{prediction}.{steps}")));
+                    assert!(e < TOLERANCE, "{class}, {spacing}, {prediction}, {steps} steps: {e}");
+                }
             }
         }
     }
