@@ -70,6 +70,7 @@
 //! | `[fault:drop-mid]` | status 200, part of the body (for a stream: the first event), then the body fails |
 //! | `[fault:malformed]` | 200, `Content-Type: application/json`, a truncated JSON body |
 //! | `[fault:no-usage]` | a normal JSON answer without `usage`, like some gateways |
+//! | `[fault:bare]` | a JSON answer without `background`, `output_format`, `size` and `quality` |
 //! | `[fault:gap=MS]` | streams pause MS milliseconds between events (instead of 100) |
 //! | `[fault:usage-x=K]` | `usage` reports K times the output tokens (an upstream billing more than its table) |
 //! | `[fault:size=WxH]` | the answer reports this `size` (images stay at the requested size) |
@@ -1139,11 +1140,14 @@ async fn respond_json(state: &FakeState, job: Job, faults: &Faults) -> Result<Re
         data.push(Value::Object(item));
     }
     let mut body = json!({"created": now(), "data": data});
-    if job.family == Family::Gpt {
+    // Some OpenAI-compatible gateways leave out the resolved settings: `[fault:bare]` plays one.
+    if job.family == Family::Gpt && !job.prompt.contains("[fault:bare]") {
         body["background"] = json!(job.background());
         body["output_format"] = json!(job.format.name());
         body["size"] = json!(faults.reported_size(&job));
         body["quality"] = json!(job.quality);
+    }
+    if job.family == Family::Gpt {
         // Some OpenAI-compatible gateways report no usage: `[fault:no-usage]` plays one.
         if !job.prompt.contains("[fault:no-usage]") {
             body["usage"] = job.usage(u64::from(job.n), faults.usage_times.unwrap_or(1));

@@ -257,7 +257,10 @@ impl Run {
     }
 
     async fn complete(mut self, mut result: ImageResult, reply: Reply) {
-        result.resolved = result.resolved.fill_from(&self.options, self.family());
+        // The bill (and the ledger row) fills what the provider did not report from the request, as
+        // `fill_from` documents; the response shows only what the provider reported: a setting it
+        // left out is left out, never invented.
+        let billed = result.resolved.fill_from(&self.options, self.family());
         if result.created == 0 {
             result.created = now();
         }
@@ -266,7 +269,7 @@ impl Run {
             &self.state,
             &self.route,
             &self.job,
-            &result.resolved,
+            &billed,
             images,
             result.usage,
             result.compute_ms,
@@ -291,13 +294,14 @@ impl Run {
             result.usage = c.usage;
         }
         if let Some(links) = &self.links {
-            crate::links::store(&self.state, links, &mut result, &self.request_id).await;
+            let format = billed.output_format.unwrap_or(domain::OutputFormat::Png);
+            crate::links::store(&self.state, links, &mut result, format, &self.request_id).await;
         }
         let extension = cost.as_ref().map(|c| billing::cost_json(&self.route, c));
         let body = api::images_response_json(&result, self.family(), extension.as_ref());
         let outcome = match ticket {
             Some(t) => {
-                let r = &result.resolved;
+                let r = &billed;
                 let gone = self.abandoned.is_cancelled() || reply.is_closed();
                 let end = End {
                     status: RequestStatus::Succeeded,

@@ -84,11 +84,10 @@ fn public_base(state: &AppState, headers: &HeaderMap) -> String {
     format!("http://{host}")
 }
 
-/// Stores `result`'s inline images and puts their URLs in their place. An image that cannot be stored
-/// stays inline (the client keeps what it paid for; the log says why).
-pub async fn store(state: &AppState, links: &Links, result: &mut ImageResult, request_id: &str) {
+/// Stores `result`'s inline images (in `format`) and puts their URLs in their place. An image that
+/// cannot be stored stays inline (the client keeps what it paid for; the log says why).
+pub async fn store(state: &AppState, links: &Links, result: &mut ImageResult, format: OutputFormat, request_id: &str) {
     let Some(ledger) = &state.ledger else { return };
-    let format = result.resolved.output_format.unwrap_or(OutputFormat::Png);
     let content_type = format!("image/{}", format.as_str());
     for image in &mut result.images {
         let ImagePayload::Base64(b64) = &image.payload else { continue };

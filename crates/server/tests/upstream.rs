@@ -361,6 +361,21 @@ async fn dall_e_urls_and_revised_prompts_pass_through() {
 }
 
 #[tokio::test]
+async fn settings_an_upstream_leaves_out_are_not_invented() {
+    let g = gateway(Setup::default()).await;
+    let body = json!({"model": "gpt-image-1-mini", "prompt": "otter [fault:bare]", "quality": "auto"});
+    let (status, headers, body) = g.generate(body).await;
+    assert_eq!(status, 200, "{body}");
+    for field in ["quality", "size", "background", "output_format"] {
+        assert!(body.get(field).is_none(), "{field}: {body}");
+    }
+    // The bill still assumes the worst of what it was not told (quality auto: high), and says so.
+    assert!(headers.contains_key("x-imagegate-cost-usd"));
+    let (_, _, told) = g.generate(json!({"model": "gpt-image-1-mini", "prompt": "otter", "quality": "low"})).await;
+    assert_eq!(told["quality"], "low", "{told}");
+}
+
+#[tokio::test]
 async fn edits_are_reencoded_upstream_faithfully() {
     let g = gateway(Setup::default()).await;
     let (a, b, mask) = (png(64, 48, false), png(32, 32, false), png(64, 48, true));
