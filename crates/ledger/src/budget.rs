@@ -445,7 +445,10 @@ impl Ledger {
     /// dies before the request finishes. Never more than what is left of the hold; if the hold was
     /// swept meanwhile, only what still fits under every cap. Returns what was charged.
     pub async fn charge(&self, reservation: &mut Reservation, cost_usd: Decimal, images: u32) -> Result<Decimal> {
-        let wanted = usd_to_nanos_half_up(cost_usd)?.min((reservation.amount_nanos - reservation.charged_nanos).max(0));
+        // Never more than the hold in all: what was charged after it expired counts too (two charges
+        // after a sweep must not each take the whole rest of the hold).
+        let left = reservation.amount_nanos - reservation.charged_nanos - reservation.charged_after_expiry_nanos;
+        let wanted = usd_to_nanos_half_up(cost_usd)?.min(left.max(0));
         let images = images.min(reservation.images.saturating_sub(reservation.images_charged));
         for _ in 0..CONFLICT_RETRIES {
             let mut tx = self.begin().await?;

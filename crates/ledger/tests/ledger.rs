@@ -561,6 +561,15 @@ async fn charges_as_it_goes_stay_within_the_hold(db: &Db) {
     assert_eq!(key_money(db, &key).await, (usd("0.35"), Decimal::ZERO));
     let usage = db.ledger.key_budget_usage(&key.id).await.unwrap().unwrap();
     assert_eq!((usage.images_spent, usage.images_reserved), (4, 0));
+
+    // A hold swept while its request still ran (its instance looked dead): later charges together take
+    // at most what the hold was, never the whole rest of it each.
+    let mut r = reserved(db, &key, "swept", "0.2", 3).await;
+    db.clock.advance(chrono::TimeDelta::hours(2));
+    db.ledger.release_expired(db.now()).await.unwrap();
+    let first = db.ledger.charge(&mut r, usd("0.15"), 1).await.unwrap();
+    let second = db.ledger.charge(&mut r, usd("0.15"), 1).await.unwrap();
+    assert_eq!(first + second, usd("0.2"), "{first} + {second}");
 }
 
 async fn release_frees_the_hold_and_records_a_failure(db: &Db) {
