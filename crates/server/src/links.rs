@@ -90,19 +90,30 @@ pub async fn store(state: &AppState, links: &Links, result: &mut ImageResult, fo
     let Some(ledger) = &state.ledger else { return };
     let content_type = format!("image/{}", format.as_str());
     for image in &mut result.images {
-        let ImagePayload::Base64(b64) = &image.payload else { continue };
-        let b64 = b64.clone();
-        let decoded = tokio::task::spawn_blocking(move || base64::engine::general_purpose::STANDARD.decode(b64)).await;
-        let bytes = match decoded {
-            Ok(Ok(bytes)) => bytes,
-            _ => {
+        let ImagePayload::Base64(b64) = &mut image.payload else { continue };
+        // The text moves to the decoding thread and comes back with the bytes: never copied.
+        let text = std::mem::take(b64);
+        let decoded = tokio::task::spawn_blocking(move || {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(&text);
+            (text, bytes)
+        })
+        .await;
+        let (text, bytes) = match decoded {
+            Ok((text, Ok(bytes))) => (text, bytes),
+            Ok((text, Err(_))) => {
+                *b64 = text;
                 tracing::error!(request_id, "an image to link was not valid base64; it is answered inline");
+                continue;
+            }
+            Err(_) => {
+                tracing::error!(request_id, "an image to link could not be decoded; it is left out");
                 continue;
             }
         };
         match ledger.store_image(links.key_id.as_deref(), &content_type, &bytes, URL_LIFETIME).await {
             Ok(id) => image.payload = ImagePayload::Url(format!("{}/v1/images/{id}/content", links.base)),
             Err(e) => {
+                *b64 = text;
                 tracing::error!(request_id, error = %e, "could not store an image to link; it is answered inline")
             }
         }
