@@ -381,6 +381,20 @@ impl Resolved {
         let output_format = self.output_format.or(Some(options.output_format.unwrap_or(OutputFormat::Png)));
         Resolved { size, quality, background, output_format }
     }
+
+    /// Fills what a provider did not report with what the request asked for, leaving `auto` as asked
+    /// (and png where no format was asked, OpenAI's documented default): what a stream event, whose
+    /// settings are required fields, says when its provider said nothing. Nothing is guessed.
+    pub fn or_as_asked(self, options: &ImageOptions) -> Resolved {
+        let size = self.size.or(match options.size {
+            Some(SizeChoice::Exact(s)) => Some(s),
+            _ => None,
+        });
+        let quality = self.quality.or(options.quality.filter(|q| *q != Quality::Auto));
+        let background = self.background.or(options.background.filter(|b| *b != Background::Auto));
+        let output_format = self.output_format.or(Some(options.output_format.unwrap_or(OutputFormat::Png)));
+        Resolved { size, quality, background, output_format }
+    }
 }
 
 /// A finished, non-streamed job.

@@ -69,8 +69,8 @@
 //! | `[fault:drop]` | status 200 then the body fails at once: the client gets a connection/body error |
 //! | `[fault:drop-mid]` | status 200, part of the body (for a stream: the first event), then the body fails |
 //! | `[fault:malformed]` | 200, `Content-Type: application/json`, a truncated JSON body |
-//! | `[fault:no-usage]` | a normal JSON answer without `usage`, like some gateways |
-//! | `[fault:bare]` | a JSON answer without `background`, `output_format`, `size` and `quality` |
+//! | `[fault:no-usage]` | a normal JSON answer (or completed event) without `usage`, like some gateways |
+//! | `[fault:bare]` | a JSON answer (or stream events) without `background`, `output_format`, `size` and `quality` |
 //! | `[fault:gap=MS]` | streams pause MS milliseconds between events (instead of 100) |
 //! | `[fault:usage-x=K]` | `usage` reports K times the output tokens (an upstream billing more than its table) |
 //! | `[fault:size=WxH]` | the answer reports this `size` (images stay at the requested size) |
@@ -1184,7 +1184,11 @@ struct Step {
 fn stream_response(state: &FakeState, job: Job, faults: &Faults) -> Response {
     let drop_mid = faults.drop_mid;
     let gap = faults.gap_ms.map_or(EVENT_GAP, Duration::from_millis);
-    let shape = Shape { size: faults.reported_size(&job), usage_times: faults.usage_times.unwrap_or(1) };
+    let shape = Shape {
+        size: faults.reported_size(&job),
+        usage_times: faults.usage_times.unwrap_or(1),
+        bare: job.prompt.contains("[fault:bare]"),
+    };
     let state = state.clone();
     let mut steps = Vec::new();
     for image in 0..job.n {
@@ -1229,6 +1233,8 @@ fn stream_response(state: &FakeState, job: Job, faults: &Faults) -> Response {
 struct Shape {
     size: String,
     usage_times: u64,
+    /// `[fault:bare]`: events without the resolved settings, like some gateways.
+    bare: bool,
 }
 
 async fn event(job: &Job, shape: &Shape, step: Step) -> Result<Bytes, ApiError> {
@@ -1243,13 +1249,22 @@ async fn event(job: &Job, shape: &Shape, step: Step) -> Result<Bytes, ApiError> 
         "background": job.background(),
         "output_format": job.format.name(),
     });
+    if shape.bare
+        && let Some(fields) = data.as_object_mut()
+    {
+        for field in ["size", "quality", "background", "output_format"] {
+            fields.remove(field);
+        }
+    }
     let kind = match step.partial {
         Some(k) => {
             data["partial_image_index"] = json!(k);
             format!("{prefix}.partial_image")
         }
         None => {
-            data["usage"] = job.usage(1, shape.usage_times);
+            if !job.prompt.contains("[fault:no-usage]") {
+                data["usage"] = job.usage(1, shape.usage_times);
+            }
             format!("{prefix}.completed")
         }
     };

@@ -509,6 +509,9 @@ fn internal(info: &RequestInfo, e: ledger::LedgerError) -> ApiError {
         "server_error",
         None,
         Some("ledger_unavailable"),
-        "The usage ledger is unavailable, so no spending can be authorized; please retry shortly.".into(),
+        format!(
+            "The usage ledger is unavailable, so no spending can be authorized; please retry shortly. Request id: {}.",
+            info.request_id
+        ),
     )
 }

@@ -386,7 +386,7 @@ impl Run {
                 break;
             };
             let event = match item {
-                Ok(event) => resolve_event(event, &self.options, self.family()),
+                Ok(event) => resolve_event(event, &self.options),
                 Err(ProviderError::Cancelled { compute_ms }) => {
                     cancelled_compute = Some(compute_ms);
                     break;
@@ -406,8 +406,9 @@ impl Run {
             let mut event = event;
             let extension = match &mut event {
                 StreamEvent::Completed { resolved, usage, compute_ms, .. } => {
+                    let billed = resolved.fill_from(&self.options, self.family());
                     let priced =
-                        bill.next(&self.state, &self.route, &self.job, resolved, *usage, *compute_ms, self.text_tokens);
+                        bill.next(&self.state, &self.route, &self.job, &billed, *usage, *compute_ms, self.text_tokens);
                     let (cost, source) = match &self.ticket {
                         Some(t) => {
                             let share = t.worst_case().total / Decimal::from(n);
@@ -437,8 +438,8 @@ impl Run {
                         t.charge(c.total, 1).await;
                     }
                     tally.images += 1;
-                    tally.quality = resolved.quality.map(|q| q.to_string());
-                    tally.size = resolved.size.map(|s| s.to_string());
+                    tally.quality = billed.quality.map(|q| q.to_string());
+                    tally.size = billed.size.map(|s| s.to_string());
                     tally.source = worse(tally.source, source);
                     let extension = cost.as_ref().map(|c| billing::cost_json(&self.route, c));
                     tally.costs.extend(cost);
@@ -520,18 +521,20 @@ fn error_code(error: &ApiError) -> String {
     error.body.code.clone().unwrap_or_else(|| error.body.kind.clone())
 }
 
-fn resolve_event(event: StreamEvent, options: &ImageOptions, family: ModelFamily) -> StreamEvent {
+/// A provider's event as the client sees it: settings it did not report are what the request asked
+/// (`auto` stays `auto`), never guessed; the bill fills them its own way (`fill_from`).
+fn resolve_event(event: StreamEvent, options: &ImageOptions) -> StreamEvent {
     match event {
         StreamEvent::Partial { b64_json, partial_image_index, created_at, resolved } => StreamEvent::Partial {
             b64_json,
             partial_image_index,
             created_at: if created_at == 0 { now() } else { created_at },
-            resolved: resolved.fill_from(options, family),
+            resolved: resolved.or_as_asked(options),
         },
         StreamEvent::Completed { b64_json, created_at, resolved, usage, compute_ms } => StreamEvent::Completed {
             b64_json,
             created_at: if created_at == 0 { now() } else { created_at },
-            resolved: resolved.fill_from(options, family),
+            resolved: resolved.or_as_asked(options),
             usage,
             compute_ms,
         },

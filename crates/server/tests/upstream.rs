@@ -373,6 +373,27 @@ async fn settings_an_upstream_leaves_out_are_not_invented() {
     assert!(headers.contains_key("x-imagegate-cost-usd"));
     let (_, _, told) = g.generate(json!({"model": "gpt-image-1-mini", "prompt": "otter", "quality": "low"})).await;
     assert_eq!(told["quality"], "low", "{told}");
+
+    // A stream's events must carry the settings: what the request asked stands where the upstream said
+    // nothing, and `auto` stays `auto` (not the 1024x1024 / high the bill assumes).
+    let asked = json!({"model": "gpt-image-1", "prompt": "otter [fault:bare] [fault:no-usage]", "stream": true, "partial_images": 1,
+        "quality": "auto", "size": "1024x1536", "output_format": "jpeg"});
+    let text = g.post("images/generations").json(&asked).send().await.unwrap().text().await.unwrap();
+    let events = sse_events(&text);
+    assert_eq!(events.len(), 2, "{text}");
+    for (_, data) in &events {
+        assert_eq!(
+            (&data["size"], &data["quality"], &data["background"], &data["output_format"]),
+            (&json!("1024x1536"), &json!("auto"), &json!("auto"), &json!("jpeg")),
+            "{data}"
+        );
+    }
+    let cost = |events: &[(String, Value)]| events[1].1["imagegate"]["cost_usd"].as_str().unwrap().to_owned();
+    let mut high = asked.clone();
+    high["quality"] = json!("high");
+    let text = g.post("images/generations").json(&high).send().await.unwrap().text().await.unwrap();
+    let (auto, high) = (cost(&events), cost(&sse_events(&text)));
+    assert_eq!(auto, high, "an unreported quality auto is billed as high");
 }
 
 #[tokio::test]
