@@ -186,7 +186,9 @@ impl RawRequest {
             return Err(ApiError::empty_string("prompt"));
         }
         let max = match family {
-            ModelFamily::GptImage | ModelFamily::GptImageMini | ModelFamily::Local => GPT_PROMPT_MAX,
+            ModelFamily::GptImage | ModelFamily::GptImageMini | ModelFamily::GptImage2 | ModelFamily::Local => {
+                GPT_PROMPT_MAX
+            }
             ModelFamily::DallE3 => DALL_E_3_PROMPT_MAX,
             ModelFamily::DallE2 => DALL_E_2_PROMPT_MAX,
         };
@@ -213,7 +215,7 @@ impl RawRequest {
         let quality = parse_enum::<Quality>("quality", self.quality.as_deref())?;
         if let Some(q) = quality {
             let allowed: &[Quality] = match family {
-                ModelFamily::GptImage | ModelFamily::GptImageMini | ModelFamily::Local => {
+                ModelFamily::GptImage | ModelFamily::GptImageMini | ModelFamily::GptImage2 | ModelFamily::Local => {
                     &[Quality::Low, Quality::Medium, Quality::High, Quality::Auto]
                 }
                 ModelFamily::DallE3 => &[Quality::Standard, Quality::Hd, Quality::Auto],
@@ -266,6 +268,14 @@ impl RawRequest {
             ));
         }
 
+        if family == ModelFamily::GptImage2 && background == Some(Background::Transparent) {
+            return Err(ApiError::invalid_value_msg(
+                "background",
+                format!(
+                    "Invalid value: 'transparent'. Model '{model}' does not support transparent backgrounds: use 'opaque' or 'auto'."
+                ),
+            ));
+        }
         if family == ModelFamily::Local && background == Some(Background::Transparent) {
             return Err(ApiError::invalid_value_msg(
                 "background",
@@ -291,6 +301,12 @@ impl RawRequest {
         }
 
         let input_fidelity = parse_enum::<InputFidelity>("input_fidelity", self.input_fidelity.as_deref())?;
+        if input_fidelity.is_some() && family == ModelFamily::GptImage2 {
+            return Err(ApiError::invalid_value_msg(
+                "input_fidelity",
+                format!("Model '{model}' processes every input image at high fidelity: leave out 'input_fidelity'."),
+            ));
+        }
         if input_fidelity.is_some() && !matches!(family, ModelFamily::GptImage | ModelFamily::Local) {
             return Err(ApiError::unsupported_parameter(
                 "input_fidelity",
@@ -361,7 +377,9 @@ all_values!(Quality, ResponseFormat, OutputFormat, Background, Moderation, Style
 /// The sizes a family accepts for an operation, as OpenAI lists them.
 pub fn allowed_sizes(family: ModelFamily, kind: JobKind) -> &'static [&'static str] {
     match (family, kind) {
-        (ModelFamily::GptImage | ModelFamily::GptImageMini | ModelFamily::Local, _) => GPT_SIZES,
+        (ModelFamily::GptImage | ModelFamily::GptImageMini | ModelFamily::GptImage2 | ModelFamily::Local, _) => {
+            GPT_SIZES
+        }
         (ModelFamily::DallE3, _) => DALL_E_3_SIZES,
         (ModelFamily::DallE2, _) => DALL_E_2_SIZES,
     }
@@ -372,6 +390,9 @@ fn parse_size(value: &str, family: ModelFamily, kind: JobKind) -> Result<SizeCho
     // `auto` is OpenAI's default for every model, so it is accepted for all (it resolves per model).
     if value == "auto" {
         return Ok(SizeChoice::Auto);
+    }
+    if family == ModelFamily::GptImage2 {
+        return gpt_image_2_size(value).map(SizeChoice::Exact);
     }
     if family == ModelFamily::Local {
         // Any WIDTHxHEIGHT: the model's own rule (a multiple of 8 within bounds) is checked by its
@@ -387,4 +408,17 @@ fn parse_size(value: &str, family: ModelFamily, kind: JobKind) -> Result<SizeCho
         return Err(ApiError::invalid_value("size", value, allowed));
     }
     value.parse::<Size>().map(SizeChoice::Exact).map_err(|()| ApiError::invalid_value("size", value, allowed))
+}
+
+fn gpt_image_2_size(value: &str) -> Result<Size, ApiError> {
+    let rule = "Use 'auto' or WIDTHxHEIGHT with both sides multiples of 16, the longest side at most 3840, an aspect ratio of at most 3:1 and 655,360 to 8,294,400 pixels (such as '1024x1024', '2048x1152' or '3840x2160').";
+    let size = value
+        .parse::<Size>()
+        .map_err(|()| ApiError::invalid_value_msg("size", format!("Invalid value: '{value}'. {rule}")))?;
+    match domain::gpt_image_2::size_problem(size.width, size.height) {
+        None => Ok(size),
+        Some(problem) => {
+            Err(ApiError::invalid_value_msg("size", format!("Invalid value: '{value}': {problem}. {rule}")))
+        }
+    }
 }

@@ -96,6 +96,37 @@ fn size() {
     edit("dall-e-2", json!({"size": "1536x1024"}), Err(("size", "invalid_value")));
 }
 
+/// gpt-image-2 takes any size within its rule, and a refusal says the rule.
+#[test]
+fn gpt_image_2_sizes() {
+    for model in ["gpt-image-2", "gpt-image-2-2026-04-21"] {
+        for s in ["2048x1152", "3840x2160", "2160x3840", "1024x1024", "1536x1024", "1024x640", "2880x2880", "auto"] {
+            generation(model, json!({"size": s}), Ok(()));
+            edit(model, json!({"size": s}), Ok(()));
+        }
+        for s in ["1000x1000", "4096x1024", "3856x2160", "3840x1024", "1008x640", "2896x2896", "512x512", "big"] {
+            generation(model, json!({"size": s}), Err(("size", "invalid_value")));
+        }
+    }
+    let message = |size: &str| {
+        let map = json!({"prompt": "p", "size": size});
+        let raw = RawRequest::parse(&Fields::Json(map.as_object().unwrap()), JobKind::Generate, &[]).unwrap();
+        raw.validate("gpt-image-2", ModelFamily::GptImage2, JobKind::Generate).unwrap_err().body.message
+    };
+    assert!(message("1000x1000").contains("multiples of 16"), "{}", message("1000x1000"));
+    assert!(message("4096x1024").contains("at most 3840"), "{}", message("4096x1024"));
+    assert!(message("3840x1024").contains("3:1"), "{}", message("3840x1024"));
+    assert!(message("512x512").contains("at least 655360"), "{}", message("512x512"));
+    assert!(message("2896x2896").contains("at most 8294400"), "{}", message("2896x2896"));
+    // Its other rules: no transparency, input fidelity always high, the GPT quality levels.
+    generation("gpt-image-2", json!({"background": "transparent"}), Err(("background", "invalid_value")));
+    generation("gpt-image-2", json!({"background": "opaque", "output_format": "webp"}), Ok(()));
+    edit("gpt-image-2", json!({"input_fidelity": "high"}), Err(("input_fidelity", "invalid_value")));
+    generation("gpt-image-2", json!({"quality": "hd"}), Err(("quality", "invalid_value")));
+    generation("gpt-image-2", json!({"quality": "high", "n": 10, "stream": true, "partial_images": 3}), Ok(()));
+    generation("gpt-image-2", json!({"style": "vivid"}), Err(("style", "unsupported_parameter")));
+}
+
 #[test]
 fn the_issue_example_size_message() {
     let map = json!({"prompt": "p", "size": "1254x836"});

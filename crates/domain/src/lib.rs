@@ -19,6 +19,10 @@ pub enum ModelFamily {
     GptImageMini,
     /// gpt-image-1, gpt-image-1.5 and compatible models.
     GptImage,
+    /// gpt-image-2 and its snapshots: any size whose sides are multiples of 16 (longest side up to
+    /// 3840, 655,360 to 8,294,400 pixels, aspect ratio up to 3:1), no transparent background, input
+    /// fidelity always high (the parameter is refused).
+    GptImage2,
     DallE3,
     DallE2,
     /// A model of the local engine: GPT-image-style options, any size the model supports, no
@@ -31,7 +35,8 @@ impl ModelFamily {
     pub fn of_openai_model(name: &str) -> Option<ModelFamily> {
         Some(match name {
             "gpt-image-1-mini" => ModelFamily::GptImageMini,
-            "gpt-image-1" | "gpt-image-1.5" => ModelFamily::GptImage,
+            "gpt-image-1" | "gpt-image-1.5" | "gpt-image-1.5-2025-12-16" => ModelFamily::GptImage,
+            "gpt-image-2" | "gpt-image-2-2026-04-21" => ModelFamily::GptImage2,
             "dall-e-3" => ModelFamily::DallE3,
             "dall-e-2" => ModelFamily::DallE2,
             _ => return None,
@@ -39,7 +44,7 @@ impl ModelFamily {
     }
 
     pub fn is_gpt_image(self) -> bool {
-        matches!(self, ModelFamily::GptImage | ModelFamily::GptImageMini)
+        matches!(self, ModelFamily::GptImage | ModelFamily::GptImageMini | ModelFamily::GptImage2)
     }
 
     /// Whether the GPT image options (output format, compression, background, streaming, partial
@@ -49,8 +54,50 @@ impl ModelFamily {
     }
 }
 
-/// The OpenAI image models that the zero-config upstream provider serves.
-pub const OPENAI_IMAGE_MODELS: [&str; 5] = ["gpt-image-1-mini", "gpt-image-1", "gpt-image-1.5", "dall-e-3", "dall-e-2"];
+/// OpenAI's image models, live or shut down (the price catalog says which, and until when): the
+/// zero-config upstream provider serves those not yet shut down.
+pub const OPENAI_IMAGE_MODELS: [&str; 8] = [
+    "gpt-image-2",
+    "gpt-image-2-2026-04-21",
+    "gpt-image-1-mini",
+    "gpt-image-1",
+    "gpt-image-1.5",
+    "gpt-image-1.5-2025-12-16",
+    "dall-e-3",
+    "dall-e-2",
+];
+
+/// gpt-image-2's size rule, as OpenAI's image generation guide states it.
+pub mod gpt_image_2 {
+    /// Both sides are multiples of this many pixels.
+    pub const SIDE_MULTIPLE: u32 = 16;
+    /// The longest side, in pixels.
+    pub const MAX_SIDE: u32 = 3840;
+    /// The fewest and the most pixels an image may have.
+    pub const MIN_PIXELS: u64 = 655_360;
+    pub const MAX_PIXELS: u64 = 8_294_400;
+    /// The longest side is at most this many times the shortest.
+    pub const MAX_ASPECT: u32 = 3;
+
+    /// What is wrong with `width` x `height` for gpt-image-2, or `None` when it is allowed.
+    pub fn size_problem(width: u32, height: u32) -> Option<String> {
+        let (long, short) = (width.max(height), width.min(height));
+        let pixels = u64::from(width) * u64::from(height);
+        if width % SIDE_MULTIPLE != 0 || height % SIDE_MULTIPLE != 0 {
+            Some(format!("both sides must be multiples of {SIDE_MULTIPLE} pixels"))
+        } else if long > MAX_SIDE {
+            Some(format!("the longest side must be at most {MAX_SIDE} pixels"))
+        } else if u64::from(long) > u64::from(short) * u64::from(MAX_ASPECT) {
+            Some(format!("the longest side must be at most {MAX_ASPECT} times the shortest (3:1)"))
+        } else if pixels < MIN_PIXELS {
+            Some(format!("the image must have at least {MIN_PIXELS} pixels (1024x640)"))
+        } else if pixels > MAX_PIXELS {
+            Some(format!("the image must have at most {MAX_PIXELS} pixels (3840x2160)"))
+        } else {
+            None
+        }
+    }
+}
 
 /// Width and height in pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use chrono::NaiveDate;
 use domain::{Quality, Size};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Deserializer};
@@ -89,6 +90,9 @@ pub struct ModelPrice {
     /// quality -> size -> image output tokens per image.
     #[serde(default)]
     pub output_tokens: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Output tokens for any size, where the model takes any size (gpt-image-2); the table above,
+    /// where it has the size, comes first.
+    pub output_token_formula: Option<OutputTokenFormula>,
     /// `compute` basis: USD per hour of the device that ran the job.
     pub usd_per_hour: Option<Price>,
     /// `flat` basis: USD per image.
@@ -101,7 +105,8 @@ impl ModelPrice {
     }
 
     pub fn output_tokens_per_image(&self, quality: Quality, size: Size) -> Option<u64> {
-        self.output_tokens.get(quality.as_str())?.get(&size.to_string()).copied()
+        let listed = self.output_tokens.get(quality.as_str()).and_then(|sizes| sizes.get(&size.to_string()).copied());
+        listed.or_else(|| self.output_token_formula.as_ref()?.tokens(quality, size))
     }
 
     /// Whether this model has a price for images of this quality and size.
@@ -120,7 +125,9 @@ impl ModelPrice {
         };
         match self.billing_basis {
             BillingBasis::Tokens if self.tokens.is_none() => missing("a [tokens] table"),
-            BillingBasis::Tokens if self.output_tokens.is_empty() => missing("an [output_tokens] table"),
+            BillingBasis::Tokens if self.output_tokens.is_empty() && self.output_token_formula.is_none() => {
+                missing("an [output_tokens] table or an [output_token_formula]")
+            }
             BillingBasis::PerImage if self.per_image.is_empty() => missing("a [per_image] table"),
             BillingBasis::Compute if self.usd_per_hour.is_none() => missing("usd_per_hour"),
             BillingBasis::Flat if self.flat_per_image.is_none() => missing("flat_per_image"),
@@ -131,6 +138,9 @@ impl ModelPrice {
                 for (quality, sizes) in &self.output_tokens {
                     check_keys(key, "output_tokens", quality, sizes.keys())?;
                 }
+                if let Some(f) = &self.output_token_formula {
+                    f.check(key)?;
+                }
                 let negative = self.per_image.values().flat_map(|s| s.values()).any(|p| p.0.is_sign_negative());
                 if negative {
                     return Err(CatalogError(format!("{key}.per_image: prices cannot be negative")));
@@ -139,6 +149,61 @@ impl ModelPrice {
             }
         }
     }
+}
+
+/// Output tokens per image for any size, as OpenAI's calculator for gpt-image-2 counts them: with `t`
+/// tiles along the image's long side (by quality), `t x round(t x short / long)` tiles in all, each
+/// worth `(2,000,000 + width x height) / 4,000,000` tokens, the total rounded up. (The half rounds down:
+/// `floor((2 t short + long) / (2 long))`.)
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputTokenFormula {
+    /// quality -> tiles along the long side.
+    pub tiles: BTreeMap<String, u64>,
+    /// The size, among those the model takes, that the formula gives the most tokens: what an `auto`
+    /// size is held and estimated at.
+    pub largest_size: String,
+    pub source: Option<String>,
+}
+
+impl OutputTokenFormula {
+    pub fn tokens(&self, quality: Quality, size: Size) -> Option<u64> {
+        let tiles = *self.tiles.get(quality.as_str())?;
+        Some(formula_tokens(tiles, size))
+    }
+
+    pub fn largest_size(&self) -> Option<Size> {
+        self.largest_size.parse().ok()
+    }
+
+    fn check(&self, key: &str) -> Result<(), CatalogError> {
+        for quality in self.tiles.keys() {
+            if quality.parse::<Quality>().is_err() {
+                return Err(CatalogError(format!("{key}.output_token_formula.tiles: '{quality}' is not a quality")));
+            }
+        }
+        if self.tiles.values().any(|t| *t == 0 || *t > 1024) {
+            return Err(CatalogError(format!("{key}.output_token_formula.tiles: each count is 1 to 1024")));
+        }
+        if self.largest_size().is_none() {
+            return Err(CatalogError(format!(
+                "{key}.output_token_formula.largest_size: '{}' is not a WIDTHxHEIGHT size",
+                self.largest_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The formula of [`OutputTokenFormula`] for `tiles` along the long side. In u128 nothing overflows:
+/// tiles are at most 1024 and sides below 2^32.
+pub fn formula_tokens(tiles: u64, size: Size) -> u64 {
+    let (w, h) = (u128::from(size.width), u128::from(size.height));
+    let (long, short) = (w.max(h).max(1), w.min(h));
+    let t = u128::from(tiles);
+    let across = (2 * t * short + long) / (2 * long);
+    let tokens = (t * across * (2_000_000 + w * h)).div_ceil(4_000_000);
+    u64::try_from(tokens).unwrap_or(u64::MAX)
 }
 
 fn check_keys<'a>(
@@ -166,11 +231,45 @@ pub struct LocalPrices {
     pub gpu_usd_per_hour: Price,
 }
 
+/// A model's lifecycle at its provider: when it stops being served, and what the provider names to
+/// use instead, with where that was read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lifecycle {
+    /// The day the provider stops serving the model; `None` while none is announced.
+    #[serde(default, deserialize_with = "date")]
+    pub shutdown_date: Option<NaiveDate>,
+    /// The day the shutdown was announced.
+    #[serde(default, deserialize_with = "date")]
+    pub notice_date: Option<NaiveDate>,
+    /// The models the provider recommends instead, in its order.
+    #[serde(default)]
+    pub replacements: Vec<String>,
+    pub source: String,
+}
+
+impl Lifecycle {
+    /// Whether the model is no longer served on `today`.
+    pub fn is_shut_down(&self, today: NaiveDate) -> bool {
+        self.shutdown_date.is_some_and(|d| d <= today)
+    }
+}
+
+/// A `YYYY-MM-DD` date.
+fn date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NaiveDate>, D::Error> {
+    let text = String::deserialize(d)?;
+    NaiveDate::parse_from_str(&text, "%Y-%m-%d")
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("'{text}' is not a YYYY-MM-DD date")))
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CatalogFile {
     tiers: BTreeMap<String, Price>,
     models: BTreeMap<String, ModelPrice>,
+    #[serde(default)]
+    lifecycle: BTreeMap<String, Lifecycle>,
     local: LocalPrices,
 }
 
@@ -180,6 +279,8 @@ pub struct Catalog {
     /// Multiplier by service tier name (`default`, `flex`, `batch`).
     pub tiers: BTreeMap<String, Decimal>,
     pub models: BTreeMap<String, ModelPrice>,
+    /// Upstream models' shutdown dates and replacements, by model name.
+    pub lifecycle: BTreeMap<String, Lifecycle>,
     pub local: LocalPrices,
 }
 
@@ -198,6 +299,7 @@ impl Catalog {
         let catalog = Catalog {
             tiers: file.tiers.into_iter().map(|(k, v)| (k, v.0)).collect(),
             models: file.models,
+            lifecycle: file.lifecycle,
             local: file.local,
         };
         catalog.check()?;
@@ -239,6 +341,10 @@ impl Catalog {
 
     pub fn model(&self, name: &str) -> Option<&ModelPrice> {
         self.models.get(name)
+    }
+
+    pub fn lifecycle(&self, name: &str) -> Option<&Lifecycle> {
+        self.lifecycle.get(name)
     }
 
     pub fn tier_multiplier(&self, tier: &str) -> Option<Decimal> {

@@ -130,11 +130,23 @@ fn scaled(u: Usage, k: u64) -> Result<Usage, PriceError> {
 pub fn worst_case(price: &ModelPrice, quality: Option<Quality>, size: Option<Size>) -> Option<(Quality, Size)> {
     let mut best: Option<(Quality, Size, Decimal)> = None;
     let table: Vec<(String, String, Decimal)> = match price.billing_basis {
-        BillingBasis::Tokens => price
-            .output_tokens
-            .iter()
-            .flat_map(|(q, sizes)| sizes.iter().map(move |(s, t)| (q.clone(), s.clone(), Decimal::from(*t))))
-            .collect(),
+        BillingBasis::Tokens => {
+            let mut table: Vec<(String, String, Decimal)> = price
+                .output_tokens
+                .iter()
+                .flat_map(|(q, sizes)| sizes.iter().map(move |(s, t)| (q.clone(), s.clone(), Decimal::from(*t))))
+                .collect();
+            // A model that takes any size: the asked size, or for `auto` the largest it takes.
+            if let Some(formula) = &price.output_token_formula
+                && let Some(at) = size.or_else(|| formula.largest_size())
+            {
+                for (q, tiles) in &formula.tiles {
+                    let tokens = crate::catalog::formula_tokens(*tiles, at);
+                    table.push((q.clone(), at.to_string(), Decimal::from(tokens)));
+                }
+            }
+            table
+        }
         _ => price
             .per_image
             .iter()

@@ -10,7 +10,10 @@ mod cost;
 mod estimate;
 pub mod limits;
 
-pub use catalog::{BUILTIN_CATALOG, BillingBasis, Catalog, CatalogError, LocalPrices, ModelPrice, Price, TokenPrices};
+pub use catalog::{
+    BUILTIN_CATALOG, BillingBasis, Catalog, CatalogError, Lifecycle, LocalPrices, ModelPrice, OutputTokenFormula,
+    Price, TokenPrices, formula_tokens,
+};
 pub use cost::{
     Adjustments, Cost, CostLine, HIGH_FIDELITY_OTHER_TOKENS, HIGH_FIDELITY_SQUARE_TOKENS, JobShape,
     PARTIAL_IMAGE_TOKENS, PriceError, UsageSource, compute_cost, cost, count_text_tokens, count_usage,

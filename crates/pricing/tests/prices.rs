@@ -69,6 +69,9 @@ fn token_prices() {
         ("gpt-image-1-mini", ["2.00", "0.20", "2.50", "0.25", "8.00"]),
         ("gpt-image-1", ["5.00", "1.25", "10.00", "2.50", "40.00"]),
         ("gpt-image-1.5", ["5.00", "1.25", "8.00", "2.00", "32.00"]),
+        ("gpt-image-1.5-2025-12-16", ["5.00", "1.25", "8.00", "2.00", "32.00"]),
+        ("gpt-image-2", ["5.00", "1.25", "8.00", "2.00", "30.00"]),
+        ("gpt-image-2-2026-04-21", ["5.00", "1.25", "8.00", "2.00", "30.00"]),
     ];
     let c = catalog();
     for (model, p) in table {
@@ -103,6 +106,89 @@ fn output_token_table() {
             }
         }
     }
+}
+
+/// gpt-image-2 takes any size: its output tokens come from OpenAI's calculator formula, which must give
+/// the calculator's own default (196), a live API usage (13,342 at 3840x2160 high), a measured
+/// 2048x1152 run, and, at $30 per 1M, the per-image prices quoted from OpenAI's pricing page.
+#[test]
+fn gpt_image_2_output_tokens_for_any_size() {
+    #[rustfmt::skip]
+    let table = [
+        ("1024x1024", [196, 1756, 7024]),
+        ("1024x1536", [158, 1372, 5488]),
+        ("1536x1024", [158, 1372, 5488]),
+        ("2048x1152", [157, 1413, 5650]),
+        ("3840x2160", [371, 3336, 13342]),
+    ];
+    let c = catalog();
+    for model in ["gpt-image-2", "gpt-image-2-2026-04-21"] {
+        let m = c.model(model).unwrap();
+        for (s, tokens) in table {
+            for (q, t) in ["low", "medium", "high"].into_iter().zip(tokens) {
+                assert_eq!(m.output_tokens_per_image(quality(q), size(s)), Some(t), "{model} {q} {s}");
+            }
+        }
+        assert!(m.output_token_formula.as_ref().unwrap().source.is_some());
+    }
+    // The per-image prices quoted from OpenAI's page, to the tenth of a cent.
+    let m = c.model("gpt-image-2").unwrap();
+    let out = m.tokens.as_ref().unwrap().image_output.0;
+    for (s, prices) in [("1024x1024", ["0.006", "0.053", "0.211"]), ("1024x1536", ["0.005", "0.041", "0.165"])] {
+        for (q, p) in ["low", "medium", "high"].into_iter().zip(prices) {
+            let tokens = m.output_tokens_per_image(quality(q), size(s)).unwrap();
+            let usd = (Decimal::from(tokens) * out / Decimal::from(1_000_000)).round_dp(3);
+            assert_eq!(usd, d(p), "{q} {s}");
+        }
+    }
+    // `largest_size` is the most tokens of every size gpt-image-2 takes: what `auto` is held at.
+    let formula = m.output_token_formula.as_ref().unwrap();
+    let largest = formula.largest_size().unwrap();
+    for q in ["low", "medium", "high"] {
+        let most = formula.tokens(quality(q), largest).unwrap();
+        for w in (16..=3840).step_by(16) {
+            for h in (16..=3840).step_by(16) {
+                if domain::gpt_image_2::size_problem(w, h).is_none() {
+                    let t = formula.tokens(quality(q), Size::new(w, h)).unwrap();
+                    assert!(t <= most, "{q} {w}x{h}: {t} > {most} at {largest}");
+                }
+            }
+        }
+    }
+    assert_eq!(pricing::worst_case(m, None, None), Some((Quality::High, largest)));
+    assert_eq!(
+        pricing::worst_case(m, Some(Quality::Low), Some(size("2048x1152"))),
+        Some((Quality::Low, size("2048x1152")))
+    );
+}
+
+/// Every model OpenAI has shut down says so, with the day, the replacements OpenAI names and a source.
+#[test]
+fn lifecycles_of_openai_models() {
+    let c = catalog();
+    let day = |s: &str| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+    #[rustfmt::skip]
+    let table = [
+        ("gpt-image-1-mini", "2026-12-01", "gpt-image-2.6-sunburst"),
+        ("gpt-image-1.5", "2026-12-01", "gpt-image-2.6-sunburst"),
+        ("gpt-image-1.5-2025-12-16", "2026-12-01", "gpt-image-2.6-sunburst"),
+        ("chatgpt-image-latest", "2026-12-01", "gpt-image-2.6-sunburst"),
+        ("gpt-image-1", "2026-10-23", "gpt-image-2.5-sunburst"),
+        ("dall-e-3", "2026-05-12", "gpt-image-2.5-sunburst"),
+        ("dall-e-2", "2026-05-12", "gpt-image-2.5-sunburst"),
+    ];
+    for (model, date, first) in table {
+        let l = c.lifecycle(model).unwrap();
+        assert_eq!(l.shutdown_date, Some(day(date)), "{model}");
+        assert_eq!(l.replacements.first().map(String::as_str), Some(first), "{model}");
+        assert!(l.is_shut_down(day("2026-12-06")) && !l.is_shut_down(day(date).pred_opt().unwrap()), "{model}");
+        assert!(!l.source.is_empty());
+    }
+    assert_eq!(c.lifecycle("gpt-image-2").unwrap().shutdown_date, None);
+    let bad = Catalog::from_toml(
+        &pricing::BUILTIN_CATALOG.replace("shutdown_date = \"2026-12-01\"", "shutdown_date = \"1 Dec 2026\""),
+    );
+    assert!(bad.unwrap_err().0.contains("YYYY-MM-DD"));
 }
 
 #[test]

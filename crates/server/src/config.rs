@@ -430,6 +430,7 @@ fn local_price(local: &pricing::LocalPrices) -> pricing::ModelPrice {
         tokens: None,
         per_image: BTreeMap::new(),
         output_tokens: BTreeMap::new(),
+        output_token_formula: None,
         usd_per_hour: Some(per_hour),
         flat_per_image: None,
     }

@@ -7,7 +7,7 @@
 
 use api::ApiError;
 use api::estimates::{Alternative, PlannedItem, PricedItem, PromptSize};
-use domain::{Quality, Size};
+use domain::{ModelFamily, Quality, Size};
 use pricing::{Adjustments, Decimal, Estimate, PlannedRequest};
 use serde_json::Value;
 
@@ -187,7 +187,12 @@ fn all_targets(state: &AppState) -> Vec<Target> {
             discount_percent: r.discount_percent,
         })
         .collect();
+    let today = chrono::Utc::now().date_naive();
     for model in state.prices.models.keys() {
+        // A model its provider no longer serves is no alternative at its list price.
+        if state.prices.lifecycle(model).is_some_and(|l| l.is_shut_down(today)) {
+            continue;
+        }
         if !out.iter().any(|t| t.model == *model && t.discount_percent.is_zero()) {
             out.push(Target { provider: LIST_PRICE.to_owned(), model: model.clone(), discount_percent: Decimal::ZERO });
         }
@@ -227,6 +232,15 @@ fn price_on(
         .prices
         .model(&target.model)
         .ok_or_else(|| ApiError::model_not_found(&target.model, &state.catalog.public_names()))?;
+    // A model that takes any size within a rule (gpt-image-2) is estimated only at sizes it takes.
+    if let (Some(size), Some(ModelFamily::GptImage2)) = (item.size, ModelFamily::of_openai_model(&target.model))
+        && let Some(problem) = domain::gpt_image_2::size_problem(size.width, size.height)
+    {
+        return Err(ApiError::invalid_value_msg(
+            "size",
+            format!("Model '{}' does not take the size {size}: {problem}.", target.model),
+        ));
+    }
     let (quality, size) = pricing::worst_case(price, item.quality, item.size).ok_or_else(|| {
         let what = match (item.quality, item.size) {
             (Some(q), Some(s)) => format!("quality '{q}' at {s}"),
