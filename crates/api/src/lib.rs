@@ -18,6 +18,6 @@ pub use error::{ApiError, ErrorBody, parse_error_body};
 pub use fields::Fields;
 pub use request::{RawRequest, allowed_sizes};
 pub use response::{
-    UpstreamStreamItem, cost_json, images_response_json, models_json, parse_images_response, parse_stream_event,
-    stream_error_json, stream_event_json,
+    ModelObject, UpstreamStreamItem, cost_json, images_response_json, model_json, models_json, parse_images_response,
+    parse_stream_event, stream_error_json, stream_event_json,
 };

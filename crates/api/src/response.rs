@@ -6,7 +6,7 @@ use domain::{
     StreamEvent, Usage,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::ErrorBody;
 
@@ -329,25 +329,26 @@ pub fn cost_json(cost: &pricing::Cost, provider: &str, model: &str, service_tier
     })
 }
 
+/// One model object of `GET /v1/models`: id, owner, and the shutdown date (`YYYY-MM-DD`) its provider
+/// announced, `None` (null) when none is.
+pub struct ModelObject<'a> {
+    pub id: &'a str,
+    pub owned_by: &'a str,
+    pub shutdown_date: Option<String>,
+}
+
 /// `GET /v1/models`: OpenAI's list of model objects.
-pub fn models_json(models: &[(String, String)], created: i64) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Model<'a> {
-        id: &'a str,
-        object: &'static str,
-        created: i64,
-        owned_by: &'a str,
-    }
-    #[derive(Serialize)]
-    struct List<'a> {
-        object: &'static str,
-        data: Vec<Model<'a>>,
-    }
-    let list = List {
-        object: "list",
-        data: models.iter().map(|(id, owner)| Model { id, object: "model", created, owned_by: owner }).collect(),
-    };
-    serde_json::to_vec(&list).unwrap_or_default()
+pub fn models_json(models: &[ModelObject<'_>], created: i64) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "object": "list",
+        "data": models.iter().map(|m| model_json(m, created)).collect::<Vec<_>>(),
+    }))
+    .unwrap_or_default()
+}
+
+/// `GET /v1/models/{id}`: one model object.
+pub fn model_json(m: &ModelObject<'_>, created: i64) -> Value {
+    json!({"id": m.id, "object": "model", "created": created, "owned_by": m.owned_by, "shutdown_date": m.shutdown_date})
 }
 
 #[cfg(test)]

@@ -41,8 +41,14 @@
 //! - `input_tokens` = `text_tokens` + `image_tokens`;
 //! - `output_tokens` = `n` x the per-image value of OpenAI's table (low 272/408/400,
 //!   medium 1056/1584/1568, high 4160/6240/6208 for 1024x1024/1024x1536/1536x1024; the
-//!   1024x1024 value for any other size). Partial images add nothing;
+//!   1024x1024 value for any other size); for gpt-image-2 models, OpenAI's calculator formula
+//!   (16/48/96 tiles along the long side for low/medium/high, any size within its rule: sides
+//!   multiples of 16 up to 3840, 3:1 at most, 655,360 to 8,294,400 pixels; no transparency).
+//!   Partial images add nothing;
 //! - `total_tokens` = `input_tokens` + `output_tokens`.
+//!
+//! Shut-down models ([`FakeState::shut_down`], `--shut-down MODEL`) are answered as OpenAI answers a
+//! model it no longer serves: 404, code `model_not_found`.
 //!
 //! # Streaming
 //!
@@ -168,6 +174,11 @@ impl FakeOpenAi {
         self.state.requests()
     }
 
+    /// Answers `model` from now on as OpenAI answers a model it shut down (see [`FakeState::shut_down`]).
+    pub fn shut_down(&self, model: &str) {
+        self.state.shut_down(model);
+    }
+
     /// How many image requests (generations or edits) had a prompt containing `prompt_substring`.
     pub fn count(&self, prompt_substring: &str) -> usize {
         self.state.count(prompt_substring)
@@ -251,6 +262,8 @@ struct Inner {
     seen: Mutex<HashMap<(String, String), u64>>,
     files: Mutex<HashMap<String, Bytes>>,
     next_file: AtomicU64,
+    /// Models answered with OpenAI's "does not exist" (shut down), whatever the request.
+    shut_down: Mutex<Vec<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -275,8 +288,18 @@ impl FakeState {
                 seen: Mutex::new(HashMap::new()),
                 files: Mutex::new(HashMap::new()),
                 next_file: AtomicU64::new(1),
+                shut_down: Mutex::new(Vec::new()),
             }),
         }
+    }
+
+    /// From now on `model` is answered as OpenAI answers a model it shut down: 404 `model_not_found`.
+    pub fn shut_down(&self, model: &str) {
+        lock(&self.inner.shut_down).push(model.to_owned());
+    }
+
+    fn is_shut_down(&self, model: &str) -> bool {
+        lock(&self.inner.shut_down).iter().any(|m| m == model)
     }
 
     /// Every request received so far, in order of arrival.
@@ -536,6 +559,11 @@ async fn handle(state: FakeState, endpoint: Endpoint, req: Request) -> Response 
 
     let result = async {
         let parsed = parsed?;
+        if let Ok(Some(model)) = get_str(&parsed.fields, "model")
+            && state.is_shut_down(model)
+        {
+            return Err(model_not_found(model));
+        }
         let job = Job::resolve(endpoint, &parsed)?;
         if job.stream { Ok(stream_response(&state, job, &faults)) } else { respond_json(&state, job, &faults).await }
     }
@@ -836,6 +864,8 @@ struct Job {
     stream: bool,
     partial_images: u32,
     input_images: u64,
+    /// gpt-image-2: any size within its rule, output tokens from its calculator's formula.
+    gpt2: bool,
 }
 
 fn get_str<'a>(f: &'a Map<String, Value>, k: &'static str) -> Result<Option<&'a str>, ApiError> {
@@ -903,22 +933,17 @@ impl Job {
             Some(m) if m.starts_with("gpt-image") => Family::Gpt,
             Some("dall-e-2") => Family::DallE2,
             Some("dall-e-3") => Family::DallE3,
-            Some(m) => {
-                return Err(ApiError {
-                    code: Some("model_not_found"),
-                    ..ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        "invalid_request_error",
-                        format!("The model `{m}` does not exist or you do not have access to it."),
-                    )
-                });
-            }
+            Some(m) => return Err(model_not_found(m)),
             None => {
                 let gpt_field = GPT_ONLY.iter().any(|k| f.get(*k).is_some_and(|v| !v.is_null()))
                     || matches!(quality_in, Some("low" | "medium" | "high"));
                 if gpt_field { Family::Gpt } else { Family::DallE2 }
             }
         };
+        let gpt2 = get_str(f, "model")?.is_some_and(|m| m.starts_with("gpt-image-2"));
+        if gpt2 && get_str(f, "background")? == Some("transparent") {
+            return Err(ApiError::invalid("background", "Transparent background is not supported for this model."));
+        }
         let n = get_u64(f, "n")?.unwrap_or(1);
         if !(1..=10).contains(&n) {
             return Err(ApiError::invalid("n", format!("Invalid 'n': integer between 1 and 10 expected, got {n}.")));
@@ -954,7 +979,14 @@ impl Job {
             stream,
             partial_images: partial_images as u32,
             input_images: p.input_images,
+            gpt2,
         };
+        if gpt2 && !gpt2_size_ok(width, height) {
+            return Err(ApiError::invalid(
+                "size",
+                "Invalid size: sides must be multiples of 16, at most 3840, within 3:1, 655,360 to 8,294,400 pixels.",
+            ));
+        }
         if family != Family::Gpt {
             if stream {
                 return Err(ApiError::invalid("stream", "Streaming is only supported for GPT image models."));
@@ -1030,6 +1062,17 @@ impl Job {
     }
 
     fn output_tokens_per_image(&self) -> u64 {
+        if self.gpt2 {
+            let tiles: u64 = match self.quality {
+                "low" => 16,
+                "high" => 96,
+                _ => 48,
+            };
+            let (w, h) = (u64::from(self.width), u64::from(self.height));
+            let (long, short) = (w.max(h), w.min(h));
+            let across = (2 * tiles * short + long) / (2 * long);
+            return (tiles * across * (2_000_000 + w * h)).div_ceil(4_000_000);
+        }
         let col = match (self.width, self.height) {
             (1024, 1536) => 1,
             (1536, 1024) => 2,
@@ -1068,6 +1111,25 @@ impl Job {
             .map_err(|e| internal(e.to_string()))?
             .map(Bytes::from)
             .map_err(|e| internal(e.to_string()))
+    }
+}
+
+/// gpt-image-2's size rule.
+fn gpt2_size_ok(w: u32, h: u32) -> bool {
+    let (long, short) = (w.max(h), w.min(h));
+    let pixels = u64::from(w) * u64::from(h);
+    w % 16 == 0 && h % 16 == 0 && long <= 3840 && long <= 3 * short && (655_360..=8_294_400).contains(&pixels)
+}
+
+/// OpenAI's answer for a model that does not exist, or no longer does.
+fn model_not_found(model: &str) -> ApiError {
+    ApiError {
+        code: Some("model_not_found"),
+        ..ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("The model `{model}` does not exist or you do not have access to it."),
+        )
     }
 }
 

@@ -18,6 +18,10 @@ struct Args {
     /// The only API key accepted (`Authorization: Bearer KEY`).
     #[arg(long, default_value = fake_openai::DEFAULT_KEY)]
     api_key: String,
+    /// A model to answer as shut down (404 `model_not_found`), as OpenAI does after a shutdown;
+    /// repeatable.
+    #[arg(long = "shut-down", value_name = "MODEL")]
+    shut_down: Vec<String>,
 }
 
 #[tokio::main]
@@ -26,6 +30,9 @@ async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     let state = fake_openai::FakeState::with_key(addr, &args.api_key);
+    for model in &args.shut_down {
+        state.shut_down(model);
+    }
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on http://{addr}")?;

@@ -209,6 +209,9 @@ impl ConfigArgs {
             decode_wait: std::time::Duration::from_millis(self.decode_wait_ms),
         };
         let mut state = AppState::from_config(&config).map_err(|e| e.to_string())?;
+        for warning in config.lifecycle_warnings(env.today()) {
+            tracing::warn!("{warning}");
+        }
         let mut keys = KeySet::new(config.api_key_hashes.clone());
         keys.add_plain(plain_keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()));
         state.keys = std::sync::Arc::new(keys);

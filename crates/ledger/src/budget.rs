@@ -683,6 +683,7 @@ impl Ledger {
                     request_id: request_id.clone(),
                     operation,
                     model: row.try_get("model")?,
+                    requested_model: None,
                     provider: row.try_get("provider")?,
                     tier: row.try_get("tier")?,
                     quality: None,

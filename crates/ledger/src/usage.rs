@@ -100,7 +100,10 @@ pub struct LedgerEntry {
     pub request_id: String,
     /// What was asked: `generation`, `edit`, ... (OpenAI's usage `source`).
     pub operation: String,
+    /// The model that ran and was billed.
     pub model: String,
+    /// The model the client named, when another ran in its place (a shut-down model's replacement).
+    pub requested_model: Option<String>,
     pub provider: String,
     /// `default`, `flex`, `batch`, ...
     pub tier: String,
@@ -218,7 +221,8 @@ macro_rules! ledger_columns {
     () => {
         "id, request_id, key_id, project_id, operation, model, provider, tier, quality, size, n,
          input_text_tokens, input_image_tokens, output_tokens, cost_nanos, cost_breakdown,
-         billing_basis, status, error_code, cost_source, latency_ms, created_at_ms, finished_at_ms"
+         billing_basis, status, error_code, cost_source, latency_ms, created_at_ms, finished_at_ms,
+         requested_model"
     };
 }
 
@@ -421,9 +425,10 @@ pub(crate) async fn insert_entry(
     sqlx::query(
         "INSERT INTO ledger (request_id, key_id, project_id, operation, model, provider, tier, quality,
              size, n, input_text_tokens, input_image_tokens, output_tokens, cost_nanos, cost_breakdown,
-             billing_basis, status, error_code, cost_source, latency_ms, created_at_ms, finished_at_ms)
+             billing_basis, status, error_code, cost_source, latency_ms, created_at_ms, finished_at_ms,
+             requested_model)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
-             $20, $21, $22)",
+             $20, $21, $22, $23)",
     )
     .bind(&entry.request_id)
     .bind(key_id)
@@ -447,6 +452,7 @@ pub(crate) async fn insert_entry(
     .bind(to_i64(entry.latency_ms)?)
     .bind(to_ms(entry.created_at))
     .bind(to_ms(entry.finished_at))
+    .bind(entry.requested_model.as_deref())
     .execute(conn)
     .await?;
     Ok(())
@@ -466,6 +472,7 @@ fn row_from_ledger(row: &AnyRow) -> Result<LedgerRow> {
             request_id: row.try_get("request_id")?,
             operation: row.try_get("operation")?,
             model: row.try_get("model")?,
+            requested_model: row.try_get("requested_model")?,
             provider: row.try_get("provider")?,
             tier: row.try_get("tier")?,
             quality: row.try_get("quality")?,

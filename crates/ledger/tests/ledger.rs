@@ -167,6 +167,7 @@ fn entry(db: &Db, request_id: &str, model: &str, n: u32) -> LedgerEntry {
         request_id: request_id.into(),
         operation: "generation".into(),
         model: model.into(),
+        requested_model: None,
         provider: "openai".into(),
         tier: "default".into(),
         quality: Some("low".into()),
@@ -598,6 +599,13 @@ async fn release_frees_the_hold_and_records_a_failure(db: &Db) {
     db.ledger.record(Some(&key.id), RequestStatus::Refused, Decimal::ZERO, &refusal).await.unwrap();
     assert_eq!(db.ledger.entries_for_request("f3").await.unwrap()[0].status, RequestStatus::Refused);
     assert_eq!(key_money(db, &key).await, (usd("0.003"), Decimal::ZERO));
+
+    // A row served by another model than the one asked for keeps both names.
+    let mut replaced = entry(db, "f4", "sd-turbo", 0);
+    replaced.requested_model = Some("gpt-image-1-mini".into());
+    replaced.error_code = Some("upstream_error".into());
+    db.ledger.record(Some(&key.id), RequestStatus::Failed, Decimal::ZERO, &replaced).await.unwrap();
+    assert_eq!(db.ledger.entries_for_request("f4").await.unwrap()[0].entry, replaced);
 }
 
 async fn idempotency_states(db: &Db) {

@@ -79,6 +79,7 @@ fn entry(request_id: &str, n: u32, at: chrono::DateTime<chrono::Utc>) -> LedgerE
         request_id: request_id.into(),
         operation: "generation".into(),
         model: "m".into(),
+        requested_model: None,
         provider: "p".into(),
         tier: "default".into(),
         quality: None,

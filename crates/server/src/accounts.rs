@@ -89,8 +89,10 @@ pub struct RequestInfo {
     pub request_id: String,
     /// `generation` or `edit`.
     pub operation: &'static str,
-    /// The model name the client asked for.
+    /// The model that runs (its provider's name for it).
     pub model: String,
+    /// The model name the client asked for (what key model lists name).
+    pub requested_model: String,
     pub provider: String,
     pub n: u32,
     /// How the model is billed (`tokens`, `per_image`, ...): recorded on every row, also refused ones.
@@ -151,14 +153,17 @@ pub async fn admit(
         info,
     };
     if let Some(key) = &admission.key {
-        if !key.allows_model(&admission.info.model) {
+        if !key.allows_model(&admission.info.requested_model) {
             let allowed = key.allowed_models.clone().unwrap_or_default().join("', '");
             let e = ApiError::new(
                 403,
                 "invalid_request_error",
                 Some("model"),
                 Some("model_not_allowed"),
-                format!("This API key may not use the model '{}'. It may use: '{allowed}'.", admission.info.model),
+                format!(
+                    "This API key may not use the model '{}'. It may use: '{allowed}'.",
+                    admission.info.requested_model
+                ),
             );
             return Err(admission.refused(e).await);
         }
@@ -325,6 +330,7 @@ impl Admission {
             request_id: self.info.request_id.clone(),
             operation: self.info.operation.into(),
             model: self.info.model.clone(),
+            requested_model: Some(self.info.requested_model.clone()).filter(|m| *m != self.info.model),
             provider: self.info.provider.clone(),
             tier: crate::billing::SERVED_TIER.into(),
             quality,
@@ -370,6 +376,13 @@ pub struct End<'a> {
 impl Ticket {
     fn new(admission: Box<Admission>, reservation: Option<Reservation>, worst: Cost) -> Ticket {
         Ticket { admission, reservation, worst, charged: Decimal::ZERO, images_charged: 0, finished: false }
+    }
+
+    /// The request is served by another model than the one admitted (a replacement): its ledger row
+    /// says so.
+    pub fn served_by(&mut self, model: &str, provider: &str) {
+        model.clone_into(&mut self.admission.info.model);
+        provider.clone_into(&mut self.admission.info.provider);
     }
 
     /// The worst case held for this request.

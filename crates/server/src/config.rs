@@ -41,6 +41,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use domain::{ModelFamily, OPENAI_IMAGE_MODELS};
+
+use crate::routing::Replacement;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
@@ -68,6 +70,11 @@ pub struct ConfigFile {
     pub engine: EngineFile,
     /// Which image URLs of JSON edits the server fetches; absent: none.
     pub remote_images: Option<RemoteImagesFile>,
+    /// What serves a model its provider shut down: `"MODEL" = "OTHER"` (a model served here) or
+    /// `"MODEL" = "refuse"`. Without an entry, a shut-down model is served by the first local model (a
+    /// turbo one first), or refused.
+    #[serde(default)]
+    pub replacements: BTreeMap<String, String>,
 }
 
 /// `[remote_images]`: hosts the server fetches input images from (`server::remote`).
@@ -166,6 +173,57 @@ pub struct Config {
     pub local_models: Vec<providers::local::LocalModel>,
     pub engine: providers::local::LocalOptions,
     pub remote_images: Option<crate::remote::RemoteImages>,
+    /// `[replacements]`: what serves a model its provider shut down.
+    pub replacements: BTreeMap<String, Replacement>,
+}
+
+impl Config {
+    /// The local model that serves shut-down models without a replacement of their own: the first
+    /// with the turbo profile (the quickest), else the first.
+    pub fn default_replacement(&self) -> Option<String> {
+        let turbo = self.local_models.iter().find(|m| m.profile.steps == providers::local::Profile::TURBO.steps);
+        turbo.or(self.local_models.first()).map(|m| m.name.clone())
+    }
+
+    /// Models' lives (the price catalog's) and what replaces them (the config's and the default).
+    pub fn lifecycles(&self) -> crate::routing::Lifecycles {
+        crate::routing::Lifecycles {
+            known: self.prices.lifecycle.clone(),
+            replacements: self.replacements.clone(),
+            default_local: self.default_replacement(),
+        }
+    }
+
+    /// One line for every upstream model configured here that its provider shut down, or shuts down
+    /// within 30 days of `today`, saying what happens to requests for it.
+    pub fn lifecycle_warnings(&self, today: chrono::NaiveDate) -> Vec<String> {
+        let soon = today + chrono::Days::new(30);
+        let mut out = Vec::new();
+        for p in &self.providers {
+            for (model, _) in &p.models {
+                let Some(life) = self.prices.lifecycle(model) else { continue };
+                let Some(date) = life.shutdown_date.filter(|d| *d <= soon) else { continue };
+                let when = if date <= today { "was shut down" } else { "shuts down" };
+                let named = match life.replacements.as_slice() {
+                    [] => String::new(),
+                    names => format!(" (OpenAI names {} instead)", names.join(" or ")),
+                };
+                let then = match (self.replacements.get(model), self.default_replacement()) {
+                    (Some(Replacement::Refuse), _) => "refused with its shutdown date".to_owned(),
+                    (Some(Replacement::Model(m)), _) => format!("served by '{m}'"),
+                    (None, Some(local)) if date <= today => format!("served by the local model '{local}'"),
+                    _ => format!(
+                        "refused with its shutdown date (name a replacement under [replacements]: \"{model}\" = \"MODEL\")"
+                    ),
+                };
+                out.push(format!(
+                    "model '{model}' of provider '{}' {when} on {date}{named}: requests for it still go to '{}', and when it answers that the model does not exist, they are {then}",
+                    p.name, p.name
+                ));
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -243,6 +301,11 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 /// The environment a config is resolved against (a function, so tests need not touch the process's).
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
+
+    /// Today (UTC), for models' shutdown dates.
+    fn today(&self) -> chrono::NaiveDate {
+        crate::routing::today()
+    }
 }
 
 /// The process environment.
@@ -283,6 +346,10 @@ impl Config {
         for (name, p) in file.providers {
             providers.push(provider_config(&name, p, env)?);
         }
+        let mut prices = pricing::Catalog::builtin()
+            .and_then(|c| c.with_overrides(file.prices, file.tiers))
+            .map_err(|e| ConfigError(e.0))?;
+        let today = env.today();
         if !providers.iter().any(|p| p.name == "openai")
             && let Some(key) = env.var("OPENAI_API_KEY")
         {
@@ -292,8 +359,11 @@ impl Config {
                 name: "openai".to_owned(),
                 base_url,
                 api_key: Some(key),
+                // The live models only: OpenAI answers "no such model" for the others, which are
+                // served by their replacements here, or refused with their shutdown date.
                 models: OPENAI_IMAGE_MODELS
                     .iter()
+                    .filter(|m| !prices.lifecycle(m).is_some_and(|l| l.is_shut_down(today)))
                     .filter_map(|m| ModelFamily::of_openai_model(m).map(|f| ((*m).to_owned(), f)))
                     .collect(),
                 discount_percent: Decimal::ZERO,
@@ -309,9 +379,6 @@ impl Config {
                 ))
             })?);
         }
-        let mut prices = pricing::Catalog::builtin()
-            .and_then(|c| c.with_overrides(file.prices, file.tiers))
-            .map_err(|e| ConfigError(e.0))?;
         if providers.iter().any(|p| p.name == LOCAL_PROVIDER) {
             return err(format!(
                 "providers.{LOCAL_PROVIDER}: the name is reserved for the local engine ([models.NAME])"
@@ -341,8 +408,17 @@ impl Config {
                 }
             }
         }
+        let replacements = file
+            .replacements
+            .into_iter()
+            .map(|(model, target)| {
+                let r = if target == "refuse" { Replacement::Refuse } else { Replacement::Model(target) };
+                (model, r)
+            })
+            .collect();
         Ok(Config {
             default_model: file.default_model,
+            replacements,
             prices,
             api_key_hashes,
             providers,

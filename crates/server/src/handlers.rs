@@ -31,7 +31,7 @@ pub async fn generations(
     let map = json_body(&headers, body).await?;
     let raw = RawRequest::parse(&Fields::Json(&map), JobKind::Generate, &[])?;
     let (model, route) = route(&state, &raw, JobKind::Generate)?;
-    let (prompt, mut options, _) = raw.validate(&model, route.family, JobKind::Generate)?;
+    let (prompt, mut options, _) = raw.validate(&route.display_name(&model), route.family, JobKind::Generate)?;
     let caller = caller.map(|Extension(c)| c);
     let links = links::plan(&state, &headers, &mut options, route.family, caller.as_ref().map(|c| c.0.id.as_str()))?;
     let job = ImageJob::Generate(GenerateRequest { prompt, options });
@@ -59,7 +59,8 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
         EditFields::Json(map) => RawRequest::parse(&Fields::Json(map), JobKind::Edit, &["images", "mask"])?,
     };
     let (model, route) = route(&state, &raw, JobKind::Edit)?;
-    let (prompt, mut options, input_fidelity) = raw.validate(&model, route.family, JobKind::Edit)?;
+    let (prompt, mut options, input_fidelity) =
+        raw.validate(&route.display_name(&model), route.family, JobKind::Edit)?;
     let links = links::plan(&state, &headers, &mut options, route.family, caller.as_ref().map(|c| c.0.id.as_str()))?;
     let fingerprint = match wants_fingerprint(&state, &headers) {
         // Hashing megabytes of images is work for a blocking thread.
@@ -99,7 +100,7 @@ pub async fn variations(State(state): State<AppState>, request: Request) -> Hand
     };
     let raw = RawRequest::parse(&Fields::Text(parts), JobKind::Variation, &[])?;
     let (model, route) = route(&state, &raw, JobKind::Variation)?;
-    let (_, mut options, _) = raw.validate(&model, route.family, JobKind::Variation)?;
+    let (_, mut options, _) = raw.validate(&route.display_name(&model), route.family, JobKind::Variation)?;
     let links = links::plan(&state, &headers, &mut options, route.family, caller.as_ref().map(|c| c.0.id.as_str()))?;
     let fingerprint = match wants_fingerprint(&state, &headers) {
         true => Some(blocking(form.fingerprint_job(), &headers).await?),
@@ -128,19 +129,21 @@ pub async fn estimates(State(state): State<AppState>, request: Request) -> Handl
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Response {
-    json_response(api::models_json(&state.catalog.listing(), 0))
+    let listing = state.catalog.listing();
+    let objects: Vec<api::ModelObject<'_>> = listing.iter().map(model_object).collect();
+    json_response(api::models_json(&objects, 0))
 }
 
 pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> HandlerResult {
     let listing = state.catalog.listing();
-    let found: Vec<(String, String)> = listing.into_iter().filter(|(m, _)| *m == id).collect();
-    if found.is_empty() {
+    let Some(found) = listing.iter().find(|l| l.id == id) else {
         return Err(ApiError::model_not_found(&id, &state.catalog.public_names()).into());
-    }
-    let list = api::models_json(&found, 0);
-    // The list holds exactly one model object: answer that object.
-    let value: Value = serde_json::from_slice(&list).unwrap_or(Value::Null);
-    Ok(json_response(serde_json::to_vec(&value["data"][0]).unwrap_or_default()))
+    };
+    Ok(json_response(api::model_json(&model_object(found), 0).to_string().into_bytes()))
+}
+
+fn model_object(l: &crate::routing::Listed) -> api::ModelObject<'_> {
+    api::ModelObject { id: &l.id, owned_by: &l.owned_by, shutdown_date: l.shutdown_date.map(|d| d.to_string()) }
 }
 
 pub async fn health() -> Response {

@@ -40,6 +40,9 @@ use crate::{AppState, HttpError};
 /// The cost of a billed response, in USD, as a decimal.
 pub const COST_HEADER: &str = "x-imagegate-cost-usd";
 
+/// `MODEL@PROVIDER` that ran a billed response, after aliases and replacements.
+pub const SERVED_BY_HEADER: &str = "x-imagegate-served-by";
+
 /// How long a job whose client went away is still read, to learn what its upstream billed; beyond it,
 /// what is left of its hold is charged (the bill cannot be known).
 pub const ABANDONED_DRAIN_LIMIT: Duration = Duration::from_secs(600);
@@ -86,7 +89,8 @@ pub async fn execute(
             let info = RequestInfo {
                 request_id: request_id.clone(),
                 operation: job.kind().operation(),
-                model: who.model.clone(),
+                model: route.upstream_model.clone(),
+                requested_model: who.model.clone(),
                 provider: provider.clone(),
                 n: u32::from(options.n.max(1)),
                 billing_basis: state
@@ -104,7 +108,15 @@ pub async fn execute(
                     return Ok(response);
                 }
                 Admit::Go(admission) => {
-                    let worst = billing::worst_case(state, &route, &job, text_tokens, state.reservation_ttl_ms);
+                    let ttl = state.reservation_ttl_ms;
+                    let mut worst = billing::worst_case(state, &route, &job, text_tokens, ttl);
+                    // A route that may fall back to a replacement holds the dearer of the two.
+                    if let (Ok(w), Some(fallback)) = (&worst, &route.fallback)
+                        && let Ok(f) = billing::worst_case(state, fallback, &job, text_tokens, ttl)
+                        && f.total > w.total
+                    {
+                        worst = Ok(f);
+                    }
                     Some(admission.reserve(worst).await?)
                 }
             }
@@ -160,28 +172,52 @@ struct Tally {
 }
 
 impl Run {
-    async fn go(self, mut reply: Reply) {
-        let provider = Arc::clone(&self.route.provider);
-        let output = {
-            let run = provider.run(&self.route.upstream_model, &self.job, &self.abandoned);
-            tokio::pin!(run);
-            // While the provider works, watch the client: one that goes away abandons the job, which
-            // still runs to its end here (the local engine stops early, an upstream does not).
-            tokio::select! {
-                output = &mut run => output,
-                () = reply.closed() => {
-                    self.abandoned.cancel();
-                    match tokio::time::timeout(ABANDONED_DRAIN_LIMIT, run).await {
-                        Ok(output) => output,
-                        Err(_) => Err(ProviderError::Timeout(ABANDONED_DRAIN_LIMIT)),
-                    }
+    async fn go(mut self, mut reply: Reply) {
+        let mut output = self.attempt(&mut reply).await;
+        // The provider has no such model (one it shut down): its replacement runs instead, or the
+        // client is told of the shutdown.
+        if let Err(ProviderError::Upstream { status: 404, body, .. }) = &output
+            && body.code.as_deref() == Some("model_not_found")
+        {
+            if let Some(fallback) = self.route.fallback.take() {
+                tracing::warn!(
+                    request_id = %self.request_id,
+                    model = %self.route.upstream_model,
+                    provider = %self.route.provider.name(),
+                    served_by = %fallback.served_by(),
+                    "the provider has no such model: its replacement serves the request"
+                );
+                self.route = *fallback;
+                if let Some(t) = self.ticket.as_mut() {
+                    t.served_by(&self.route.upstream_model, self.route.provider.name());
                 }
+                output = self.attempt(&mut reply).await;
+            } else if let Some(gone) = self.route.gone.take() {
+                output = Err(ProviderError::Api(gone));
             }
-        };
+        }
         match output {
             Err(e) => self.failed(e, reply).await,
             Ok(ProviderOutput::Complete(result)) => self.complete(result, reply).await,
             Ok(ProviderOutput::Stream(events)) => self.stream(events, reply).await,
+        }
+    }
+
+    /// Runs the provider once. While it works, the client is watched: one that goes away abandons the
+    /// job, which still runs to its end here (the local engine stops early, an upstream does not).
+    async fn attempt(&self, reply: &mut Reply) -> Result<ProviderOutput, ProviderError> {
+        let provider = Arc::clone(&self.route.provider);
+        let run = provider.run(&self.route.upstream_model, &self.job, &self.abandoned);
+        tokio::pin!(run);
+        tokio::select! {
+            output = &mut run => output,
+            () = reply.closed() => {
+                self.abandoned.cancel();
+                match tokio::time::timeout(ABANDONED_DRAIN_LIMIT, run).await {
+                    Ok(output) => output,
+                    Err(_) => Err(ProviderError::Timeout(ABANDONED_DRAIN_LIMIT)),
+                }
+            }
         }
     }
 
@@ -323,6 +359,7 @@ impl Run {
         {
             response.headers_mut().insert(COST_HEADER, value);
         }
+        self.served_by_header(&mut response);
         if outcome.over_soft_limit {
             response
                 .headers_mut()
@@ -331,10 +368,19 @@ impl Run {
         let _ = reply.send(Ok(response));
     }
 
+    /// Says what ran: `x-imagegate-served-by`.
+    fn served_by_header(&self, response: &mut Response) {
+        if let Ok(value) = HeaderValue::from_str(&self.route.served_by()) {
+            response.headers_mut().insert(SERVED_BY_HEADER, value);
+        }
+    }
+
     async fn stream(mut self, mut events: EventStream, reply: Reply) {
         let (tx, rx) = mpsc::channel::<Event>(1);
         let body = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<Event, Infallible>);
-        if reply.send(Ok(Sse::new(body).into_response())).is_err() {
+        let mut response = Sse::new(body).into_response();
+        self.served_by_header(&mut response);
+        if reply.send(Ok(response)).is_err() {
             self.abandoned.cancel();
         }
         let kind = self.job.kind();

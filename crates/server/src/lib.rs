@@ -116,7 +116,7 @@ impl AppState {
             });
         }
         let slowest_upstream = config.providers.iter().max_by_key(|p| p.timeout).map(|p| (p.name.clone(), p.timeout));
-        let catalog = Catalog::new(providers, config.aliases.clone())?;
+        let catalog = Catalog::with_lifecycles(providers, config.aliases.clone(), config.lifecycles())?;
         if let Some(m) = &config.default_model
             && catalog.resolve(m).is_err()
         {
