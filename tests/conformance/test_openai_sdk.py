@@ -14,6 +14,7 @@ directory's `debug/`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -86,8 +87,21 @@ class Servers:
     fake_url: str  # http://127.0.0.1:PORT (no /v1)
 
 
-@pytest.fixture(scope="session")
-def servers():
+# The models OpenAI shut down (gpt-image-1-mini and gpt-image-1.5 on 2026-12-01, gpt-image-1 on
+# 2026-10-23, DALL-E on 2026-05-12) are served here by a compatible gateway that still has them (the
+# fake), named in the config; the zero-config `openai` upstream (OPENAI_API_KEY) serves the live ones.
+COMPAT_CONFIG = """
+[providers.compat]
+base_url = "{fake}/v1"
+api_key_env = "OPENAI_API_KEY"
+models = ["gpt-image-1-mini", "gpt-image-1", "gpt-image-1.5", "dall-e-3", "dall-e-2"]
+"""
+
+
+@contextlib.contextmanager
+def launch(config: str, fake_args: tuple[str, ...] = (), local_model: bool = False):
+    """The fake upstream and `imagegate serve` in front of it with `config` (`{fake}` is the fake's URL,
+    `{model}` a tiny local model's directory when `local_model`); zero-config OPENAI_API_KEY too."""
     procs: list[subprocess.Popen] = []
     logs = []
     # imagegate's database (keys, budgets, ledger) in a directory of its own, not the user's data dir.
@@ -97,7 +111,7 @@ def servers():
         fake_err = tempfile.TemporaryFile()
         logs.append(fake_err)
         fake = subprocess.Popen(
-            [str(binary("fake-openai")), "--listen", "127.0.0.1:0", "--api-key", "upstream-secret"],
+            [str(binary("fake-openai")), "--listen", "127.0.0.1:0", "--api-key", "upstream-secret", *fake_args],
             stdout=subprocess.PIPE,
             stderr=fake_err,
         )
@@ -112,10 +126,15 @@ def servers():
         fake_url = line.removeprefix("listening on ")
 
         # 2. imagegate, pointed at the fake.
+        model_dir = Path(data_dir) / "tiny-model"
+        if local_model:
+            subprocess.run([str(tiny_checkpoint()), str(model_dir)], check=True)
+        config_path = Path(data_dir) / "imagegate.toml"
+        config_path.write_text(config.replace("{fake}", fake_url).replace("{model}", str(model_dir)))
         port = free_port()
         gw_log = tempfile.TemporaryFile()
         logs.append(gw_log)
-        # Zero-config mode: no stray IMAGEGATE_* settings (a config file, other keys) from the caller.
+        # No stray IMAGEGATE_* settings (a config file, other keys) from the caller.
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGATE_")}
         env.update(
             OPENAI_API_KEY="upstream-secret",
@@ -124,7 +143,7 @@ def servers():
             IMAGEGATE_DATA_DIR=data_dir,
         )
         gateway = subprocess.Popen(
-            [str(binary("imagegate")), "serve", "--listen", f"127.0.0.1:{port}"],
+            [str(binary("imagegate")), "serve", "--listen", f"127.0.0.1:{port}", "--config", str(config_path)],
             stdout=gw_log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -165,6 +184,23 @@ def servers():
         for f in logs:
             f.close()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def tiny_checkpoint() -> Path:
+    """The engine's example that writes a tiny random-weight model (run.sh builds it)."""
+    for path in (bin_dir() / "examples" / "tiny_checkpoint", bin_dir() / "tiny_checkpoint"):
+        if path.is_file():
+            return path
+    pytest.fail(
+        f"tiny_checkpoint not found under {bin_dir()}: run `cargo build -p engine --example tiny_checkpoint`",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def servers():
+    with launch(COMPAT_CONFIG) as s:
+        yield s
 
 
 @pytest.fixture
@@ -409,3 +445,52 @@ def test_transient_upstream_500_is_retried(client):
         model="gpt-image-1-mini", prompt=f"a kite [fault:500-once] {time.time_ns()}", size="1024x1024"
     )
     assert decode(r.data[0].b64_json).size == (1024, 1024)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. gpt-image-2, and code that still names a shut-down model
+
+
+def test_gpt_image_2_takes_any_size_within_its_rule(client):
+    r = client.images.generate(model="gpt-image-2", prompt="a wide harbour", size="2048x1152", quality="low")
+    assert decode(r.data[0].b64_json).size == (2048, 1152)
+    assert r.usage.output_tokens == 157  # OpenAI's calculator formula, as the fake computes it
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(model="gpt-image-2", prompt="p", size="1000x1000")
+    assert info.value.param == "size"
+    assert "multiples of 16" in info.value.message
+
+
+def test_models_carry_shutdown_dates(client):
+    assert client.models.retrieve("gpt-image-1-mini").shutdown_date == "2026-12-01"
+    models = {m.id: m for m in client.models.list()}
+    assert models["gpt-image-2"].shutdown_date is None
+    assert models["dall-e-3"].shutdown_date == "2026-05-12"
+
+
+REPLACED_BY_GPT_IMAGE_2 = """
+[replacements]
+"gpt-image-1-mini" = "gpt-image-2"
+"""
+
+LOCAL_ONLY = """
+[models.tiny]
+path = "{model}"
+profile = "turbo"
+"""
+
+
+@pytest.mark.parametrize(
+    "config, served_by",
+    [(REPLACED_BY_GPT_IMAGE_2, "gpt-image-2@openai"), (LOCAL_ONLY, "tiny@local")],
+    ids=["replaced-by-gpt-image-2", "only-a-local-model"],
+)
+def test_code_naming_gpt_image_1_mini_keeps_working(config, served_by):
+    # OpenAI answers gpt-image-1-mini as it does since its shutdown; the code below is unchanged.
+    with launch(config, fake_args=("--shut-down", "gpt-image-1-mini"), local_model="{model}" in config) as s:
+        client = OpenAI(api_key=GATEWAY_KEY, base_url=f"{s.gateway_url}/v1", timeout=120)
+        raw = client.images.with_raw_response.generate(model="gpt-image-1-mini", prompt="a cute baby sea otter")
+        assert raw.headers["x-imagegate-served-by"] == served_by
+        r = raw.parse()
+        assert decode(r.data[0].b64_json).width > 0
+        assert client.models.retrieve("gpt-image-1-mini").shutdown_date == "2026-12-01"

@@ -83,7 +83,7 @@ pub mod gpt_image_2 {
     pub fn size_problem(width: u32, height: u32) -> Option<String> {
         let (long, short) = (width.max(height), width.min(height));
         let pixels = u64::from(width) * u64::from(height);
-        if width % SIDE_MULTIPLE != 0 || height % SIDE_MULTIPLE != 0 {
+        if !width.is_multiple_of(SIDE_MULTIPLE) || !height.is_multiple_of(SIDE_MULTIPLE) {
             Some(format!("both sides must be multiples of {SIDE_MULTIPLE} pixels"))
         } else if long > MAX_SIDE {
             Some(format!("the longest side must be at most {MAX_SIDE} pixels"))

@@ -1118,7 +1118,11 @@ impl Job {
 fn gpt2_size_ok(w: u32, h: u32) -> bool {
     let (long, short) = (w.max(h), w.min(h));
     let pixels = u64::from(w) * u64::from(h);
-    w % 16 == 0 && h % 16 == 0 && long <= 3840 && long <= 3 * short && (655_360..=8_294_400).contains(&pixels)
+    w.is_multiple_of(16)
+        && h.is_multiple_of(16)
+        && long <= 3840
+        && long <= 3 * short
+        && (655_360..=8_294_400).contains(&pixels)
 }
 
 /// OpenAI's answer for a model that does not exist, or no longer does.

@@ -71,7 +71,7 @@ async fn generate_and_edit_write_real_images() {
                 "generate",
                 "a cute baby sea otter",
                 "--model",
-                "gpt-image-1-mini",
+                "gpt-image-2",
                 "--size",
                 "1024x1536",
                 "-n",
@@ -107,7 +107,7 @@ async fn generate_and_edit_write_real_images() {
                 "--mask",
                 "mask.png",
                 "--model",
-                "gpt-image-1",
+                "gpt-image-2",
                 "--out",
                 "beret.png",
             ],
@@ -126,7 +126,7 @@ async fn generate_and_edit_write_real_images() {
     let d = dir.path().to_owned();
     let out = tokio::task::spawn_blocking(move || {
         imagegate(
-            &["generate", "otter", "--model", "gpt-image-1-mini", "--size", "1254x836", "--out", "x.png"],
+            &["generate", "otter", "--model", "gpt-image-2", "--size", "1254x836", "--out", "x.png"],
             Some(&url),
             &d,
         )

@@ -57,7 +57,7 @@ async fn serve(db: &str, upstream: &str, data_dir: &std::path::Path, options: Op
         Some(timeout) => {
             let config = data_dir.join(format!("imagegate-{port}.toml"));
             let toml = format!(
-                "[providers.openai]\nbase_url = \"{upstream}\"\napi_key_env = \"OPENAI_API_KEY\"\nmodels = [\"gpt-image-1-mini\"]\ntimeout_secs = {timeout}\nmax_retries = 0\n"
+                "[providers.openai]\nbase_url = \"{upstream}\"\napi_key_env = \"OPENAI_API_KEY\"\nmodels = [\"gpt-image-2\"]\ntimeout_secs = {timeout}\nmax_retries = 0\n"
             );
             std::fs::write(&config, toml).unwrap();
             command.arg("--config").arg(config).env_remove("OPENAI_BASE_URL");
@@ -80,7 +80,7 @@ async fn serve(db: &str, upstream: &str, data_dir: &std::path::Path, options: Op
 }
 
 async fn generate(url: &str, key: &str, prompt: &str) -> (u16, Value) {
-    let body = json!({"model": "gpt-image-1-mini", "prompt": prompt, "quality": "low", "size": "1024x1024"});
+    let body = json!({"model": "gpt-image-2", "prompt": prompt, "quality": "low", "size": "1024x1024"});
     let r = reqwest::Client::new()
         .post(format!("{url}/images/generations"))
         .bearer_auth(key)
@@ -93,7 +93,7 @@ async fn generate(url: &str, key: &str, prompt: &str) -> (u16, Value) {
 
 /// The worst case an instance holds for `prompt`, from the refusal of a key with no budget left.
 async fn worst_case(ledger: &Ledger, url: &str, prompt: &str) -> Decimal {
-    let body = json!({"model": "gpt-image-1-mini", "prompt": prompt, "quality": "low", "size": "1024x1024"});
+    let body = json!({"model": "gpt-image-2", "prompt": prompt, "quality": "low", "size": "1024x1024"});
     worst_case_of(ledger, url, body).await
 }
 
@@ -190,7 +190,7 @@ async fn killed_instance_leaves_no_money_locked(db: TestDatabase) {
     // The shortest hold the server accepts with a 1 s upstream timeout: 11 s.
     let options = Options { ttl_secs: Some(11), upstream_timeout_secs: Some(1) };
     let doomed = serve(&db.url, &fake.base_url(), data.path(), options).await;
-    let body = json!({"model": "gpt-image-1-mini", "prompt": "[fault:gap=500] doomed", "quality": "low",
+    let body = json!({"model": "gpt-image-2", "prompt": "[fault:gap=500] doomed", "quality": "low",
         "size": "1024x1024", "n": 10, "stream": true});
     let worst = worst_case_of(&ledger, &doomed.url, body.clone()).await;
     let budget = worst * Decimal::new(15, 1);
@@ -291,7 +291,7 @@ fn cli(args: &[&str], data: &std::path::Path) -> String {
 }
 
 /// The issue's acceptance: a month budget of four and a half times the catalog cost of one medium
-/// 1024x1024 gpt-image-1-mini image buys four such images; the fifth is refused before the upstream is
+/// 1024x1024 gpt-image-2 image (the issue said gpt-image-1-mini, since shut down) buys four such images; the fifth is refused before the upstream is
 /// called, and `imagegate usage` shows exactly the four costs and how they were billed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_budget_of_four_and_a_half_images_buys_four() {
@@ -302,7 +302,7 @@ async fn a_budget_of_four_and_a_half_images_buys_four() {
         &[
             "estimate",
             "--model",
-            "gpt-image-1-mini",
+            "gpt-image-2",
             "--quality",
             "medium",
             "--size",
@@ -329,7 +329,7 @@ async fn a_budget_of_four_and_a_half_images_buys_four() {
         let r = client
             .post(format!("{}/images/generations", server.url))
             .bearer_auth(&secret)
-            .json(&json!({"model": "gpt-image-1-mini", "prompt": prompt, "quality": "medium", "size": "1024x1024"}))
+            .json(&json!({"model": "gpt-image-2", "prompt": prompt, "quality": "medium", "size": "1024x1024"}))
             .send()
             .await
             .unwrap();
@@ -352,7 +352,7 @@ async fn a_budget_of_four_and_a_half_images_buys_four() {
     let csv = cli(&["usage", "--by", "model", "--csv"], data.path());
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let row: Vec<&str> = lines.find(|l| l.starts_with("gpt-image-1-mini,")).unwrap().split(',').collect();
+    let row: Vec<&str> = lines.find(|l| l.starts_with("gpt-image-2,")).unwrap().split(',').collect();
     let col = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
     assert_eq!((col("requests"), col("succeeded"), col("images")), ("5", "4", "4"));
     let total: Decimal = costs.iter().sum();

@@ -87,6 +87,22 @@ pub fn estimate(state: &AppState, items: &[PlannedItem]) -> Result<EstimateOutco
             ));
         }
     }
+    // A shut-down model priced at its list price: what it cost, not what can be bought.
+    let today = crate::routing::today();
+    for p in &priced {
+        let model = &p.target.model;
+        if p.target.provider == LIST_PRICE
+            && let Some(date) =
+                state.prices.lifecycle(model).filter(|l| l.is_shut_down(today)).and_then(|l| l.shutdown_date)
+        {
+            let note = format!(
+                "{model} was shut down by its provider on {date}: this is its last list price, which OpenAI no longer sells (estimate without \"provider\" to price what a request for it runs on here)."
+            );
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
+        }
+    }
     if items.iter().any(|it| it.quality.is_none() || it.size.is_none()) {
         notes.push(
             "Quality or size 'auto' is estimated at the most expensive quality and size the model prices, so the estimate never understates."

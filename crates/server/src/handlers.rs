@@ -137,7 +137,9 @@ pub async fn list_models(State(state): State<AppState>) -> Response {
 pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> HandlerResult {
     let listing = state.catalog.listing();
     let Some(found) = listing.iter().find(|l| l.id == id) else {
-        return Err(ApiError::model_not_found(&id, &state.catalog.public_names()).into());
+        // A model shut down without a replacement here gets the refusal that says so.
+        let e = state.catalog.resolve(&id).err();
+        return Err(e.unwrap_or_else(|| ApiError::model_not_found(&id, &state.catalog.public_names())).into());
     };
     Ok(json_response(api::model_json(&model_object(found), 0).to_string().into_bytes()))
 }

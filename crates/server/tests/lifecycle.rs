@@ -166,6 +166,11 @@ async fn without_a_replacement_the_refusal_names_the_date_and_what_to_do() {
         }
         assert_eq!(g.upstream_requests_for("gpt-image-1-mini"), usize::from(listed));
         assert!(!r.headers.contains_key("x-imagegate-cost-usd"));
+        let model = g.get("models/gpt-image-1-mini").await;
+        match listed {
+            true => assert_eq!(model["shutdown_date"], "2026-12-01", "{model}"),
+            false => assert!(model["error"]["message"].as_str().unwrap().contains("2026-12-01"), "{model}"),
+        }
         // An operator may refuse it on purpose, even with a local model installed.
         let g = gateway(models, true, "[replacements]\n\"gpt-image-1-mini\" = \"refuse\"\n").await;
         g.fake.shut_down("gpt-image-1-mini");

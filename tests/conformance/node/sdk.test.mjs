@@ -10,7 +10,7 @@
 // directory's debug/).
 
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, isAbsolute, join, resolve } from "node:path";
@@ -67,10 +67,22 @@ function startFake() {
   });
 }
 
+// The models OpenAI shut down (gpt-image-1-mini on 2026-12-01, DALL-E on 2026-05-12) come from a
+// compatible gateway that still has them (the fake), named in the config; the zero-config `openai`
+// upstream (OPENAI_API_KEY) serves the live ones (gpt-image-2).
+const compatConfig = (fakeUrl) => `
+[providers.compat]
+base_url = "${fakeUrl}/v1"
+api_key_env = "OPENAI_API_KEY"
+models = ["gpt-image-1-mini", "gpt-image-1", "gpt-image-1.5", "dall-e-3", "dall-e-2"]
+`;
+
 before(async () => {
   const fakeUrl = await startFake();
   const port = await freePort();
   dataDir = mkdtempSync(join(tmpdir(), "imagegate-conformance-node-"));
+  const config = join(dataDir, "imagegate.toml");
+  writeFileSync(config, compatConfig(fakeUrl));
   const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("IMAGEGATE_")));
   Object.assign(env, {
     OPENAI_API_KEY: "upstream-secret",
@@ -78,7 +90,7 @@ before(async () => {
     IMAGEGATE_API_KEYS: GATEWAY_KEY,
     IMAGEGATE_DATA_DIR: dataDir,
   });
-  const args = ["serve", "--listen", `127.0.0.1:${port}`, "--max-body-bytes", String(MAX_BODY_BYTES)];
+  const args = ["serve", "--listen", `127.0.0.1:${port}`, "--max-body-bytes", String(MAX_BODY_BYTES), "--config", config];
   const serve = spawn(join(binDir(), "imagegate"), args, { env, cwd: tmpdir(), stdio: ["ignore", "ignore", "inherit"] });
   procs.push(serve);
   gateway = `http://127.0.0.1:${port}`;
@@ -191,6 +203,18 @@ test("generate: response_format url works for a GPT image model and the URL serv
   const missing = await fetch(`${gateway}/v1/images/img_nothing/content`);
   assert.equal(missing.status, 404);
   assert.equal((await missing.json()).error.code, "image_not_found");
+});
+
+test("gpt-image-2 takes any size within its rule; models carry their shutdown dates", async () => {
+  const r = await client().images.generate({ model: "gpt-image-2", prompt: "a wide harbour", size: "2048x1152", quality: "low" });
+  assertPng(Buffer.from(r.data[0].b64_json, "base64"));
+  assert.equal(r.usage.output_tokens, 157);
+  await assert.rejects(
+    async () => client().images.generate({ model: "gpt-image-2", prompt: "p", size: "1000x1000" }),
+    (e) => e instanceof OpenAI.BadRequestError && e.param === "size",
+  );
+  assert.equal((await client().models.retrieve("gpt-image-1-mini")).shutdown_date, "2026-12-01");
+  assert.equal((await client().models.retrieve("gpt-image-2")).shutdown_date, null);
 });
 
 test("generate: DALL-E answers with a URL by default", async () => {
