@@ -26,7 +26,7 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
 fi
 
 if [ -z "${IMAGEGATE_BIN_DIR:-}" ]; then
-    (cd "$root" && cargo build -p imagegate -p fake-openai --bins && cargo build -p engine --example tiny_checkpoint)
+    (cd "$root" && cargo build -p imagegate -p fake-openai -p engine --bins --example tiny_checkpoint)
 else
     IMAGEGATE_BIN_DIR="$(cd "$IMAGEGATE_BIN_DIR" && pwd)"
     export IMAGEGATE_BIN_DIR

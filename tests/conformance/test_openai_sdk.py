@@ -4,7 +4,7 @@ A session fixture starts the fake upstream (`fake-openai`) and `imagegate serve`
 then each test uses the unmodified `openai` client the way a user would and checks what the user
 sees. Run with `tests/conformance/run.sh`, or by hand:
 
-    cargo build -p imagegate -p fake-openai --bins
+    cargo build -p imagegate -p fake-openai -p engine --bins --example tiny_checkpoint
     python -m pytest -q tests/conformance
 
 `IMAGEGATE_BIN_DIR` overrides where the two binaries are looked up (default: the cargo target
@@ -192,7 +192,7 @@ def tiny_checkpoint() -> Path:
         if path.is_file():
             return path
     pytest.fail(
-        f"tiny_checkpoint not found under {bin_dir()}: run `cargo build -p engine --example tiny_checkpoint`",
+        f"tiny_checkpoint not found under {bin_dir()}: run `cargo build -p imagegate -p fake-openai -p engine --bins --example tiny_checkpoint`",
         pytrace=False,
     )
 

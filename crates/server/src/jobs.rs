@@ -43,6 +43,9 @@ pub const COST_HEADER: &str = "x-imagegate-cost-usd";
 /// `MODEL@PROVIDER` that ran a billed response, after aliases and replacements.
 pub const SERVED_BY_HEADER: &str = "x-imagegate-served-by";
 
+/// The service tier a billed response ran and was billed at.
+pub const SERVICE_TIER_HEADER: &str = "x-imagegate-service-tier";
+
 /// How long a job whose client went away is still read, to learn what its upstream billed; beyond it,
 /// what is left of its hold is charged (the bill cannot be known).
 pub const ABANDONED_DRAIN_LIMIT: Duration = Duration::from_secs(600);
@@ -368,11 +371,13 @@ impl Run {
         let _ = reply.send(Ok(response));
     }
 
-    /// Says what ran: `x-imagegate-served-by`.
+    /// Says what ran: `x-imagegate-served-by`, and `x-imagegate-service-tier` (every request runs and
+    /// is billed at the default tier until flex scheduling exists: a `flex` request is not discounted).
     fn served_by_header(&self, response: &mut Response) {
         if let Ok(value) = HeaderValue::from_str(&self.route.served_by()) {
             response.headers_mut().insert(SERVED_BY_HEADER, value);
         }
+        response.headers_mut().insert(SERVICE_TIER_HEADER, HeaderValue::from_static(billing::SERVED_TIER));
     }
 
     async fn stream(mut self, mut events: EventStream, reply: Reply) {
