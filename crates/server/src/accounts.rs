@@ -379,10 +379,11 @@ impl Ticket {
     }
 
     /// The request is served by another model than the one admitted (a replacement): its ledger row
-    /// says so.
-    pub fn served_by(&mut self, model: &str, provider: &str) {
+    /// says so, with that model's billing basis.
+    pub fn served_by(&mut self, model: &str, provider: &str, billing_basis: &'static str) {
         model.clone_into(&mut self.admission.info.model);
         provider.clone_into(&mut self.admission.info.provider);
+        self.admission.info.billing_basis = billing_basis;
     }
 
     /// The worst case held for this request.

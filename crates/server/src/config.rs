@@ -198,6 +198,7 @@ impl Config {
     /// within 30 days of `today`, saying what happens to requests for it.
     pub fn lifecycle_warnings(&self, today: chrono::NaiveDate) -> Vec<String> {
         let soon = today + chrono::Days::new(30);
+        let lifecycles = self.lifecycles();
         let mut out = Vec::new();
         for p in &self.providers {
             for (model, _) in &p.models {
@@ -208,11 +209,10 @@ impl Config {
                     [] => String::new(),
                     names => format!(" (OpenAI names {} instead)", names.join(" or ")),
                 };
-                let then = match (self.replacements.get(model), self.default_replacement()) {
-                    (Some(Replacement::Refuse), _) => "refused with its shutdown date".to_owned(),
-                    (Some(Replacement::Model(m)), _) => format!("served by '{m}'"),
-                    (None, Some(local)) if date <= today => format!("served by the local model '{local}'"),
-                    _ => format!(
+                let then = match (lifecycles.replacement(model, today), self.replacements.get(model)) {
+                    (Some(m), _) => format!("served by '{m}'"),
+                    (None, Some(Replacement::Refuse)) => "refused with its shutdown date".to_owned(),
+                    (None, _) => format!(
                         "refused with its shutdown date (name a replacement under [replacements]: \"{model}\" = \"MODEL\")"
                     ),
                 };

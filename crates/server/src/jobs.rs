@@ -96,10 +96,7 @@ pub async fn execute(
                 requested_model: who.model.clone(),
                 provider: provider.clone(),
                 n: u32::from(options.n.max(1)),
-                billing_basis: state
-                    .prices
-                    .model(&route.upstream_model)
-                    .map_or("unpriced", |p| p.billing_basis.as_str()),
+                billing_basis: billing_basis(state, &route.upstream_model),
             };
             match accounts::admit(ledger, who.caller.as_ref(), headers, info, who.fingerprint.as_deref()).await? {
                 Admit::Replay(stored) => {
@@ -182,7 +179,9 @@ impl Run {
         if let Err(ProviderError::Upstream { status: 404, body, .. }) = &output
             && body.code.as_deref() == Some("model_not_found")
         {
-            if let Some(fallback) = self.route.fallback.take() {
+            // A client already gone gets no replacement run for it.
+            let fallback = self.route.fallback.take().filter(|_| !self.abandoned.is_cancelled());
+            if let Some(fallback) = fallback {
                 tracing::warn!(
                     request_id = %self.request_id,
                     model = %self.route.upstream_model,
@@ -191,11 +190,12 @@ impl Run {
                     "the provider has no such model: its replacement serves the request"
                 );
                 self.route = *fallback;
+                let basis = billing_basis(&self.state, &self.route.upstream_model);
                 if let Some(t) = self.ticket.as_mut() {
-                    t.served_by(&self.route.upstream_model, self.route.provider.name());
+                    t.served_by(&self.route.upstream_model, self.route.provider.name(), basis);
                 }
                 output = self.attempt(&mut reply).await;
-            } else if let Some(gone) = self.route.gone.take() {
+            } else if let Some(gone) = self.state.catalog.shut_down_refusal(&self.route.upstream_model) {
                 output = Err(ProviderError::Api(gone));
             }
         }
@@ -632,6 +632,11 @@ pub fn provider_error(e: ProviderError, provider: &str, request_id: &str) -> Api
             "The request was cancelled because its client went away.".to_owned(),
         ),
     }
+}
+
+/// How `model` is billed (`tokens`, `per_image`, ...), for its ledger row; `unpriced` without a price.
+fn billing_basis(state: &AppState, model: &str) -> &'static str {
+    state.prices.model(model).map_or("unpriced", |p| p.billing_basis.as_str())
 }
 
 pub fn request_id(headers: &HeaderMap) -> &str {

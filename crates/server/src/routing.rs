@@ -28,11 +28,9 @@ pub struct Route {
     pub discount_percent: Decimal,
     /// The model the client named, when this route serves a replacement for it.
     pub replaces: Option<String>,
-    /// Where the request goes instead when the provider answers that the model does not exist.
+    /// Where the request goes instead when the provider answers that the model does not exist (with
+    /// none, the client is told of the model's shutdown: [`Catalog::shut_down_refusal`]).
     pub fallback: Option<Box<Route>>,
-    /// What the client is told when the provider answers that the model does not exist and there is
-    /// no fallback: the model's shutdown, said plainly.
-    pub gone: Option<ApiError>,
 }
 
 impl Route {
@@ -68,6 +66,19 @@ pub struct Lifecycles {
     pub replacements: BTreeMap<String, Replacement>,
     /// The local model that serves shut-down models without a configured replacement.
     pub default_local: Option<String>,
+}
+
+impl Lifecycles {
+    /// The name of what serves `model` in its place on `today`: the configured replacement, or for a
+    /// model shut down without one, the default local model; `None`: it is refused.
+    pub fn replacement(&self, model: &str, today: NaiveDate) -> Option<&str> {
+        match self.replacements.get(model) {
+            Some(Replacement::Refuse) => None,
+            Some(Replacement::Model(m)) => Some(m),
+            None if self.known.get(model).is_some_and(|l| l.is_shut_down(today)) => self.default_local.as_deref(),
+            None => None,
+        }
+    }
 }
 
 /// One row of `GET /v1/models`.
@@ -175,12 +186,10 @@ impl Catalog {
             // Listed on a provider: it goes there; that provider's "no such model" leads on.
             if self.has_life(model) {
                 route.fallback = self.replacement_of(model, today).map(Box::new);
-                route.gone = Some(self.shut_down_error(model, today));
             }
             return Ok(route);
         }
-        if self.has_life(model) && (self.is_shut_down(model, today) || self.lifecycles.replacements.contains_key(model))
-        {
+        if self.replaced_here(model, today) {
             return match self.replacement_of(model, today) {
                 Some(r) => Ok(Route { replaces: Some(name.to_owned()), ..r }),
                 None => Err(self.shut_down_error(model, today)),
@@ -199,15 +208,22 @@ impl Catalog {
         self.lifecycles.known.get(model).is_some_and(|l| l.is_shut_down(today))
     }
 
+    /// Whether a request for `model`, when no provider here lists it, goes to a replacement or to the
+    /// shutdown refusal (rather than to "no such model").
+    fn replaced_here(&self, model: &str, today: NaiveDate) -> bool {
+        self.is_shut_down(model, today) || self.lifecycles.replacements.contains_key(model)
+    }
+
+    /// What a client is told when the provider of `model` answers that it does not exist and no
+    /// replacement serves it: its shutdown, said plainly; `None` for a model without a known life.
+    pub fn shut_down_refusal(&self, model: &str) -> Option<ApiError> {
+        self.has_life(model).then(|| self.shut_down_error(model, today()))
+    }
+
     /// The route that serves `model` in its place: the configured replacement, or for a model shut
     /// down without one, the default local model.
     fn replacement_of(&self, model: &str, today: NaiveDate) -> Option<Route> {
-        let target = match self.lifecycles.replacements.get(model) {
-            Some(Replacement::Refuse) => return None,
-            Some(Replacement::Model(m)) => m.as_str(),
-            None if self.is_shut_down(model, today) => self.lifecycles.default_local.as_deref()?,
-            None => return None,
-        };
+        let target = self.lifecycles.replacement(model, today)?;
         self.find(target).map(|e| Route { replaces: Some(model.to_owned()), ..self.route_of(e) })
     }
 
@@ -244,7 +260,6 @@ impl Catalog {
             discount_percent: self.discounts[entry.provider],
             replaces: None,
             fallback: None,
-            gone: None,
         }
     }
 
@@ -304,10 +319,7 @@ impl Catalog {
         let mut replaced: Vec<&String> = self.lifecycles.known.keys().collect();
         replaced.extend(self.lifecycles.replacements.keys());
         for model in replaced {
-            if out.iter().any(|l| l.id == *model) || !self.has_life(model) {
-                continue;
-            }
-            if !self.is_shut_down(model, today) && !self.lifecycles.replacements.contains_key(model) {
+            if out.iter().any(|l| l.id == *model) || !self.replaced_here(model, today) {
                 continue;
             }
             if let Some(r) = self.replacement_of(model, today) {
