@@ -194,6 +194,18 @@ wire_enum!(
     /// imagegate's extension: which capacity a request runs on. `Flex` is half price and may be refused.
     ServiceTier { Auto => "auto", Default => "default", Flex => "flex" }
 );
+wire_enum!(
+    /// The tier a request ran and was billed at (the catalog's `[tiers]` multipliers): `Default` runs at
+    /// once, `Flex` (asked for with `service_tier`) and `Batch` (a line of a batch) when capacity is free.
+    Tier { Default => "default", Flex => "flex", Batch => "batch" }
+);
+
+impl Tier {
+    /// Whether the tier's work waits for capacity that interactive work leaves.
+    pub fn is_background(self) -> bool {
+        self != Tier::Default
+    }
+}
 
 impl OutputFormat {
     pub fn mime_type(self) -> &'static str {

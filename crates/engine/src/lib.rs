@@ -22,6 +22,7 @@ pub mod weights;
 
 use std::path::PathBuf;
 
+pub use candle_core::Device;
 pub use checkpoint::Checkpoint;
 pub use layers::Kernels;
 pub use pipeline::{Draw, Edit, GenerateParams, Hooks, LoadOptions, NoHooks, Pipeline, Sampler, default_device};

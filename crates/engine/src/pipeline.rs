@@ -107,6 +107,12 @@ pub struct Edit {
 
 /// What a caller hears while a generation runs.
 pub trait Hooks {
+    /// Called before every denoising step (`step` counts the run's steps from 0), before
+    /// [`Hooks::cancelled`]: the caller may do other work here (the server runs urgent jobs between
+    /// the steps of a background one); the run holds only its latents meanwhile.
+    fn before_step(&mut self, _step: usize) {}
+    /// Called when denoising step `step` is done.
+    fn after_step(&mut self, _step: usize) {}
     /// Checked before every step: `true` stops the run with [`EngineError::Cancelled`].
     fn cancelled(&self) -> bool {
         false
@@ -577,6 +583,7 @@ impl Pipeline {
         let partial_after: Vec<usize> = partial_points(run, p.partial_images);
         let mut emitted = 0;
         for (k, i) in (start..p.steps).enumerate() {
+            hooks.before_step(k);
             if hooks.cancelled() {
                 return Err(EngineError::Cancelled);
             }
@@ -617,6 +624,7 @@ impl Pipeline {
                 let keep = (1.0 - mask)?;
                 latents = (latents.broadcast_mul(mask)? + known.broadcast_mul(&keep)?)?;
             }
+            hooks.after_step(k);
         }
         Ok(latents)
     }

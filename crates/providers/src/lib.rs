@@ -7,6 +7,7 @@
 
 pub mod local;
 pub mod openai;
+pub mod schedule;
 
 use std::time::Duration;
 
@@ -30,7 +31,13 @@ pub trait Provider: Send + Sync {
     /// The provider's configured name (`openai`, `comet`, ...).
     fn name(&self) -> &str;
 
-    /// Runs `job` on the provider's model `model` (the provider's own name for it, after routing).
+    /// The provider's queue: every job takes its [`schedule::Place`] there before anything is held
+    /// for it, and runs when the place is [`schedule::Place::ready`].
+    fn queue(&self) -> &schedule::Queue;
+
+    /// Runs `job` on the provider's model `model` (the provider's own name for it, after routing),
+    /// when its `place` in [`Provider::queue`] comes up; the job holds its permit while it runs (a
+    /// stream to its last event).
     ///
     /// `abandoned` is cancelled when the client went away. A provider that can stop early and knows
     /// what it spent (the local engine) stops at the next step and ends with
@@ -40,6 +47,7 @@ pub trait Provider: Send + Sync {
         &self,
         model: &str,
         job: &ImageJob,
+        place: schedule::Place,
         abandoned: &CancellationToken,
     ) -> Result<ProviderOutput, ProviderError>;
 }

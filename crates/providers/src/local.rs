@@ -6,6 +6,11 @@
 //! recently used is dropped beyond `resident_models`). A request whose client went away is skipped if
 //! still queued and stopped at the next step if running.
 //!
+//! Background work (flex, batch) waits in the provider's [`Queue`] until the engine has nothing
+//! interactive to do, and runs one job at a time; interactive work that arrives meanwhile runs between
+//! two of its steps (the background job keeps only its latents while it waits), so a background job
+//! delays interactive work by at most the step it is in.
+//!
 //! How the OpenAI controls map (the table is in README.md):
 //! - `quality` low/medium/high (auto: medium) picks the steps of the model's [`Profile`]; `low` also
 //!   picks the tiny decoder (TAESD) when the model has one, and the `decoder` extension (`full` or
@@ -24,7 +29,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use api::ApiError;
 use async_trait::async_trait;
@@ -41,6 +46,7 @@ use futures_util::StreamExt;
 use image::{GrayImage, RgbImage};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
+use crate::schedule::{Permit, Place, Priority, Queue, QueueLimits};
 use crate::{CancellationToken, Provider, ProviderError, ProviderOutput};
 
 /// How far a variation moves from its input: image-to-image at this strength, with an empty prompt.
@@ -108,10 +114,29 @@ pub struct LocalModel {
     pub tiny_decoder: Option<PathBuf>,
 }
 
+/// Told the duration of every denoising step the engine runs, with the model's name (for metrics).
+#[derive(Clone)]
+pub struct StepObserver(pub Arc<StepFn>);
+
+/// What a [`StepObserver`] calls: the model's name and the step's duration.
+pub type StepFn = dyn Fn(&str, Duration) + Send + Sync;
+
+impl std::fmt::Debug for StepObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepObserver")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
-    /// Requests waiting or running at most; beyond, 429.
+    /// Interactive requests waiting or running at most; beyond, 429.
     pub queue_capacity: usize,
+    /// Background (flex, batch) requests that may wait; beyond, 429 `resource_unavailable`.
+    pub background_queue: usize,
+    /// A background request expected to wait longer is refused at once.
+    pub max_background_wait: Duration,
+    /// Told every denoising step's duration.
+    pub step_observer: Option<StepObserver>,
     /// Models kept loaded at once.
     pub resident_models: usize,
     /// Where pulled models live (hub-cache layout, `engine::registry`): a model without a tiny decoder
@@ -121,7 +146,15 @@ pub struct LocalOptions {
 
 impl Default for LocalOptions {
     fn default() -> Self {
-        LocalOptions { queue_capacity: 8, resident_models: 2, models_dir: None }
+        let background = QueueLimits::default();
+        LocalOptions {
+            queue_capacity: 8,
+            background_queue: background.background_queue,
+            max_background_wait: background.max_background_wait,
+            step_observer: None,
+            resident_models: 2,
+            models_dir: None,
+        }
     }
 }
 
@@ -143,6 +176,8 @@ pub struct LocalProvider {
     capacity: usize,
     /// Recent generation time, for `Retry-After`.
     recent_ms: Arc<AtomicU64>,
+    /// Where background work waits for the engine (interactive work is ordered by the worker).
+    schedule: Queue,
 }
 
 impl LocalProvider {
@@ -179,9 +214,10 @@ impl LocalProvider {
         let recent_ms = Arc::new(AtomicU64::new(0));
         let resident = options.resident_models.max(1);
         let recent = Arc::clone(&recent_ms);
+        let observer = options.step_observer.clone();
         std::thread::Builder::new()
             .name("imagegate-engine".into())
-            .spawn(move || worker(tasks, resident, recent))
+            .spawn(move || worker(tasks, resident, recent, observer))
             .map_err(|e| EngineError::InvalidInput(format!("cannot start the engine thread: {e}")))?;
         Ok(LocalProvider {
             name: name.to_owned(),
@@ -190,6 +226,11 @@ impl LocalProvider {
             pending: Arc::new(AtomicUsize::new(0)),
             capacity: options.queue_capacity.max(1),
             recent_ms,
+            schedule: Queue::preemptive(QueueLimits {
+                capacity: 1,
+                background_queue: options.background_queue,
+                max_background_wait: options.max_background_wait,
+            }),
         })
     }
 
@@ -394,14 +435,23 @@ impl Task {
     }
 }
 
-/// A task's place in the queue's count (`LocalProvider::pending`), given back when dropped: by the worker
-/// just before it replies (so that a client that has its answer finds the place free), or with a task
-/// that never ran.
-struct QueueSlot(Arc<AtomicUsize>);
+/// A task's place in the queue's count (`LocalProvider::pending`) and its permit, given back when
+/// dropped: by the worker just before it replies (so that a client that has its answer finds the place
+/// free), or with a task that never ran.
+struct QueueSlot {
+    pending: Arc<AtomicUsize>,
+    _permit: Permit,
+}
+
+impl QueueSlot {
+    fn priority(&self) -> Priority {
+        self._permit.priority()
+    }
+}
 
 impl Drop for QueueSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -420,12 +470,17 @@ impl Provider for LocalProvider {
         &self.name
     }
 
+    fn queue(&self) -> &Queue {
+        &self.schedule
+    }
+
     /// A job whose client went away (`abandoned`) is skipped if still queued and stopped at the next
     /// step if running; it ends with [`ProviderError::Cancelled`] and the compute time it had used.
     async fn run(
         &self,
         model: &str,
         job: &ImageJob,
+        place: Place,
         abandoned: &CancellationToken,
     ) -> Result<ProviderOutput, ProviderError> {
         let served = self
@@ -433,28 +488,44 @@ impl Provider for LocalProvider {
             .get(model)
             .ok_or_else(|| ProviderError::Api(ApiError::model_not_found(model, &self.model_names())))?;
         let plan = self.plan(served, job).map_err(ProviderError::Api)?;
-        // Admission: a slot in the queue or an honest 429 now.
-        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            let retry = self.retry_after();
-            let mut e = ApiError::new(
-                429,
-                "requests",
-                None,
-                Some("engine_busy"),
-                format!(
-                    "The local engine is busy: {} requests are queued or running for this device. Retry in about {retry} s.",
-                    self.capacity
-                ),
-            );
-            e.retry_after = Some(retry);
-            return Err(ProviderError::Api(e));
-        }
+        let slot = match place.priority() {
+            Priority::Interactive => {
+                // Admission: a slot in the queue or an honest 429 now.
+                if self.pending.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                    let retry = self.retry_after();
+                    let mut e = ApiError::new(
+                        429,
+                        "requests",
+                        None,
+                        Some("engine_busy"),
+                        format!(
+                            "The local engine is busy: {} requests are queued or running for this device. Retry in about {retry} s.",
+                            self.capacity
+                        ),
+                    );
+                    e.retry_after = Some(retry);
+                    return Err(ProviderError::Api(e));
+                }
+                let pending = Arc::clone(&self.pending);
+                // Never waits: the worker orders interactive work itself.
+                QueueSlot { pending, _permit: place.ready().await }
+            }
+            // Its turn comes when the engine has nothing interactive to do; a client that leaves
+            // before then costs nothing.
+            Priority::Background => {
+                let permit = tokio::select! {
+                    permit = place.ready() => permit,
+                    () = abandoned.cancelled() => return Err(ProviderError::Cancelled { compute_ms: 0 }),
+                };
+                self.pending.fetch_add(1, Ordering::AcqRel);
+                QueueSlot { pending: Arc::clone(&self.pending), _permit: permit }
+            }
+        };
         let cancel = Arc::new(AtomicBool::new(false));
         let guard = CancelOnDrop(Arc::clone(&cancel));
         let stream = job.options().stream;
         let model = served.model.clone();
-        let slot = QueueSlot(Arc::clone(&self.pending));
         if stream {
             let (tx, rx) = tokio_mpsc::unbounded_channel();
             let task = Task { model, plan, reply: Reply::Stream(tx), cancel, abandoned: abandoned.clone(), slot };
@@ -482,8 +553,9 @@ fn engine_gone() -> ProviderError {
 /// What a loaded pipeline is cached by: the model's directory and its tiny decoder's.
 type Resident = (PathBuf, Option<PathBuf>);
 
-/// The worker: one task at a time, models cached by directory.
-fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64>) {
+/// The worker: one task at a time, models cached by directory; interactive tasks that arrive while a
+/// background one runs run between its steps.
+fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64>, observer: Option<StepObserver>) {
     let device = match engine::default_device() {
         Ok(d) => d,
         Err(e) => {
@@ -500,59 +572,95 @@ fn worker(tasks: mpsc::Receiver<Task>, resident: usize, recent_ms: Arc<AtomicU64
             return;
         }
     };
-    let mut loaded: Vec<(Resident, Arc<Pipeline>)> = Vec::new();
-    for task in tasks {
-        if task.cancelled() {
-            // Never started: nothing was spent on it.
-            task.fail(ProviderError::Cancelled { compute_ms: 0 });
-            continue;
-        }
-        let key = (task.model.dir.clone(), task.model.tiny_decoder.clone());
-        let pipeline = match loaded.iter().position(|(k, _)| *k == key) {
-            Some(i) => {
-                let entry = loaded.remove(i);
-                let p = Arc::clone(&entry.1);
-                loaded.push(entry);
-                p
-            }
-            None => match Pipeline::load_with(
-                &task.model.dir,
-                &device,
-                LoadOptions { tiny_decoder: key.1.clone(), ..LoadOptions::default() },
-            ) {
-                Ok(p) => {
-                    let p = Arc::new(p);
-                    if loaded.len() >= resident {
-                        loaded.remove(0);
-                    }
-                    loaded.push((key, Arc::clone(&p)));
-                    p
-                }
-                Err(e) => {
-                    // The details (file paths, library errors) are for the log, never the client.
-                    tracing::error!(model = %task.model.name, error = %e, "local model failed to load");
-                    let msg = format!(
-                        "The local model '{}' could not be loaded: its files are broken or incomplete. The server log has the details.",
-                        task.model.name
-                    );
-                    task.fail(ProviderError::Api(ApiError::new(
-                        500,
-                        "server_error",
-                        None,
-                        Some("model_load_failed"),
-                        msg,
-                    )));
-                    continue;
-                }
-            },
-        };
-        let started = Instant::now();
-        task.run(&pipeline);
-        recent_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let mut worker = Worker { device, tasks, loaded: Vec::new(), resident, recent_ms, observer };
+    while let Ok(task) = worker.tasks.recv() {
+        worker.handle(task);
     }
 }
 
-struct StreamHooks<'a> {
+struct Worker {
+    device: engine::Device,
+    tasks: mpsc::Receiver<Task>,
+    loaded: Vec<(Resident, Arc<Pipeline>)>,
+    resident: usize,
+    recent_ms: Arc<AtomicU64>,
+    observer: Option<StepObserver>,
+}
+
+impl Worker {
+    fn handle(&mut self, task: Task) {
+        if task.cancelled() {
+            // Never started: nothing was spent on it.
+            task.fail(ProviderError::Cancelled { compute_ms: 0 });
+            return;
+        }
+        let Some(pipeline) = self.pipeline(&task) else {
+            let msg = format!(
+                "The local model '{}' could not be loaded: its files are broken or incomplete. The server log has the details.",
+                task.model.name
+            );
+            task.fail(ProviderError::Api(ApiError::new(500, "server_error", None, Some("model_load_failed"), msg)));
+            return;
+        };
+        let observer = self.observer.clone();
+        let compute = if task.slot.priority() == Priority::Background {
+            // Interactive tasks queued behind it run between its steps (only interactive ones can be:
+            // background work waits for an idle engine); their time is not its own.
+            let mut between = || {
+                let before = Instant::now();
+                self.run_waiting();
+                before.elapsed()
+            };
+            task.run(&pipeline, Some(&mut between), observer.as_ref())
+        } else {
+            task.run(&pipeline, None, observer.as_ref())
+        };
+        self.recent_ms.store(compute.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Runs every task already queued.
+    fn run_waiting(&mut self) {
+        while let Ok(task) = self.tasks.try_recv() {
+            self.handle(task);
+        }
+    }
+
+    /// The task's model, loaded (or resident); `None` when it failed to load (the task is answered).
+    fn pipeline(&mut self, task: &Task) -> Option<Arc<Pipeline>> {
+        let key = (task.model.dir.clone(), task.model.tiny_decoder.clone());
+        if let Some(i) = self.loaded.iter().position(|(k, _)| *k == key) {
+            let entry = self.loaded.remove(i);
+            let p = Arc::clone(&entry.1);
+            self.loaded.push(entry);
+            return Some(p);
+        }
+        let options = LoadOptions { tiny_decoder: key.1.clone(), ..LoadOptions::default() };
+        match Pipeline::load_with(&task.model.dir, &self.device, options) {
+            Ok(p) => {
+                let p = Arc::new(p);
+                if self.loaded.len() >= self.resident {
+                    self.loaded.remove(0);
+                }
+                self.loaded.push((key, Arc::clone(&p)));
+                Some(p)
+            }
+            Err(e) => {
+                // The details (file paths, library errors) are for the log, never the client.
+                tracing::error!(model = %task.model.name, error = %e, "local model failed to load");
+                None
+            }
+        }
+    }
+}
+
+struct StreamHooks<'a, 'f> {
+    /// Runs the engine's other waiting work (a background task's), returning the time it took.
+    between: Option<&'a mut (dyn FnMut() -> Duration + 'f)>,
+    /// Time spent on other work between this task's steps.
+    nested: Duration,
+    observer: Option<&'a StepObserver>,
+    model: &'a str,
+    step_started: Instant,
     cancel: &'a AtomicBool,
     abandoned: &'a CancellationToken,
     sender: Option<&'a tokio_mpsc::UnboundedSender<Result<StreamEvent, ProviderError>>>,
@@ -561,7 +669,20 @@ struct StreamHooks<'a> {
     resolved: Resolved,
 }
 
-impl Hooks for StreamHooks<'_> {
+impl Hooks for StreamHooks<'_, '_> {
+    fn before_step(&mut self, _step: usize) {
+        if let Some(between) = self.between.as_mut() {
+            self.nested += between();
+        }
+        self.step_started = Instant::now();
+    }
+
+    fn after_step(&mut self, _step: usize) {
+        if let Some(observer) = self.observer {
+            (observer.0)(self.model, self.step_started.elapsed());
+        }
+    }
+
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
             || self.abandoned.is_cancelled()
@@ -592,7 +713,14 @@ impl Task {
         reply.send_err(e);
     }
 
-    fn run(self, pipeline: &Pipeline) {
+    /// Runs the task and answers it; returns the device time it used (other work run between its
+    /// steps by `between` left out).
+    fn run(
+        self,
+        pipeline: &Pipeline,
+        between: Option<&mut dyn FnMut() -> Duration>,
+        observer: Option<&StepObserver>,
+    ) -> Duration {
         // Diffusion and encoding belong on the engine's own thread, never on the async runtime (every
         // local test runs through here, so a move onto the runtime fails them).
         debug_assert!(tokio::runtime::Handle::try_current().is_err(), "a local generation ran on the async runtime");
@@ -604,7 +732,8 @@ impl Task {
                 Ok(e) => params.edit = Some(e),
                 Err(e) => {
                     drop(slot);
-                    return reply.send_err(ProviderError::Api(e));
+                    reply.send_err(ProviderError::Api(e));
+                    return started.elapsed();
                 }
             }
         }
@@ -612,9 +741,23 @@ impl Task {
             Reply::Stream(tx) => Some(tx),
             Reply::Complete(_) => None,
         };
-        let mut hooks = StreamHooks { cancel: &cancel, abandoned: &abandoned, sender, format, compression, resolved };
+        let mut hooks = StreamHooks {
+            between,
+            nested: Duration::ZERO,
+            observer,
+            model: &model.name,
+            step_started: Instant::now(),
+            cancel: &cancel,
+            abandoned: &abandoned,
+            sender,
+            format,
+            compression,
+            resolved,
+        };
         let generated = pipeline.generate(&params, &mut hooks);
-        let compute_ms = started.elapsed().as_millis() as u64;
+        let nested = hooks.nested;
+        let used = || started.elapsed().saturating_sub(nested);
+        let compute_ms = used().as_millis() as u64;
         let outcome = match generated {
             // Stopped between steps: what it had used until then is what the job incurred.
             Err(EngineError::Cancelled) => Err(ProviderError::Cancelled { compute_ms }),
@@ -622,14 +765,18 @@ impl Task {
             Ok(images) => images.iter().map(|img| encode(img, format, compression)).collect::<Result<Vec<_>, _>>(),
         };
         // Encoding is part of the job's device time too.
-        let compute_ms = started.elapsed().as_millis() as u64;
+        let compute = used();
+        let compute_ms = compute.as_millis() as u64;
         tracing::info!(model = %model.name, ms = compute_ms, n = params.n, steps = params.steps, "local generation");
         let created = now();
         // The engine is done with this task: its place in the queue is free before the client hears.
         drop(slot);
         let b64s = match outcome {
             Ok(b64s) => b64s,
-            Err(e) => return reply.send_err(e),
+            Err(e) => {
+                reply.send_err(e);
+                return compute;
+            }
         };
         match reply {
             Reply::Complete(tx) => {
@@ -650,6 +797,7 @@ impl Task {
                 }
             }
         }
+        compute
     }
 }
 

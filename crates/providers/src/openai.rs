@@ -17,6 +17,7 @@ use rand::Rng;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::multipart::{Form, Part};
 
+use crate::schedule::{Permit, Place, Queue, QueueLimits};
 use crate::{CancellationToken, Provider, ProviderError, ProviderOutput};
 
 /// How to reach one upstream, and how patiently.
@@ -34,6 +35,8 @@ pub struct UpstreamConfig {
     /// The first backoff; each retry doubles it, up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Requests in flight to this upstream at once, and how background (flex, batch) work waits.
+    pub queue: QueueLimits,
 }
 
 impl std::fmt::Debug for UpstreamConfig {
@@ -44,6 +47,7 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("timeout", &self.timeout)
             .field("max_retries", &self.max_retries)
+            .field("queue", &self.queue)
             .finish()
     }
 }
@@ -59,6 +63,7 @@ impl UpstreamConfig {
             max_retries: 2,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(8),
+            queue: QueueLimits::default(),
         }
     }
 }
@@ -69,6 +74,7 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 pub struct OpenAiUpstream {
     config: UpstreamConfig,
     client: reqwest::Client,
+    queue: Queue,
 }
 
 impl OpenAiUpstream {
@@ -79,7 +85,8 @@ impl OpenAiUpstream {
             .user_agent(concat!("imagegate/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ProviderError::Connection(format!("cannot build the HTTP client: {e}")))?;
-        Ok(OpenAiUpstream { config, client })
+        let queue = Queue::new(config.queue);
+        Ok(OpenAiUpstream { config, client, queue })
     }
 
     fn url(&self, path: &str) -> String {
@@ -197,12 +204,13 @@ impl OpenAiUpstream {
         }
     }
 
-    async fn stream(&self, model: &str, job: &ImageJob) -> Result<ProviderOutput, ProviderError> {
+    async fn stream(&self, model: &str, job: &ImageJob, permit: Permit) -> Result<ProviderOutput, ProviderError> {
         let resp = self.send(model, job).await?;
         let idle = self.config.timeout;
         let events = resp.bytes_stream().eventsource();
-        let stream = futures_util::stream::unfold(Some(events), move |state| async move {
-            let mut events = state?;
+        // The stream holds the permit until its last event.
+        let stream = futures_util::stream::unfold(Some((events, permit)), move |state| async move {
+            let (mut events, permit) = state?;
             loop {
                 let next = match tokio::time::timeout(idle, events.next()).await {
                     Err(_) => return Some((Err(ProviderError::Timeout(idle)), None)),
@@ -217,7 +225,7 @@ impl OpenAiUpstream {
                     return None;
                 }
                 match api::parse_stream_event(&event.data) {
-                    Ok(UpstreamStreamItem::Event(ev)) => return Some((Ok(ev), Some(events))),
+                    Ok(UpstreamStreamItem::Event(ev)) => return Some((Ok(ev), Some((events, permit)))),
                     Ok(UpstreamStreamItem::Error(body)) => {
                         return Some((Err(ProviderError::Upstream { status: 500, body, retry_after: None }), None));
                     }
@@ -243,15 +251,31 @@ impl Provider for OpenAiUpstream {
         &self.config.name
     }
 
+    fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
     /// An upstream bills a job it started whether or not our client is still there, so `abandoned` is
-    /// not acted on: the caller reads the answer to the end (bounded by the timeout) to learn the bill.
+    /// not acted on once it is sent: the caller reads the answer to the end (bounded by the timeout)
+    /// to learn the bill. A job still waiting for its turn when its client leaves is never sent.
     async fn run(
         &self,
         model: &str,
         job: &ImageJob,
-        _abandoned: &CancellationToken,
+        place: Place,
+        abandoned: &CancellationToken,
     ) -> Result<ProviderOutput, ProviderError> {
-        if job.options().stream { self.stream(model, job).await } else { self.complete(model, job).await }
+        let permit = tokio::select! {
+            permit = place.ready() => permit,
+            () = abandoned.cancelled() => return Err(ProviderError::Cancelled { compute_ms: 0 }),
+        };
+        if job.options().stream {
+            self.stream(model, job, permit).await
+        } else {
+            let output = self.complete(model, job).await;
+            drop(permit);
+            output
+        }
     }
 }
 

@@ -97,11 +97,14 @@ pub struct RequestInfo {
     pub n: u32,
     /// How the model is billed (`tokens`, `per_image`, ...): recorded on every row, also refused ones.
     pub billing_basis: &'static str,
+    /// The tier it runs and is billed at.
+    pub tier: domain::Tier,
 }
 
 /// A request that passed [`admit`]: go on to [`Admission::reserve`].
 pub struct Admission {
     ledger: Ledger,
+    metrics: crate::metrics::Metrics,
     key: Option<ApiKey>,
     idempotency_key: Option<String>,
     info: RequestInfo,
@@ -138,6 +141,7 @@ pub struct Outcome {
 /// when it carries an `Idempotency-Key`), so a reused key with another body is told apart from a retry.
 pub async fn admit(
     ledger: &Ledger,
+    metrics: &crate::metrics::Metrics,
     caller: Option<&Caller>,
     headers: &HeaderMap,
     info: RequestInfo,
@@ -146,6 +150,7 @@ pub async fn admit(
     let key = caller.map(|c| c.0.clone());
     let admission = Admission {
         ledger: ledger.clone(),
+        metrics: metrics.clone(),
         key,
         idempotency_key: None,
         created_at: ledger.now(),
@@ -165,7 +170,7 @@ pub async fn admit(
                     admission.info.requested_model
                 ),
             );
-            return Err(admission.refused(e).await);
+            return Err(Box::new(admission).refused(e).await);
         }
         match ledger.check_rate_limit(key, admission.info.n).await.map_err(|e| internal(&admission.info, e))? {
             RateLimit::Allowed => {}
@@ -184,7 +189,7 @@ pub async fn admit(
                     ),
                 );
                 e.retry_after = Some(retry_after_secs);
-                return Err(admission.refused(e).await);
+                return Err(Box::new(admission).refused(e).await);
             }
         }
     }
@@ -258,7 +263,7 @@ impl Admission {
             operation: self.info.operation.to_owned(),
             model: self.info.model.clone(),
             provider: self.info.provider.clone(),
-            tier: crate::billing::SERVED_TIER.to_owned(),
+            tier: self.info.tier.as_str().to_owned(),
             billing_basis: self.info.billing_basis.to_owned(),
             idempotency_key: self.idempotency_key.clone(),
         };
@@ -293,16 +298,23 @@ impl Admission {
     }
 
     /// Records a request refused before any provider ran (cost 0) and hands back its error.
-    async fn refused(self, error: ApiError) -> ApiError {
+    pub async fn refused(self: Box<Self>, error: ApiError) -> ApiError {
         let entry = self.entry(None, error.body.code.as_deref(), 0, None, None, CostSource::None);
         let key = self.key.as_ref().map(|k| k.id.as_str());
         if let Err(e) = self.ledger.record(key, RequestStatus::Refused, Decimal::ZERO, &entry).await {
             tracing::error!(request_id = %self.info.request_id, error = %e, "could not record a refused request");
         }
+        self.counted(RequestStatus::Refused, Decimal::ZERO);
         if let Some(idem) = &self.idempotency_key {
             self.forget(idem).await;
         }
         error
+    }
+
+    /// The request's ledger row in the metrics.
+    fn counted(&self, status: RequestStatus, charged: Decimal) {
+        let i = &self.info;
+        self.metrics.request(&i.provider, &i.model, i.tier, status.as_str(), self.started.elapsed(), charged);
     }
 
     /// Whose idempotency keys these are: the API key's, or the open server's.
@@ -332,7 +344,7 @@ impl Admission {
             model: self.info.model.clone(),
             requested_model: Some(self.info.requested_model.clone()).filter(|m| *m != self.info.model),
             provider: self.info.provider.clone(),
-            tier: crate::billing::SERVED_TIER.into(),
+            tier: self.info.tier.as_str().into(),
             quality,
             size,
             n: images,
@@ -341,9 +353,8 @@ impl Admission {
                 input_image: usage.map_or(0, |u| u.input_image_tokens),
                 output: usage.map_or(0, |u| u.output_tokens),
             },
-            cost_breakdown: cost.map(|c| {
-                api::cost_json(c, &self.info.provider, &self.info.model, crate::billing::SERVED_TIER).to_string()
-            }),
+            cost_breakdown: cost
+                .map(|c| api::cost_json(c, &self.info.provider, &self.info.model, self.info.tier.as_str()).to_string()),
             billing_basis: cost.map_or(self.info.billing_basis, |c| c.basis.as_str()).to_owned(),
             error_code: error_code.map(str::to_owned),
             cost_source: Some(cost_source),
@@ -425,6 +436,7 @@ impl Ticket {
         let cost_source = if total.is_zero() { CostSource::None } else { end.cost_source };
         let entry = a.entry(end.cost, end.error_code, end.images, end.quality, end.size, cost_source);
         let key = a.key.as_ref().map(|k| k.id.clone());
+        a.counted(end.status, total);
         let mut outcome = Outcome::default();
         let result = match self.reservation.take() {
             Some(r) if end.status == RequestStatus::Succeeded => a.ledger.settle(r, total, &entry).await,
@@ -498,6 +510,7 @@ impl Drop for Ticket {
         let ledger = self.admission.ledger.clone();
         let source = if self.charged.is_zero() { CostSource::None } else { CostSource::Priced };
         let entry = self.admission.entry(None, Some("aborted"), self.images_charged, None, None, source);
+        self.admission.counted(RequestStatus::Failed, self.charged);
         let charged = self.charged;
         let owner = self.admission.owner().to_owned();
         let idem = self.admission.idempotency_key.clone();

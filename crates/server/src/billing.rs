@@ -7,8 +7,8 @@
 //! output (and its partial images), so the events add up to exactly what the same job costs unstreamed.
 //! A cost is never more than the worst case held for it ([`cap`]): what is shown is what is charged.
 //!
-//! Service tiers other than `default` are priced in estimates; served requests run on the default tier
-//! until flex scheduling exists, and say so in their cost (`service_tier: "default"`).
+//! A request is priced at the tier it ran at ([`Route::tier`]: the catalog's multiplier, flex and batch
+//! half the default), and says so in its cost (`service_tier`).
 
 use domain::{ImageJob, Resolved, Size, Usage};
 use ledger::CostSource;
@@ -18,9 +18,6 @@ use serde_json::Value;
 
 use crate::AppState;
 use crate::routing::Route;
-
-/// The tier served requests run on today.
-pub const SERVED_TIER: &str = "default";
 
 /// The prompt's o200k text tokens: counted once per request, on a blocking thread (a long prompt is
 /// milliseconds of CPU), and used by the worst case and every bill of the request.
@@ -181,9 +178,14 @@ fn price_job(
         input_images,
         input_fidelity_high: high_fidelity,
     };
+    let tier = route.tier.as_str();
+    let tier_multiplier = state
+        .prices
+        .tier_multiplier(tier)
+        .ok_or_else(|| PriceError(format!("the service tier '{tier}' has no price multiplier")))?;
     let adjustments = Adjustments {
-        tier: SERVED_TIER.to_owned(),
-        tier_multiplier: state.prices.tier_multiplier(SERVED_TIER).unwrap_or(pricing::Decimal::ONE),
+        tier: tier.to_owned(),
+        tier_multiplier,
         provider: route.provider.name().to_owned(),
         discount_percent: route.discount_percent,
     };
@@ -223,7 +225,7 @@ pub fn worst_case_charge(held: &Cost, amount: Decimal, why: &str) -> Cost {
 
 /// The cost as the response's extension object.
 pub fn cost_json(route: &Route, cost: &Cost) -> Value {
-    api::cost_json(cost, route.provider.name(), &route.upstream_model, SERVED_TIER)
+    api::cost_json(cost, route.provider.name(), &route.upstream_model, route.tier.as_str())
 }
 
 /// The costs of a stream's images as one: lines side by side, totals and usage added.

@@ -12,6 +12,9 @@
 //! discount_percent = "20"                     # sells at 20% under the list price
 //! timeout_secs = 600
 //! max_retries = 2
+//! concurrency = 16                            # requests in flight to it at once
+//! flex_queue = 64                             # flex and batch requests waiting for it; more: 429
+//! flex_max_wait_secs = 600                    # a flex request expected to wait longer: 429 at once
 //!
 //! [aliases]
 //! mini = "comet/gpt-image-1-mini"
@@ -31,6 +34,8 @@
 //! [engine]
 //! queue_capacity = 8                          # requests queued or running before 429
 //! resident_models = 2                         # models kept loaded
+//! flex_queue = 64                             # flex and batch requests waiting; more: 429
+//! flex_max_wait_secs = 600                    # a flex request expected to wait longer: 429 at once
 //!
 //! [remote_images]                             # https:// image URLs of JSON edits (server::remote)
 //! allow_hosts = ["images.example.com", ".cdn.example.com"]
@@ -41,6 +46,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use domain::{ModelFamily, OPENAI_IMAGE_MODELS};
+use providers::schedule::QueueLimits;
 
 use crate::routing::Replacement;
 use rust_decimal::Decimal;
@@ -114,6 +120,8 @@ pub struct LocalModelFile {
 pub struct EngineFile {
     pub queue_capacity: Option<usize>,
     pub resident_models: Option<usize>,
+    pub flex_queue: Option<usize>,
+    pub flex_max_wait_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +133,9 @@ pub struct ProviderFile {
     pub discount_percent: Option<DecimalText>,
     pub timeout_secs: Option<u64>,
     pub max_retries: Option<u32>,
+    pub concurrency: Option<usize>,
+    pub flex_queue: Option<usize>,
+    pub flex_max_wait_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +167,8 @@ pub struct ProviderConfig {
     pub discount_percent: Decimal,
     pub timeout: Duration,
     pub max_retries: u32,
+    /// Requests in flight at once, and how flex and batch work waits for it.
+    pub queue: QueueLimits,
 }
 
 /// Everything the server needs, validated.
@@ -369,6 +382,7 @@ impl Config {
                 discount_percent: Decimal::ZERO,
                 timeout: Duration::from_secs(600),
                 max_retries: 2,
+                queue: QueueLimits::default(),
             });
         }
         let mut api_key_hashes = Vec::new();
@@ -396,6 +410,12 @@ impl Config {
         let engine = providers::local::LocalOptions {
             queue_capacity: file.engine.queue_capacity.unwrap_or(defaults.queue_capacity).max(1),
             resident_models: file.engine.resident_models.unwrap_or(defaults.resident_models).max(1),
+            background_queue: file.engine.flex_queue.unwrap_or(defaults.background_queue),
+            max_background_wait: file
+                .engine
+                .flex_max_wait_secs
+                .map_or(defaults.max_background_wait, Duration::from_secs),
+            step_observer: None,
             models_dir: Some(engine::registry::models_dir(&data_dir)),
         };
         for p in &providers {
@@ -575,6 +595,16 @@ fn provider_config(name: &str, p: ProviderFile, env: &dyn Env) -> Result<Provide
     if timeout_secs == 0 {
         return err(format!("{}: must be at least 1", key("timeout_secs")));
     }
+    let defaults = QueueLimits::default();
+    let concurrency = p.concurrency.unwrap_or(defaults.capacity);
+    if concurrency == 0 {
+        return err(format!("{}: must be at least 1", key("concurrency")));
+    }
+    let queue = QueueLimits {
+        capacity: concurrency,
+        background_queue: p.flex_queue.unwrap_or(defaults.background_queue),
+        max_background_wait: p.flex_max_wait_secs.map_or(defaults.max_background_wait, Duration::from_secs),
+    };
     Ok(ProviderConfig {
         name: name.to_owned(),
         base_url: p.base_url,
@@ -583,6 +613,7 @@ fn provider_config(name: &str, p: ProviderFile, env: &dyn Env) -> Result<Provide
         discount_percent,
         timeout: Duration::from_secs(timeout_secs),
         max_retries: p.max_retries.unwrap_or(2),
+        queue,
     })
 }
 

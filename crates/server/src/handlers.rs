@@ -35,7 +35,7 @@ pub async fn generations(
     let caller = caller.map(|Extension(c)| c);
     let links = links::plan(&state, &headers, &mut options, route.family, caller.as_ref().map(|c| c.0.id.as_str()))?;
     let job = ImageJob::Generate(GenerateRequest { prompt, options });
-    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links }).await
+    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links, tier: None }).await
 }
 
 pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerResult {
@@ -73,7 +73,7 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
         api::images::check_mask(m, &images[0])?;
     }
     let job = ImageJob::Edit(EditRequest { prompt, images, mask, input_fidelity, options });
-    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links }).await
+    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links, tier: None }).await
 }
 
 /// `POST /v1/images/variations`: multipart with one `image`, as OpenAI's (dall-e-2), or for a local model.
@@ -110,7 +110,7 @@ pub async fn variations(State(state): State<AppState>, request: Request) -> Hand
     api::images::check_inputs(&images, route.family, &model)?;
     let Some(image) = images.into_iter().next() else { return Err(ApiError::missing("image").into()) };
     let job = ImageJob::Variation(VariationRequest { image, options });
-    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links }).await
+    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links, tier: None }).await
 }
 
 fn wants_fingerprint(state: &AppState, headers: &HeaderMap) -> bool {
@@ -532,6 +532,11 @@ fn content_type(headers: &HeaderMap) -> &str {
 fn is_json(ct: &str) -> bool {
     let essence = ct.split(';').next().unwrap_or("").trim();
     essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")
+}
+
+/// `GET /metrics`: the OpenMetrics exposition (no key: it names no key, project or secret).
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], state.metrics.render()).into_response()
 }
 
 #[cfg(test)]

@@ -24,10 +24,11 @@ use api::ApiError;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use domain::{ImageJob, ImageOptions, ImageResult, ModelFamily, Resolved, StreamEvent};
+use domain::{ImageJob, ImageOptions, ImageResult, ModelFamily, Resolved, ServiceTier, StreamEvent, Tier};
 use futures_util::StreamExt;
 use ledger::{CostSource, RequestStatus};
 use pricing::Cost;
+use providers::schedule::{Place, Priority, Refusal, RefusalReason};
 use providers::{CancellationToken, EventStream, ProviderError, ProviderOutput};
 use rust_decimal::Decimal;
 use tokio::sync::{mpsc, oneshot};
@@ -63,6 +64,48 @@ pub struct Who {
     pub fingerprint: Option<String>,
     /// Where the response's images are stored and linked (`response_format=url`), if they are.
     pub links: Option<crate::links::Links>,
+    /// The tier it runs at when the server decides it (a batch's line); `None`: the request's
+    /// `service_tier`.
+    pub tier: Option<Tier>,
+}
+
+/// The tier a request runs at: what it asked for (`auto` and none: the default tier).
+pub fn tier_of(options: &ImageOptions) -> Tier {
+    match options.service_tier {
+        Some(ServiceTier::Flex) => Tier::Flex,
+        Some(ServiceTier::Default | ServiceTier::Auto) | None => Tier::Default,
+    }
+}
+
+/// The priority of a tier's work in its provider's queue.
+pub fn priority(tier: Tier) -> Priority {
+    if tier.is_background() { Priority::Background } else { Priority::Interactive }
+}
+
+/// Background work its provider cannot take in time: OpenAI's flex answer (429 "Resource
+/// Unavailable"), with when to retry. Nothing was held or charged for it.
+pub fn resource_unavailable(provider: &str, tier: Tier, refusal: &Refusal) -> ApiError {
+    let retry = refusal.retry_after.as_secs().max(1);
+    let why = match refusal.reason {
+        RefusalReason::QueueFull => {
+            format!("the {tier} queue of provider '{provider}' is full ({} requests waiting)", refusal.waiting)
+        }
+        RefusalReason::WaitTooLong => format!(
+            "the expected wait on provider '{provider}' ({} s) is longer than its {tier} tier allows",
+            refusal.expected_wait.as_secs()
+        ),
+    };
+    let mut e = ApiError::new(
+        429,
+        "requests",
+        None,
+        Some("resource_unavailable"),
+        format!(
+            "Resource Unavailable: {why}. Nothing was charged. Retry in about {retry} s, or send the request with service_tier 'default'."
+        ),
+    );
+    e.retry_after = Some(retry);
+    e
 }
 
 /// Admits, holds, runs and bills `job`, and answers with its response: JSON, or server-sent events
@@ -70,12 +113,17 @@ pub struct Who {
 /// `imagegate` body extension; a stream carries it in each completed event.
 pub async fn execute(
     state: &AppState,
-    route: Route,
+    mut route: Route,
     job: ImageJob,
     headers: &HeaderMap,
     who: Who,
 ) -> Result<Response, HttpError> {
     let request_id = request_id(headers).to_owned();
+    let tier = who.tier.unwrap_or_else(|| tier_of(job.options()));
+    route.tier = tier;
+    if let Some(fallback) = route.fallback.as_mut() {
+        fallback.tier = tier;
+    }
     let job = Arc::new(job);
     // The prompt's tokens, counted once, off the async runtime.
     let text_tokens = {
@@ -86,6 +134,7 @@ pub async fn execute(
     };
     let options = job.options().clone();
     let provider = route.provider.name().to_owned();
+    let place;
     // Before any provider runs: the key's model list, rate limit, idempotency, and the worst case held.
     let ticket = match &state.ledger {
         Some(ledger) => {
@@ -97,8 +146,18 @@ pub async fn execute(
                 provider: provider.clone(),
                 n: u32::from(options.n.max(1)),
                 billing_basis: billing_basis(state, &route.upstream_model),
+                tier,
             };
-            match accounts::admit(ledger, who.caller.as_ref(), headers, info, who.fingerprint.as_deref()).await? {
+            match accounts::admit(
+                ledger,
+                &state.metrics,
+                who.caller.as_ref(),
+                headers,
+                info,
+                who.fingerprint.as_deref(),
+            )
+            .await?
+            {
                 Admit::Replay(stored) => {
                     let mut response = json_response(stored.body.into_bytes());
                     response.headers_mut().insert(accounts::REPLAYED_HEADER, HeaderValue::from_static("true"));
@@ -108,6 +167,12 @@ pub async fn execute(
                     return Ok(response);
                 }
                 Admit::Go(admission) => {
+                    // Its place in the provider's queue before anything is held: background work that
+                    // cannot be served in time is refused now, with nothing held or charged.
+                    place = match take_place(state, &route) {
+                        Ok(p) => p,
+                        Err(e) => return Err(HttpError(admission.refused(e).await)),
+                    };
                     let ttl = state.reservation_ttl_ms;
                     let mut worst = billing::worst_case(state, &route, &job, text_tokens, ttl);
                     // A route that may fall back to a replacement holds the dearer of the two.
@@ -121,10 +186,14 @@ pub async fn execute(
                 }
             }
         }
-        None => None,
+        None => {
+            place = take_place(state, &route).map_err(HttpError)?;
+            None
+        }
     };
     let run = Run {
         state: state.clone(),
+        place: Some(place),
         route,
         job,
         options,
@@ -146,9 +215,19 @@ pub async fn execute(
 
 type Reply = oneshot::Sender<Result<Response, ApiError>>;
 
+/// A place in `route`'s provider queue at its tier's priority, or the refusal (counted in the metrics).
+fn take_place(state: &AppState, route: &Route) -> Result<Place, ApiError> {
+    route.provider.queue().place(priority(route.tier)).map_err(|refusal| {
+        state.metrics.refused(route.provider.name(), route.tier, refusal.reason);
+        resource_unavailable(route.provider.name(), route.tier, &refusal)
+    })
+}
+
 /// A job on its own task.
 struct Run {
     state: AppState,
+    /// The job's place in its provider's queue, taken before its hold (used by the first attempt).
+    place: Option<Place>,
     route: Route,
     job: Arc<ImageJob>,
     options: ImageOptions,
@@ -190,6 +269,7 @@ impl Run {
                     "the provider has no such model: its replacement serves the request"
                 );
                 self.route = *fallback;
+                self.place = None;
                 let basis = billing_basis(&self.state, &self.route.upstream_model);
                 if let Some(t) = self.ticket.as_mut() {
                     t.served_by(&self.route.upstream_model, self.route.provider.name(), basis);
@@ -208,9 +288,13 @@ impl Run {
 
     /// Runs the provider once. While it works, the client is watched: one that goes away abandons the
     /// job, which still runs to its end here (the local engine stops early, an upstream does not).
-    async fn attempt(&self, reply: &mut Reply) -> Result<ProviderOutput, ProviderError> {
+    async fn attempt(&mut self, reply: &mut Reply) -> Result<ProviderOutput, ProviderError> {
         let provider = Arc::clone(&self.route.provider);
-        let run = provider.run(&self.route.upstream_model, &self.job, &self.abandoned);
+        let place = match self.place.take() {
+            Some(place) => place,
+            None => take_place(&self.state, &self.route).map_err(ProviderError::Api)?,
+        };
+        let run = provider.run(&self.route.upstream_model, &self.job, place, &self.abandoned);
         tokio::pin!(run);
         tokio::select! {
             output = &mut run => output,
@@ -236,6 +320,8 @@ impl Run {
             return;
         };
         let (cost, source) = match &e {
+            // Never started (the client left while it waited for its turn): nothing was incurred.
+            ProviderError::Cancelled { compute_ms: 0 } => (None, CostSource::None),
             // The local engine stopped early: the compute time it used is what it incurred.
             ProviderError::Cancelled { compute_ms } => self.compute_used(*compute_ms, &ticket),
             // Abandoned, and the upstream never said whether it finished: what it billed cannot be
@@ -371,13 +457,13 @@ impl Run {
         let _ = reply.send(Ok(response));
     }
 
-    /// Says what ran: `x-imagegate-served-by`, and `x-imagegate-service-tier` (every request runs and
-    /// is billed at the default tier until flex scheduling exists: a `flex` request is not discounted).
+    /// Says what ran: `x-imagegate-served-by`, and `x-imagegate-service-tier` (the tier it ran and is
+    /// billed at).
     fn served_by_header(&self, response: &mut Response) {
         if let Ok(value) = HeaderValue::from_str(&self.route.served_by()) {
             response.headers_mut().insert(SERVED_BY_HEADER, value);
         }
-        response.headers_mut().insert(SERVICE_TIER_HEADER, HeaderValue::from_static(billing::SERVED_TIER));
+        response.headers_mut().insert(SERVICE_TIER_HEADER, HeaderValue::from_static(self.route.tier.as_str()));
     }
 
     async fn stream(mut self, mut events: EventStream, reply: Reply) {

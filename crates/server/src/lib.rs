@@ -19,6 +19,7 @@ pub mod estimates;
 mod handlers;
 pub mod jobs;
 pub mod links;
+pub mod metrics;
 pub mod remote;
 pub mod routing;
 
@@ -84,6 +85,8 @@ pub struct AppState {
     pub public_url: Option<Arc<str>>,
     /// Which input image URLs the server fetches (`[remote_images]`); `None`: none.
     pub remote_images: Option<Arc<remote::RemoteImages>>,
+    /// What `GET /metrics` shows.
+    pub metrics: metrics::Metrics,
 }
 
 impl AppState {
@@ -92,9 +95,14 @@ impl AppState {
         // Every billed response counts its prompt's tokens: have the encoder ready by the first one.
         pricing::warm_up_token_counter();
         config.limits.check()?;
+        let metrics = metrics::Metrics::new();
         let mut providers: Vec<routing::ProviderModels> = Vec::new();
         if !config.local_models.is_empty() {
-            let local = LocalProvider::new(config::LOCAL_PROVIDER, config.local_models.clone(), config.engine.clone())
+            let mut engine = config.engine.clone();
+            let steps = metrics.clone();
+            engine.step_observer =
+                Some(providers::local::StepObserver(Arc::new(move |model, took| steps.step(model, took))));
+            let local = LocalProvider::new(config::LOCAL_PROVIDER, config.local_models.clone(), engine)
                 .map_err(|e| ConfigError(format!("models: {e}")))?;
             let models = local.model_names().into_iter().map(|m| (m, domain::ModelFamily::Local)).collect();
             providers.push(routing::ProviderModels {
@@ -107,6 +115,7 @@ impl AppState {
             let mut upstream = UpstreamConfig::new(&p.name, &p.base_url, p.api_key.clone());
             upstream.timeout = p.timeout;
             upstream.max_retries = p.max_retries;
+            upstream.queue = p.queue;
             let provider =
                 OpenAiUpstream::new(upstream).map_err(|e| ConfigError(format!("providers.{}: {e}", p.name)))?;
             providers.push(routing::ProviderModels {
@@ -114,6 +123,9 @@ impl AppState {
                 models: p.models.clone(),
                 discount_percent: p.discount_percent,
             });
+        }
+        for p in &providers {
+            metrics.watch_queue(p.provider.name(), p.provider.queue());
         }
         let slowest_upstream = config.providers.iter().max_by_key(|p| p.timeout).map(|p| (p.name.clone(), p.timeout));
         let catalog = Catalog::with_lifecycles(providers, config.aliases.clone(), config.lifecycles())?;
@@ -136,6 +148,7 @@ impl AppState {
             body_budget: body::BodyBudget::new(config.limits.max_body_bytes_in_flight),
             public_url: None,
             remote_images: config.remote_images.clone().map(Arc::new),
+            metrics,
         })
     }
 
@@ -235,6 +248,7 @@ pub fn app(state: AppState) -> Router {
         .route("/images/{id}/content", get(links::content));
     let routes = Router::new()
         .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
         .nest("/v1", v1)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)

@@ -31,6 +31,8 @@ pub struct Route {
     /// Where the request goes instead when the provider answers that the model does not exist (with
     /// none, the client is told of the model's shutdown: [`Catalog::shut_down_refusal`]).
     pub fallback: Option<Box<Route>>,
+    /// The tier the request runs and is billed at ([`crate::jobs::execute`] sets it; `Default` until).
+    pub tier: domain::Tier,
 }
 
 impl Route {
@@ -260,6 +262,7 @@ impl Catalog {
             discount_percent: self.discounts[entry.provider],
             replaces: None,
             fallback: None,
+            tier: domain::Tier::Default,
         }
     }
 

@@ -193,13 +193,13 @@ async fn a_replacement_upstream_model_is_billed_at_its_own_price() {
     assert_eq!(g.upstream_requests_for("gpt-image-1-mini"), 0);
     // The upstream's usage (196 output tokens: gpt-image-2, low, 1024x1024) at gpt-image-2's prices.
     assert_eq!(r.body["usage"]["output_tokens"], 196);
-    // Asked for flex, which is not scheduled yet: it runs and is billed as default, and says so.
+    // The same on gpt-image-2 by its own name, at the flex tier: half the price, and says so.
     let direct = json!({"model": "gpt-image-2", "prompt": "a lighthouse", "size": "1024x1024", "quality": "low",
         "service_tier": "flex"});
     let d = g.post("images/generations", direct).await;
-    assert_eq!(cost(&r), cost(&d));
+    assert_eq!(cost(&r), cost(&d) * rust_decimal::Decimal::TWO);
     assert_eq!(r.headers["x-imagegate-service-tier"], "default");
-    assert_eq!(d.headers["x-imagegate-service-tier"], "default");
+    assert_eq!(d.headers["x-imagegate-service-tier"], "flex");
     let row = g.row(&r).await;
     assert_eq!(
         (row.entry.model.as_str(), row.entry.requested_model.as_deref()),

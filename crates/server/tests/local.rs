@@ -558,3 +558,84 @@ async fn an_abandoned_local_job_pays_for_the_compute_it_used_postgres() {
     an_abandoned_local_job_pays_for_the_compute_it_used(&db).await;
     db.finish().await.unwrap();
 }
+
+impl Local {
+    async fn metrics(&self) -> String {
+        let base = self.url.trim_end_matches("/v1");
+        self.http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap()
+    }
+
+    /// Waits until the metrics show `line` (a series and its value).
+    async fn until_metric(&self, line: &str) {
+        for _ in 0..400 {
+            if self.metrics().await.lines().any(|l| l == line) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the metrics never showed {line}:\n{}", self.metrics().await);
+    }
+}
+
+/// With the engine busy with default work, a flex request waits, and default work that arrives after
+/// it runs first; a flex request beyond the flex queue is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flex_work_waits_behind_default_work_and_a_full_flex_queue_refuses_at_once() {
+    let s = std::sync::Arc::new(serve("[engine]\nflex_queue = 1\n").await);
+    let busy = s.running_stream(150).await;
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let spawn = |body: Value, label: &'static str| {
+        let (s, done) = (std::sync::Arc::clone(&s), done_tx.clone());
+        tokio::spawn(async move {
+            let r = s.generate(body).await;
+            done.send(label).unwrap();
+            r
+        })
+    };
+    let flex =
+        spawn(json!({"model": "tiny", "prompt": "flex", "size": "64x64", "steps": 2, "service_tier": "flex"}), "flex");
+    s.until_metric("imagegate_queue_waiting{provider=\"local\",class=\"background\"} 1").await;
+    let (status, headers, body) =
+        s.generate(json!({"model": "tiny", "prompt": "more", "size": "64x64", "service_tier": "flex"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("resource_unavailable")), "{body}");
+    assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    // Default work sent after the flex request runs before it.
+    let default = spawn(json!({"model": "tiny", "prompt": "default", "size": "64x64", "steps": 2}), "default");
+    let rest = busy.text().await.unwrap();
+    assert!(rest.contains("image_generation.completed"), "{rest}");
+    assert_eq!((done.recv().await, done.recv().await), (Some("default"), Some("flex")));
+    let (flex, default) = (flex.await.unwrap(), default.await.unwrap());
+    assert_eq!((flex.0, default.0), (200, 200), "{}", flex.2);
+    assert_eq!(flex.1["x-imagegate-service-tier"], "flex");
+    assert_eq!(flex.2["imagegate"]["service_tier"], "flex");
+    let lines = flex.2["imagegate"]["lines"].as_array().unwrap();
+    assert!(lines.iter().any(|l| l["item"] == "service tier 'flex' (x0.5)"), "{lines:?}");
+    assert!(s.metrics().await.contains("imagegate_engine_step_seconds_count{model=\"tiny\"}"));
+}
+
+/// A default request that arrives while a long flex job runs is served between two of its steps: it
+/// finishes while the flex job is still running, and the flex job then finishes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn default_work_runs_between_the_steps_of_a_running_flex_job() {
+    let s = serve("").await;
+    let mut flex = s
+        .post("generations")
+        .json(&json!({"model": "tiny", "prompt": "otter", "size": "64x64", "steps": 150, "stream": true,
+            "partial_images": 3, "service_tier": "flex"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(flex.headers()["x-imagegate-service-tier"], "flex");
+    let mut seen = String::new();
+    while !seen.contains("partial_image") {
+        let chunk = flex.chunk().await.unwrap().expect("the stream ended before its first partial image");
+        seen.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let (status, _, body) = s.generate(json!({"model": "tiny", "prompt": "now", "size": "64x64", "steps": 2})).await;
+    assert_eq!(status, 200, "{body}");
+    // The flex job is still on the engine.
+    let m = s.metrics().await;
+    assert!(m.contains("imagegate_queue_running{provider=\"local\",class=\"background\"} 1"), "{m}");
+    let rest = flex.text().await.unwrap();
+    assert!(rest.contains("image_generation.completed"), "{rest}");
+}
