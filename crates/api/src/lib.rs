@@ -5,6 +5,7 @@
 //! results come back as `domain` types and leave as OpenAI's JSON and streaming events. Every error a
 //! client can see is an [`ApiError`] in OpenAI's envelope.
 
+pub mod batch;
 pub mod buffer;
 mod error;
 pub mod estimates;

@@ -631,6 +631,7 @@ impl Ledger {
             .execute(&self.pool)
             .await?;
         }
+        self.renew_line_claims(expires_ms).await?;
         Ok(renewed)
     }
 

@@ -48,6 +48,7 @@
 //! - **Time comes from a [`Clock`]**, so period resets and expiry are testable.
 //! - **The ledger is append-only** and written in one place ([`usage`]).
 
+pub mod batches;
 pub mod budget;
 mod clock;
 mod db;
@@ -60,6 +61,7 @@ mod rate;
 pub mod testing;
 pub mod usage;
 
+pub use batches::{BatchPart, BatchRecord, ClaimedLine, DoneLine, FileContent, FileRecord, NewBatch, RequestCounts};
 pub use budget::{
     Budget, BudgetOwner, BudgetUsage, HeldRequest, Period, Refusal, RefusalReason, Reservation, Reserve, Settlement,
 };

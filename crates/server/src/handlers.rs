@@ -26,6 +26,7 @@ pub async fn generations(
     request: Request,
 ) -> HandlerResult {
     let headers = request.headers().clone();
+    let tier = line_tier(&request);
     let body = read_body(&state, request, generation_body_limit(&state)).await?;
     let fingerprint = wants_fingerprint(&state, &headers).then(|| ledger::fingerprint(&body));
     let map = json_body(&headers, body).await?;
@@ -35,11 +36,33 @@ pub async fn generations(
     let caller = caller.map(|Extension(c)| c);
     let links = links::plan(&state, &headers, &mut options, route.family, caller.as_ref().map(|c| c.0.id.as_str()))?;
     let job = ImageJob::Generate(GenerateRequest { prompt, options });
-    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links, tier: None }).await
+    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links, tier }).await
+}
+
+/// A batch's line runs at the batch tier.
+fn line_tier(request: &Request) -> Option<domain::Tier> {
+    request.extensions().get::<crate::batches::LineOwner>().map(|_| domain::Tier::Batch)
+}
+
+/// Checks a JSON request `body` for `kind` as its endpoint would before running it (fields, model,
+/// the model's rules), without running it: what a batch's input file is checked against.
+pub(crate) fn check_json_request(state: &AppState, kind: JobKind, body: &Map<String, Value>) -> Result<(), ApiError> {
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Err(ApiError::invalid_value_msg("stream", "A batch's requests cannot be streamed.".to_owned()));
+    }
+    let image_fields: &[&str] = if kind == JobKind::Edit { &["images", "mask"] } else { &[] };
+    let raw = RawRequest::parse(&Fields::Json(body), kind, image_fields)?;
+    let (model, route) = route(state, &raw, kind).map_err(|e| e.0)?;
+    raw.validate(&route.display_name(&model), route.family, kind)?;
+    if kind == JobKind::Edit && !body.contains_key("images") {
+        return Err(ApiError::missing("images"));
+    }
+    Ok(())
 }
 
 pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerResult {
     let headers = request.headers().clone();
+    let tier = line_tier(&request);
     let caller = request.extensions().get::<Caller>().cloned();
     let ct = content_type(&headers).to_owned();
     let form = if ct.starts_with("multipart/form-data") {
@@ -73,7 +96,7 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
         api::images::check_mask(m, &images[0])?;
     }
     let job = ImageJob::Edit(EditRequest { prompt, images, mask, input_fidelity, options });
-    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links, tier: None }).await
+    execute(&state, route, job, &headers, Who { caller, model, fingerprint, links, tier }).await
 }
 
 /// `POST /v1/images/variations`: multipart with one `image`, as OpenAI's (dall-e-2), or for a local model.

@@ -9,6 +9,7 @@
 pub mod accounts;
 mod admin;
 pub mod auth;
+pub mod batches;
 pub mod billing;
 pub mod body;
 mod budget;
@@ -87,6 +88,8 @@ pub struct AppState {
     pub remote_images: Option<Arc<remote::RemoteImages>>,
     /// What `GET /metrics` shows.
     pub metrics: metrics::Metrics,
+    /// Wakes the batch worker (a batch was created, a line finished).
+    pub batch_wakeup: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
@@ -149,6 +152,7 @@ impl AppState {
             public_url: None,
             remote_images: config.remote_images.clone().map(Arc::new),
             metrics,
+            batch_wakeup: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -180,9 +184,11 @@ impl AppState {
         }
         let stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(upkeep(ledger.clone(), upkeep_interval(reservation_ttl), stop.clone()));
-        self.upkeep = Some(Arc::new(stop.drop_guard()));
         self.ledger = Some(ledger);
         self.reservation_ttl_ms = u64::try_from(reservation_ttl.as_millis()).unwrap_or(u64::MAX);
+        // The worker's state holds no upkeep guard: the last clone outside it stops both.
+        tokio::spawn(batches::worker(self.clone(), stop.clone()));
+        self.upkeep = Some(Arc::new(stop.drop_guard()));
         Ok(self)
     }
 
@@ -243,6 +249,17 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/keys/{id}", axum::routing::delete(admin::revoke_key).post(admin::update_key))
         .route("/organization/usage/images", get(admin::usage_images))
         .route("/organization/costs", get(admin::costs))
+        .route(
+            "/files",
+            post(batches::upload)
+                .layer(DefaultBodyLimit::max(api::batch::MAX_BATCH_FILE_BYTES))
+                .get(batches::list_files),
+        )
+        .route("/files/{id}", get(batches::get_file).delete(batches::delete_file))
+        .route("/files/{id}/content", get(batches::file_content))
+        .route("/batches", post(batches::create_batch).get(batches::list_batches))
+        .route("/batches/{id}", get(batches::get_batch))
+        .route("/batches/{id}/cancel", post(batches::cancel_batch))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         // Image URLs need no key: their unguessable id is the capability.
         .route("/images/{id}/content", get(links::content));

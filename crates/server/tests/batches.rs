@@ -1,0 +1,181 @@
+//! The Files and Batch APIs against the fake upstream: a batch runs every line once at the batch tier
+//! (half price) and its output file has every answer; a batch with one bad line fails whole with that
+//! line's error and runs nothing; another key finds nothing of someone else's.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Gateway, gateway, medium};
+use ledger::testing::TestDatabase;
+use ledger::{Budget, NewKey, Period, RequestStatus};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+
+async fn funded_key(g: &Gateway, name: &str) -> (String, String) {
+    let created = g
+        .ledger
+        .create_key(NewKey { budget: Some(Budget::capped(Period::Total, Decimal::TEN)), ..NewKey::user(name) })
+        .await
+        .unwrap();
+    (created.secret, created.key.id)
+}
+
+fn jsonl(lines: &[Value]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+fn line(custom_id: &str, body: Value) -> Value {
+    json!({"custom_id": custom_id, "method": "POST", "url": "/v1/images/generations", "body": body})
+}
+
+async fn upload(g: &Gateway, key: &str, content: String) -> Value {
+    let part = reqwest::multipart::Part::text(content).file_name("batch.jsonl");
+    let form = reqwest::multipart::Form::new().text("purpose", "batch").part("file", part);
+    let r = g.http.post(format!("{}/files", g.url)).bearer_auth(key).multipart(form).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    r.json().await.unwrap()
+}
+
+async fn get(g: &Gateway, key: &str, path: &str) -> (u16, String) {
+    let r = g.http.get(format!("{}/{path}", g.url)).bearer_auth(key).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn create(g: &Gateway, key: &str, file_id: &str) -> Value {
+    let body = json!({"input_file_id": file_id, "endpoint": "/v1/images/generations", "completion_window": "24h",
+        "metadata": {"job": "test"}});
+    let r = g.http.post(format!("{}/batches", g.url)).bearer_auth(key).json(&body).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    r.json().await.unwrap()
+}
+
+async fn until_done(g: &Gateway, key: &str, id: &str) -> Value {
+    for _ in 0..600 {
+        let (status, text) = get(g, key, &format!("batches/{id}")).await;
+        assert_eq!(status, 200, "{text}");
+        let batch: Value = serde_json::from_str(&text).unwrap();
+        if ["completed", "failed", "expired", "cancelled"].contains(&batch["status"].as_str().unwrap()) {
+            return batch;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the batch {id} never finished");
+}
+
+async fn a_batch_runs_each_line_once_at_half_price(db: &TestDatabase) {
+    let g = gateway(db).await;
+    let (key, key_id) = funded_key(&g, "batcher").await;
+    let lines: Vec<Value> = (0..20).map(|i| line(&format!("req-{i}"), medium(&format!("a fox <{i}>")))).collect();
+    let file = upload(&g, &key, jsonl(&lines)).await;
+    assert_eq!((file["object"].as_str(), file["purpose"].as_str()), (Some("file"), Some("batch")));
+    let batch = create(&g, &key, file["id"].as_str().unwrap()).await;
+    assert_eq!((batch["object"].as_str(), batch["metadata"]["job"].as_str()), (Some("batch"), Some("test")));
+    let id = batch["id"].as_str().unwrap();
+    let done = until_done(&g, &key, id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["request_counts"], json!({"total": 20, "completed": 20, "failed": 0}));
+    assert!(done["error_file_id"].is_null());
+    let (status, output) = get(&g, &key, &format!("files/{}/content", done["output_file_id"].as_str().unwrap())).await;
+    assert_eq!(status, 200);
+    let out: Vec<Value> = output.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(out.len(), 20);
+    let one_default = g.generate_with(Some(&key), medium("a fox <0>"), None).await;
+    let mut charged = Decimal::ZERO;
+    for (i, o) in out.iter().enumerate() {
+        assert_eq!(o["custom_id"], format!("req-{i}"));
+        assert_eq!(o["response"]["status_code"], 200);
+        assert!(o["response"]["body"]["data"][0]["b64_json"].as_str().unwrap().len() > 100);
+        assert_eq!(o["response"]["body"]["imagegate"]["service_tier"], "batch");
+        let row = g.row_of(o["response"]["request_id"].as_str().unwrap()).await;
+        assert_eq!((row.status, row.entry.tier.as_str()), (RequestStatus::Succeeded, "batch"));
+        charged += row.cost_usd;
+    }
+    // Every line ran once upstream, and each cost half the same request at the default tier.
+    for i in 0..20 {
+        let expected = if i == 0 { 2 } else { 1 };
+        assert_eq!(g.fake.count(&format!("<{i}>")), expected, "line {i}");
+    }
+    let first = g.row_of(out[0]["response"]["request_id"].as_str().unwrap()).await;
+    assert_eq!(first.cost_usd * Decimal::TWO, one_default.cost());
+    let (spent, held) = g.money(&key_id).await;
+    assert_eq!((spent, held), (charged + one_default.cost(), Decimal::ZERO));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_runs_each_line_once_at_half_price_sqlite() {
+    a_batch_runs_each_line_once_at_half_price(&TestDatabase::sqlite().unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_runs_each_line_once_at_half_price_postgres() {
+    let Some(db) = TestDatabase::postgres().await.unwrap() else { return };
+    a_batch_runs_each_line_once_at_half_price(&db).await;
+    db.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_with_a_bad_line_fails_whole_and_runs_nothing() {
+    let db = TestDatabase::sqlite().unwrap();
+    let g = gateway(&db).await;
+    let (key, key_id) = funded_key(&g, "batcher").await;
+    let mut bad = medium("a bad fox");
+    bad["size"] = json!("999x999");
+    let lines = [line("a", medium("a good fox")), line("b", bad), line("a", medium("a twin fox"))];
+    let file = upload(&g, &key, jsonl(&lines)).await;
+    let batch = create(&g, &key, file["id"].as_str().unwrap()).await;
+    assert_eq!(batch["status"], "failed", "{batch}");
+    let errors = batch["errors"]["data"].as_array().unwrap();
+    let got: Vec<(u64, &str, Option<&str>)> = errors
+        .iter()
+        .map(|e| (e["line"].as_u64().unwrap(), e["code"].as_str().unwrap(), e["param"].as_str()))
+        .collect();
+    assert_eq!(got, [(2, "invalid_value", Some("body.size")), (3, "duplicate_custom_id", Some("custom_id"))]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(g.fake.count("fox"), 0);
+    assert_eq!(g.money(&key_id).await, (Decimal::ZERO, Decimal::ZERO));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_key_finds_nothing_of_someone_elses_files_and_batches() {
+    let db = TestDatabase::sqlite().unwrap();
+    let g = gateway(&db).await;
+    let (key, _) = funded_key(&g, "owner").await;
+    let (other, _) = funded_key(&g, "other").await;
+    let file = upload(&g, &key, jsonl(&[line("a", medium("a private fox"))])).await;
+    let file_id = file["id"].as_str().unwrap();
+    let batch = create(&g, &key, file_id).await;
+    let id = batch["id"].as_str().unwrap();
+    let done = until_done(&g, &key, id).await;
+    let output = done["output_file_id"].as_str().unwrap();
+    for path in [
+        format!("files/{file_id}"),
+        format!("files/{file_id}/content"),
+        format!("batches/{id}"),
+        format!("files/{output}/content"),
+    ] {
+        let (status, text) = get(&g, &other, &path).await;
+        assert_eq!(status, 404, "{path}: {text}");
+        let error: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(error["error"]["code"], "not_found");
+    }
+    let r = g
+        .http
+        .post(format!("{}/batches", g.url))
+        .bearer_auth(&other)
+        .json(&json!({"input_file_id": file_id, "endpoint": "/v1/images/generations", "completion_window": "24h"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let (_, list) = get(&g, &other, "batches").await;
+    assert_eq!(serde_json::from_str::<Value>(&list).unwrap()["data"], json!([]));
+    let (_, list) = get(&g, &key, "files?purpose=batch").await;
+    assert_eq!(serde_json::from_str::<Value>(&list).unwrap()["data"][0]["id"], file_id);
+    let r = g.http.delete(format!("{}/files/{file_id}", g.url)).bearer_auth(&other).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let r = g.http.delete(format!("{}/files/{file_id}", g.url)).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"id": file_id, "object": "file", "deleted": true}));
+}
