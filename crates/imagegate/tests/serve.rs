@@ -361,3 +361,151 @@ async fn a_budget_of_four_and_a_half_images_buys_four() {
     let table = cli(&["usage"], data.path());
     assert!(table.contains(&total.normalize().to_string()) && table.contains("tokens"), "{table}");
 }
+
+/// Uploads `lines` of gpt-image-2 requests (prompts `PREFIX <i>`) as a batch file and creates the batch.
+async fn submit_batch(url: &str, secret: &str, prefix: &str, lines: usize) -> String {
+    let http = reqwest::Client::new();
+    let content: String = (0..lines)
+        .map(|i| {
+            let body = json!({"model": "gpt-image-2", "prompt": format!("{prefix} <{i}>"), "quality": "low", "size": "1024x1024"});
+            format!("{}\n", json!({"custom_id": format!("line-{i}"), "method": "POST", "url": "/v1/images/generations", "body": body}))
+        })
+        .collect();
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part("file", reqwest::multipart::Part::text(content).file_name("batch.jsonl"));
+    let file: Value = http
+        .post(format!("{url}/files"))
+        .bearer_auth(secret)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let body = json!({"input_file_id": file["id"], "endpoint": "/v1/images/generations", "completion_window": "24h"});
+    let batch: Value =
+        http.post(format!("{url}/batches")).bearer_auth(secret).json(&body).send().await.unwrap().json().await.unwrap();
+    assert_eq!(batch["status"], "in_progress", "{batch}");
+    batch["id"].as_str().unwrap().to_owned()
+}
+
+async fn batch_status(url: &str, secret: &str, id: &str) -> Value {
+    let r = reqwest::Client::new().get(format!("{url}/batches/{id}")).bearer_auth(secret).send().await.unwrap();
+    r.json().await.unwrap()
+}
+
+/// Polls until the batch is finished (within `limit`).
+async fn finished_batch(url: &str, secret: &str, id: &str, limit: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let batch = batch_status(url, secret, id).await;
+        if batch["status"] == "completed" {
+            return batch;
+        }
+        assert!(started.elapsed() < limit, "the batch did not finish: {batch}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The output file's lines, checked: every line of the batch exactly once, each answered 200.
+async fn output_lines(url: &str, secret: &str, batch: &Value, lines: usize) -> Vec<Value> {
+    let output = batch["output_file_id"].as_str().unwrap();
+    let r =
+        reqwest::Client::new().get(format!("{url}/files/{output}/content")).bearer_auth(secret).send().await.unwrap();
+    let out: Vec<Value> = r.text().await.unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut ids: Vec<&str> = out.iter().map(|o| o["custom_id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    let mut expected: Vec<String> = (0..lines).map(|i| format!("line-{i}")).collect();
+    expected.sort_unstable();
+    assert_eq!(ids, expected);
+    assert!(out.iter().all(|o| o["response"]["status_code"] == 200));
+    out
+}
+
+/// Exactly one succeeded, batch-tier ledger row per line, and their charges are what the key spent.
+async fn one_charge_per_line(ledger: &Ledger, key_id: &str, out: &[Value]) {
+    let mut charged = Decimal::ZERO;
+    for o in out {
+        let rows = ledger.entries_for_request(o["response"]["request_id"].as_str().unwrap()).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].status, rows[0].entry.tier.as_str()), (ledger::RequestStatus::Succeeded, "batch"));
+        charged += rows[0].cost_usd;
+    }
+    let started = Instant::now();
+    loop {
+        let u = ledger.key_budget_usage(key_id).await.unwrap().unwrap();
+        if u.reserved_usd.is_zero() {
+            assert_eq!(u.spent_usd, charged, "the key paid for each line once");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "holds were never released");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Kill -9 an instance mid-batch and start another: the batch completes, every line appears once in
+/// the output, and the ledger has one charge per line.
+async fn a_batch_survives_its_instance_being_killed(db: TestDatabase) {
+    let fake = fake_openai::spawn().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
+    let options = Options { ttl_secs: Some(11), upstream_timeout_secs: Some(1) };
+    let (id, secret) =
+        key(&ledger, NewKey { budget: Some(Budget::capped(Period::Month, Decimal::TEN)), ..NewKey::user("batch") })
+            .await;
+    let doomed = serve(&db.url, &fake.base_url(), data.path(), options).await;
+    let lines = 16;
+    let batch = submit_batch(&doomed.url, &secret, "[fault:slow=300] crash", lines).await;
+    let started = Instant::now();
+    while batch_status(&doomed.url, &secret, &batch).await["request_counts"]["completed"].as_u64().unwrap() < 4 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the batch made no progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(doomed); // SIGKILL, with lines running.
+    let survivor = serve(&db.url, &fake.base_url(), data.path(), options).await;
+    let done = finished_batch(&survivor.url, &secret, &batch, Duration::from_secs(90)).await;
+    assert_eq!(done["request_counts"], json!({"total": lines, "completed": lines, "failed": 0}));
+    let out = output_lines(&survivor.url, &secret, &done, lines).await;
+    one_charge_per_line(&ledger, &id, &out).await;
+    drop(survivor);
+    ledger.close().await;
+    db.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_survives_its_instance_being_killed_sqlite() {
+    a_batch_survives_its_instance_being_killed(TestDatabase::sqlite().unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_survives_its_instance_being_killed_postgres() {
+    let Some(db) = TestDatabase::postgres().await.unwrap() else { return };
+    a_batch_survives_its_instance_being_killed(db).await;
+}
+
+/// Two instances on one PostgreSQL split one batch: every line runs upstream exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_split_one_batch_and_run_no_line_twice() {
+    let Some(db) = TestDatabase::postgres().await.unwrap() else { return };
+    let fake = fake_openai::spawn().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
+    let (id, secret) =
+        key(&ledger, NewKey { budget: Some(Budget::capped(Period::Month, Decimal::TEN)), ..NewKey::user("batch") })
+            .await;
+    let a = serve(&db.url, &fake.base_url(), data.path(), Options::default()).await;
+    let b = serve(&db.url, &fake.base_url(), data.path(), Options::default()).await;
+    let lines = 24;
+    let batch = submit_batch(&a.url, &secret, "[fault:slow=150] shared", lines).await;
+    let done = finished_batch(&b.url, &secret, &batch, Duration::from_secs(90)).await;
+    let out = output_lines(&b.url, &secret, &done, lines).await;
+    for i in 0..lines {
+        assert_eq!(fake.count(&format!("shared <{i}>")), 1, "line {i} ran upstream once");
+    }
+    one_charge_per_line(&ledger, &id, &out).await;
+    drop((a, b));
+    ledger.close().await;
+    db.finish().await.unwrap();
+}

@@ -46,6 +46,7 @@ use uuid::Uuid;
 
 use crate::db::{Ledger, from_ms, to_i64, to_ms, to_u64};
 use crate::error::{LedgerError, Result};
+use crate::idempotency::Completion;
 use crate::money::{nanos_to_usd, usd_to_nanos_ceil, usd_to_nanos_floor, usd_to_nanos_half_up};
 use crate::usage::{CostSource, LedgerEntry, RequestStatus, TokenUsage, insert_entry};
 
@@ -497,7 +498,20 @@ impl Ledger {
         actual_cost_usd: Decimal,
         entry: &LedgerEntry,
     ) -> Result<Settlement> {
-        self.finish(reservation, actual_cost_usd, entry.n, RequestStatus::Succeeded, entry).await
+        self.finish(reservation, actual_cost_usd, entry.n, RequestStatus::Succeeded, entry, None).await
+    }
+
+    /// [`Ledger::settle`], storing the response of the request's `Idempotency-Key` in the same
+    /// transaction ([`Ledger::complete_idempotent`]): a retry after any crash either finds the request
+    /// charged and its response stored, or neither, so it never runs and is charged twice.
+    pub async fn settle_and_store(
+        &self,
+        reservation: Reservation,
+        actual_cost_usd: Decimal,
+        entry: &LedgerEntry,
+        completion: &Completion<'_>,
+    ) -> Result<Settlement> {
+        self.finish(reservation, actual_cost_usd, entry.n, RequestStatus::Succeeded, entry, Some(completion)).await
     }
 
     /// Gives back what is left of the hold and appends `entry` as a failed ledger row, charging
@@ -509,7 +523,7 @@ impl Ledger {
         cost_usd: Decimal,
         entry: &LedgerEntry,
     ) -> Result<Settlement> {
-        self.finish(reservation, cost_usd, entry.n, RequestStatus::Failed, entry).await
+        self.finish(reservation, cost_usd, entry.n, RequestStatus::Failed, entry, None).await
     }
 
     /// Ends a request: charges up to `total_usd` in all, never more than its hold; if the hold was
@@ -522,6 +536,7 @@ impl Ledger {
         images: u32,
         status: RequestStatus,
         entry: &LedgerEntry,
+        completion: Option<&Completion<'_>>,
     ) -> Result<Settlement> {
         let total = usd_to_nanos_half_up(total_usd)?.min(reservation.amount_nanos);
         let images = images.min(reservation.images);
@@ -601,6 +616,9 @@ impl Ledger {
                 &entry,
             )
             .await?;
+            if let Some(c) = completion {
+                self.store_idempotent(&mut tx, c).await?;
+            }
             tx.commit().await?;
             return Ok(settlement);
         }

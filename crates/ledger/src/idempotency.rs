@@ -56,6 +56,17 @@ pub fn fingerprint_parts(parts: &[&[u8]]) -> String {
     hex(&h.finalize())
 }
 
+/// The response to store for a request's `Idempotency-Key` as it settles.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion<'a> {
+    /// Whose idempotency keys: the API key's id (or the open server's owner).
+    pub key_id: &'a str,
+    pub idempotency_key: &'a str,
+    pub response: &'a str,
+    /// The cost header's value.
+    pub cost_usd: Option<&'a str>,
+}
+
 impl Ledger {
     /// Claims `idempotency_key` for this request, or says why not.
     pub async fn begin_idempotent(
@@ -131,6 +142,27 @@ impl Ledger {
         .bind(now_ms + self.retention_ms)
         .bind(cost_usd)
         .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// [`Ledger::complete_idempotent`] within `tx`.
+    pub(crate) async fn store_idempotent(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        c: &Completion<'_>,
+    ) -> Result<()> {
+        let now_ms = to_ms(self.clock.now());
+        sqlx::query(
+            "UPDATE idempotency SET state = 'completed', response = $3, cost_usd = $5, expires_at_ms = $4
+             WHERE key_id = $1 AND idempotency_key = $2 AND state = 'in_flight'",
+        )
+        .bind(c.key_id)
+        .bind(c.idempotency_key)
+        .bind(c.response)
+        .bind(now_ms + self.retention_ms)
+        .bind(c.cost_usd)
+        .execute(&mut **tx)
         .await?;
         Ok(())
     }

@@ -68,7 +68,7 @@ pub use budget::{
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use db::{Backend, Ledger, LedgerOptions, sqlite_url};
 pub use error::{LedgerError, Result};
-pub use idempotency::{Idempotency, StoredResponse, fingerprint, fingerprint_parts};
+pub use idempotency::{Completion, Idempotency, StoredResponse, fingerprint, fingerprint_parts};
 pub use images::StoredImage;
 pub use keys::{ApiKey, CreatedKey, KeyUpdate, NewKey, NewProject, Project, ProjectUpdate, RateLimits, Scope};
 pub use rate::{RateLimit, RateLimitKind};

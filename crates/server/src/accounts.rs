@@ -437,9 +437,39 @@ impl Ticket {
         let entry = a.entry(end.cost, end.error_code, end.images, end.quality, end.size, cost_source);
         let key = a.key.as_ref().map(|k| k.id.clone());
         a.counted(end.status, total);
+        let owner = a.owner();
+        // A request that produced its images is replayed to a retry (never run and charged twice),
+        // even when its client went away before the answer arrived; one that failed runs again.
+        let succeeded = end.status == RequestStatus::Succeeded;
+        let stored = match (&a.idempotency_key, succeeded) {
+            (Some(_), true) => Some(match end.response {
+                Some(body) if body.len() <= MAX_STORED_RESPONSE => String::from_utf8_lossy(body).into_owned(),
+                other => {
+                    let why =
+                        if other.is_some() { "too large to store" } else { "streamed, and streams are not stored" };
+                    NotStored { imagegate_not_stored: why.to_owned(), request_id: a.info.request_id.clone() }.to_json()
+                }
+            }),
+            _ => None,
+        };
+        let cost = end.cost.map(|c| c.total.min(self.worst.total).normalize().to_string());
+        let completion = match (&a.idempotency_key, &stored) {
+            (Some(idem), Some(response)) => {
+                Some(ledger::Completion { key_id: owner, idempotency_key: idem, response, cost_usd: cost.as_deref() })
+            }
+            _ => None,
+        };
         let mut outcome = Outcome::default();
+        let mut stored_with_charge = false;
         let result = match self.reservation.take() {
-            Some(r) if end.status == RequestStatus::Succeeded => a.ledger.settle(r, total, &entry).await,
+            // The charge and the stored response in one transaction.
+            Some(r) if succeeded => match &completion {
+                Some(c) => {
+                    stored_with_charge = true;
+                    a.ledger.settle_and_store(r, total, &entry, c).await
+                }
+                None => a.ledger.settle(r, total, &entry).await,
+            },
             Some(r) => a.ledger.release(r, total, &entry).await,
             None => a.ledger.record(key.as_deref(), end.status, total, &entry).await.map(|()| ledger::Settlement {
                 charged_usd: total,
@@ -460,22 +490,13 @@ impl Ticket {
             }
         }
         let Some(idem) = &a.idempotency_key else { return outcome };
-        let owner = a.owner();
-        // A request that produced its images is replayed to a retry (never run and charged twice),
-        // even when its client went away before the answer arrived; one that failed runs again.
-        if end.status != RequestStatus::Succeeded {
+        if !succeeded {
             a.forget(idem).await;
             return outcome;
         }
-        let stored = match end.response {
-            Some(body) if body.len() <= MAX_STORED_RESPONSE => String::from_utf8_lossy(body).into_owned(),
-            other => {
-                let why = if other.is_some() { "too large to store" } else { "streamed, and streams are not stored" };
-                NotStored { imagegate_not_stored: why.to_owned(), request_id: a.info.request_id.clone() }.to_json()
-            }
-        };
-        let cost = end.cost.map(|c| c.total.min(self.worst.total).normalize().to_string());
-        if let Err(e) = a.ledger.complete_idempotent(owner, idem, &stored, cost.as_deref()).await {
+        if let Some(c) = completion.filter(|_| !stored_with_charge)
+            && let Err(e) = a.ledger.complete_idempotent(owner, idem, c.response, c.cost_usd).await
+        {
             tracing::error!(error = %e, "could not store an idempotent response");
         }
         outcome
