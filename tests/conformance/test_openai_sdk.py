@@ -494,3 +494,114 @@ def test_code_naming_gpt_image_1_mini_keeps_working(config, served_by):
         r = raw.parse()
         assert decode(r.data[0].b64_json).width > 0
         assert client.models.retrieve("gpt-image-1-mini").shutdown_date == "2026-12-01"
+
+
+# ---------------------------------------------------------------------------------------------
+# The flex tier, the Files and Batch APIs, /metrics
+
+
+def batch_file(lines: list[dict]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def generation_line(i: int, body: dict) -> dict:
+    return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/images/generations", "body": body}
+
+
+def run_batch(client: OpenAI, lines: list[dict], timeout_s: float = 120):
+    uploaded = client.files.create(file=("batch.jsonl", batch_file(lines)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
+    )
+    deadline = time.monotonic() + timeout_s
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, f"batch {batch.id} still {batch.status}"
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    return batch
+
+
+def check_batch_output(client: OpenAI, batch, n: int) -> None:
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (n, n, 0)
+    out = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert [o["custom_id"] for o in out] == [f"req-{i}" for i in range(n)]
+    for o in out:
+        assert o["error"] is None and o["response"]["status_code"] == 200
+        assert decode(o["response"]["body"]["data"][0]["b64_json"]).width > 0
+        assert o["response"]["body"]["imagegate"]["service_tier"] == "batch"
+
+
+def test_batch_of_20_generations(client):
+    lines = [
+        generation_line(i, {"model": "gpt-image-1-mini", "prompt": f"an otter, take {i}", "size": "1024x1024", "quality": "low"})
+        for i in range(20)
+    ]
+    check_batch_output(client, run_batch(client, lines), 20)
+    listed = client.batches.list(limit=5)
+    assert listed.data and listed.data[0].object == "batch"
+
+
+def test_batch_of_20_on_a_local_model():
+    config = '[models.tiny]\npath = "{model}"\nprofile = "turbo"\n'
+    with launch(config, local_model=True) as s:
+        client = OpenAI(api_key=GATEWAY_KEY, base_url=f"{s.gateway_url}/v1", timeout=120)
+        lines = [
+            generation_line(i, {"model": "tiny", "prompt": f"an otter, take {i}", "size": "64x64", "seed": i})
+            for i in range(20)
+        ]
+        check_batch_output(client, run_batch(client, lines), 20)
+
+
+def test_a_batch_with_one_bad_line_fails_whole(client):
+    lines = [
+        generation_line(0, {"model": "gpt-image-1-mini", "prompt": "fine"}),
+        generation_line(1, {"model": "gpt-image-1-mini", "prompt": "bad size", "size": "1000x1000"}),
+    ]
+    batch = run_batch(client, lines)
+    assert batch.status == "failed"
+    assert batch.output_file_id is None
+    [error] = batch.errors.data
+    assert (error.line, error.code, error.param) == (2, "invalid_value", "body.size")
+
+
+def test_another_key_cannot_see_a_batch(client, servers):
+    uploaded = client.files.create(file=("batch.jsonl", batch_file([generation_line(0, {"prompt": "mine"})])), purpose="batch")
+    stranger = OpenAI(api_key="sk-not-a-key-here", base_url=f"{servers.gateway_url}/v1", timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.files.retrieve(uploaded.id)
+
+
+def test_flex_is_half_price_and_says_so(client):
+    default = client.images.with_raw_response.generate(model="gpt-image-1-mini", prompt="a flexible otter", quality="low")
+    flex = client.images.with_raw_response.generate(
+        model="gpt-image-1-mini", prompt="a flexible otter", quality="low", extra_body={"service_tier": "flex"}
+    )
+    assert default.headers["x-imagegate-service-tier"] == "default"
+    assert flex.headers["x-imagegate-service-tier"] == "flex"
+    from decimal import Decimal
+
+    assert Decimal(flex.headers["x-imagegate-cost-usd"]) * 2 == Decimal(default.headers["x-imagegate-cost-usd"])
+
+
+def test_metrics_parse_as_openmetrics(client, servers):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    # (Families with no sample yet, such as refusals, are left out of the exposition.)
+    client.images.generate(model="gpt-image-1-mini", prompt="counted", quality="low")
+    with urllib.request.urlopen(f"{servers.gateway_url}/metrics", timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        text = resp.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "imagegate_requests",
+        "imagegate_charged_nanodollars",
+        "imagegate_queue_waiting",
+        "imagegate_queue_running",
+        "imagegate_queue_wait_seconds",
+    ):
+        assert name in families, sorted(families)
+    served = [s for s in families["imagegate_requests"].samples if s.labels.get("status") == "succeeded"]
+    assert served and all(s.labels["tier"] in ("default", "flex", "batch") for s in served)
+    waiting = {(s.labels["provider"], s.labels["class"]) for s in families["imagegate_queue_waiting"].samples}
+    assert ("compat", "background") in waiting
