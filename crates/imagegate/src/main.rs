@@ -10,6 +10,7 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+mod batch;
 mod client;
 mod estimate;
 mod keys;
@@ -53,6 +54,9 @@ enum Command {
     /// What was spent: requests, images, tokens and cost from the usage ledger, by model, key, project
     /// or day.
     Usage(usage::UsageArgs),
+    /// OpenAI's Batch API against a running server: submit a JSONL file (--wait), status, list,
+    /// results (images named by custom_id), cancel.
+    Batch(batch::BatchArgs),
 }
 
 /// Where the providers, keys and limits come from. Shared by `serve` and the in-process client.
@@ -296,6 +300,7 @@ fn main() -> ExitCode {
             Command::Models(args) => models::run(args),
             Command::Keys(args) => keys::run(args).await,
             Command::Usage(args) => usage::run(args).await,
+            Command::Batch(args) => batch::run(args).await,
         }
     });
     match result {

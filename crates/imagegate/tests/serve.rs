@@ -509,3 +509,56 @@ async fn two_instances_split_one_batch_and_run_no_line_twice() {
     ledger.close().await;
     db.finish().await.unwrap();
 }
+
+/// `imagegate batch` against a running server: submit --wait, status, list, results, cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_batch_commands_submit_wait_for_and_write_a_batch() {
+    let db = TestDatabase::sqlite().unwrap();
+    let fake = fake_openai::spawn().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
+    let (_, secret) = key(&ledger, NewKey::user("cli")).await;
+    let server = serve(&db.url, &fake.base_url(), data.path(), Options::default()).await;
+    let mut content = String::new();
+    for (i, id) in ["front view", "side/view", "back view"].iter().enumerate() {
+        let mut body =
+            json!({"model": "gpt-image-2", "prompt": format!("a car, {id}"), "quality": "low", "size": "1024x1024"});
+        if i == 2 {
+            body["output_format"] = json!("jpeg");
+            body["n"] = json!(2);
+        }
+        content.push_str(&format!(
+            "{}\n",
+            json!({"custom_id": id, "method": "POST", "url": "/v1/images/generations", "body": body})
+        ));
+    }
+    let file = data.path().join("cars.jsonl");
+    std::fs::write(&file, content).unwrap();
+    let batch = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_imagegate"))
+            .arg("batch")
+            .args(args)
+            .args(["--server", &server.url, "--api-key", &secret])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "batch {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let submitted = batch(&["submit", file.to_str().unwrap(), "--wait"]);
+    let id = submitted.lines().last().unwrap().trim().to_owned();
+    assert!(id.starts_with("batch_"), "{submitted}");
+    let status = batch(&["status", &id]);
+    assert!(status.contains("completed") && status.contains("3/3 done (0 failed)"), "{status}");
+    assert!(batch(&["list"]).contains(&id));
+    let out = data.path().join("cars");
+    let written = batch(&["results", &id, "--out", out.to_str().unwrap()]);
+    assert!(written.starts_with("4 images written"), "{written}");
+    for name in ["front_view.png", "side_view.png", "back_view.jpeg", "back_view-2.jpeg"] {
+        let img = image::open(out.join(name)).unwrap();
+        assert_eq!((img.width(), img.height()), (1024, 1024), "{name}");
+    }
+    // Cancelling a finished batch changes nothing.
+    assert!(batch(&["cancel", &id]).contains("completed"));
+    drop(server);
+    ledger.close().await;
+}
