@@ -19,7 +19,8 @@ use crate::ConfigArgs;
 
 #[derive(Args)]
 pub struct UsageArgs {
-    /// Group by model, key, project, day, size, operation or basis (the billing basis); several
+    /// Group by model, key, project, day, size, operation, tier (default, flex, batch) or basis (the
+    /// billing basis); several
     /// comma-separated (`model,day`); `none` for the total only.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "model", value_name = "DIMENSIONS")]
     by: Vec<By>,
@@ -46,6 +47,8 @@ enum By {
     Operation,
     /// The billing basis: tokens, per_image, compute, flat.
     Basis,
+    /// The service tier: default, flex, batch.
+    Tier,
     /// No grouping: the total only.
     None,
 }
@@ -60,6 +63,7 @@ impl By {
             Self::Size => Some(Dimension::Size),
             Self::Operation => Some(Dimension::Operation),
             Self::Basis => Some(Dimension::BillingBasis),
+            Self::Tier => Some(Dimension::Tier),
             Self::None => None,
         }
     }
@@ -180,6 +184,7 @@ fn value(row: &UsageRow, by: By) -> Option<String> {
         By::Size => row.size.clone(),
         By::Operation => row.operation.clone(),
         By::Basis => row.billing_basis.clone(),
+        By::Tier => row.tier.clone(),
         By::None => None,
     }
 }
@@ -218,6 +223,7 @@ fn headers(by: By) -> (&'static [&'static str], &'static [&'static str]) {
         By::Day => (&["DAY (UTC)"], &["day"]),
         By::Size => (&["SIZE"], &["size"]),
         By::Operation => (&["OPERATION"], &["operation"]),
+        By::Tier => (&["TIER"], &["tier"]),
         By::Basis => (&["BILLED BY"], &[]),
         By::None => (&[], &[]),
     }
@@ -247,7 +253,7 @@ fn csv_cells(by: By, value: Option<&str>, names: &Names) -> Vec<String> {
             vec![value.to_owned(), prefix, name]
         }
         By::Project => vec![value.to_owned(), names.projects.get(value).cloned().unwrap_or_default()],
-        By::Model | By::Day | By::Size | By::Operation => vec![value.to_owned()],
+        By::Model | By::Day | By::Size | By::Operation | By::Tier => vec![value.to_owned()],
         By::Basis | By::None => Vec::new(),
     };
     cells.iter().map(|cell| csv_text(cell)).collect()

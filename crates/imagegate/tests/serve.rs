@@ -34,6 +34,8 @@ impl Drop for Instance {
 struct Options {
     ttl_secs: Option<u64>,
     upstream_timeout_secs: Option<u64>,
+    /// More lines for the config file's provider (with `upstream_timeout_secs`).
+    provider_toml: &'static str,
 }
 
 async fn serve(db: &str, upstream: &str, data_dir: &std::path::Path, options: Options) -> Instance {
@@ -57,7 +59,8 @@ async fn serve(db: &str, upstream: &str, data_dir: &std::path::Path, options: Op
         Some(timeout) => {
             let config = data_dir.join(format!("imagegate-{port}.toml"));
             let toml = format!(
-                "[providers.openai]\nbase_url = \"{upstream}\"\napi_key_env = \"OPENAI_API_KEY\"\nmodels = [\"gpt-image-2\"]\ntimeout_secs = {timeout}\nmax_retries = 0\n"
+                "[providers.openai]\nbase_url = \"{upstream}\"\napi_key_env = \"OPENAI_API_KEY\"\nmodels = [\"gpt-image-2\"]\ntimeout_secs = {timeout}\nmax_retries = 0\n{}\n",
+                options.provider_toml
             );
             std::fs::write(&config, toml).unwrap();
             command.arg("--config").arg(config).env_remove("OPENAI_BASE_URL");
@@ -188,7 +191,7 @@ async fn killed_instance_leaves_no_money_locked(db: TestDatabase) {
     let data = tempfile::tempdir().unwrap();
     let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
     // The shortest hold the server accepts with a 1 s upstream timeout: 11 s.
-    let options = Options { ttl_secs: Some(11), upstream_timeout_secs: Some(1) };
+    let options = Options { ttl_secs: Some(11), upstream_timeout_secs: Some(1), ..Options::default() };
     let doomed = serve(&db.url, &fake.base_url(), data.path(), options).await;
     let body = json!({"model": "gpt-image-2", "prompt": "[fault:gap=500] doomed", "quality": "low",
         "size": "1024x1024", "n": 10, "stream": true});
@@ -451,7 +454,7 @@ async fn a_batch_survives_its_instance_being_killed(db: TestDatabase) {
     let fake = fake_openai::spawn().await.unwrap();
     let data = tempfile::tempdir().unwrap();
     let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
-    let options = Options { ttl_secs: Some(11), upstream_timeout_secs: Some(1) };
+    let options = Options { ttl_secs: Some(11), upstream_timeout_secs: Some(1), ..Options::default() };
     let (id, secret) =
         key(&ledger, NewKey { budget: Some(Budget::capped(Period::Month, Decimal::TEN)), ..NewKey::user("batch") })
             .await;
@@ -559,6 +562,75 @@ async fn the_batch_commands_submit_wait_for_and_write_a_batch() {
     }
     // Cancelling a finished batch changes nothing.
     assert!(batch(&["cancel", &id]).contains("completed"));
+    drop(server);
+    ledger.close().await;
+}
+
+/// A flex request costs half the same default request, and a flex request refused for capacity costs
+/// nothing: both in `imagegate usage --by tier,basis`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flex_and_its_refusals_show_in_usage_by_tier_and_basis() {
+    let db = TestDatabase::sqlite().unwrap();
+    let fake = fake_openai::spawn().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let ledger = Ledger::connect_with(&db.url, LedgerOptions::default()).await.unwrap();
+    let (_, secret) = key(&ledger, NewKey::user("flex")).await;
+    let options = Options {
+        upstream_timeout_secs: Some(5),
+        provider_toml: "concurrency = 1\nflex_queue = 0",
+        ..Options::default()
+    };
+    let server = serve(&db.url, &fake.base_url(), data.path(), options).await;
+    let post = |prompt: &str, tier: &str| {
+        let body = json!({"model": "gpt-image-2", "prompt": prompt, "quality": "low", "size": "1024x1024", "service_tier": tier});
+        reqwest::Client::new()
+            .post(format!("{}/images/generations", server.url))
+            .bearer_auth(&secret)
+            .json(&body)
+            .send()
+    };
+    let cost =
+        |r: &reqwest::Response| Decimal::from_str(r.headers()["x-imagegate-cost-usd"].to_str().unwrap()).unwrap();
+    let default_cost = cost(&post("a fox", "default").await.unwrap());
+    let flex_cost = cost(&post("a fox", "flex").await.unwrap());
+    assert_eq!(flex_cost * Decimal::TWO, default_cost);
+    let busy = tokio::spawn(post("[fault:slow=1500] a busy fox", "default"));
+    // Once the slow request runs, the upstream has no room.
+    let metrics = format!("{}/metrics", server.url.trim_end_matches("/v1"));
+    let started = Instant::now();
+    while !reqwest::get(&metrics)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .contains("imagegate_queue_running{provider=\"openai\",class=\"interactive\"} 1")
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "the slow request never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = post("a refused fox", "flex").await.unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    assert_eq!(refused.json::<Value>().await.unwrap()["error"]["code"], "resource_unavailable");
+    let busy_cost = cost(&busy.await.unwrap().unwrap());
+    let out = Command::new(env!("CARGO_BIN_EXE_imagegate"))
+        .args(["usage", "--by", "tier,basis", "--csv", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    let header = &rows[0];
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("{name} in {csv}"));
+    let (tier, requests, succeeded, cost_col, basis) =
+        (col("tier"), col("requests"), col("succeeded"), col("cost_usd"), col("billing_basis"));
+    let row = |t: &str| rows.iter().find(|r| r[tier] == t).unwrap_or_else(|| panic!("no {t} row in {csv}"));
+    let (default, flex) = (row("default"), row("flex"));
+    assert_eq!((default[requests], default[succeeded], default[basis]), ("2", "2", "tokens"));
+    // The flex tier: one served (half of one default request) and one refused, charged nothing.
+    assert_eq!((flex[requests], flex[succeeded], flex[basis]), ("2", "1", "tokens"));
+    assert_eq!(Decimal::from_str(flex[cost_col]).unwrap(), flex_cost);
+    assert_eq!(Decimal::from_str(default[cost_col]).unwrap(), default_cost + busy_cost);
     drop(server);
     ledger.close().await;
 }

@@ -149,6 +149,8 @@ pub enum Dimension {
     Day,
     /// How the request was billed ([`LedgerEntry::billing_basis`]: `tokens`, `per_image`, ...).
     BillingBasis,
+    /// The service tier it ran and was billed at (`default`, `flex`, `batch`).
+    Tier,
 }
 
 /// Usage between `start` (inclusive) and `end` (exclusive; `None` means up to now), grouped by
@@ -194,6 +196,7 @@ pub struct UsageRow {
     pub operation: Option<String>,
     pub day: Option<DateTime<Utc>>,
     pub billing_basis: Option<String>,
+    pub tier: Option<String>,
     /// Ledger rows, whatever their status.
     pub requests: u64,
     pub succeeded: u64,
@@ -315,7 +318,7 @@ impl Ledger {
     async fn aggregate(&self, start_ms: i64, end_ms: i64, width: BucketWidth) -> Result<Vec<(i64, UsageRow)>> {
         let rows = sqlx::query(
             "SELECT created_at_ms - (created_at_ms % $1) AS bucket_ms,
-                    model, key_id, project_id, size, operation, billing_basis,
+                    model, key_id, project_id, size, operation, billing_basis, tier,
                     COUNT(*) AS requests,
                     CAST(COALESCE(SUM(CASE WHEN status = 'succeeded' THEN 1 ELSE 0 END), 0) AS BIGINT) AS succeeded,
                     CAST(COALESCE(SUM(CASE WHEN status = 'succeeded' THEN n ELSE 0 END), 0) AS BIGINT) AS images,
@@ -325,7 +328,7 @@ impl Ledger {
                     CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT) AS cost_nanos
              FROM ledger
              WHERE created_at_ms >= $2 AND created_at_ms < $3
-             GROUP BY bucket_ms, model, key_id, project_id, size, operation, billing_basis",
+             GROUP BY bucket_ms, model, key_id, project_id, size, operation, billing_basis, tier",
         )
         .bind(width.millis())
         .bind(start_ms)
@@ -346,6 +349,7 @@ impl Ledger {
                         operation: row.try_get("operation")?,
                         day: Some(from_ms(day_ms)?),
                         billing_basis: row.try_get("billing_basis")?,
+                        tier: row.try_get("tier")?,
                         requests: to_u64(row.try_get("requests")?)?,
                         succeeded: to_u64(row.try_get("succeeded")?)?,
                         images: to_u64(row.try_get("images")?)?,
@@ -373,6 +377,7 @@ fn fold(parts: impl IntoIterator<Item = UsageRow>, group_by: &[Dimension]) -> Ve
             operation: part.operation.filter(|_| by(Dimension::Operation)),
             day: part.day.filter(|_| by(Dimension::Day)),
             billing_basis: part.billing_basis.filter(|_| by(Dimension::BillingBasis)),
+            tier: part.tier.filter(|_| by(Dimension::Tier)),
             ..UsageRow::default()
         };
         let sums = groups.entry(GroupKey::of(&group)).or_insert(group);
@@ -397,6 +402,7 @@ struct GroupKey {
     size: Option<String>,
     operation: Option<String>,
     billing_basis: Option<String>,
+    tier: Option<String>,
 }
 
 impl GroupKey {
@@ -409,6 +415,7 @@ impl GroupKey {
             size: row.size.clone(),
             operation: row.operation.clone(),
             billing_basis: row.billing_basis.clone(),
+            tier: row.tier.clone(),
         }
     }
 }
@@ -512,6 +519,7 @@ mod tests {
             operation: Some("generation".into()),
             day: Some(from_ms(day * 86_400_000).unwrap()),
             billing_basis: Some("tokens".into()),
+            tier: Some("default".into()),
             requests: 1,
             succeeded: 1,
             images: 2,
