@@ -97,9 +97,11 @@ fn option_fields(o: &ImageOptions) -> Vec<(&'static str, Value)> {
 pub enum ImageRef {
     Data(Bytes),
     Url(String),
+    /// A file uploaded to the Files API (`{"file_id": ...}`).
+    File(String),
 }
 
-/// Reads an image reference of the JSON edit form (`{"image_url": ...}`); `file_id` is refused.
+/// Reads an image reference of the JSON edit form (`{"image_url": ...}` or `{"file_id": ...}`).
 pub fn parse_image_ref(param: &str, value: &Value) -> Result<ImageRef, ApiError> {
     let obj = value
         .as_object()
@@ -107,11 +109,22 @@ pub fn parse_image_ref(param: &str, value: &Value) -> Result<ImageRef, ApiError>
     if let Some(unknown) = obj.keys().find(|k| *k != "image_url" && *k != "file_id") {
         return Err(ApiError::unknown_parameter(&format!("{param}.{unknown}")));
     }
-    if obj.get("file_id").is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::invalid_value_msg(
-            &format!("{param}.file_id"),
-            "Image references by 'file_id' need the Files API, which this server does not have yet: send the image as a data: URL (or an allowed https:// URL) in 'image_url', or use the multipart form.".to_owned(),
-        ));
+    match (obj.get("file_id").filter(|v| !v.is_null()), obj.get("image_url").filter(|v| !v.is_null())) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid_value_msg(
+                param,
+                "An image is given by 'image_url' or by 'file_id', not both.".to_owned(),
+            ));
+        }
+        (Some(Value::String(id)), None) if !id.is_empty() => return Ok(ImageRef::File(id.clone())),
+        (Some(other), None) => {
+            return Err(ApiError::invalid_type(
+                &format!("{param}.file_id"),
+                "a file id",
+                crate::fields::json_kind(other),
+            ));
+        }
+        _ => {}
     }
     let param = format!("{param}.image_url");
     let url = match obj.get("image_url") {

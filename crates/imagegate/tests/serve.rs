@@ -432,7 +432,7 @@ async fn one_charge_per_line(ledger: &Ledger, key_id: &str, out: &[Value]) {
     let mut charged = Decimal::ZERO;
     for o in out {
         let rows = ledger.entries_for_request(o["response"]["request_id"].as_str().unwrap()).await.unwrap();
-        assert_eq!(rows.len(), 1);
+        assert_eq!(rows.len(), 1, "the request that answered {}", o["custom_id"]);
         assert_eq!((rows[0].status, rows[0].entry.tier.as_str()), (ledger::RequestStatus::Succeeded, "batch"));
         charged += rows[0].cost_usd;
     }

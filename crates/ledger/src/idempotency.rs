@@ -38,6 +38,8 @@ pub struct StoredResponse {
     pub body: String,
     /// What the request was charged, as the cost header said (`None` when it said nothing).
     pub cost_usd: Option<String>,
+    /// The request that ran (when it was stored as it settled: [`Ledger::settle_and_store`]).
+    pub request_id: Option<String>,
 }
 
 /// A request fingerprint: lowercase hex SHA-256 of the bytes (e.g. the method, path and body).
@@ -65,6 +67,8 @@ pub struct Completion<'a> {
     pub response: &'a str,
     /// The cost header's value.
     pub cost_usd: Option<&'a str>,
+    /// The request that ran.
+    pub request_id: &'a str,
 }
 
 impl Ledger {
@@ -99,7 +103,7 @@ impl Ledger {
                 return Ok(Idempotency::New);
             }
             let row = sqlx::query(
-                "SELECT fingerprint, state, response, cost_usd FROM idempotency
+                "SELECT fingerprint, state, response, cost_usd, request_id FROM idempotency
                  WHERE key_id = $1 AND idempotency_key = $2",
             )
             .bind(key_id)
@@ -111,9 +115,12 @@ impl Ledger {
             let state: String = row.try_get("state")?;
             let response: Option<String> = row.try_get("response")?;
             let cost_usd: Option<String> = row.try_get("cost_usd")?;
+            let request_id: Option<String> = row.try_get("request_id")?;
             return Ok(match (stored == fingerprint, state.as_str(), response) {
                 (false, _, _) => Idempotency::Mismatch,
-                (true, "completed", Some(body)) => Idempotency::Completed(StoredResponse { body, cost_usd }),
+                (true, "completed", Some(body)) => {
+                    Idempotency::Completed(StoredResponse { body, cost_usd, request_id })
+                }
                 (true, "in_flight", _) => Idempotency::InFlight,
                 (true, state, _) => return Err(LedgerError::Corrupt(format!("idempotency state {state:?}"))),
             });
@@ -154,7 +161,8 @@ impl Ledger {
     ) -> Result<()> {
         let now_ms = to_ms(self.clock.now());
         sqlx::query(
-            "UPDATE idempotency SET state = 'completed', response = $3, cost_usd = $5, expires_at_ms = $4
+            "UPDATE idempotency SET state = 'completed', response = $3, cost_usd = $5, expires_at_ms = $4,
+                 request_id = $6
              WHERE key_id = $1 AND idempotency_key = $2 AND state = 'in_flight'",
         )
         .bind(c.key_id)
@@ -162,6 +170,7 @@ impl Ledger {
         .bind(c.response)
         .bind(now_ms + self.retention_ms)
         .bind(c.cost_usd)
+        .bind(c.request_id)
         .execute(&mut **tx)
         .await?;
         Ok(())

@@ -621,6 +621,7 @@ async fn idempotency_states(db: &Db) {
     let replay = Idempotency::Completed(ledger::StoredResponse {
         body: r#"{"request_id":"req_1"}"#.into(),
         cost_usd: Some("0.011".into()),
+        request_id: None,
     });
     assert_eq!(l.begin_idempotent("key_a", "i1", &fp).await.unwrap(), replay);
     assert_eq!(l.begin_idempotent("key_a", "i1", &other_fp).await.unwrap(), Idempotency::Mismatch);

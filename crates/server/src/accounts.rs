@@ -37,6 +37,8 @@ pub struct Caller(pub ApiKey);
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// Set on a response replayed for a repeated `Idempotency-Key`.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// On a replayed response: the request that ran (and was charged), when known.
+pub const REPLAY_OF_HEADER: &str = "x-imagegate-replay-of";
 /// Set when spending has passed the key's (or project's) soft budget.
 pub const BUDGET_WARNING_HEADER: &str = "x-imagegate-budget-warning";
 /// Responses larger than this are stored for idempotent replay without their images.
@@ -454,9 +456,13 @@ impl Ticket {
         };
         let cost = end.cost.map(|c| c.total.min(self.worst.total).normalize().to_string());
         let completion = match (&a.idempotency_key, &stored) {
-            (Some(idem), Some(response)) => {
-                Some(ledger::Completion { key_id: owner, idempotency_key: idem, response, cost_usd: cost.as_deref() })
-            }
+            (Some(idem), Some(response)) => Some(ledger::Completion {
+                key_id: owner,
+                idempotency_key: idem,
+                response,
+                cost_usd: cost.as_deref(),
+                request_id: &a.info.request_id,
+            }),
             _ => None,
         };
         let mut outcome = Outcome::default();

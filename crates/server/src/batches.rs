@@ -41,7 +41,7 @@ pub struct LineOwner(pub String);
 const LINES_AT_ONCE: usize = 4;
 /// How often the worker looks for lines when nothing wakes it.
 const POLL: Duration = Duration::from_millis(500);
-/// How long a line refused for capacity waits before it is tried again.
+/// How long a line that could not run yet waits before it is tried again.
 const CAPACITY_BACKOFF: Duration = Duration::from_secs(1);
 
 type Result<T> = std::result::Result<T, HttpError>;
@@ -181,6 +181,29 @@ fn page_limit(limit: Option<u32>, max: u32) -> Result<u32> {
             "limit",
             format!("'limit' must be between 1 and {max}; it was {l}."),
         ))),
+    }
+}
+
+/// The bytes of the caller's uploaded file `id`, an image input of a JSON edit (`param` names it in
+/// errors).
+pub async fn image_file(state: &AppState, caller: Option<&Caller>, param: &str, id: &str) -> Result<bytes::Bytes> {
+    let ledger = ledger(state)?;
+    let not_found = || {
+        HttpError(ApiError::new(
+            404,
+            "invalid_request_error",
+            Some(param),
+            Some("file_not_found"),
+            format!("No file with the id '{id}' found among this API key's files."),
+        ))
+    };
+    match ledger.file_content(&owner(caller), id).await.map_err(unavailable)? {
+        Some(FileContent::Stored(bytes)) => Ok(bytes::Bytes::from(bytes)),
+        Some(FileContent::Lines(_)) => Err(HttpError(ApiError::invalid_value_msg(
+            param,
+            format!("The file '{id}' is a batch's output, not an image."),
+        ))),
+        None => Err(not_found()),
     }
 }
 
@@ -424,8 +447,8 @@ pub async fn worker(state: AppState, stop: tokio_util::sync::CancellationToken) 
     }
 }
 
-/// Sends one line through the router as its owner's request and records the answer. A line refused
-/// for lack of capacity goes back to wait (its refusal cost nothing).
+/// Sends one line through the router as its owner's request and records the answer. A line that could
+/// not run yet (no capacity, its earlier run still in flight, no database) goes back to wait.
 async fn run_line(app: axum::Router, ledger: &Ledger, line: ledger::ClaimedLine) {
     let request = Request::builder()
         .method(Method::POST)
@@ -440,7 +463,10 @@ async fn run_line(app: axum::Router, ledger: &Ledger, line: ledger::ClaimedLine)
         Err(never) => match never {},
     };
     let status = response.status().as_u16();
-    let request_id = response.headers().get(crate::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    // A replay (the line ran and was charged before its instance died) names the request that ran.
+    let request_id = [crate::accounts::REPLAY_OF_HEADER, crate::REQUEST_ID_HEADER]
+        .iter()
+        .find_map(|name| response.headers().get(*name).and_then(|v| v.to_str().ok()).map(str::to_owned));
     let body = match axum::body::to_bytes(response.into_body(), usize::MAX).await {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
         Err(e) => {
@@ -448,7 +474,16 @@ async fn run_line(app: axum::Router, ledger: &Ledger, line: ledger::ClaimedLine)
             return;
         }
     };
-    if status == 429 && body.contains("\"resource_unavailable\"") {
+    // Not the line's answer, but a reason to try again shortly: no capacity now (the refusal cost
+    // nothing); the line's earlier run on an instance that died is still in flight (until the sweep
+    // frees it); the database is unavailable.
+    let again = match status {
+        429 => body.contains("\"resource_unavailable\""),
+        409 => body.contains("\"idempotency_key_in_use\""),
+        503 => body.contains("\"ledger_unavailable\""),
+        _ => false,
+    };
+    if again {
         tokio::time::sleep(CAPACITY_BACKOFF).await;
         if let Err(e) = ledger.requeue_line(&line.batch_id, line.line).await {
             tracing::warn!(error = %e, "could not put a batch line back; its claim lapses instead");

@@ -71,7 +71,7 @@ pub async fn edits(State(state): State<AppState>, request: Request) -> HandlerRe
         let body = read_body(&state, request, state.limits.max_body_bytes).await?;
         // Parsing and base64-decoding megabytes of images is work for a blocking thread.
         let (mut form, remote) = blocking(move || read_json_edit(&body), &headers).await??;
-        fetch_remote(&state, &mut form, remote).await?;
+        fetch_remote(&state, &mut form, remote, caller.as_ref()).await?;
         form
     } else {
         return Err(ApiError::unsupported_media_type(&ct, "'multipart/form-data' or 'application/json'").into());
@@ -312,13 +312,30 @@ struct RemoteRef {
     /// `None`: the mask; else the index in the form's images.
     slot: Option<usize>,
     param: String,
-    url: String,
+    source: Source,
 }
 
-/// Fetches the form's images given by URL (`server::remote`) into their places.
-async fn fetch_remote(state: &AppState, form: &mut EditForm, remote: Vec<RemoteRef>) -> Result<(), HttpError> {
+/// Where an image of a JSON edit comes from.
+enum Source {
+    /// A URL, fetched (`server::remote`).
+    Url(String),
+    /// A file of the caller's on the Files API.
+    File(String),
+}
+
+/// Fetches the form's images given by URL (`server::remote`) or by file id (the caller's files) into
+/// their places.
+async fn fetch_remote(
+    state: &AppState,
+    form: &mut EditForm,
+    remote: Vec<RemoteRef>,
+    caller: Option<&Caller>,
+) -> Result<(), HttpError> {
     for r in remote {
-        let bytes = remote::fetch(state.remote_images.as_deref(), &r.param, &r.url).await?;
+        let bytes = match &r.source {
+            Source::Url(url) => remote::fetch(state.remote_images.as_deref(), &r.param, url).await?,
+            Source::File(id) => crate::batches::image_file(state, caller, &r.param, id).await?,
+        };
         match r.slot {
             Some(i) => {
                 if let Some(image) = form.images.get_mut(i) {
@@ -348,7 +365,11 @@ fn read_json_edit(body: &[u8]) -> Result<(EditForm, Vec<RemoteRef>), HttpError> 
         let bytes = match api::upstream::parse_image_ref(&param, r)? {
             ImageRef::Data(bytes) => bytes,
             ImageRef::Url(url) => {
-                remote.push(RemoteRef { slot: Some(i), param: format!("{param}.image_url"), url });
+                remote.push(RemoteRef { slot: Some(i), param: format!("{param}.image_url"), source: Source::Url(url) });
+                Bytes::new()
+            }
+            ImageRef::File(id) => {
+                remote.push(RemoteRef { slot: Some(i), param: format!("{param}.file_id"), source: Source::File(id) });
                 Bytes::new()
             }
         };
@@ -359,7 +380,11 @@ fn read_json_edit(body: &[u8]) -> Result<(EditForm, Vec<RemoteRef>), HttpError> 
         Some(r) => match api::upstream::parse_image_ref("mask", r)? {
             ImageRef::Data(bytes) => Some((bytes, None)),
             ImageRef::Url(url) => {
-                remote.push(RemoteRef { slot: None, param: "mask.image_url".into(), url });
+                remote.push(RemoteRef { slot: None, param: "mask.image_url".into(), source: Source::Url(url) });
+                None
+            }
+            ImageRef::File(id) => {
+                remote.push(RemoteRef { slot: None, param: "mask.file_id".into(), source: Source::File(id) });
                 None
             }
         },

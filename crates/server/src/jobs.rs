@@ -164,6 +164,9 @@ pub async fn execute(
                     if let Some(value) = stored.cost_usd.and_then(|c| HeaderValue::from_str(&c).ok()) {
                         response.headers_mut().insert(COST_HEADER, value);
                     }
+                    if let Some(value) = stored.request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+                        response.headers_mut().insert(accounts::REPLAY_OF_HEADER, value);
+                    }
                     return Ok(response);
                 }
                 Admit::Go(admission) => {

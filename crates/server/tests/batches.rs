@@ -179,3 +179,39 @@ async fn another_key_finds_nothing_of_someone_elses_files_and_batches() {
     let r = g.http.delete(format!("{}/files/{file_id}", g.url)).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"id": file_id, "object": "file", "deleted": true}));
 }
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(w, h, image::Rgb([200, 80, 40])).write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// JSON edits name their images by `file_id`: the caller's uploaded files, and no one else's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn json_edits_take_their_images_from_the_callers_files() {
+    let db = TestDatabase::sqlite().unwrap();
+    let g = gateway(&db).await;
+    let (key, _) = funded_key(&g, "owner").await;
+    let (other, _) = funded_key(&g, "other").await;
+    let part = reqwest::multipart::Part::bytes(png(64, 64)).file_name("photo.png");
+    let form = reqwest::multipart::Form::new().text("purpose", "vision").part("file", part);
+    let r = g.http.post(format!("{}/files", g.url)).bearer_auth(&key).multipart(form).send().await.unwrap();
+    let file: Value = r.json().await.unwrap();
+    let id = file["id"].as_str().unwrap();
+    let edit =
+        json!({"model": "gpt-image-1-mini", "prompt": "make it blue", "images": [{"file_id": id}], "quality": "low"});
+    let send = |key: &str| g.http.post(format!("{}/images/edits", g.url)).bearer_auth(key).json(&edit).send();
+    let r = send(&key).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["data"][0]["b64_json"].as_str().unwrap().len() > 100);
+    let upstream = g.fake.requests().into_iter().last().unwrap();
+    assert_eq!(upstream.part("image").map(|p| p.bytes.len()), Some(png(64, 64).len()));
+    let r = send(&other).await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let error: Value = r.json().await.unwrap();
+    assert_eq!(
+        (error["error"]["code"].as_str(), error["error"]["param"].as_str()),
+        (Some("file_not_found"), Some("images[0].file_id"))
+    );
+}
