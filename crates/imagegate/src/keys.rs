@@ -154,6 +154,10 @@ struct CreateArgs {
     /// At most this many images per minute.
     #[arg(long, value_name = "N")]
     ipm: Option<u32>,
+    /// The tier of its requests that leave it to the server (`service_tier` auto or none): flex runs
+    /// them at half price when capacity is free (429 when there is none).
+    #[arg(long, value_parser = ["default", "flex"], value_name = "TIER")]
+    service_tier: Option<String>,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -192,6 +196,10 @@ struct UpdateArgs {
     /// At most this many images per minute.
     #[arg(long, value_name = "N")]
     ipm: Option<u32>,
+    /// The tier of its requests that leave it to the server (`service_tier` auto or none): flex runs
+    /// them at half price when capacity is free (429 when there is none).
+    #[arg(long, value_parser = ["default", "flex"], value_name = "TIER")]
+    service_tier: Option<String>,
     /// Remove both rate limits.
     #[arg(long, conflicts_with_all = ["rpm", "ipm"])]
     no_rate_limits: bool,
@@ -321,6 +329,7 @@ async fn create(ledger: &Ledger, args: CreateArgs) -> Result<String, String> {
         allowed_models,
         budget,
         rate_limits: RateLimits { requests_per_minute: args.rpm, images_per_minute: args.ipm },
+        service_tier: args.service_tier,
     };
     let created = ledger.create_key(new).await.map_err(err)?;
     let mut text = describe_key(&created.key, project.as_ref());
@@ -348,10 +357,11 @@ async fn update(ledger: &Ledger, args: UpdateArgs) -> Result<String, String> {
     } else {
         None
     };
-    let update = KeyUpdate { name: args.name, allowed_models, budget, rate_limits };
+    let service_tier = args.service_tier.map(|t| Some(t).filter(|t| t != "default"));
+    let update = KeyUpdate { name: args.name, allowed_models, budget, rate_limits, service_tier };
     if update == KeyUpdate::default() {
         return Err("nothing to change: give --name, a budget flag (--budget-usd, --period, --soft-budget-usd, \
-                    --image-quota, --no-budget), --models, --all-models, --rpm, --ipm or --no-rate-limits"
+                    --image-quota, --no-budget), --models, --all-models, --rpm, --ipm, --no-rate-limits or --service-tier"
             .into());
     }
     let key = ledger.update_key(&key.id, update).await.map_err(err)?;
@@ -529,6 +539,7 @@ async fn list(ledger: &Ledger, as_json: bool) -> Result<String, String> {
                     "allowed_models": key.allowed_models,
                     "requests_per_minute": key.rate_limits.requests_per_minute,
                     "images_per_minute": key.rate_limits.images_per_minute,
+                    "service_tier": key.service_tier.as_deref().unwrap_or("default"),
                     "created_at": rfc3339(key.created_at),
                     "revoked_at": key.revoked_at.map(rfc3339),
                 })

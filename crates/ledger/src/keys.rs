@@ -102,6 +102,9 @@ pub struct ApiKey {
     pub allowed_models: Option<Vec<String>>,
     pub budget: Option<Budget>,
     pub rate_limits: RateLimits,
+    /// The tier its requests run at when they leave it to the server (`service_tier` `auto` or none):
+    /// `flex`, or `None` for the default tier.
+    pub service_tier: Option<String>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -122,6 +125,8 @@ pub struct NewKey {
     pub allowed_models: Option<Vec<String>>,
     pub budget: Option<Budget>,
     pub rate_limits: RateLimits,
+    /// `flex`, or `None` (the default tier): see [`ApiKey::service_tier`].
+    pub service_tier: Option<String>,
 }
 
 impl NewKey {
@@ -134,6 +139,7 @@ impl NewKey {
             allowed_models: None,
             budget: None,
             rate_limits: RateLimits::default(),
+            service_tier: None,
         }
     }
 }
@@ -159,6 +165,8 @@ pub struct KeyUpdate {
     pub allowed_models: Option<Option<Vec<String>>>,
     pub budget: Option<Option<Budget>>,
     pub rate_limits: Option<RateLimits>,
+    /// `Some(None)`: back to the default tier.
+    pub service_tier: Option<Option<String>>,
 }
 
 /// The columns [`key_from_row`] reads, as a literal for `concat!`.
@@ -166,7 +174,7 @@ macro_rules! key_columns {
     () => {
         "id, name, prefix, scope, project_id, allowed_models,
          budget_period, budget_limit_nanos, budget_soft_nanos, budget_images,
-         requests_per_minute, images_per_minute, created_at_ms, revoked_at_ms"
+         requests_per_minute, images_per_minute, service_tier, created_at_ms, revoked_at_ms"
     };
 }
 
@@ -277,6 +285,7 @@ impl Ledger {
         let models = join_models(new.allowed_models.as_deref())?;
         let budget = BudgetColumns::new(new.budget.as_ref())?;
         let limits = LimitColumns::new(new.rate_limits);
+        let tier = checked_tier(new.service_tier.as_deref())?;
         if let Some(project_id) = &new.project_id {
             self.get_project(project_id).await?;
         }
@@ -285,8 +294,8 @@ impl Ledger {
         sqlx::query(
             "INSERT INTO api_keys (id, name, prefix, secret_sha256, scope, project_id, allowed_models,
                  budget_period, budget_limit_nanos, budget_soft_nanos, budget_images,
-                 requests_per_minute, images_per_minute, created_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                 requests_per_minute, images_per_minute, created_at_ms, service_tier)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(&id)
         .bind(name)
@@ -302,6 +311,7 @@ impl Ledger {
         .bind(limits.requests)
         .bind(limits.images)
         .bind(to_ms(self.clock.now()))
+        .bind(tier)
         .execute(&self.pool)
         .await?;
         Ok(CreatedKey { key: self.get_key(&id).await?, secret })
@@ -399,6 +409,14 @@ impl Ledger {
             .bind(budget.images)
             .execute(&mut *tx)
             .await?;
+        }
+        if let Some(tier) = &update.service_tier {
+            let tier = checked_tier(tier.as_deref())?;
+            sqlx::query("UPDATE api_keys SET service_tier = $2 WHERE id = $1")
+                .bind(id)
+                .bind(tier)
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some(limits) = update.rate_limits {
             let limits = LimitColumns::new(limits);
@@ -589,9 +607,21 @@ fn key_from_row(row: &AnyRow) -> Result<ApiKey> {
             requests_per_minute: row.try_get::<Option<i64>, _>("requests_per_minute")?.map(to_u32).transpose()?,
             images_per_minute: row.try_get::<Option<i64>, _>("images_per_minute")?.map(to_u32).transpose()?,
         },
+        service_tier: row.try_get("service_tier")?,
         created_at: from_ms(row.try_get("created_at_ms")?)?,
         revoked_at: row.try_get::<Option<i64>, _>("revoked_at_ms")?.map(from_ms).transpose()?,
     })
+}
+
+/// A key's tier setting as stored: `flex`, or NULL for the default tier.
+fn checked_tier(tier: Option<&str>) -> Result<Option<&str>> {
+    match tier {
+        None | Some("default") => Ok(None),
+        Some("flex") => Ok(Some("flex")),
+        Some(other) => {
+            Err(LedgerError::InvalidArgument(format!("service tier '{other}': a key's tier is 'default' or 'flex'")))
+        }
+    }
 }
 
 #[cfg(test)]

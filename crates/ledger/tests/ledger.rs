@@ -944,6 +944,7 @@ async fn keys_and_projects_are_managed(db: &Db) {
         allowed_models: Some(vec!["gpt-image-1".into(), "sd-turbo".into()]),
         budget: Some(Budget::capped(Period::Day, usd("1.000000000"))),
         rate_limits: RateLimits { requests_per_minute: Some(60), images_per_minute: None },
+        service_tier: Some("flex".into()),
     };
     let created = l.create_key(new.clone()).await.unwrap();
     let key = created.key.clone();
@@ -956,6 +957,7 @@ async fn keys_and_projects_are_managed(db: &Db) {
     assert!(key.allows_model("sd-turbo") && !key.allows_model("dall-e-3"));
     assert_eq!(key.budget, new.budget);
     assert_eq!(key.rate_limits, new.rate_limits);
+    assert_eq!(key.service_tier.as_deref(), Some("flex"));
     assert_eq!((key.created_at, key.revoked_at), (db.now(), None));
     assert!(l.has_keys().await.unwrap());
     assert_eq!(l.get_key(&key.id).await.unwrap(), key);
@@ -968,11 +970,15 @@ async fn keys_and_projects_are_managed(db: &Db) {
                 allowed_models: Some(None),
                 budget: Some(Some(budget.clone())),
                 rate_limits: Some(RateLimits::default()),
+                service_tier: Some(None),
             },
         )
         .await
         .unwrap();
     assert_eq!(updated.name, "renamed");
+    assert_eq!(updated.service_tier, None);
+    let gold = KeyUpdate { service_tier: Some(Some("gold".into())), ..KeyUpdate::default() };
+    assert!(matches!(l.update_key(&key.id, gold).await, Err(LedgerError::InvalidArgument(_))));
     assert_eq!(updated.allowed_models, None);
     assert!(updated.allows_model("anything"));
     assert_eq!(updated.budget, Some(budget.clone()));

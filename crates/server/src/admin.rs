@@ -71,6 +71,8 @@ struct KeyOut {
     budget: Option<BudgetOut>,
     requests_per_minute: Option<u32>,
     images_per_minute: Option<u32>,
+    /// The tier its requests run at when they leave it to the server.
+    service_tier: String,
     created_at: i64,
     revoked_at: Option<i64>,
     /// Only when the key was just created: never stored, never shown again.
@@ -103,6 +105,7 @@ fn key_out(k: ledger::ApiKey, value: Option<String>) -> KeyOut {
         }),
         requests_per_minute: k.rate_limits.requests_per_minute,
         images_per_minute: k.rate_limits.images_per_minute,
+        service_tier: k.service_tier.unwrap_or_else(|| "default".to_owned()),
         created_at: k.created_at.timestamp(),
         revoked_at: k.revoked_at.map(|t| t.timestamp()),
         value,
@@ -123,6 +126,8 @@ pub struct CreateKey {
     image_quota: Option<u64>,
     requests_per_minute: Option<u32>,
     images_per_minute: Option<u32>,
+    /// `default` or `flex`: the tier of its requests that leave it to the server.
+    service_tier: Option<String>,
 }
 
 pub async fn create_key(
@@ -158,6 +163,7 @@ pub async fn create_key(
             requests_per_minute: req.requests_per_minute,
             images_per_minute: req.images_per_minute,
         },
+        service_tier: req.service_tier,
     };
     let created = ledger.create_key(new).await.map_err(ledger_error)?;
     Ok(json(StatusCode::CREATED, &key_out(created.key, Some(created.secret))))
@@ -193,6 +199,7 @@ pub async fn update_key(
             }
             "requests_per_minute" => limits.requests_per_minute = field(name, value)?,
             "images_per_minute" => limits.images_per_minute = field(name, value)?,
+            "service_tier" => update.service_tier = Some(field(name, value)?),
             other => return Err(ApiError::unknown_parameter(other).into()),
         }
     }

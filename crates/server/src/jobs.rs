@@ -69,11 +69,16 @@ pub struct Who {
     pub tier: Option<Tier>,
 }
 
-/// The tier a request runs at: what it asked for (`auto` and none: the default tier).
-pub fn tier_of(options: &ImageOptions) -> Tier {
+/// The tier a request runs at: what it asked for; with `auto` or none, its key's setting (the default
+/// tier unless the key says `flex`).
+pub fn tier_of(options: &ImageOptions, caller: Option<&Caller>) -> Tier {
     match options.service_tier {
         Some(ServiceTier::Flex) => Tier::Flex,
-        Some(ServiceTier::Default | ServiceTier::Auto) | None => Tier::Default,
+        Some(ServiceTier::Default) => Tier::Default,
+        Some(ServiceTier::Auto) | None => match caller.and_then(|c| c.0.service_tier.as_deref()) {
+            Some("flex") => Tier::Flex,
+            _ => Tier::Default,
+        },
     }
 }
 
@@ -119,7 +124,7 @@ pub async fn execute(
     who: Who,
 ) -> Result<Response, HttpError> {
     let request_id = request_id(headers).to_owned();
-    let tier = who.tier.unwrap_or_else(|| tier_of(job.options()));
+    let tier = who.tier.unwrap_or_else(|| tier_of(job.options(), who.caller.as_ref()));
     route.tier = tier;
     if let Some(fallback) = route.fallback.as_mut() {
         fallback.tier = tier;

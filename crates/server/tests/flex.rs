@@ -149,3 +149,20 @@ async fn flex_waits_for_room_or_is_refused_at_once_postgres() {
     flex_waits_for_room_or_is_refused_at_once(&db).await;
     db.finish().await.unwrap();
 }
+
+/// A key set to the flex tier runs the requests that leave the tier to the server (`auto`, or no
+/// `service_tier`) at flex; a request that asks for `default` gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flex_key_runs_auto_requests_at_flex() {
+    let db = TestDatabase::sqlite().unwrap();
+    let g = gateway(&db).await;
+    let flex_key = g.key(NewKey { service_tier: Some("flex".into()), ..NewKey::user("evals") }).await;
+    let plain = g.generate_with(Some(&flex_key), medium("an otter"), None).await;
+    let auto = g.generate_with(Some(&flex_key), with_tier("an otter", "auto"), None).await;
+    let asked = g.generate_with(Some(&flex_key), with_tier("an otter", "default"), None).await;
+    assert_eq!(
+        [&plain, &auto, &asked].map(|r| r.headers["x-imagegate-service-tier"].to_str().unwrap().to_owned()),
+        ["flex", "flex", "default"]
+    );
+    assert_eq!(plain.cost() * Decimal::TWO, asked.cost());
+}
