@@ -493,7 +493,8 @@ impl Ledger {
     }
 
     /// Records what a claimed line got; `false` when the claim was lost meanwhile (another instance
-    /// took the line over: its answer counts).
+    /// took the line over: its answer counts). A line its stopped batch gave up on as dead gets its
+    /// answer after all: it ran, and was charged.
     pub async fn finish_line(
         &self,
         batch_id: &str,
@@ -505,7 +506,8 @@ impl Ledger {
         let done = sqlx::query(
             "UPDATE batch_lines SET state = 'done', status_code = $4, request_id = $5, response = $6,
                  claimed_by = NULL, claimed_until_ms = NULL
-             WHERE batch_id = $1 AND line = $2 AND state = 'running' AND claimed_by = $3",
+             WHERE batch_id = $1 AND line = $2 AND claimed_by = $3
+               AND (state = 'running' OR (state = 'done' AND status_code = 0))",
         )
         .bind(batch_id)
         .bind(line)
@@ -569,10 +571,10 @@ impl Ledger {
             }
             tx.commit().await?;
         }
-        // A stopped batch's line whose instance died: nothing will finish it.
+        // A stopped batch's line whose instance looks dead: nothing will finish it (if its instance
+        // was alive after all, its answer still replaces this: [`Ledger::finish_line`]).
         sqlx::query(
-            "UPDATE batch_lines SET state = 'done', status_code = 0, response = 'batch_cancelled',
-                 claimed_by = NULL, claimed_until_ms = NULL
+            "UPDATE batch_lines SET state = 'done', status_code = 0, response = 'batch_cancelled'
              WHERE state = 'running' AND claimed_until_ms <= $1 AND batch_id IN
                  (SELECT id FROM batches WHERE status IN ('cancelling', 'finalizing'))",
         )

@@ -215,3 +215,84 @@ async fn json_edits_take_their_images_from_the_callers_files() {
         (Some("file_not_found"), Some("images[0].file_id"))
     );
 }
+
+/// Waits until the batch has at least `n` lines done.
+async fn until_some_done(g: &Gateway, key: &str, id: &str, n: u64) {
+    for _ in 0..600 {
+        let (_, text) = get(g, key, &format!("batches/{id}")).await;
+        let batch: Value = serde_json::from_str(&text).unwrap();
+        if batch["request_counts"]["completed"].as_u64().unwrap() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the batch {id} made no progress");
+}
+
+/// What a stopped batch shows: the lines that ran in the output (each charged once), every other
+/// line in the error file with `code`, never run upstream.
+async fn stopped_batch_is_honest(g: &Gateway, key: &str, key_id: &str, id: &str, code: &str, prefix: &str) {
+    // Lines that were running when it stopped finish (and are charged): wait until nothing is held.
+    for _ in 0..600 {
+        if g.money(key_id).await.1.is_zero() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, text) = get(g, key, &format!("batches/{id}")).await;
+    let done: Value = serde_json::from_str(&text).unwrap();
+    let (total, completed, failed) = (
+        done["request_counts"]["total"].as_u64().unwrap(),
+        done["request_counts"]["completed"].as_u64().unwrap(),
+        done["request_counts"]["failed"].as_u64().unwrap(),
+    );
+    assert!(completed >= 1 && completed < total && completed + failed == total, "{done}");
+    let (_, output) = get(g, key, &format!("files/{}/content", done["output_file_id"].as_str().unwrap())).await;
+    let (_, errors) = get(g, key, &format!("files/{}/content", done["error_file_id"].as_str().unwrap())).await;
+    let mut charged = Decimal::ZERO;
+    for line in output.lines() {
+        let o: Value = serde_json::from_str(line).unwrap();
+        charged += g.row_of(o["response"]["request_id"].as_str().unwrap()).await.cost_usd;
+    }
+    for line in errors.lines() {
+        let e: Value = serde_json::from_str(line).unwrap();
+        assert_eq!((e["error"]["code"].as_str(), &e["response"]), (Some(code), &Value::Null), "{e}");
+    }
+    assert_eq!((output.lines().count() as u64, errors.lines().count() as u64), (completed, failed));
+    assert_eq!(g.fake.count(prefix) as u64, completed, "only the lines in the output ran upstream");
+    let (spent, held) = g.money(key_id).await;
+    assert_eq!((spent, held), (charged, Decimal::ZERO));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_or_expired_batch_charges_what_ran_and_runs_nothing_more() {
+    let db = TestDatabase::sqlite().unwrap();
+    let g = gateway(&db).await;
+    let (key, key_id) = funded_key(&g, "stopper").await;
+    let lines: Vec<Value> =
+        (0..16).map(|i| line(&format!("c-{i}"), medium(&format!("[fault:slow=300] cancelled <{i}>")))).collect();
+    let file = upload(&g, &key, jsonl(&lines)).await;
+    let batch = create(&g, &key, file["id"].as_str().unwrap()).await;
+    let id = batch["id"].as_str().unwrap();
+    until_some_done(&g, &key, id, 1).await;
+    let r = g.http.post(format!("{}/batches/{id}/cancel", g.url)).bearer_auth(&key).send().await.unwrap();
+    let cancelling: Value = r.json().await.unwrap();
+    assert!(["cancelling", "cancelled"].contains(&cancelling["status"].as_str().unwrap()), "{cancelling}");
+    let done = until_done(&g, &key, id).await;
+    assert_eq!(done["status"], "cancelled");
+    assert!(done["cancelled_at"].as_i64().is_some());
+    stopped_batch_is_honest(&g, &key, &key_id, id, "batch_cancelled", "cancelled <").await;
+
+    // Past its 24 hours, a batch expires the same way.
+    let (key, key_id) = funded_key(&g, "expirer").await;
+    let lines: Vec<Value> =
+        (0..16).map(|i| line(&format!("e-{i}"), medium(&format!("[fault:slow=300] expired <{i}>")))).collect();
+    let file = upload(&g, &key, jsonl(&lines)).await;
+    let batch = create(&g, &key, file["id"].as_str().unwrap()).await;
+    let id = batch["id"].as_str().unwrap();
+    until_some_done(&g, &key, id, 1).await;
+    g.clock.advance(chrono::TimeDelta::hours(25));
+    let done = until_done(&g, &key, id).await;
+    assert_eq!(done["status"], "expired");
+    stopped_batch_is_honest(&g, &key, &key_id, id, "batch_expired", "expired <").await;
+}
