@@ -296,3 +296,37 @@ async fn a_cancelled_or_expired_batch_charges_what_ran_and_runs_nothing_more() {
     assert_eq!(done["status"], "expired");
     stopped_batch_is_honest(&g, &key, &key_id, id, "batch_expired", "expired <").await;
 }
+
+/// Lines that do not fit the key's budget fail with `insufficient_quota` in the error file; the budget
+/// is never overrun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lines_beyond_the_budget_fail_with_insufficient_quota() {
+    let db = TestDatabase::sqlite().unwrap();
+    let g = gateway(&db).await;
+    let mut body = medium("a budget fox");
+    body["service_tier"] = json!("flex");
+    // Room for one line's worst case and a half.
+    let worst = g.worst_case_of(body.clone()).await;
+    let budget = worst * Decimal::new(15, 1);
+    let created = g
+        .ledger
+        .create_key(NewKey { budget: Some(Budget::capped(Period::Total, budget)), ..NewKey::user("tight") })
+        .await
+        .unwrap();
+    let (key, key_id) = (created.secret, created.key.id);
+    let lines: Vec<Value> = (0..6).map(|i| line(&format!("b-{i}"), medium("a budget fox"))).collect();
+    let file = upload(&g, &key, jsonl(&lines)).await;
+    let batch = create(&g, &key, file["id"].as_str().unwrap()).await;
+    let done = until_done(&g, &key, batch["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed");
+    let failed = done["request_counts"]["failed"].as_u64().unwrap();
+    assert!(failed >= 1, "{done}");
+    let (_, errors) = get(&g, &key, &format!("files/{}/content", done["error_file_id"].as_str().unwrap())).await;
+    for line in errors.lines() {
+        let e: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(e["response"]["status_code"], 429);
+        assert_eq!(e["response"]["body"]["error"]["code"], "insufficient_quota", "{e}");
+    }
+    let (spent, held) = g.money(&key_id).await;
+    assert!(spent <= budget && held.is_zero(), "spent {spent} of {budget}");
+}
