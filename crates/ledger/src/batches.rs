@@ -492,9 +492,10 @@ impl Ledger {
         Ok(claimed)
     }
 
-    /// Records what a claimed line got; `false` when the claim was lost meanwhile (another instance
-    /// took the line over: its answer counts). A line its stopped batch gave up on as dead gets its
-    /// answer after all: it ran, and was charged.
+    /// Records what a line got: the first answer counts (`false` when another run of the line answered
+    /// first: a second run is a replay or was refused, the line's idempotency key sees to it). A line
+    /// that was put back to wait, or that its stopped batch gave up on as dead, takes its answer after
+    /// all: it ran, and was charged.
     pub async fn finish_line(
         &self,
         batch_id: &str,
@@ -504,14 +505,12 @@ impl Ledger {
         response: &str,
     ) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE batch_lines SET state = 'done', status_code = $4, request_id = $5, response = $6,
+            "UPDATE batch_lines SET state = 'done', status_code = $3, request_id = $4, response = $5,
                  claimed_by = NULL, claimed_until_ms = NULL
-             WHERE batch_id = $1 AND line = $2 AND claimed_by = $3
-               AND (state = 'running' OR (state = 'done' AND status_code = 0))",
+             WHERE batch_id = $1 AND line = $2 AND (state <> 'done' OR status_code = 0)",
         )
         .bind(batch_id)
         .bind(line)
-        .bind(&*self.instance_id)
         .bind(i64::from(status_code))
         .bind(request_id)
         .bind(response)

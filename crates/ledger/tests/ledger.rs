@@ -149,6 +149,7 @@ on_both_databases!(
     keys_and_projects_are_managed,
     static_keys_are_imported_by_digest,
     stored_images_are_served_until_they_expire,
+    batch_lines_are_claimed_once_and_batches_expire,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1055,4 +1056,51 @@ async fn stored_images_are_served_until_they_expire(db: &Db) {
     assert_eq!(db.ledger.delete_expired_images().await.unwrap(), 1);
     assert!(db.ledger.stored_image(&other).await.unwrap().is_some());
     second.close().await;
+}
+
+async fn batch_lines_are_claimed_once_and_batches_expire(db: &Db) {
+    let l = &db.ledger;
+    let new = ledger::NewBatch {
+        owner: "key_1".into(),
+        endpoint: "/v1/images/generations".into(),
+        input_file_id: "file-1".into(),
+        completion_window: "24h".into(),
+        metadata: None,
+        window: chrono::Duration::hours(24),
+    };
+    let lines: Vec<(String, String)> = (0..4).map(|i| (format!("c{i}"), format!("{{\"prompt\":\"{i}\"}}"))).collect();
+    let batch = l.create_batch(&new, &lines).await.unwrap();
+    assert_eq!((batch.status.as_str(), batch.counts.total), ("in_progress", 4));
+    // Another instance on the same database claims what this one has not.
+    let other = Ledger::connect_with(&db.url, options(db.clock.clone())).await.unwrap();
+    let mine = l.claim_lines(2).await.unwrap();
+    let theirs = other.claim_lines(5).await.unwrap();
+    let mut claimed: Vec<i64> = mine.iter().chain(&theirs).map(|c| c.line).collect();
+    claimed.sort_unstable();
+    assert_eq!(claimed, [0, 1, 2, 3]);
+    assert!(l.claim_lines(5).await.unwrap().is_empty());
+    assert!(l.finish_line(&batch.id, mine[0].line, 200, Some("req_1"), "{}").await.unwrap());
+    // A second answer of the same line does not replace the first.
+    assert!(!other.finish_line(&batch.id, mine[0].line, 500, Some("req_2"), "{}").await.unwrap());
+    // Past the window: the lines not answered yet are given up, and the batch ends expired.
+    db.clock.advance(TimeDelta::hours(25));
+    l.advance_batches().await.unwrap();
+    let expired = l.batch("key_1", &batch.id).await.unwrap().unwrap();
+    assert_eq!(expired.status, "expired");
+    assert_eq!((expired.counts.completed, expired.counts.failed), (1, 3));
+    assert!(expired.expired_at.is_some() && expired.output_file_id.is_some() && expired.error_file_id.is_some());
+    let Some(ledger::FileContent::Lines(errors)) =
+        l.file_content("key_1", expired.error_file_id.as_deref().unwrap()).await.unwrap()
+    else {
+        panic!("an error file of lines")
+    };
+    assert_eq!(errors.len(), 3);
+    // A line still running when its batch stopped takes its answer when it comes: it ran and was charged.
+    let late = theirs[0].line;
+    assert!(other.finish_line(&batch.id, late, 200, Some("req_3"), "{}").await.unwrap());
+    let after = l.batch("key_1", &batch.id).await.unwrap().unwrap();
+    assert_eq!((after.counts.completed, after.counts.failed), (2, 2));
+    // Nothing of it for another owner.
+    assert!(l.batch("key_2", &batch.id).await.unwrap().is_none());
+    other.close().await;
 }

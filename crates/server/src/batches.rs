@@ -493,7 +493,7 @@ async fn run_line(app: axum::Router, ledger: &Ledger, line: ledger::ClaimedLine)
     match ledger.finish_line(&line.batch_id, line.line, status, request_id.as_deref(), &body).await {
         Ok(true) => {}
         Ok(false) => {
-            tracing::warn!(batch = %line.batch_id, line = line.line, "a batch line was taken over while it ran")
+            tracing::warn!(batch = %line.batch_id, line = line.line, "a batch line was already answered by another run of it; the first answer stands")
         }
         Err(e) => {
             tracing::error!(batch = %line.batch_id, line = line.line, error = %e, "could not record a batch line")
