@@ -1,6 +1,7 @@
 //! The Files and Batch APIs' wire format (OpenAI's `OpenAIFile`, `Batch`, `BatchRequestInput` and
 //! `BatchRequestOutput`): the objects, the input file's lines and the output and error files' lines.
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::ApiError;
@@ -221,16 +222,26 @@ pub fn parse_batch_input(content: &[u8], endpoint: &str) -> (Vec<BatchLine>, Vec
     (lines, errors)
 }
 
-/// A line of a batch's output or error file for a request that ran: what it answered.
+/// A line of a batch's output or error file for a request that ran: what it answered. The body (JSON
+/// text, megabytes of base64 images) goes in as it is, checked but not parsed and written again.
 pub fn output_line(id: &str, custom_id: &str, status_code: u16, request_id: Option<&str>, body: &str) -> String {
-    let body: Value = serde_json::from_str(body).unwrap_or(Value::Null);
-    json!({
-        "id": id,
-        "custom_id": custom_id,
-        "response": {"status_code": status_code, "request_id": request_id, "body": body},
-        "error": null,
-    })
-    .to_string()
+    #[derive(serde::Serialize)]
+    struct Response<'a> {
+        status_code: u16,
+        request_id: Option<&'a str>,
+        /// `None` (null) for a body that is not JSON.
+        body: Option<&'a RawValue>,
+    }
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        id: &'a str,
+        custom_id: &'a str,
+        response: Response<'a>,
+        error: Option<()>,
+    }
+    let body = serde_json::from_str::<&RawValue>(body).ok();
+    let line = Line { id, custom_id, response: Response { status_code, request_id, body }, error: None };
+    serde_json::to_string(&line).unwrap_or_default()
 }
 
 /// A line of a batch's error file for a request that never ran (`code`: why).
@@ -276,6 +287,19 @@ mod tests {
                 (8, "missing_required_parameter"),
             ]
         );
+    }
+
+    #[test]
+    fn output_lines_carry_the_body_as_it_was() {
+        let body = r#"{"data":[{"b64_json":"AAAA"}],"created":1}"#;
+        let line: Value = serde_json::from_str(&output_line("r1", "c1", 200, Some("req"), body)).unwrap();
+        assert_eq!(
+            line,
+            json!({"id": "r1", "custom_id": "c1", "error": null,
+                "response": {"status_code": 200, "request_id": "req", "body": {"data": [{"b64_json": "AAAA"}], "created": 1}}})
+        );
+        let broken: Value = serde_json::from_str(&output_line("r2", "c2", 502, None, "<html>")).unwrap();
+        assert_eq!(broken["response"]["body"], Value::Null);
     }
 
     #[test]

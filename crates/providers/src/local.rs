@@ -440,12 +440,13 @@ impl Task {
 /// free), or with a task that never ran.
 struct QueueSlot {
     pending: Arc<AtomicUsize>,
-    _permit: Permit,
+    /// Given back to the provider's queue with the slot.
+    permit: Permit,
 }
 
 impl QueueSlot {
     fn priority(&self) -> Priority {
-        self._permit.priority()
+        self.permit.priority()
     }
 }
 
@@ -509,7 +510,7 @@ impl Provider for LocalProvider {
                 }
                 let pending = Arc::clone(&self.pending);
                 // Never waits: the worker orders interactive work itself.
-                QueueSlot { pending, _permit: place.ready().await }
+                QueueSlot { pending, permit: place.ready().await }
             }
             // Its turn comes when the engine has nothing interactive to do; a client that leaves
             // before then costs nothing.
@@ -519,7 +520,7 @@ impl Provider for LocalProvider {
                     () = abandoned.cancelled() => return Err(ProviderError::Cancelled { compute_ms: 0 }),
                 };
                 self.pending.fetch_add(1, Ordering::AcqRel);
-                QueueSlot { pending: Arc::clone(&self.pending), _permit: permit }
+                QueueSlot { pending: Arc::clone(&self.pending), permit }
             }
         };
         let cancel = Arc::new(AtomicBool::new(false));

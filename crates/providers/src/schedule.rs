@@ -155,10 +155,6 @@ impl Queue {
         }
     }
 
-    pub fn limits(&self) -> QueueLimits {
-        self.shared.limits
-    }
-
     /// Tells `observer` how long every job waited for its turn from now on (the first observer set
     /// stays; later ones are ignored).
     pub fn observe_waits(&self, observer: WaitObserver) {
@@ -210,11 +206,6 @@ impl Queue {
         let capacity = self.shared.limits.capacity;
         let rounds = if ahead < capacity { 0 } else { (ahead - capacity + 1).div_ceil(capacity) };
         mean.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX))
-    }
-
-    /// When a refused or busy client should try again: one mean run, at least a second.
-    pub fn retry_after(&self) -> Duration {
-        self.state().mean_run.unwrap_or(Duration::ZERO).max(Duration::from_secs(1))
     }
 
     pub fn snapshot(&self) -> QueueSnapshot {
@@ -306,7 +297,7 @@ impl Place {
                 if let Some(observe) = self.queue.shared.on_start.get() {
                     observe(self.priority, waited);
                 }
-                return Permit { queue: self.queue.clone(), priority: self.priority, waited, started: Instant::now() };
+                return Permit { queue: self.queue.clone(), priority: self.priority, started: Instant::now() };
             }
             changed.await;
         }
@@ -325,18 +316,12 @@ impl Drop for Place {
 pub struct Permit {
     queue: Queue,
     priority: Priority,
-    waited: Duration,
     started: Instant,
 }
 
 impl Permit {
     pub fn priority(&self) -> Priority {
         self.priority
-    }
-
-    /// How long the job waited for its turn.
-    pub fn waited(&self) -> Duration {
-        self.waited
     }
 }
 

@@ -477,12 +477,11 @@ async fn run_line(app: axum::Router, ledger: &Ledger, line: ledger::ClaimedLine)
     // Not the line's answer, but a reason to try again shortly: no capacity now (the refusal cost
     // nothing); the line's earlier run on an instance that died is still in flight (until the sweep
     // frees it); the database is unavailable.
-    let again = match status {
-        429 => body.contains("\"resource_unavailable\""),
-        409 => body.contains("\"idempotency_key_in_use\""),
-        503 => body.contains("\"ledger_unavailable\""),
-        _ => false,
-    };
+    let code = api::parse_error_body(body.as_bytes()).and_then(|e| e.code);
+    let again = matches!(
+        (status, code.as_deref()),
+        (429, Some("resource_unavailable")) | (409, Some("idempotency_key_in_use")) | (503, Some("ledger_unavailable"))
+    );
     if again {
         tokio::time::sleep(CAPACITY_BACKOFF).await;
         if let Err(e) = ledger.requeue_line(&line.batch_id, line.line).await {

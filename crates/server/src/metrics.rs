@@ -153,7 +153,7 @@ impl Metrics {
         let name = provider.to_owned();
         queue.observe_waits(Arc::new(move |priority, waited| {
             waits
-                .get_or_create(&QueueLabels { provider: name.clone(), class: class(priority).to_owned() })
+                .get_or_create(&QueueLabels { provider: name.clone(), class: priority.as_str().to_owned() })
                 .observe(waited.as_secs_f64());
         }));
         self.inner.queues.lock().unwrap_or_else(PoisonError::into_inner).push((provider.to_owned(), queue.clone()));
@@ -203,7 +203,7 @@ impl Metrics {
                 (Priority::Interactive, s.waiting_interactive, s.running_interactive),
                 (Priority::Background, s.waiting_background, s.running_background),
             ] {
-                let labels = QueueLabels { provider: provider.clone(), class: class(priority).to_owned() };
+                let labels = QueueLabels { provider: provider.clone(), class: priority.as_str().to_owned() };
                 self.inner.waiting.get_or_create(&labels).set(i64::try_from(waiting).unwrap_or(i64::MAX));
                 self.inner.running.get_or_create(&labels).set(i64::try_from(running).unwrap_or(i64::MAX));
             }
@@ -213,8 +213,4 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
         out
     }
-}
-
-fn class(priority: Priority) -> &'static str {
-    priority.as_str()
 }
