@@ -121,6 +121,39 @@ pub struct VaeFile {
     /// The VAE overflows in f16 (SDXL's): it runs in f32 on GPUs too.
     #[serde(default)]
     pub force_upcast: bool,
+    /// Subtracted from latents before scaling (FLUX's VAE, 0.1159); none for SD's.
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+}
+
+impl VaeFile {
+    /// The KL autoencoder's architecture, refusing block sizes its group norms cannot divide.
+    pub fn kl_config(&self) -> Result<AutoEncoderKLConfig, EngineError> {
+        let v = self;
+        if v.block_out_channels.is_empty()
+            || v.norm_num_groups == 0
+            || v.block_out_channels.iter().any(|c| !c.is_multiple_of(v.norm_num_groups))
+        {
+            return Err(EngineError::Unsupported {
+                file: "vae/config.json".into(),
+                key: "block_out_channels".into(),
+                why: format!("every entry must be a non-zero multiple of norm_num_groups ({})", v.norm_num_groups),
+            });
+        }
+        Ok(AutoEncoderKLConfig {
+            block_out_channels: v.block_out_channels.clone(),
+            layers_per_block: v.layers_per_block,
+            latent_channels: v.latent_channels,
+            norm_num_groups: v.norm_num_groups,
+            use_quant_conv: v.use_quant_conv,
+            use_post_quant_conv: v.use_post_quant_conv,
+        })
+    }
+
+    /// Pixels per latent: 2 to the number of down blocks minus one (8 for every SD and FLUX VAE).
+    pub fn factor(&self) -> usize {
+        1 << (self.block_out_channels.len().saturating_sub(1))
+    }
 }
 
 /// `text_encoder/config.json` (a CLIP text model).
@@ -436,25 +469,7 @@ impl Checkpoint {
     }
 
     pub fn vae_config(&self) -> Result<AutoEncoderKLConfig, EngineError> {
-        let v = &self.vae;
-        if v.block_out_channels.is_empty()
-            || v.norm_num_groups == 0
-            || v.block_out_channels.iter().any(|c| !c.is_multiple_of(v.norm_num_groups))
-        {
-            return Err(EngineError::Unsupported {
-                file: "vae/config.json".into(),
-                key: "block_out_channels".into(),
-                why: format!("every entry must be a non-zero multiple of norm_num_groups ({})", v.norm_num_groups),
-            });
-        }
-        Ok(AutoEncoderKLConfig {
-            block_out_channels: v.block_out_channels.clone(),
-            layers_per_block: v.layers_per_block,
-            latent_channels: v.latent_channels,
-            norm_num_groups: v.norm_num_groups,
-            use_quant_conv: v.use_quant_conv,
-            use_post_quant_conv: v.use_post_quant_conv,
-        })
+        self.vae.kl_config()
     }
 
     /// The VAE's latent scaling factor (0.18215 when the config does not say, as diffusers assumes).
@@ -526,7 +541,7 @@ fn check_encoder(file: &str, t: &TextEncoderFile) -> Result<(), EngineError> {
     Ok(())
 }
 
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, EngineError> {
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, EngineError> {
     let text = std::fs::read_to_string(path).map_err(|_| EngineError::MissingFile(path.to_path_buf()))?;
     serde_json::from_str(&quote_non_finite(&text))
         .map_err(|e| EngineError::InvalidFile { path: path.to_path_buf(), why: e.to_string() })

@@ -262,6 +262,26 @@ impl LayerNorm {
     }
 }
 
+/// Root-mean-square normalization over the last dimension (`x / sqrt(mean(x^2) + eps) * weight`), in
+/// the input's dtype, accumulated in f32.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(vb: Weights, dim: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm { weight: vb.get(dim, "weight")?, eps })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x32 = cast(xs, DType::F32)?;
+        let ys = candle_nn::ops::rms_norm(&x32.contiguous()?, &cast(&self.weight, DType::F32)?, self.eps as f32)?;
+        cast(&ys, dtype)
+    }
+}
+
 /// Nearest-neighbour upsampling to `size` (twice the input's by default), then a 3x3 convolution.
 pub struct Upsample {
     conv: Conv,

@@ -7,18 +7,21 @@
 pub mod candle_unet;
 pub mod checkpoint;
 pub mod encode;
+pub mod flow_match;
 pub mod layers;
 pub mod pipeline;
 pub mod registry;
 pub mod scheduler;
 pub mod taesd;
 pub mod testing;
+pub mod text;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae_decoder;
 mod vae_encoder;
 pub mod weights;
+pub mod zimage;
 
 use std::path::PathBuf;
 

@@ -155,12 +155,12 @@ pub struct Pipeline {
     tokenizer: ClipTokenizer,
     text_encoder: TextEncoder,
     /// SDXL's second tokenizer and encoder.
-    second: Option<(ClipTokenizer, TextEncoder, Option<Arc<MappedFile>>)>,
+    second: Option<(ClipTokenizer, TextEncoder, Vec<Arc<MappedFile>>)>,
     unet: Unet,
     /// The mapped weight files of the text encoders and of the UNet (on the CPU), whose pages are
     /// released once the model has run in a generation.
-    text_file: Option<Arc<MappedFile>>,
-    unet_file: Option<Arc<MappedFile>>,
+    text_file: Vec<Arc<MappedFile>>,
+    unet_file: Vec<Arc<MappedFile>>,
     /// The KL VAE decoder, read on the first full decode: a generation with the tiny decoder never
     /// needs it (its file's header is checked at load all the same).
     vae: OnFirstUse<VaeDecoder>,
@@ -227,21 +227,24 @@ impl Pipeline {
         // (computed in f32 all the same), the model dtype elsewhere.
         let store = if device.is_cpu() && !options.f32_weights { DType::F16 } else { dtype };
         let text_path = checkpoint.weights_for("text_encoder", store)?;
-        let (text_encoder, text_file) =
-            with_weights(&text_path, store, device, |vb| TextEncoder::new(vb, &checkpoint.text_encoder))?;
+        let (text_encoder, text_file) = with_weights(std::slice::from_ref(&text_path), store, device, |vb| {
+            TextEncoder::new(vb, &checkpoint.text_encoder)
+        })?;
         let second = match &checkpoint.text_encoder_2 {
             Some(config) => {
                 let tokenizer = ClipTokenizer::load(&dir.join("tokenizer_2"), config.max_position_embeddings)?;
                 let path = checkpoint.weights_for("text_encoder_2", store)?;
-                let (encoder, file) = with_weights(&path, store, device, |vb| TextEncoder::new(vb, config))?;
+                let (encoder, file) =
+                    with_weights(std::slice::from_ref(&path), store, device, |vb| TextEncoder::new(vb, config))?;
                 Some((tokenizer, encoder, file))
             }
             None => None,
         };
         let unet_path = checkpoint.weights_for("unet", store)?;
         let unet_cfg = checkpoint.unet_config()?;
-        let (unet, unet_file) =
-            with_weights(&unet_path, store, device, |vb| Unet::new(vb, &unet_cfg, options.kernels))?;
+        let (unet, unet_file) = with_weights(std::slice::from_ref(&unet_path), store, device, |vb| {
+            Unet::new(vb, &unet_cfg, options.kernels)
+        })?;
         if unet.needs_added_cond() && second.is_none() {
             return Err(EngineError::MissingFile(dir.join("text_encoder_2/config.json")));
         }
@@ -404,27 +407,13 @@ impl Pipeline {
     }
 
     fn prepare_edit(&self, edit: &Edit, width: u32, height: u32) -> Result<EditInputs, EngineError> {
-        let resize = |img: &RgbImage| {
-            if img.dimensions() == (width, height) {
-                img.clone()
-            } else {
-                image::imageops::resize(img, width, height, FilterType::Lanczos3)
-            }
-        };
-        let resized: Vec<RgbImage> = edit.images.iter().map(resize).collect();
+        let (resized, mask_pixels) = resize_inputs(edit, width, height);
         let encoder = self.vae_encoder()?;
         // The latent distribution of each image; each generated image samples them with its own seed.
         let images =
             resized.iter().map(|img| Ok(encoder.encode(&self.to_pixels(img)?)?)).collect::<Result<_, EngineError>>()?;
 
         // diffusers' mask processor: resized like the image (Lanczos), then binarized at one half.
-        let mask_pixels = edit.mask.as_ref().map(|m| {
-            if m.dimensions() == (width, height) {
-                m.clone()
-            } else {
-                image::imageops::resize(m, width, height, FilterType::Lanczos3)
-            }
-        });
         let (lh, lw) = self.latent_size(width, height);
         let latent_mask = match &mask_pixels {
             Some(m) => {
@@ -493,7 +482,10 @@ impl Pipeline {
         self.vae_encoder.get_or_load(|| {
             let path = self.checkpoint.weights_for("vae", self.vae_dtype)?;
             let cfg = self.checkpoint.vae_config()?;
-            Ok(with_weights(&path, self.vae_dtype, &self.device, |vb| VaeEncoder::new(vb.vb().clone(), &cfg))?.0)
+            Ok(with_weights(std::slice::from_ref(&path), self.vae_dtype, &self.device, |vb| {
+                VaeEncoder::new(vb.vb().clone(), &cfg)
+            })?
+            .0)
         })
     }
 
@@ -502,8 +494,10 @@ impl Pipeline {
             let path = self.checkpoint.weights_for("vae", self.vae_dtype)?;
             let cfg = self.checkpoint.vae_config()?;
             let started = std::time::Instant::now();
-            let vae =
-                with_weights(&path, self.vae_dtype, &self.device, |vb| VaeDecoder::load(vb, &cfg, self.kernels))?.0;
+            let vae = with_weights(std::slice::from_ref(&path), self.vae_dtype, &self.device, |vb| {
+                VaeDecoder::load(vb, &cfg, self.kernels)
+            })?
+            .0;
             tracing::info!(secs = started.elapsed().as_secs_f64(), "VAE decoder loaded");
             Ok(vae)
         })
@@ -640,31 +634,63 @@ impl Pipeline {
                 self.vae_decoder()?.decode(&scaled)?
             }
         };
-        let pixels =
-            ((pixels.to_dtype(DType::F32)? + 1.0)? * 127.5)?.clamp(0.0, 255.0)?.round()?.to_dtype(DType::U8)?;
-        let (n, _, h, w) = pixels.dims4()?;
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let hwc = pixels.i(i)?.permute((1, 2, 0))?.flatten_all()?.to_vec1::<u8>()?;
-            let img = RgbImage::from_raw(w as u32, h as u32, hwc)
-                .ok_or_else(|| EngineError::InvalidInput("decoded image has the wrong size".into()))?;
-            out.push(img);
-        }
-        Ok(out)
+        to_images(&pixels)
     }
 
     /// An image as `[1, 3, h, w]` in -1..1, in the VAE's dtype.
     fn to_pixels(&self, img: &RgbImage) -> Result<Tensor, EngineError> {
-        let (w, h) = img.dimensions();
-        let t = Tensor::from_vec(img.as_raw().clone(), (h as usize, w as usize, 3), &self.device)?
-            .permute((2, 0, 1))?
-            .to_dtype(DType::F32)?;
-        Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?.to_dtype(self.vae_dtype)?)
+        to_pixels(img, &self.device, self.vae_dtype)
     }
 }
 
+/// An image as `[1, 3, h, w]` in -1..1, in `dtype`.
+pub(crate) fn to_pixels(img: &RgbImage, device: &Device, dtype: DType) -> Result<Tensor, EngineError> {
+    let (w, h) = img.dimensions();
+    let t = Tensor::from_vec(img.as_raw().clone(), (h as usize, w as usize, 3), device)?
+        .permute((2, 0, 1))?
+        .to_dtype(DType::F32)?;
+    Ok(((t / 127.5)? - 1.0)?.unsqueeze(0)?.to_dtype(dtype)?)
+}
+
+/// Decoded pixels `[n, 3, h, w]` in about -1..1 to 8-bit images, as diffusers post-processes them.
+pub(crate) fn to_images(pixels: &Tensor) -> Result<Vec<RgbImage>, EngineError> {
+    let pixels = ((pixels.to_dtype(DType::F32)? + 1.0)? * 127.5)?.clamp(0.0, 255.0)?.round()?.to_dtype(DType::U8)?;
+    let (n, _, h, w) = pixels.dims4()?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let hwc = pixels.i(i)?.permute((1, 2, 0))?.flatten_all()?.to_vec1::<u8>()?;
+        let img = RgbImage::from_raw(w as u32, h as u32, hwc)
+            .ok_or_else(|| EngineError::InvalidInput("decoded image has the wrong size".into()))?;
+        out.push(img);
+    }
+    Ok(out)
+}
+
+/// Input images resized to `width x height` (Lanczos, as diffusers' image processor), and the mask too.
+pub(crate) fn resize_inputs(edit: &Edit, width: u32, height: u32) -> (Vec<RgbImage>, Option<GrayImage>) {
+    let images = edit
+        .images
+        .iter()
+        .map(|img| {
+            if img.dimensions() == (width, height) {
+                img.clone()
+            } else {
+                image::imageops::resize(img, width, height, FilterType::Lanczos3)
+            }
+        })
+        .collect();
+    let mask = edit.mask.as_ref().map(|m| {
+        if m.dimensions() == (width, height) {
+            m.clone()
+        } else {
+            image::imageops::resize(m, width, height, FilterType::Lanczos3)
+        }
+    });
+    (images, mask)
+}
+
 /// A part of the model read the first time it is needed, then kept.
-struct OnFirstUse<T>(Mutex<Option<Arc<T>>>);
+pub(crate) struct OnFirstUse<T>(Mutex<Option<Arc<T>>>);
 
 impl<T> Default for OnFirstUse<T> {
     fn default() -> Self {
@@ -674,7 +700,7 @@ impl<T> Default for OnFirstUse<T> {
 
 impl<T> OnFirstUse<T> {
     /// The part, loaded by `load` on the first call (a failed load is tried again on the next one).
-    fn get_or_load(&self, load: impl FnOnce() -> Result<T, EngineError>) -> Result<Arc<T>, EngineError> {
+    pub(crate) fn get_or_load(&self, load: impl FnOnce() -> Result<T, EngineError>) -> Result<Arc<T>, EngineError> {
         let mut slot =
             self.0.lock().map_err(|_| EngineError::InvalidInput("a model part's lock is poisoned".into()))?;
         if let Some(part) = slot.as_ref() {
@@ -718,7 +744,7 @@ struct EditInputs {
 }
 
 /// After how many completed steps the partial images are taken: evenly spread, never after the last.
-fn partial_points(run: usize, wanted: usize) -> Vec<usize> {
+pub(crate) fn partial_points(run: usize, wanted: usize) -> Vec<usize> {
     let mut points: Vec<usize> = (1..=wanted).map(|k| k * run / (wanted + 1)).filter(|&j| j >= 1 && j < run).collect();
     points.dedup();
     points
@@ -726,7 +752,7 @@ fn partial_points(run: usize, wanted: usize) -> Vec<usize> {
 
 /// The batch's noise, `[n, c, h, w]` f32: each image's from its own generator, or what `hooks` give for
 /// its seed (the generators advance either way, so that what follows does not depend on it).
-fn seeded_noise(
+pub(crate) fn seeded_noise(
     rngs: &mut [StdRng],
     seeds: &[u64],
     what: Draw,
@@ -762,7 +788,7 @@ fn gaussian(rngs: &mut [StdRng], (c, h, w): (usize, usize, usize), device: &Devi
 /// The latent mask diffusers makes of a pixel mask: binarized at one half (1 repaints), then taken
 /// nearest-neighbour down to the `lh x lw` latent grid (`F.interpolate`'s default: source index
 /// `floor(i * in / out)`).
-fn latent_mask(mask: &GrayImage, lh: usize, lw: usize) -> Vec<f32> {
+pub(crate) fn latent_mask(mask: &GrayImage, lh: usize, lw: usize) -> Vec<f32> {
     let (w, h) = (mask.width() as usize, mask.height() as usize);
     (0..lh)
         .flat_map(|y| (0..lw).map(move |x| (x * w / lw, y * h / lh)))
@@ -771,7 +797,7 @@ fn latent_mask(mask: &GrayImage, lh: usize, lw: usize) -> Vec<f32> {
 }
 
 /// `out = input * (1 - m) + out * m` per pixel, with `m` the mask (255 = repaint).
-fn composite(out: &mut RgbImage, input: &RgbImage, mask: &GrayImage) {
+pub(crate) fn composite(out: &mut RgbImage, input: &RgbImage, mask: &GrayImage) {
     for (x, y, px) in out.enumerate_pixels_mut() {
         let m = u32::from(mask.get_pixel(x, y).0[0]);
         let src = input.get_pixel(x, y).0;
@@ -785,34 +811,41 @@ fn composite(out: &mut RgbImage, input: &RgbImage, mask: &GrayImage) {
 /// that does not match the config). On the CPU a file stored all in f16 for a component kept in f16
 /// (the fp16 files of the text encoders and the UNet) is mapped and its weights used in place; any
 /// other is read into buffers of `dtype`.
-fn with_weights<T>(
-    path: &Path,
+pub(crate) fn with_weights<T>(
+    paths: &[PathBuf],
     dtype: DType,
     device: &Device,
     build: impl FnOnce(Weights) -> candle_core::Result<T>,
-) -> Result<(T, Option<Arc<MappedFile>>), EngineError> {
-    let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
+) -> Result<(T, Vec<Arc<MappedFile>>), EngineError> {
+    let named = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    let invalid = |why: String| EngineError::InvalidFile { path: PathBuf::from(&named), why };
     // Only f16: such weights are widened on every use anyway, so reading them from the map costs
     // nothing more, where a mapped f32 weight would be copied on every use instead of never.
-    let mapped = if device.is_cpu() && dtype == DType::F16 {
-        Some(MappedFile::open(path)?).filter(|file| file.all_of(dtype))
-    } else {
-        None
-    };
-    let weights = match &mapped {
-        Some(file) => Weights::mapped(file.clone(), dtype),
-        None => {
-            let store = if dtype == DType::F16 { Some(DType::F16) } else { None };
-            let tensors = crate::weights::load_as(path, device, store)?;
-            Weights::from(VarBuilder::from_tensors(tensors, dtype, device))
+    let mut mapped = Vec::new();
+    if device.is_cpu() && dtype == DType::F16 {
+        for path in paths {
+            mapped.push(MappedFile::open(path)?);
         }
+        if !mapped.iter().all(|file| file.all_of(dtype)) {
+            mapped.clear();
+        }
+    }
+    let weights = if mapped.is_empty() {
+        let store = if dtype == DType::F16 { Some(DType::F16) } else { None };
+        let mut tensors = std::collections::HashMap::new();
+        for path in paths {
+            tensors.extend(crate::weights::load_as(path, device, store)?);
+        }
+        Weights::from(VarBuilder::from_tensors(tensors, dtype, device))
+    } else {
+        Weights::mapped_shards(mapped.clone(), dtype)
     };
     Ok((build(weights).map_err(|e| invalid(e.to_string()))?, mapped))
 }
 
 /// Drops the pages of mapped weight files from the process ([`MappedFile::release`]) once their model
 /// has run; a failure only costs memory, so it is logged, not returned.
-fn release<'a>(files: impl IntoIterator<Item = &'a Arc<MappedFile>>) {
+pub(crate) fn release<'a>(files: impl IntoIterator<Item = &'a Arc<MappedFile>>) {
     for file in files {
         if let Err(e) = file.release() {
             tracing::warn!(error = %e, "could not release a weight file's pages");

@@ -382,12 +382,13 @@ impl Param {
 #[derive(Clone)]
 pub struct Weights<'a> {
     vb: VarBuilder<'a>,
-    mapped: Option<Arc<MappedFile>>,
+    /// The mapped files behind `vb` (one, or a sharded model's shards), empty when it holds tensors.
+    mapped: Arc<[Arc<MappedFile>]>,
 }
 
 impl<'a> From<VarBuilder<'a>> for Weights<'a> {
     fn from(vb: VarBuilder<'a>) -> Self {
-        Weights { vb, mapped: None }
+        Weights { vb, mapped: Arc::new([]) }
     }
 }
 
@@ -395,8 +396,14 @@ impl Weights<'static> {
     /// The tensors of a mapped file, kept in `dtype` on the CPU: [`Weights::get`] copies (and converts),
     /// [`Weights::param`] reads in place the tensors stored in `dtype`.
     pub fn mapped(file: Arc<MappedFile>, dtype: DType) -> Weights<'static> {
-        let backend: Box<dyn SimpleBackend> = Box::new(MappedBackend(file.clone()));
-        Weights { vb: VarBuilder::from_backend(backend, dtype, Device::Cpu), mapped: Some(file) }
+        Weights::mapped_shards(vec![file], dtype)
+    }
+
+    /// [`Weights::mapped`] over the shards of one model, each tensor read from the shard that holds it.
+    pub fn mapped_shards(files: Vec<Arc<MappedFile>>, dtype: DType) -> Weights<'static> {
+        let files: Arc<[Arc<MappedFile>]> = files.into();
+        let backend: Box<dyn SimpleBackend> = Box::new(MappedBackend(files.clone()));
+        Weights { vb: VarBuilder::from_backend(backend, dtype, Device::Cpu), mapped: files }
     }
 }
 
@@ -419,7 +426,7 @@ impl<'a> Weights<'a> {
             p if p.is_empty() => name.to_owned(),
             p => format!("{p}.{name}"),
         };
-        match &self.mapped {
+        match self.mapped.iter().find(|file| file.tensors.contains_key(&full)) {
             Some(file) if file.tensors.get(&full).is_some_and(|t| t.dtype == self.vb.dtype()) => {
                 let found = &file.info(&full)?.shape;
                 if found.as_slice() != shape.dims() {
@@ -454,23 +461,85 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// candle's `VarBuilder` over a [`MappedFile`]: every `get` is a checked copy.
-struct MappedBackend(Arc<MappedFile>);
+/// candle's `VarBuilder` over [`MappedFile`]s (a model's shards): every `get` is a checked copy.
+struct MappedBackend(Arc<[Arc<MappedFile>]>);
+
+impl MappedBackend {
+    fn file(&self, name: &str) -> candle_core::Result<&MappedFile> {
+        match self.0.iter().find(|f| f.tensors.contains_key(name)) {
+            Some(file) => Ok(file),
+            None => {
+                let paths: Vec<String> = self.0.iter().map(|f| f.path.display().to_string()).collect();
+                candle_core::bail!("cannot find tensor {name} in {}", paths.join(", "))
+            }
+        }
+    }
+}
 
 impl SimpleBackend for MappedBackend {
     fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let found = &self.0.info(name)?.shape;
+        let file = self.file(name)?;
+        let found = &file.info(name)?.shape;
         if found.as_slice() != s.dims() {
             candle_core::bail!("shape mismatch for {name}, got {found:?}, expected {s:?}")
         }
-        self.0.tensor(name, dtype, dev)
+        file.tensor(name, dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.tensor(name, dtype, dev)
+        self.file(name)?.tensor(name, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.tensors.contains_key(name)
+        self.0.iter().any(|f| f.tensors.contains_key(name))
     }
+}
+
+/// The weight files of one model component directory: the shards its `*.safetensors.index.json` names
+/// (`weight_map`), else its one `diffusion_pytorch_model.safetensors` or `model.safetensors` (or their
+/// `.fp16` variants when only those exist).
+pub fn component_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    for stem in ["diffusion_pytorch_model", "model"] {
+        for variant in ["", ".fp16"] {
+            let index = dir.join(format!("{stem}{variant}.safetensors.index.json"));
+            if index.is_file() {
+                return shards_of(&index);
+            }
+            let single = dir.join(format!("{stem}{variant}.safetensors"));
+            if single.is_file() {
+                return Ok(vec![single]);
+            }
+        }
+    }
+    Err(EngineError::MissingFile(dir.join("diffusion_pytorch_model.safetensors")))
+}
+
+/// The shard files an index names, each once, in order, every one present.
+fn shards_of(index: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    #[derive(Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let invalid = |why: String| EngineError::InvalidFile { path: index.to_path_buf(), why };
+    let text = std::fs::read_to_string(index).map_err(|e| invalid(e.to_string()))?;
+    let parsed: Index = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut names: Vec<&String> = parsed.weight_map.values().collect();
+    names.sort();
+    names.dedup();
+    let mut files = Vec::with_capacity(names.len());
+    for name in names {
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(invalid(format!("shard name {name:?} is not a file name")));
+        }
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(EngineError::MissingFile(path));
+        }
+        files.push(path);
+    }
+    if files.is_empty() {
+        return Err(invalid("weight_map names no file".into()));
+    }
+    Ok(files)
 }

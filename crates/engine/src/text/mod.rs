@@ -1,0 +1,3 @@
+//! Text encoders shared by model families.
+
+pub mod qwen3;

@@ -1,0 +1,250 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Reference parity for the Z-Image family: a tiny random Z-Image checkpoint saved by diffusers and
+//! transformers (`tests/parity/zimage-tiny`), and what they compute on it
+//! (`tests/parity/zimage-tiny-reference.safetensors`, written by `tests/parity/make_zimage_fixtures.py`,
+//! which says what each entry is and how to regenerate them). Token ids exactly; the text encoder,
+//! the transformer and the VAE within 1e-4 of the reference's largest magnitude; schedules to f32
+//! rounding; whole pipelines (given diffusers' noise) within 1 level of diffusers' 8-bit image.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use engine::flow_match::{FlowMatch, FlowMatchFile};
+use engine::zimage::{ZImageCheckpoint, ZImagePipeline};
+use engine::{Draw, Edit, GenerateParams, Hooks, Kernels, LoadOptions, NoHooks};
+
+const TOLERANCE: f32 = 1e-4;
+const PROMPT: &str = "a cute baby sea otter!";
+const WIDTH: u32 = 72;
+const HEIGHT: u32 = 80;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/parity/zimage-tiny")
+}
+
+struct Reference(std::collections::HashMap<String, Tensor>);
+
+impl Reference {
+    fn load() -> Reference {
+        let path =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/parity/zimage-tiny-reference.safetensors");
+        Reference(candle_core::safetensors::load(path, &Device::Cpu).unwrap())
+    }
+
+    fn get(&self, name: &str) -> &Tensor {
+        self.0.get(name).unwrap_or_else(|| panic!("the reference has no {name}"))
+    }
+}
+
+fn pipeline(kernels: Kernels) -> ZImagePipeline {
+    ZImagePipeline::load(&dir(), &Device::Cpu, LoadOptions { kernels, ..Default::default() }).unwrap()
+}
+
+/// The largest difference over the reference's largest magnitude.
+fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let want = want.to_dtype(DType::F32).unwrap();
+    let got = got.to_dtype(DType::F32).unwrap();
+    let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff.is_finite() && scale > 0.0, "diff {diff}, scale {scale}");
+    diff / scale
+}
+
+#[test]
+fn chat_templated_token_ids_are_transformers_ids() {
+    let r = Reference::load();
+    let p = pipeline(Kernels::Fast);
+    for (key, prompt) in [("ids", PROMPT), ("ids_uncond", "")] {
+        let want: Vec<i64> = r.get(key).to_vec1().unwrap();
+        let got: Vec<i64> = p.prompt_ids(prompt).unwrap().into_iter().map(i64::from).collect();
+        assert_eq!(got, want, "{prompt:?}");
+    }
+}
+
+#[test]
+fn the_text_encoder_gives_the_hidden_states_diffusers_takes() {
+    let r = Reference::load();
+    let p = pipeline(Kernels::Fast);
+    for (key, prompt) in [("text", PROMPT), ("text_uncond", "")] {
+        let e = relative_error(&p.encode_prompt(prompt).unwrap(), r.get(key));
+        assert!(e < TOLERANCE, "{key}: {e}");
+    }
+}
+
+#[test]
+fn the_transformer_gives_diffusers_output_on_both_kernel_sets() {
+    let r = Reference::load();
+    let t: f32 = r.get("tr_t").to_vec1::<f32>().unwrap()[0];
+    for kernels in [Kernels::Reference, Kernels::Fast] {
+        let p = pipeline(kernels);
+        for (caption, want) in [("text", "tr_out"), ("text_uncond", "tr_out_uncond")] {
+            let out = p.transformer().forward(r.get("tr_x"), t, r.get(caption)).unwrap();
+            let e = relative_error(&out, r.get(want));
+            assert!(e < TOLERANCE, "{kernels:?}, {want}: {e}");
+        }
+    }
+}
+
+#[test]
+fn the_schedules_are_diffusers_schedules() {
+    let r = Reference::load();
+    let ckpt = ZImageCheckpoint::open(&dir()).unwrap();
+    let mut dynamic = ckpt.scheduler.clone();
+    dynamic.use_dynamic_shifting = true;
+    let tokens = (HEIGHT as usize / 4) * (WIDTH as usize / 4);
+    let close = |got: &[f32], want: &Tensor, what: &str| {
+        let want: Vec<f32> = want.to_vec1().unwrap();
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{what}: {got:?} against {want:?}");
+        }
+    };
+    for steps in [1, 2, 4, 8] {
+        let s = FlowMatch::new(&ckpt.scheduler, steps, tokens).unwrap();
+        close(s.sigmas(), r.get(&format!("sched.{steps}.sigmas")), &format!("{steps} sigmas"));
+        close(s.timesteps(), r.get(&format!("sched.{steps}.timesteps")), &format!("{steps} timesteps"));
+        let d = FlowMatch::new(&dynamic, steps, tokens).unwrap();
+        close(d.sigmas(), r.get(&format!("sched_dyn.{steps}.sigmas")), &format!("{steps} dynamic sigmas"));
+    }
+    // The file says what diffusers wrote.
+    let _: FlowMatchFile = ckpt.scheduler;
+}
+
+#[test]
+fn the_vae_decoder_gives_diffusers_pixels() {
+    let r = Reference::load();
+    let p = pipeline(Kernels::Fast);
+    let e = relative_error(&p.decode_raw(r.get("vae_latents")).unwrap(), r.get("vae_out"));
+    assert!(e < TOLERANCE, "{e}");
+}
+
+/// diffusers' draws, by what they are for.
+struct DiffusersNoise(Vec<(Draw, Tensor)>);
+
+impl Hooks for DiffusersNoise {
+    fn noise(&mut self, _seed: u64, what: Draw, shape: (usize, usize, usize)) -> Option<Tensor> {
+        let (_, t) = self.0.iter().find(|(w, _)| *w == what).unwrap_or_else(|| panic!("no noise for {what:?}"));
+        assert_eq!(t.dims()[1..], [shape.0, shape.1, shape.2]);
+        Some(t.get(0).unwrap())
+    }
+}
+
+/// The largest difference in levels between an image and diffusers' 8-bit image over the pixels
+/// `count` picks.
+fn levels_off(got: &image::RgbImage, want: &Tensor, count: impl Fn(u32, u32) -> bool) -> u8 {
+    let want: Vec<u8> = want.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(got.as_raw().len(), want.len());
+    // The reference image is not flat: the comparison means something.
+    assert!(want.iter().any(|v| v.abs_diff(want[0]) > 25));
+    let w = got.width();
+    got.as_raw()
+        .iter()
+        .zip(&want)
+        .enumerate()
+        .filter(|(i, _)| count((*i / 3) as u32 % w, (*i / 3) as u32 / w))
+        .map(|(_, (g, w))| g.abs_diff(*w))
+        .max()
+        .unwrap_or(0)
+}
+
+fn params(steps: usize, guidance_scale: f64) -> GenerateParams {
+    GenerateParams {
+        prompt: PROMPT.into(),
+        negative_prompt: String::new(),
+        width: WIDTH,
+        height: HEIGHT,
+        n: 1,
+        steps,
+        guidance_scale,
+        seed: 0,
+        edit: None,
+        partial_images: 0,
+        decoder: engine::Decoder::Full,
+        sampler: engine::Sampler::Checkpoint,
+    }
+}
+
+#[test]
+fn text_to_image_gives_diffusers_pixels_with_and_without_guidance() {
+    let r = Reference::load();
+    let p = pipeline(Kernels::Fast);
+    for (key, guidance) in [("pipe_g0", 0.0), ("pipe_g3", 3.0)] {
+        let mut noise = DiffusersNoise(vec![(Draw::Initial, r.get("pipe_noise").clone())]);
+        let images = p.generate(&params(2, guidance), &mut noise).unwrap();
+        let worst = levels_off(&images[0], r.get(key), |_, _| true);
+        assert!(worst <= 1, "{key}: {worst} levels off");
+    }
+}
+
+fn edit_inputs(r: &Reference) -> (image::RgbImage, image::GrayImage) {
+    let image: Vec<u8> = r.get("edit_image").flatten_all().unwrap().to_vec1().unwrap();
+    let mask: Vec<u8> = r.get("edit_mask").flatten_all().unwrap().to_vec1().unwrap();
+    (image::RgbImage::from_raw(WIDTH, HEIGHT, image).unwrap(), image::GrayImage::from_raw(WIDTH, HEIGHT, mask).unwrap())
+}
+
+#[test]
+fn image_to_image_gives_diffusers_pixels() {
+    // The input's latents are sampled from the VAE's distribution (the generator's first draw), then
+    // noised to the first of the 3 steps that 4 steps at strength 0.6 run.
+    let r = Reference::load();
+    let p = pipeline(Kernels::Fast);
+    let (image, _) = edit_inputs(&r);
+    let request =
+        GenerateParams { edit: Some(Edit { images: vec![image], mask: None, strength: 0.6 }), ..params(4, 0.0) };
+    let mut noise = DiffusersNoise(vec![
+        (Draw::Image(0), r.get("i2i.image_noise").clone()),
+        (Draw::Initial, r.get("i2i.noise").clone()),
+    ]);
+    let images = p.generate(&request, &mut noise).unwrap();
+    let worst = levels_off(&images[0], r.get("pipe_i2i"), |_, _| true);
+    assert!(worst <= 1, "{worst} levels off");
+}
+
+#[test]
+fn inpainting_gives_diffusers_pixels_inside_the_mask_and_the_input_outside() {
+    let r = Reference::load();
+    let p = pipeline(Kernels::Fast);
+    let (image, mask) = edit_inputs(&r);
+    let edit = Edit { images: vec![image.clone()], mask: Some(mask.clone()), strength: 1.0 };
+    let request = GenerateParams { edit: Some(edit), ..params(3, 0.0) };
+    let mut noise = DiffusersNoise(vec![
+        (Draw::Image(0), r.get("inp.image_noise").clone()),
+        (Draw::Initial, r.get("inp.noise").clone()),
+    ]);
+    let got = &p.generate(&request, &mut noise).unwrap()[0];
+    let inside = |x: u32, y: u32| mask.get_pixel(x, y).0[0] == 255;
+    let worst = levels_off(got, r.get("pipe_inp"), inside);
+    assert!(worst <= 1, "{worst} levels off inside the mask");
+    for (x, y, px) in got.enumerate_pixels() {
+        if !inside(x, y) {
+            assert_eq!(px, image.get_pixel(x, y), "pixel {x},{y} outside the mask changed");
+        }
+    }
+}
+
+#[test]
+fn a_batch_of_n_equals_the_same_seeds_one_at_a_time() {
+    // Text-to-image with and without guidance, and inpainting below full strength; in one batch and
+    // in batches of 2 and 1. A batch runs other matrix shapes, so the floats may round differently:
+    // at most one level apart.
+    let mut p = pipeline(Kernels::Fast);
+    let (image, mask) = edit_inputs(&Reference::load());
+    let edit = Edit { images: vec![image], mask: Some(mask), strength: 0.8 };
+    for request in [params(2, 0.0), params(2, 2.0), GenerateParams { edit: Some(edit), ..params(3, 0.0) }] {
+        let alone: Vec<image::RgbImage> = (0..3)
+            .map(|i| p.generate(&GenerateParams { n: 1, seed: 40 + i, ..request.clone() }, &mut NoHooks).unwrap())
+            .map(|mut images| images.remove(0))
+            .collect();
+        for max_batch in [3, 2] {
+            p.max_batch = max_batch;
+            let batch = p.generate(&GenerateParams { n: 3, seed: 40, ..request.clone() }, &mut NoHooks).unwrap();
+            assert_eq!(batch.len(), 3);
+            for (i, (image, single)) in batch.iter().zip(&alone).enumerate() {
+                let diff = image.as_raw().iter().zip(single.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+                assert!(diff <= 1, "batches of {max_batch}: image {i} differs from its seed alone by {diff} levels");
+            }
+        }
+        assert!(alone[0] != alone[1], "different seeds gave the same image");
+    }
+}
