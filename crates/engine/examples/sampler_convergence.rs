@@ -16,8 +16,8 @@
 
 use candle_core::{Device, Tensor};
 use engine::Sampler;
-use engine::checkpoint::SchedulerFile;
 use engine::scheduler::Scheduler;
+use engine::sd::checkpoint::SchedulerFile;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};

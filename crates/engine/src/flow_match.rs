@@ -66,7 +66,7 @@ fn exponential() -> String {
 impl FlowMatchFile {
     /// Reads and checks `scheduler/scheduler_config.json`.
     pub fn read(path: &Path) -> Result<FlowMatchFile, EngineError> {
-        let file: FlowMatchFile = crate::checkpoint::read_json(path)?;
+        let file: FlowMatchFile = crate::config::read_json(path)?;
         file.check()?;
         Ok(file)
     }

@@ -9,7 +9,7 @@
 use candle_core::{Result, Tensor};
 
 use crate::EngineError;
-use crate::checkpoint::SchedulerFile;
+use crate::sd::checkpoint::SchedulerFile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -16,12 +16,12 @@ use rand_distr::{Distribution, StandardNormal};
 use serde_json::json;
 
 use crate::EngineError;
-use crate::candle_unet::Unet;
-use crate::checkpoint::Checkpoint;
 use crate::layers::Kernels;
-use crate::taesd::{TinyConfig, TinyDecoder};
-use crate::text_encoder::TextEncoder;
-use crate::tokenizer::byte_alphabet;
+use crate::sd::candle_unet::Unet;
+use crate::sd::checkpoint::Checkpoint;
+use crate::sd::taesd::{TinyConfig, TinyDecoder};
+use crate::text::clip::TextEncoder;
+use crate::text::clip_tokenizer::byte_alphabet;
 use crate::weights::Weights;
 
 /// What varies between the tiny test checkpoints.
@@ -262,7 +262,7 @@ pub fn write_tiny_decoder(dir: &Path, spec: &TinyDecoderSpec) -> Result<(), Engi
     let stages = spec.num_blocks.len();
     let encoder_blocks: Vec<usize> = spec.num_blocks.iter().rev().copied().collect();
     write_json(
-        &dir.join(crate::taesd::CONFIG_FILE),
+        &dir.join(crate::sd::taesd::CONFIG_FILE),
         &json!({
             "_class_name": "AutoencoderTiny",
             "_diffusers_version": "0.20.0.dev0",
@@ -282,7 +282,7 @@ pub fn write_tiny_decoder(dir: &Path, spec: &TinyDecoderSpec) -> Result<(), Engi
         }),
     )?;
     let config = TinyConfig::read(dir)?;
-    let path = dir.join(crate::taesd::WEIGHT_FILES[0]);
+    let path = dir.join(crate::sd::taesd::WEIGHT_FILES[0]);
     let mut rng = StdRng::seed_from_u64(spec.seed);
     save_random(&path, &mut rng, |vb| {
         encoder_tensors(vb.pp("encoder").pp("layers"), spec.channels, spec.latent_channels, &encoder_blocks)?;

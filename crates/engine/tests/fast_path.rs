@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use engine::testing::{TinySpec, write_checkpoint, write_fp16_variants};
-use engine::vae_decoder::VaeDecoder;
+use engine::vae::decoder::VaeDecoder;
 use engine::{Checkpoint, GenerateParams, Kernels, LoadOptions, NoHooks, Pipeline};
 
 fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
@@ -125,8 +125,8 @@ fn fp16_files_read_in_place_give_the_image_of_f32_files_narrowed_at_load() {
 
 #[test]
 fn the_unet_matches_the_one_built_from_candles_blocks() {
-    use engine::candle_unet::Unet as CandleUnet;
-    use engine::unet::{AddedCond, Unet};
+    use engine::sd::candle_unet::Unet as CandleUnet;
+    use engine::sd::unet::{AddedCond, Unet};
     for spec in [TinySpec::default(), TinySpec { sdxl: true, ..TinySpec::default() }] {
         let dir = tempfile::tempdir().unwrap();
         write_checkpoint(dir.path(), &spec).unwrap();

@@ -10,12 +10,12 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use engine::checkpoint::SchedulerFile;
 use engine::scheduler::Scheduler;
-use engine::text_encoder::TextEncoder;
-use engine::tokenizer::ClipTokenizer;
-use engine::unet::Unet;
-use engine::vae_decoder::VaeDecoder;
+use engine::sd::checkpoint::SchedulerFile;
+use engine::sd::unet::Unet;
+use engine::text::clip::TextEncoder;
+use engine::text::clip_tokenizer::ClipTokenizer;
+use engine::vae::decoder::VaeDecoder;
 use engine::{Checkpoint, Kernels};
 
 const TOLERANCE: f32 = 1e-4;
@@ -307,7 +307,7 @@ fn pipeline_params(steps: usize, guidance_scale: f64) -> engine::GenerateParams 
 #[test]
 fn text_to_image_gives_diffusers_pixels_with_and_without_guidance() {
     for (name, f) in both() {
-        let pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
+        let pipeline = engine::sd::SdPipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
         for (key, guidance) in [("pipe_g0", 0.0), ("pipe_g75", 7.5)] {
             let params = pipeline_params(2, guidance);
             let images = pipeline.generate(&params, &mut DiffusersNoise::new(f.get("pipe_noise"))).unwrap();
@@ -320,7 +320,7 @@ fn text_to_image_gives_diffusers_pixels_with_and_without_guidance() {
 #[test]
 fn euler_ancestral_with_diffusers_noise_gives_diffusers_pixels() {
     let f = sd15();
-    let mut pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
+    let mut pipeline = engine::sd::SdPipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
     pipeline.checkpoint.scheduler.class_name = "EulerAncestralDiscreteScheduler".into();
     let params = pipeline_params(3, 7.5);
     let noise = f.get("eulera_noise");
@@ -337,7 +337,7 @@ fn euler_ancestral_with_diffusers_noise_gives_diffusers_pixels() {
 fn dpm_solver_2m_karras_gives_diffusers_pixels() {
     let f = sd15();
     // The sampler the standard profile picks, over the checkpoint's own (Euler) config.
-    let pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
+    let pipeline = engine::sd::SdPipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
     let params = engine::GenerateParams { sampler: engine::Sampler::DpmSolver2mKarras, ..pipeline_params(4, 7.5) };
     let images = pipeline.generate(&params, &mut DiffusersNoise::new(f.get("pipe_noise"))).unwrap();
     let worst = levels_off(&images[0], f.get("pipe_dpm"), |_, _| true);
@@ -361,7 +361,7 @@ fn edit_params(f: &Fixture, steps: usize, strength: f64, masked: bool) -> engine
 fn image_to_image_gives_diffusers_pixels() {
     // The input's latents are sampled from the VAE's distribution (diffusers' first draw), then noised.
     let f = sd15();
-    let pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
+    let pipeline = engine::sd::SdPipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
     let mut noise = DiffusersNoise::new(f.get("i2i.noise")).with(engine::Draw::Image(0), f.get("i2i.image_noise"));
     let images = pipeline.generate(&edit_params(&f, 4, 0.6, false), &mut noise).unwrap();
     let worst = levels_off(&images[0], f.get("pipe_i2i"), |_, _| true);
@@ -385,7 +385,7 @@ fn assert_inpainted(got: &image::RgbImage, f: &Fixture, want: &Tensor, label: &s
 #[test]
 fn inpainting_by_blending_gives_diffusers_pixels() {
     let f = sd15();
-    let pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
+    let pipeline = engine::sd::SdPipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
     let mut noise =
         DiffusersNoise::new(f.get("inpaint4.noise")).with(engine::Draw::Image(0), f.get("inpaint4.image_noise"));
     let images = pipeline.generate(&edit_params(&f, 4, 0.75, true), &mut noise).unwrap();
@@ -403,7 +403,7 @@ fn a_9_channel_inpainting_unet_gives_diffusers_output_and_pixels() {
         let e = relative_error(&out, f.get("unet_out"));
         assert!(e < TOLERANCE, "{kernels:?}: {e}");
     }
-    let pipeline = engine::Pipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
+    let pipeline = engine::sd::SdPipeline::load(&f.ckpt.dir, &Device::Cpu).unwrap();
     assert!(pipeline.is_inpainting());
     // At strength 1 the input's latents are never drawn: the initial noise, then the masked image's sample.
     let mut noise =
@@ -448,7 +448,7 @@ fn sdxl_conditioning_unet_and_pipeline_are_diffusers() {
     assert!(e < TOLERANCE, "pooled: {e}");
 
     let config = f.ckpt.unet_config().unwrap();
-    let added = engine::unet::AddedCond {
+    let added = engine::sd::unet::AddedCond {
         text_embeds: f.get("unet_text_embeds").clone(),
         time_ids: f.get("unet_time_ids").clone(),
     };
@@ -459,7 +459,7 @@ fn sdxl_conditioning_unet_and_pipeline_are_diffusers() {
         assert!(e < TOLERANCE, "{kernels:?}: {e}");
     }
 
-    let pipeline = engine::Pipeline::load(dir, &Device::Cpu).unwrap();
+    let pipeline = engine::sd::SdPipeline::load(dir, &Device::Cpu).unwrap();
     for (key, guidance) in [("pipe_g0", 0.0), ("pipe_g75", 7.5)] {
         let images =
             pipeline.generate(&pipeline_params(2, guidance), &mut DiffusersNoise::new(f.get("pipe_noise"))).unwrap();

@@ -3,14 +3,15 @@
 //! real loader.
 
 use candle_core::Device;
+use engine::sd::SdPipeline;
 use engine::testing::{TinySpec, write_checkpoint};
-use engine::{Edit, EngineError, GenerateParams, Hooks, NoHooks, Pipeline};
+use engine::{Edit, EngineError, GenerateParams, Hooks, NoHooks};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 
-fn tiny(spec: &TinySpec) -> (tempfile::TempDir, Pipeline) {
+fn tiny(spec: &TinySpec) -> (tempfile::TempDir, SdPipeline) {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), spec).unwrap();
-    let p = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    let p = SdPipeline::load(dir.path(), &Device::Cpu).unwrap();
     (dir, p)
 }
 
@@ -234,17 +235,17 @@ fn broken_checkpoints_are_refused_with_the_file_and_tensor_named() {
     write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
     let unet = dir.path().join("unet/diffusion_pytorch_model.safetensors");
     engine::testing::replace_tensor(&unet, "conv_in.weight").unwrap();
-    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    let msg = SdPipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("unet/diffusion_pytorch_model.safetensors") && msg.contains("conv_in.weight"), "{msg}");
 
     std::fs::remove_file(&unet).unwrap();
-    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    let msg = SdPipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("missing file") && msg.contains("unet"), "{msg}");
 
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
     std::fs::remove_file(dir.path().join("tokenizer/merges.txt")).unwrap();
-    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    let msg = SdPipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("merges.txt"), "{msg}");
 }
 
@@ -258,7 +259,7 @@ fn configs_the_engine_cannot_run_are_refused_with_a_message() {
         let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
         f(&mut v);
         std::fs::write(&path, v.to_string()).unwrap();
-        Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string()
+        SdPipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string()
     };
     let msg = edit(&|v| v["addition_embed_type"] = "text_time".into());
     assert!(msg.contains("addition_embed_type") && msg.contains("second text encoder"), "{msg}");
@@ -271,7 +272,7 @@ fn configs_the_engine_cannot_run_are_refused_with_a_message() {
     let msg = edit(&|v| v["in_channels"] = 5.into());
     assert!(msg.contains("in_channels"), "{msg}");
     std::fs::write(&path, "{ not json").unwrap();
-    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    let msg = SdPipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("unet/config.json"), "{msg}");
 }
 
@@ -301,27 +302,27 @@ fn sdxl_checkpoints_run_with_two_encoders_and_their_added_conditioning() {
     // The pooled embedding reaches the UNet: text_projection only acts on it.
     let te2 = dir.path().join("text_encoder_2/model.safetensors");
     scale_tensor(&te2, "text_projection.weight", 3.0);
-    let p2 = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    let p2 = SdPipeline::load(dir.path(), &Device::Cpu).unwrap();
     let projected = p2.generate(&params(1), &mut NoHooks).unwrap();
     assert_ne!(a, projected, "the pooled text embedding changed nothing");
 
     // The add_embedding tensors are read: changing them changes the image, a wrong shape is named.
     let unet = dir.path().join("unet/diffusion_pytorch_model.safetensors");
     scale_tensor(&unet, "add_embedding.linear_2.weight", 3.0);
-    let p3 = Pipeline::load(dir.path(), &Device::Cpu).unwrap();
+    let p3 = SdPipeline::load(dir.path(), &Device::Cpu).unwrap();
     assert_ne!(projected, p3.generate(&params(1), &mut NoHooks).unwrap(), "add_embedding changed nothing");
     engine::testing::replace_tensor(&unet, "add_embedding.linear_1.weight").unwrap();
-    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    let msg = SdPipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("add_embedding.linear_1.weight"), "{msg}");
 
     // The second encoder is required, and its files are named when missing.
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &spec).unwrap();
     std::fs::remove_file(dir.path().join("text_encoder_2/model.safetensors")).unwrap();
-    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    let msg = SdPipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("text_encoder_2"), "{msg}");
     std::fs::remove_dir_all(dir.path().join("text_encoder_2")).unwrap();
-    let msg = Pipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
+    let msg = SdPipeline::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
     assert!(msg.contains("addition_embed_type") && msg.contains("second text encoder"), "{msg}");
 }
 
@@ -341,7 +342,7 @@ fn sdxl_inpainting_by_blending_keeps_unmasked_pixels() {
 fn a_text_encoder_saved_without_the_text_model_prefix_loads() {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
-    let before = Pipeline::load(dir.path(), &Device::Cpu).unwrap().generate(&params(3), &mut NoHooks).unwrap();
+    let before = SdPipeline::load(dir.path(), &Device::Cpu).unwrap().generate(&params(3), &mut NoHooks).unwrap();
     let file = dir.path().join("text_encoder/model.safetensors");
     let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
     let odd: Vec<_> = tensors.keys().filter(|k| !k.starts_with("text_model.")).collect();
@@ -349,6 +350,6 @@ fn a_text_encoder_saved_without_the_text_model_prefix_loads() {
     let unprefixed: std::collections::HashMap<String, candle_core::Tensor> =
         tensors.into_iter().map(|(k, t)| (k.trim_start_matches("text_model.").to_owned(), t)).collect();
     candle_core::safetensors::save(&unprefixed, &file).unwrap();
-    let after = Pipeline::load(dir.path(), &Device::Cpu).unwrap().generate(&params(3), &mut NoHooks).unwrap();
+    let after = SdPipeline::load(dir.path(), &Device::Cpu).unwrap().generate(&params(3), &mut NoHooks).unwrap();
     assert_eq!(before[0], after[0]);
 }

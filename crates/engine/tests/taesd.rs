@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use engine::taesd::{TinyConfig, TinyDecoder};
+use engine::sd::taesd::{TinyConfig, TinyDecoder};
 use engine::testing::{TinyDecoderSpec, TinySpec, remove_tensor, replace_tensor, write_checkpoint, write_tiny_decoder};
 use engine::{Decoder, EngineError, GenerateParams, Hooks, Kernels, LoadOptions, Pipeline};
 use image::RgbImage;

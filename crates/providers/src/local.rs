@@ -40,7 +40,7 @@ use domain::{
 };
 use engine::encode::Format;
 use engine::pipeline::{MAX_SIDE, MIN_SIDE};
-use engine::taesd::TinyConfig;
+use engine::sd::taesd::TinyConfig;
 use engine::{Checkpoint, Decoder, Edit, EngineError, GenerateParams, Hooks, LoadOptions, Pipeline, Sampler, registry};
 use futures_util::StreamExt;
 use image::{GrayImage, RgbImage};

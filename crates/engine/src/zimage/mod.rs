@@ -22,19 +22,19 @@ use image::{GrayImage, RgbImage};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::checkpoint::VaeFile;
 use crate::flow_match::{FlowMatch, FlowMatchFile};
 use crate::layers::Kernels;
 use crate::pipeline::{
     Draw, Edit, GenerateParams, Hooks, LoadOptions, OnFirstUse, composite, latent_mask, partial_points, release,
     resize_inputs, seeded_noise, to_images, to_pixels, with_weights,
 };
-use crate::taesd::Decoder;
+use crate::sd::taesd::Decoder;
 use crate::text::qwen3::{ChatTokenizer, Qwen3Encoder, Qwen3File};
-use crate::vae_decoder::VaeDecoder;
-use crate::vae_encoder::{LatentDist, VaeEncoder};
+use crate::vae::VaeFile;
+use crate::vae::decoder::VaeDecoder;
+use crate::vae::encoder::{LatentDist, VaeEncoder};
 use crate::weights::MappedFile;
-use crate::{EngineError, checkpoint};
+use crate::{EngineError, config};
 use transformer::{Transformer, TransformerFile};
 
 /// The pipeline class in `model_index.json` that selects this family.
@@ -57,9 +57,9 @@ impl ZImageCheckpoint {
     pub fn open(dir: &Path) -> Result<ZImageCheckpoint, EngineError> {
         let ckpt = ZImageCheckpoint {
             dir: dir.to_path_buf(),
-            transformer: checkpoint::read_json(&dir.join("transformer/config.json"))?,
-            text_encoder: checkpoint::read_json(&dir.join("text_encoder/config.json"))?,
-            vae: checkpoint::read_json(&dir.join("vae/config.json"))?,
+            transformer: config::read_json(&dir.join("transformer/config.json"))?,
+            text_encoder: config::read_json(&dir.join("text_encoder/config.json"))?,
+            vae: config::read_json(&dir.join("vae/config.json"))?,
             scheduler: FlowMatchFile::read(&dir.join("scheduler/scheduler_config.json"))?,
         };
         ckpt.transformer.check()?;
@@ -222,19 +222,9 @@ impl ZImagePipeline {
     /// Runs one request and returns its `n` images.
     pub fn generate(&self, p: &GenerateParams, hooks: &mut dyn Hooks) -> Result<Vec<RgbImage>, EngineError> {
         self.check_size(p.width, p.height).map_err(EngineError::InvalidInput)?;
-        if p.n == 0 || p.steps == 0 {
-            return Err(EngineError::InvalidInput("n and steps must be at least 1".into()));
-        }
+        crate::pipeline::check_request(p)?;
         if p.decoder == Decoder::Tiny {
             return Err(EngineError::InvalidInput("this model has no tiny decoder".into()));
-        }
-        if let Some(edit) = &p.edit {
-            if edit.images.is_empty() {
-                return Err(EngineError::InvalidInput("an edit needs at least one image".into()));
-            }
-            if !(0.0..=1.0).contains(&edit.strength) {
-                return Err(EngineError::InvalidInput(format!("strength {} is not within 0..=1", edit.strength)));
-            }
         }
         let started = std::time::Instant::now();
         let cond = self.encode_prompt(&p.prompt)?;

@@ -11,9 +11,11 @@ use candle_core::DType;
 use candle_transformers::models::stable_diffusion::unet_2d::{BlockConfig, UNet2DConditionModelConfig};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
 use crate::EngineError;
+use crate::config::read_json;
+use crate::text::clip::TextEncoderFile;
+use crate::vae::VaeFile;
 
 /// A number or one number per block, as diffusers writes `attention_head_dim` and friends.
 #[derive(Debug, Clone, Deserialize)]
@@ -100,93 +102,6 @@ pub struct UnetFile {
     pub center_input_sample: bool,
     /// Latent size the model was trained at (x8 for pixels).
     pub sample_size: Option<usize>,
-}
-
-/// `vae/config.json`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct VaeFile {
-    pub block_out_channels: Vec<usize>,
-    #[serde(default = "default_2")]
-    pub layers_per_block: usize,
-    #[serde(default = "default_4")]
-    pub latent_channels: usize,
-    #[serde(default = "default_32")]
-    pub norm_num_groups: usize,
-    /// 0.18215 for SD 1/2, 0.13025 for SDXL: always read, never assumed.
-    pub scaling_factor: Option<f64>,
-    #[serde(default = "default_true")]
-    pub use_quant_conv: bool,
-    #[serde(default = "default_true")]
-    pub use_post_quant_conv: bool,
-    /// The VAE overflows in f16 (SDXL's): it runs in f32 on GPUs too.
-    #[serde(default)]
-    pub force_upcast: bool,
-    /// Subtracted from latents before scaling (FLUX's VAE, 0.1159); none for SD's.
-    #[serde(default)]
-    pub shift_factor: Option<f64>,
-}
-
-impl VaeFile {
-    /// The KL autoencoder's architecture, refusing block sizes its group norms cannot divide.
-    pub fn kl_config(&self) -> Result<AutoEncoderKLConfig, EngineError> {
-        let v = self;
-        if v.block_out_channels.is_empty()
-            || v.norm_num_groups == 0
-            || v.block_out_channels.iter().any(|c| !c.is_multiple_of(v.norm_num_groups))
-        {
-            return Err(EngineError::Unsupported {
-                file: "vae/config.json".into(),
-                key: "block_out_channels".into(),
-                why: format!("every entry must be a non-zero multiple of norm_num_groups ({})", v.norm_num_groups),
-            });
-        }
-        Ok(AutoEncoderKLConfig {
-            block_out_channels: v.block_out_channels.clone(),
-            layers_per_block: v.layers_per_block,
-            latent_channels: v.latent_channels,
-            norm_num_groups: v.norm_num_groups,
-            use_quant_conv: v.use_quant_conv,
-            use_post_quant_conv: v.use_post_quant_conv,
-        })
-    }
-
-    /// Pixels per latent: 2 to the number of down blocks minus one (8 for every SD and FLUX VAE).
-    pub fn factor(&self) -> usize {
-        1 << (self.block_out_channels.len().saturating_sub(1))
-    }
-}
-
-/// `text_encoder/config.json` (a CLIP text model).
-#[derive(Debug, Clone, Deserialize)]
-pub struct TextEncoderFile {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub max_position_embeddings: usize,
-    #[serde(default = "quick_gelu")]
-    pub hidden_act: String,
-    #[serde(default = "default_eps")]
-    pub layer_norm_eps: f64,
-    /// Size of the pooled-output projection. Only `CLIPTextModelWithProjection` (SDXL's second
-    /// encoder) has one: SD 2.x configs set it on a plain `CLIPTextModel` whose file has no
-    /// `text_projection` ([`TextEncoderFile::projection`]).
-    pub projection_dim: Option<usize>,
-    #[serde(default)]
-    pub architectures: Vec<String>,
-}
-
-impl TextEncoderFile {
-    /// The width of `text_projection`, for encoders that have one.
-    pub fn projection(&self) -> Option<usize> {
-        let with_projection = self.architectures.iter().any(|a| a == "CLIPTextModelWithProjection");
-        self.projection_dim.filter(|_| with_projection)
-    }
-}
-
-fn quick_gelu() -> String {
-    "quick_gelu".to_owned()
 }
 
 /// `scheduler/scheduler_config.json`.
@@ -539,61 +454,4 @@ fn check_encoder(file: &str, t: &TextEncoderFile) -> Result<(), EngineError> {
         ));
     }
     Ok(())
-}
-
-pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, EngineError> {
-    let text = std::fs::read_to_string(path).map_err(|_| EngineError::MissingFile(path.to_path_buf()))?;
-    serde_json::from_str(&quote_non_finite(&text))
-        .map_err(|e| EngineError::InvalidFile { path: path.to_path_buf(), why: e.to_string() })
-}
-
-/// diffusers writes configs with Python's `json`, which spells non-finite floats as bare `Infinity`,
-/// `-Infinity` and `NaN` (DPM-Solver's `"lambda_min_clipped": -Infinity`); JSON has no such numbers.
-/// They become strings of the same spelling, which the keys that hold them compare with.
-fn quote_non_finite(text: &str) -> std::borrow::Cow<'_, str> {
-    const WORDS: [&str; 3] = ["-Infinity", "Infinity", "NaN"];
-    if !WORDS.iter().any(|w| text.contains(w)) {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    let (mut in_string, mut escaped) = (false, false);
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if !in_string && let Some(word) = WORDS.iter().find(|w| rest.starts_with(**w)) {
-            out.push('"');
-            out.push_str(word);
-            out.push('"');
-            rest = &rest[word.len()..];
-            continue;
-        }
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-        } else if c == '"' {
-            in_string = true;
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    std::borrow::Cow::Owned(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn python_non_finite_floats_read_as_strings_and_strings_stay_as_they_are() {
-        let text = r#"{"lambda_min_clipped": -Infinity, "a": [Infinity, NaN], "s": "NaN \"-Infinity\"", "b": 1}"#;
-        let v: serde_json::Value = serde_json::from_str(&quote_non_finite(text)).unwrap();
-        assert_eq!(v["lambda_min_clipped"], "-Infinity");
-        assert_eq!(v["a"], serde_json::json!(["Infinity", "NaN"]));
-        assert_eq!(v["s"], "NaN \"-Infinity\"");
-        assert_eq!(v["b"], 1);
-    }
 }

@@ -1,5 +1,5 @@
 //! The conditional UNet assembled from candle's own down, mid and up blocks: the reference the
-//! engine's [`crate::unet::Unet`] (which runs on imagegate's kernels) is tested against, and the module
+//! engine's [`crate::sd::unet::Unet`] (which runs on imagegate's kernels) is tested against, and the module
 //! the tests' tiny checkpoints are written from, so that their tensor names come from an
 //! implementation independent of the engine's. SDXL's added conditioning (`addition_embed_type:
 //! "text_time"`) joins the time embedding here too.
@@ -17,8 +17,8 @@ use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
     DownBlock2DConfig, UNetMidBlock2DCrossAttn, UNetMidBlock2DCrossAttnConfig, UpBlock2D, UpBlock2DConfig,
 };
 
-use crate::checkpoint::{TIME_IDS, TextTimeConfig, UnetConfig};
-use crate::unet::AddedCond;
+use crate::sd::checkpoint::{TIME_IDS, TextTimeConfig, UnetConfig};
+use crate::sd::unet::AddedCond;
 
 enum Down {
     Basic(DownBlock2D),

@@ -3,16 +3,16 @@
 //! (`addition_embed_type: "text_time"`) joining the time embedding.
 //!
 //! It reads the tensors of diffusers checkpoints under their names. The tests check it against
-//! [`crate::candle_unet`], the same UNet assembled from candle's blocks.
+//! [`crate::sd::candle_unet`], the same UNet assembled from candle's blocks.
 
 use crate::weights::Weights;
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 
-use crate::checkpoint::{TIME_IDS, TextTimeConfig, UnetConfig};
 use crate::layers::{
     Activation, Conv, GroupNorm, Kernels, LayerNorm, Linear, Resnet, ResnetConfig, Upsample, attention, geglu,
 };
+use crate::sd::checkpoint::{TIME_IDS, TextTimeConfig, UnetConfig};
 
 /// Multi-head attention: self-attention (`attn1`) or cross-attention on the text context (`attn2`).
 struct Attention {

@@ -12,7 +12,7 @@ use candle_core::{D, DType, Device, Result, Tensor};
 
 use crate::layers::{LayerNorm, Linear};
 
-use crate::checkpoint::TextEncoderFile;
+use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy)]
 enum Activation {
@@ -166,4 +166,41 @@ fn causal_mask(seq: usize, device: &Device, dtype: DType) -> Result<Tensor> {
     let values: Vec<f32> =
         (0..seq).flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(values, (seq, seq), device)?.to_dtype(dtype)
+}
+
+/// `text_encoder/config.json` (a CLIP text model).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextEncoderFile {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "quick_gelu")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Size of the pooled-output projection. Only `CLIPTextModelWithProjection` (SDXL's second
+    /// encoder) has one: SD 2.x configs set it on a plain `CLIPTextModel` whose file has no
+    /// `text_projection` ([`TextEncoderFile::projection`]).
+    pub projection_dim: Option<usize>,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+}
+
+impl TextEncoderFile {
+    /// The width of `text_projection`, for encoders that have one.
+    pub fn projection(&self) -> Option<usize> {
+        let with_projection = self.architectures.iter().any(|a| a == "CLIPTextModelWithProjection");
+        self.projection_dim.filter(|_| with_projection)
+    }
+}
+
+fn quick_gelu() -> String {
+    "quick_gelu".to_owned()
+}
+
+fn default_eps() -> f64 {
+    1e-5
 }

@@ -38,8 +38,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::EngineError;
-use crate::checkpoint::Checkpoint;
 use crate::layers::{Conv, Fused, Kernels};
+use crate::sd::checkpoint::Checkpoint;
 
 /// The tiny decoder's config file inside its directory.
 pub const CONFIG_FILE: &str = "config.json";
@@ -308,7 +308,7 @@ impl TinyDecoder {
     }
 
     /// Latents as the UNet produces them, `[n, latent, h, w]`, to pixels `[n, 3, f*h, f*w]` in -1..1
-    /// (f = [`TinyConfig::factor`]), like [`crate::vae_decoder::VaeDecoder::decode`]'s. See the module
+    /// (f = [`TinyConfig::factor`]), like [`crate::vae::decoder::VaeDecoder::decode`]'s. See the module
     /// documentation for why the UNet's latents go in unscaled.
     pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
         self.decode_in_strips(latents, STRIP_ROWS)
