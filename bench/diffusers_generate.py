@@ -4,15 +4,16 @@
     .venv-bench/bin/python bench/diffusers_generate.py --model DIR --prompt "a cute baby sea otter" \\
         --size 512x512 --steps 1 --out /tmp/d.png [--seed 1] [--threads N]
 
-The reference side of bench/cpu_vs_diffusers.sh: loads a diffusers-layout StableDiffusionPipeline
-(float32, CPU), runs it the way sd-turbo is meant to be run (guidance_scale=0.0, so no
-classifier-free guidance and one UNet call per step), saves the PNG and prints one JSON line on
+The reference side of bench/cpu_vs_diffusers.sh: loads a diffusers-layout pipeline (the class its
+model_index.json names: StableDiffusionPipeline, ZImagePipeline; float32 unless --dtype, CPU), runs
+it the way turbo models are meant to be run (guidance_scale=0.0, so no classifier-free guidance and
+one UNet or transformer call per step), saves the PNG and prints one JSON line on
 stdout:
 
     import_s          importing torch + diffusers
     load_s            StableDiffusionPipeline.from_pretrained
     text_encoder_s    CLIP text encoder forward passes
-    unet_s            UNet forward passes (unet_calls of them)
+    unet_s            UNet (or transformer) forward passes (unet_calls of them)
     vae_decode_s      VAE decode of the final latents
     pipeline_s        the whole pipe(...) call; other_s = pipeline_s minus the three above
                       (tokenizing, scheduler, latent init, postprocessing to PIL)
@@ -44,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", required=True, help="PNG file to write")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the pipeline's dtype (default float32, diffusers' CPU default; bfloat16 is what the "
+                         "Z-Image model card loads it in)")
     args = ap.parse_args()
     try:
         w, h = (int(x) for x in args.size.lower().split("x"))
@@ -93,7 +97,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from diffusers import __version__ as diffusers_version
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
@@ -104,14 +108,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     t_imported = time.perf_counter()
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
+    # The class model_index.json names: StableDiffusionPipeline, ZImagePipeline, ...
+    pipe = DiffusionPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     pipe = pipe.to("cpu")
     pipe.set_progress_bar_config(disable=True)
     t_loaded = time.perf_counter()
 
     text_enc, unet, vae_dec = Stopwatch(), Stopwatch(), Stopwatch()
     text_enc.attach(pipe.text_encoder)
-    unet.attach(pipe.unet)
+    # The denoiser: a UNet (SD) or a transformer (Z-Image).
+    unet.attach(pipe.unet if hasattr(pipe, "unet") else pipe.transformer)
     # The pipeline calls self.vae.decode(...); an instance attribute shadows the bound method.
     pipe.vae.decode = vae_dec.wrap(pipe.vae.decode)
 
@@ -133,6 +139,8 @@ def main() -> None:
         "diffusers": diffusers_version,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "pipeline": type(pipe).__name__,
+        "dtype": args.dtype,
         "size": f"{args.width}x{args.height}",
         "steps": args.steps,
         "import_s": round(t_imported - T_START, 3),

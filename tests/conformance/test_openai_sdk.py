@@ -496,6 +496,60 @@ def test_code_naming_gpt_image_1_mini_keeps_working(config, served_by):
         assert client.models.retrieve("gpt-image-1-mini").shutdown_date == "2026-12-01"
 
 
+# A Z-Image checkpoint (the tiny one the parity tests check against diffusers) serving the shut-down
+# gpt-image-1-mini: code written for it keeps working, on the model family that replaces it.
+ZIMAGE_TINY = Path(__file__).resolve().parents[1] / "parity" / "zimage-tiny"
+
+ZIMAGE_AS_MINI = f"""
+[models.z-image]
+path = "{ZIMAGE_TINY}"
+
+[replacements]
+"gpt-image-1-mini" = "z-image"
+"""
+
+
+def test_a_z_image_model_generates_and_edits_as_gpt_image_1_mini():
+    with launch(ZIMAGE_AS_MINI, fake_args=("--shut-down", "gpt-image-1-mini")) as s:
+        client = OpenAI(api_key=GATEWAY_KEY, base_url=f"{s.gateway_url}/v1", timeout=120)
+        raw = client.images.with_raw_response.generate(
+            model="gpt-image-1-mini", prompt="a cute baby sea otter", size="128x96", n=2, quality="low",
+            extra_body={"seed": 7},
+        )
+        assert raw.headers["x-imagegate-served-by"] == "z-image@local"
+        r = raw.parse()
+        assert [decode(d.b64_json).size for d in r.data] == [(128, 96), (128, 96)]
+        assert r.data[0].b64_json != r.data[1].b64_json
+        # The same request and seed give the same bytes.
+        again = client.images.generate(
+            model="gpt-image-1-mini", prompt="a cute baby sea otter", size="128x96", n=2, quality="low",
+            extra_body={"seed": 7},
+        )
+        assert [d.b64_json for d in again.data] == [d.b64_json for d in r.data]
+
+        # An edit with a mask: outside the mask (opaque) the input is kept exactly.
+        source = png_bytes(128, 96)
+        edited = client.images.edit(
+            model="gpt-image-1-mini", image=("a.png", source, "image/png"),
+            mask=("mask.png", mask_bytes(128, 96), "image/png"), prompt="a red boat", size="128x96",
+        )
+        out = decode(edited.data[0].b64_json).convert("RGB")
+        assert out.size == (128, 96)
+        assert out.getpixel((120, 50)) == (200, 80, 40)
+
+        # Streamed, with partial images from intermediate steps.
+        events = list(client.images.generate(
+            model="gpt-image-1-mini", prompt="a paper boat", size="96x96", stream=True, partial_images=1,
+        ))
+        assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+        assert decode(events[-1].b64_json).size == (96, 96)
+
+        # A size the model cannot make is the OpenAI-shaped 400 naming the field.
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.generate(model="gpt-image-1-mini", prompt="p", size="130x96")
+        assert e.value.body["param"] == "size"
+
+
 # ---------------------------------------------------------------------------------------------
 # The flex tier, the Files and Batch APIs, /metrics
 

@@ -30,7 +30,8 @@ use std::path::PathBuf;
 pub use candle_core::Device;
 pub use layers::Kernels;
 pub use pipeline::{
-    Draw, Edit, Family, GenerateParams, Hooks, LoadOptions, NoHooks, Pipeline, Sampler, default_device,
+    Draw, Edit, Family, GenerateParams, Hooks, LoadOptions, ModelInfo, NoHooks, Pipeline, Sampler, default_device,
+    inspect,
 };
 pub use sd::Checkpoint;
 pub use sd::taesd::Decoder;

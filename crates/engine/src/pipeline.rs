@@ -185,6 +185,54 @@ impl Family {
     }
 }
 
+/// What serving a checkpoint needs to know before loading it: its family and its sizes.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub family: Family,
+    /// Image sides are multiples of this.
+    pub size_multiple: u32,
+    /// The size the model was trained at (`auto`), in pixels, within `max_side`.
+    pub native_size: u32,
+    /// The longest side it can generate (its position table's reach, at most [`MAX_SIDE`]).
+    pub max_side: u32,
+    /// The built-in tiny decoder for its latents, when its family has one (`taesd`, `taesdxl`).
+    pub tiny_decoder: Option<&'static crate::registry::BuiltinModel>,
+}
+
+/// Reads and checks every config of the checkpoint at `dir` and finds its weight files (not reading
+/// them): what cannot run is refused now, naming the file and the key.
+pub fn inspect(dir: &Path) -> Result<ModelInfo, EngineError> {
+    match Family::of(dir)? {
+        Family::StableDiffusion => {
+            let ckpt = crate::sd::Checkpoint::open(dir)?;
+            for component in ["unet", "vae", "text_encoder"] {
+                ckpt.weights(component)?;
+            }
+            Ok(ModelInfo {
+                family: Family::StableDiffusion,
+                size_multiple: ckpt.vae_factor() as u32,
+                native_size: (ckpt.native_size() as u32).clamp(MIN_SIDE, MAX_SIDE),
+                max_side: MAX_SIDE,
+                tiny_decoder: Some(crate::registry::tiny_decoder_for(&ckpt)),
+            })
+        }
+        Family::ZImage => {
+            let ckpt = crate::zimage::ZImageCheckpoint::open(dir)?;
+            for component in ["transformer", "vae", "text_encoder"] {
+                ckpt.weight_files(component)?;
+            }
+            let max_side = ckpt.max_side();
+            Ok(ModelInfo {
+                family: Family::ZImage,
+                size_multiple: ckpt.size_multiple() as u32,
+                native_size: (ckpt.native_size() as u32).min(max_side),
+                max_side,
+                tiny_decoder: None,
+            })
+        }
+    }
+}
+
 /// A loaded checkpoint of any family.
 pub enum Pipeline {
     StableDiffusion(Box<SdPipeline>),

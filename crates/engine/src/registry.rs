@@ -86,6 +86,28 @@ const SDXL_FILES: &[&str] = &[
     "vae/diffusion_pytorch_model.fp16.safetensors",
 ];
 
+/// The files of Tongyi-MAI/Z-Image-Turbo the engine reads (the repository's file list, read through the
+/// project's search tool: BENCHMARKS.md): the transformer's and the text encoder's shards with their
+/// indexes, the tokenizer's `tokenizer.json` (the BPE) and `tokenizer_config.json` (its chat template).
+const Z_IMAGE_FILES: &[&str] = &[
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model-00001-of-00003.safetensors",
+    "text_encoder/model-00002-of-00003.safetensors",
+    "text_encoder/model-00003-of-00003.safetensors",
+    "text_encoder/model.safetensors.index.json",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model-00002-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model-00003-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors.index.json",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+];
+
 /// The files of a tiny decoder repository (diffusers' `AutoencoderTiny`).
 const TINY_DECODER_FILES: &[&str] = &["config.json", "diffusion_pytorch_model.safetensors"];
 
@@ -95,6 +117,9 @@ const SD2_BYTES: u64 = 1_732_000_000 + 681_000_000 + 167_000_000;
 const SD1_BYTES: u64 = 1_720_000_000 + 246_000_000 + 167_000_000;
 /// fp16 UNet (2.6B) + CLIP ViT-L (123M) + OpenCLIP ViT-bigG (695M) + VAE: SDXL and its derivatives.
 const SDXL_BYTES: u64 = 5_135_000_000 + 246_000_000 + 1_389_000_000 + 167_000_000;
+/// Z-Image-Turbo: the f32 transformer (6.15B parameters; its index's `total_size` 24,619,634,944), the
+/// bf16 Qwen3-4B text encoder (8,044,936,192), the VAE (168 MB) and the tokenizer (11.4 MB).
+const Z_IMAGE_BYTES: u64 = 24_619_634_944 + 8_044_936_192 + 168_000_000 + 11_400_000;
 /// An f32 tiny autoencoder, encoder and decoder (2.4M parameters).
 const TINY_BYTES: u64 = 9_800_000;
 
@@ -151,6 +176,15 @@ static BUILTINS: &[BuiltinModel] = &[
         description: "SDXL base 1.0, 1024x1024, 20-50 steps with guidance; wants a GPU",
         files: SDXL_FILES,
         approx_download_bytes: SDXL_BYTES,
+        kind: ModelKind::Pipeline,
+    },
+    BuiltinModel {
+        name: "z-image-turbo",
+        repo: "Tongyi-MAI/Z-Image-Turbo",
+        revision: "main",
+        description: "Z-Image-Turbo (6B DiT, Qwen3-4B text encoder), 1024x1024 in 8 steps; gpt-image-1-mini's class, wants a GPU",
+        files: Z_IMAGE_FILES,
+        approx_download_bytes: Z_IMAGE_BYTES,
         kind: ModelKind::Pipeline,
     },
     TAESD,
@@ -424,6 +458,37 @@ mod tests {
         assert_eq!(unique.len(), names.len());
         assert!(builtin("sd-3").is_none());
         assert!(builtin_names().starts_with("sd-turbo, sdxl-turbo"));
+    }
+
+    #[test]
+    fn z_image_turbo_lists_every_file_the_engine_reads() {
+        let model = builtin("z-image-turbo").unwrap();
+        assert_eq!((model.repo, model.revision, model.kind), ("Tongyi-MAI/Z-Image-Turbo", "main", ModelKind::Pipeline));
+        // The sizes the hub's indexes give: a 24.6 GB f32 transformer, an 8 GB bf16 text encoder.
+        assert!((32_000_000_000..34_000_000_000).contains(&model.approx_download_bytes));
+        for component in ["transformer/diffusion_pytorch_model", "text_encoder/model"] {
+            assert!(model.files.contains(&format!("{component}.safetensors.index.json").as_str()), "{component}");
+            for shard in 1..=3 {
+                let name = format!("{component}-0000{shard}-of-00003.safetensors");
+                assert!(model.files.contains(&name.as_str()), "{name}");
+            }
+        }
+        for file in [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "transformer/config.json",
+            "text_encoder/config.json",
+            "tokenizer/tokenizer.json",
+            "tokenizer/tokenizer_config.json",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        ] {
+            assert!(model.files.contains(&file), "lacks {file}");
+        }
+        let mut unique = model.files.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), model.files.len());
     }
 
     #[test]

@@ -72,6 +72,9 @@ impl Profile {
     /// Ordinary checkpoints on their own scheduler config (Euler for PNDM and LMS configs).
     pub const STANDARD_OWN_SAMPLER: Profile =
         Profile { steps: [15, 25, 40], guidance: 7.5, sampler: Sampler::Checkpoint };
+    /// Z-Image-Turbo: distilled for 8 steps of its FlowMatch scheduler without guidance (the model
+    /// card's setting, `high`); fewer steps are softer.
+    pub const Z_IMAGE: Profile = Profile { steps: [4, 6, 8], guidance: 0.0, sampler: Sampler::Checkpoint };
 
     /// This profile with the sampler named `name` (`dpm++2m-karras` or `checkpoint`); a standard
     /// profile takes the steps its sampler needs.
@@ -81,6 +84,14 @@ impl Profile {
             "checkpoint" => Sampler::Checkpoint,
             other => return Err(format!("'{other}' is not one of 'dpm++2m-karras', 'checkpoint'")),
         };
+        if self == Profile::Z_IMAGE {
+            return match sampler {
+                Sampler::Checkpoint => Ok(self),
+                Sampler::DpmSolver2mKarras => {
+                    Err("Z-Image models run their own FlowMatch scheduler: only 'checkpoint'".to_owned())
+                }
+            };
+        }
         Ok(match (self == Profile::TURBO, sampler) {
             (true, _) => Profile { sampler, ..self },
             (false, Sampler::DpmSolver2mKarras) => Profile::STANDARD,
@@ -90,6 +101,9 @@ impl Profile {
 
     /// Turbo when the model's name or directory says so, else standard.
     pub fn guess(name: &str, dir: &Path) -> Profile {
+        if engine::Family::of(dir).is_ok_and(|f| f == engine::Family::ZImage) {
+            return Profile::Z_IMAGE;
+        }
         let says_turbo = |s: &str| s.to_ascii_lowercase().contains("turbo");
         if says_turbo(name) || says_turbo(&dir.to_string_lossy()) { Profile::TURBO } else { Profile::STANDARD }
     }
@@ -164,8 +178,11 @@ struct Served {
     /// Pixels per latent, from the checkpoint's VAE.
     size_multiple: u32,
     native: u32,
-    /// The built-in tiny decoder for the model's latents (`taesd` or `taesdxl`), for messages.
-    tiny_name: &'static str,
+    /// The longest side it generates.
+    max_side: u32,
+    /// The built-in tiny decoder for the model's latents (`taesd` or `taesdxl`), for messages; none
+    /// for families that have none.
+    tiny_name: Option<&'static str>,
 }
 
 pub struct LocalProvider {
@@ -186,29 +203,47 @@ impl LocalProvider {
     pub fn new(name: &str, models: Vec<LocalModel>, options: LocalOptions) -> Result<LocalProvider, EngineError> {
         let mut served = BTreeMap::new();
         for mut m in models {
-            let ckpt = Checkpoint::open(&m.dir)?;
-            for component in ["unet", "vae", "text_encoder"] {
-                ckpt.weights(component)?;
-            }
-            let size_multiple = ckpt.vae_factor() as u32;
-            let native = (ckpt.native_size() as u32).clamp(MIN_SIDE, MAX_SIDE);
-            let tiny = registry::tiny_decoder_for(&ckpt);
-            m.tiny_decoder = match m.tiny_decoder.take() {
+            let info = engine::inspect(&m.dir)?;
+            m.tiny_decoder = match (info.tiny_decoder, m.tiny_decoder.take()) {
+                (None, Some(dir)) => {
+                    return Err(EngineError::InvalidInput(format!(
+                        "model '{}': tiny_decoder {} is set, but no tiny decoder reads this model's latents",
+                        m.name,
+                        dir.display()
+                    )));
+                }
+                (None, None) => None,
                 // Named for this model: it must fit, or the model does not start.
-                Some(dir) => {
-                    TinyConfig::read(&dir)?.check_matches(&ckpt, &dir)?;
+                (Some(_), Some(dir)) => {
+                    TinyConfig::read(&dir)?.check_matches(&Checkpoint::open(&m.dir)?, &dir)?;
                     Some(dir)
                 }
                 // Found among the pulled models: used when it fits, else passed over with a warning.
-                None => {
+                (Some(tiny), None) => {
                     let installed = options.models_dir.as_deref().and_then(|dir| registry::installed_dir(dir, tiny));
-                    installed.filter(|dir| fits(dir, &ckpt, &m.name))
+                    match installed {
+                        Some(dir) => {
+                            let ckpt = Checkpoint::open(&m.dir)?;
+                            Some(dir).filter(|dir| fits(dir, &ckpt, &m.name))
+                        }
+                        None => None,
+                    }
                 }
             };
             if let Some(dir) = &m.tiny_decoder {
                 tracing::info!(model = %m.name, tiny_decoder = %dir.display(), "tiny decoder for quality=low and previews");
             }
-            served.insert(m.name.clone(), Served { model: m, size_multiple, native, tiny_name: tiny.name });
+            let tiny_name = info.tiny_decoder.map(|t| t.name);
+            served.insert(
+                m.name.clone(),
+                Served {
+                    model: m,
+                    size_multiple: info.size_multiple,
+                    native: info.native_size,
+                    max_side: info.max_side,
+                    tiny_name,
+                },
+            );
         }
         let (queue, tasks) = mpsc::channel::<Task>();
         let recent_ms = Arc::new(AtomicU64::new(0));
@@ -274,12 +309,13 @@ impl LocalProvider {
         let size = match options.size {
             Some(SizeChoice::Exact(s)) => {
                 let m = served.size_multiple;
-                let ok = |v: u32| (MIN_SIDE..=MAX_SIDE).contains(&v) && v.is_multiple_of(m);
+                let max = served.max_side;
+                let ok = |v: u32| (MIN_SIDE..=max).contains(&v) && v.is_multiple_of(m);
                 if !ok(s.width) || !ok(s.height) {
                     return Err(ApiError::invalid_value_msg(
                         "size",
                         format!(
-                            "Invalid value: '{s}'. The local model '{}' takes 'auto' or WIDTHxHEIGHT with each side a multiple of {m} from {MIN_SIDE} to {MAX_SIDE}, such as '{n}x{n}'.",
+                            "Invalid value: '{s}'. The local model '{}' takes 'auto' or WIDTHxHEIGHT with each side a multiple of {m} from {MIN_SIDE} to {max}, such as '{n}x{n}'.",
                             served.model.name,
                             n = served.native
                         ),
@@ -290,7 +326,7 @@ impl LocalProvider {
             _ => match &edit {
                 Some((e, _)) => {
                     let first = e.images.first().map_or(Size::new(served.native, served.native), |i| i.size);
-                    fit((first.width, first.height), served.size_multiple, served.native.max(1024))
+                    fit((first.width, first.height), served.size_multiple, served.native.max(1024).min(served.max_side))
                 }
                 None => Size::new(served.native, served.native),
             },
@@ -299,12 +335,13 @@ impl LocalProvider {
         let has_tiny = served.model.tiny_decoder.is_some();
         let decoder = match options.decoder {
             Some(domain::Decoder::Tiny) if !has_tiny => {
+                let how = match served.tiny_name {
+                    Some(name) => format!("install one with `imagegate models pull {name}`, or use 'full'"),
+                    None => "none exists for its latents yet: use 'full'".to_owned(),
+                };
                 return Err(ApiError::invalid_value_msg(
                     "decoder",
-                    format!(
-                        "The local model '{}' has no tiny decoder: install one with `imagegate models pull {}`, or use 'full'.",
-                        served.model.name, served.tiny_name
-                    ),
+                    format!("The local model '{}' has no tiny decoder: {how}.", served.model.name),
                 ));
             }
             Some(domain::Decoder::Tiny) => Decoder::Tiny,

@@ -26,7 +26,7 @@
 //! [models.sd-turbo]                           # a local model: a built-in name (pulled) or a path
 //! [models.my-finetune]
 //! path = "/srv/models/my-finetune"            # a diffusers-layout directory
-//! profile = "standard"                        # steps per quality: "turbo" (1/2/4) or "standard" (10/15/25)
+//! profile = "standard"                        # steps per quality: "turbo" (1/2/4), "standard" (10/15/25), "z-image" (4/6/8)
 //! sampler = "checkpoint"                      # optional: the checkpoint's scheduler (standard: 15/25/40 steps)
 //!                                             # instead of the standard profile's DPM++ 2M Karras
 //! tiny_decoder = "/srv/models/taesd"          # optional TAESD directory (default: the pulled taesd/taesdxl)
@@ -191,11 +191,19 @@ pub struct Config {
 }
 
 impl Config {
-    /// The local model that serves shut-down models without a replacement of their own: the first
-    /// with the turbo profile (the quickest), else the first.
+    /// The local model that serves shut-down models without a replacement of their own: on a GPU build
+    /// the first Z-Image model (the closest to gpt-image-1-mini), else the first with the turbo profile
+    /// (the quickest), else the first. On the CPU a Z-Image model is minutes per image, so it is
+    /// picked only when it is the only one (or named in `[replacements]`).
     pub fn default_replacement(&self) -> Option<String> {
-        let turbo = self.local_models.iter().find(|m| m.profile.steps == providers::local::Profile::TURBO.steps);
-        turbo.or(self.local_models.first()).map(|m| m.name.clone())
+        self.default_replacement_for(engine::uses_gpu())
+    }
+
+    fn default_replacement_for(&self, gpu: bool) -> Option<String> {
+        use providers::local::Profile;
+        let with = |profile: Profile| self.local_models.iter().find(move |m| m.profile.steps == profile.steps);
+        let z_image = with(Profile::Z_IMAGE).filter(|_| gpu);
+        z_image.or_else(|| with(Profile::TURBO)).or(self.local_models.first()).map(|m| m.name.clone())
     }
 
     /// Models' lives (the price catalog's) and what replaces them (the config's and the default).
@@ -498,7 +506,10 @@ fn local_model(name: &str, m: LocalModelFile, data_dir: &Path) -> Result<provide
         None => providers::local::Profile::guess(name, &dir),
         Some("turbo") => providers::local::Profile::TURBO,
         Some("standard") => providers::local::Profile::STANDARD,
-        Some(other) => return err(format!("models.{name}.profile: '{other}' is not one of 'turbo', 'standard'")),
+        Some("z-image") => providers::local::Profile::Z_IMAGE,
+        Some(other) => {
+            return err(format!("models.{name}.profile: '{other}' is not one of 'turbo', 'standard', 'z-image'"));
+        }
     };
     let profile = match m.sampler.as_deref() {
         None => profile,

@@ -25,8 +25,8 @@ use rand::rngs::StdRng;
 use crate::flow_match::{FlowMatch, FlowMatchFile};
 use crate::layers::Kernels;
 use crate::pipeline::{
-    Draw, Edit, GenerateParams, Hooks, LoadOptions, OnFirstUse, composite, latent_mask, partial_points, release,
-    resize_inputs, seeded_noise, to_images, to_pixels, with_weights,
+    Draw, Edit, GenerateParams, Hooks, LoadOptions, MAX_SIDE, MIN_SIDE, OnFirstUse, composite, latent_mask,
+    partial_points, release, resize_inputs, seeded_noise, to_images, to_pixels, with_weights,
 };
 use crate::sd::taesd::Decoder;
 use crate::text::qwen3::{ChatTokenizer, Qwen3Encoder, Qwen3File};
@@ -101,6 +101,14 @@ impl ZImageCheckpoint {
     /// The size the model was trained at: 1024x1024.
     pub fn native_size(&self) -> usize {
         1024
+    }
+
+    /// The longest image side the transformer's position table reaches (two latent pixels per patch
+    /// row or column), at most [`MAX_SIDE`], in whole multiples of [`ZImageCheckpoint::size_multiple`].
+    pub fn max_side(&self) -> u32 {
+        let m = self.size_multiple() as u32;
+        let patches = self.transformer.axes_lens[1].min(self.transformer.axes_lens[2]) as u32;
+        (patches * m).min(MAX_SIDE) / m * m
     }
 
     /// The weight files of a component: one file, or the shards an `*.safetensors.index.json` lists.
@@ -202,19 +210,13 @@ impl ZImagePipeline {
 
     /// Checks a requested size, with a message that says what is allowed.
     pub fn check_size(&self, width: u32, height: u32) -> Result<(), String> {
-        let m = self.checkpoint.size_multiple() as u32;
-        let (max_h, max_w) = self.transformer.max_latent_side();
-        let f = self.checkpoint.vae.factor() as u32;
-        let (max_h, max_w) =
-            ((max_h as u32 * f).min(crate::pipeline::MAX_SIDE), (max_w as u32 * f).min(crate::pipeline::MAX_SIDE));
-        let ok = |s: u32, max: u32| (crate::pipeline::MIN_SIDE..=max).contains(&s) && s.is_multiple_of(m);
-        if ok(width, max_w) && ok(height, max_h) {
+        let (m, max) = (self.checkpoint.size_multiple() as u32, self.checkpoint.max_side());
+        let ok = |s: u32| (MIN_SIDE..=max).contains(&s) && s.is_multiple_of(m);
+        if ok(width) && ok(height) {
             Ok(())
         } else {
             Err(format!(
-                "{width}x{height} is not a size this model can generate: each side must be a multiple of {m} from {} to {}",
-                crate::pipeline::MIN_SIDE,
-                max_w.min(max_h)
+                "{width}x{height} is not a size this model can generate: each side must be a multiple of {m} from {MIN_SIDE} to {max}"
             ))
         }
     }

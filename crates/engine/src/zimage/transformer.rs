@@ -231,11 +231,6 @@ impl Transformer {
         &self.config
     }
 
-    /// The largest image this model's position table reaches: latent rows and columns (two per patch).
-    pub fn max_latent_side(&self) -> (usize, usize) {
-        (self.config.axes_lens[1] * 2, self.config.axes_lens[2] * 2)
-    }
-
     /// The model's output for `latents` `[n, channels, h, w]` (in the compute dtype) at time `t` (0 is
     /// noise, 1 clean) under the caption `caption` `[tokens, cap_feat_dim]`: `[n, channels, h, w]`.
     pub fn forward(&self, latents: &Tensor, t: f32, caption: &Tensor) -> Result<Tensor> {
