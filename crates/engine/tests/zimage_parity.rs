@@ -248,3 +248,125 @@ fn a_batch_of_n_equals_the_same_seeds_one_at_a_time() {
         assert!(alone[0] != alone[1], "different seeds gave the same image");
     }
 }
+
+/// Copies the fixture checkpoint into `to`, with the transformer's and the text encoder's weights split
+/// into three shards and an index, as the hub repository ships them.
+fn sharded_copy(to: &std::path::Path) {
+    let from = dir();
+    for entry in ["model_index.json", "scheduler", "tokenizer", "vae", "transformer", "text_encoder"] {
+        let src = from.join(entry);
+        if src.is_file() {
+            std::fs::copy(&src, to.join(entry)).unwrap();
+            continue;
+        }
+        std::fs::create_dir_all(to.join(entry)).unwrap();
+        for file in std::fs::read_dir(&src).unwrap() {
+            let file = file.unwrap().path();
+            let name = file.file_name().unwrap().to_str().unwrap().to_owned();
+            let (stem, shard_stem) = match name.as_str() {
+                "diffusion_pytorch_model.safetensors" => ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+                "model.safetensors" => ("model", "model"),
+                _ => {
+                    std::fs::copy(&file, to.join(entry).join(&name)).unwrap();
+                    continue;
+                }
+            };
+            let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+            let mut names: Vec<&String> = tensors.keys().collect();
+            names.sort();
+            let mut map = serde_json::Map::new();
+            for (i, chunk) in names.chunks(names.len().div_ceil(3)).enumerate() {
+                let shard = format!("{shard_stem}-0000{}-of-00003.safetensors", i + 1);
+                let part: std::collections::HashMap<String, Tensor> =
+                    chunk.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+                candle_core::safetensors::save(&part, to.join(entry).join(&shard)).unwrap();
+                for n in chunk {
+                    map.insert((*n).clone(), serde_json::Value::String(shard.clone()));
+                }
+            }
+            let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+            std::fs::write(to.join(entry).join(format!("{stem}.safetensors.index.json")), index.to_string()).unwrap();
+        }
+    }
+}
+
+#[test]
+fn sharded_weights_load_and_compute_the_same() {
+    let r = Reference::load();
+    let tmp = tempfile::tempdir().unwrap();
+    sharded_copy(tmp.path());
+    assert!(tmp.path().join("transformer/diffusion_pytorch_model-00003-of-00003.safetensors").is_file());
+    assert!(!tmp.path().join("transformer/diffusion_pytorch_model.safetensors").exists());
+    let sharded = ZImagePipeline::load(tmp.path(), &Device::Cpu, LoadOptions::default()).unwrap();
+    let single = pipeline(Kernels::Fast);
+    let t: f32 = r.get("tr_t").to_vec1::<f32>().unwrap()[0];
+    let a = sharded.transformer().forward(r.get("tr_x"), t, r.get("text")).unwrap();
+    let b = single.transformer().forward(r.get("tr_x"), t, r.get("text")).unwrap();
+    assert_eq!(relative_error(&a, &b), 0.0);
+    let e = relative_error(&sharded.encode_prompt(PROMPT).unwrap(), r.get("text"));
+    assert!(e < TOLERANCE, "{e}");
+    // A shard the index names that is missing is named in the error.
+    std::fs::remove_file(tmp.path().join("text_encoder/model-00002-of-00003.safetensors")).unwrap();
+    let e = ZImagePipeline::load(tmp.path(), &Device::Cpu, LoadOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("model-00002-of-00003.safetensors"), "{e}");
+}
+
+#[test]
+fn a_checkpoint_the_engine_cannot_run_is_refused_by_file_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    sharded_copy(tmp.path());
+    let config = tmp.path().join("transformer/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"cap_feat_dim\": 32", "\"cap_feat_dim\": 48")).unwrap();
+    let e = engine::inspect(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("transformer/config.json") && e.contains("cap_feat_dim"), "{e}");
+    std::fs::write(&config, text.replace("\"all_patch_size\": [\n    2\n  ]", "\"all_patch_size\": [\n    4\n  ]"))
+        .unwrap();
+    let e = engine::inspect(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("all_patch_size"), "{e}");
+    std::fs::write(&config, &text).unwrap();
+    let info = engine::inspect(tmp.path()).unwrap();
+    assert_eq!((info.family, info.size_multiple, info.max_side), (engine::Family::ZImage, 4, 256));
+    let index = tmp.path().join("model_index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    std::fs::write(&index, text.replace("ZImagePipeline", "QwenImagePipeline")).unwrap();
+    let e = engine::inspect(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("model_index.json") && e.contains("QwenImagePipeline"), "{e}");
+}
+
+struct Collect {
+    partials: Vec<(usize, usize, image::RgbImage)>,
+    steps: usize,
+    cancel_after: Option<usize>,
+}
+
+impl Hooks for Collect {
+    fn after_step(&mut self, _step: usize) {
+        self.steps += 1;
+    }
+    fn cancelled(&self) -> bool {
+        self.cancel_after.is_some_and(|n| self.steps >= n)
+    }
+    fn partial(&mut self, image: usize, index: usize, partial: image::RgbImage) {
+        self.partials.push((image, index, partial));
+    }
+}
+
+#[test]
+fn partial_images_come_from_intermediate_steps_and_a_run_stops_between_steps() {
+    let p = pipeline(Kernels::Fast);
+    let mut hooks = Collect { partials: vec![], steps: 0, cancel_after: None };
+    let request = GenerateParams { n: 2, partial_images: 2, ..params(3, 0.0) };
+    let images = p.generate(&request, &mut hooks).unwrap();
+    let mut got: Vec<(usize, usize)> = hooks.partials.iter().map(|(i, k, _)| (*i, *k)).collect();
+    got.sort_unstable();
+    assert_eq!(got, [(0, 0), (0, 1), (1, 0), (1, 1)]);
+    for (_, _, partial) in &hooks.partials {
+        assert_eq!(partial.dimensions(), (WIDTH, HEIGHT));
+        assert!(images.iter().all(|final_image| final_image != partial));
+    }
+    let mut hooks = Collect { partials: vec![], steps: 0, cancel_after: Some(1) };
+    let e = p.generate(&params(3, 0.0), &mut hooks).unwrap_err();
+    assert!(matches!(e, engine::EngineError::Cancelled), "{e}");
+    assert_eq!(hooks.steps, 1);
+}

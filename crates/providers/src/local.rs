@@ -911,6 +911,10 @@ mod tests {
         assert_eq!(Profile::guess("sd-turbo", Path::new("/m")), Profile::TURBO);
         assert_eq!(Profile::guess("x", Path::new("/m/sdxl-turbo")), Profile::TURBO);
         assert_eq!(Profile::guess("sd-1.5", Path::new("/m/x")), Profile::STANDARD);
+        // The family decides first: a Z-Image checkpoint is not guessed from its name.
+        let zimage = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/parity/zimage-tiny");
+        assert_eq!(Profile::guess("sd-turbo", &zimage), Profile::Z_IMAGE);
+        assert_eq!(Profile::Z_IMAGE.steps_for(Quality::High), 8);
     }
 
     #[test]

@@ -694,6 +694,27 @@ mod tests {
     }
 
     #[test]
+    fn a_gpu_build_replaces_shut_down_models_with_z_image_and_a_cpu_build_with_the_quickest() {
+        let dir = tempfile::tempdir().unwrap();
+        let zimage = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/parity/zimage-tiny");
+        let text = format!(
+            "[models.sd]\npath = {:?}\nprofile = \"standard\"\n[models.turbo]\npath = {:?}\nprofile = \"turbo\"\n\
+             [models.z]\npath = {:?}\n",
+            dir.path(),
+            dir.path(),
+            zimage
+        );
+        let config = Config::from_toml(&text, &env(&[])).unwrap();
+        // The family is read from the checkpoint: a Z-Image model gets the Z-Image profile.
+        let z = config.local_models.iter().find(|m| m.name == "z").unwrap();
+        assert_eq!(z.profile, providers::local::Profile::Z_IMAGE);
+        assert_eq!(config.default_replacement_for(true).as_deref(), Some("z"));
+        assert_eq!(config.default_replacement_for(false).as_deref(), Some("turbo"));
+        let e = Config::from_toml(&format!("{text}sampler = \"dpm++2m-karras\"\n"), &env(&[])).unwrap_err().0;
+        assert!(e.contains("models.z.sampler") && e.contains("FlowMatch"), "{e}");
+    }
+
+    #[test]
     fn a_full_file_parses() {
         let text = r#"
             default_model = "mini"
