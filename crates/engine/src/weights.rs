@@ -105,7 +105,7 @@ pub fn load(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, Eng
     load_as(path, device, None)
 }
 
-/// [`load`], with f32 tensors of the file stored as `store` (f16: half the memory) when given; the
+/// [`load`], with f32 (and bf16) tensors of the file stored as `store` (f16: half the memory) when given; the
 /// conversion happens chunk by chunk as the file is read, so the f32 tensor never exists whole.
 pub fn load_as(path: &Path, device: &Device, store: Option<DType>) -> Result<HashMap<String, Tensor>, EngineError> {
     let invalid = |why: String| EngineError::InvalidFile { path: path.to_path_buf(), why };
@@ -123,6 +123,14 @@ pub fn load_as(path: &Path, device: &Device, store: Option<DType>) -> Result<Has
                 let tensor = match dtype {
                     DType::F32 if store == Some(DType::F16) => {
                         Tensor::from_vec(read_f32_as_f16(&mut file, count)?, shape, device)
+                    }
+                    // bf16 kept in f16 (Z-Image's text encoder): the same 16 bits per weight, more mantissa,
+                    // less range; weights past f16's range (none in the models served) saturate.
+                    DType::BF16 if store == Some(DType::F16) => {
+                        let values = read_values(&mut file, count, bf16::from_le_bytes)?;
+                        let narrowed: Vec<f16> =
+                            values.iter().map(|v| f16::from_f32(v.to_f32().clamp(-65504.0, 65504.0))).collect();
+                        Tensor::from_vec(narrowed, shape, device)
                     }
                     DType::F16 => Tensor::from_vec(read_values(&mut file, count, f16::from_le_bytes)?, shape, device),
                     DType::BF16 => Tensor::from_vec(read_values(&mut file, count, bf16::from_le_bytes)?, shape, device),

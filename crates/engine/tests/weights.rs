@@ -30,6 +30,34 @@ fn every_dtype_reads_back_what_candle_wrote() {
 }
 
 #[test]
+fn kept_in_f16_f32_and_bf16_weights_are_narrowed_while_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let base = (Tensor::randn(0f32, 1.0, (2, 600, 700), &Device::Cpu).unwrap() * 3.0).unwrap();
+    let mut tensors = HashMap::new();
+    tensors.insert("f32".to_owned(), base.clone());
+    tensors.insert("bf16".to_owned(), base.to_dtype(DType::BF16).unwrap());
+    // Past f16's range: saturates instead of becoming infinite.
+    tensors.insert(
+        "big".to_owned(),
+        Tensor::new(&[1e6f32, -1e6, 2.0], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let got = engine::weights::load_as(&path, &Device::Cpu, Some(DType::F16)).unwrap();
+    for name in ["f32", "bf16"] {
+        assert_eq!(got[name].dtype(), DType::F16, "{name}");
+        let want =
+            tensors[name].to_dtype(DType::F32).unwrap().to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap();
+        let got = got[name].to_dtype(DType::F32).unwrap();
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+    assert_eq!(got["big"].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), [65504.0, -65504.0, 2.0]);
+}
+
+#[test]
 fn truncated_and_malformed_files_are_errors_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.safetensors");
