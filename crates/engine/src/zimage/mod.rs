@@ -228,6 +228,11 @@ impl ZImagePipeline {
         if p.decoder == Decoder::Tiny {
             return Err(EngineError::InvalidInput("this model has no tiny decoder".into()));
         }
+        if p.sampler != crate::Sampler::Checkpoint {
+            return Err(EngineError::InvalidInput(
+                "Z-Image models run their own FlowMatch scheduler: no other sampler".into(),
+            ));
+        }
         let started = std::time::Instant::now();
         let cond = self.encode_prompt(&p.prompt)?;
         let uncond = if p.guidance_scale > 1.0 { Some(self.encode_prompt(&p.negative_prompt)?) } else { None };
