@@ -303,6 +303,26 @@ impl Pipeline {
     }
 }
 
+/// Runs a request's `n` images in batches of at most `max_batch`: `run(first, seeds)` makes the images
+/// `first..first + seeds.len()`, each from its seed (`seed + index`), and its time is logged.
+pub(crate) fn in_batches(
+    p: &GenerateParams,
+    max_batch: usize,
+    mut run: impl FnMut(usize, &[u64]) -> Result<Vec<RgbImage>, EngineError>,
+) -> Result<Vec<RgbImage>, EngineError> {
+    let mut images = Vec::with_capacity(p.n);
+    let mut first = 0;
+    while first < p.n {
+        let batch = (p.n - first).min(max_batch.max(1));
+        let seeds: Vec<u64> = (first..first + batch).map(|i| p.seed.wrapping_add(i as u64)).collect();
+        let started = std::time::Instant::now();
+        images.extend(run(first, &seeds)?);
+        tracing::info!(images = batch, secs = started.elapsed().as_secs_f64(), "batch generated");
+        first += batch;
+    }
+    Ok(images)
+}
+
 /// Checks what every family checks before it runs a request.
 pub(crate) fn check_request(p: &GenerateParams) -> Result<(), EngineError> {
     if p.n == 0 || p.steps == 0 {

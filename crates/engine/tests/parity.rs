@@ -18,6 +18,10 @@ use engine::text::clip_tokenizer::ClipTokenizer;
 use engine::vae::decoder::VaeDecoder;
 use engine::{Checkpoint, Kernels};
 
+mod common;
+
+use common::{DiffusersNoise, levels_off, relative_error};
+
 const TOLERANCE: f32 = 1e-4;
 
 fn fixtures() -> PathBuf {
@@ -58,17 +62,6 @@ impl Fixture {
         let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
         VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)
     }
-}
-
-/// The largest difference over the reference's largest magnitude.
-fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let want = want.to_dtype(DType::F32).unwrap();
-    let got = got.to_dtype(DType::F32).unwrap();
-    let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff.is_finite() && scale > 0.0, "diff {diff}, scale {scale}");
-    diff / scale
 }
 
 #[test]
@@ -244,46 +237,6 @@ fn dpm_solver_runs_are_diffusers_runs() {
             }
         }
     }
-}
-
-/// diffusers' draws, by what they are for.
-struct DiffusersNoise(Vec<(engine::Draw, Tensor)>);
-
-impl DiffusersNoise {
-    fn new(initial: &Tensor) -> DiffusersNoise {
-        DiffusersNoise(vec![(engine::Draw::Initial, initial.clone())])
-    }
-
-    fn with(mut self, what: engine::Draw, noise: &Tensor) -> DiffusersNoise {
-        self.0.push((what, noise.clone()));
-        self
-    }
-}
-
-impl engine::Hooks for DiffusersNoise {
-    fn noise(&mut self, _seed: u64, what: engine::Draw, shape: (usize, usize, usize)) -> Option<Tensor> {
-        let (_, t) = self.0.iter().find(|(w, _)| *w == what).unwrap_or_else(|| panic!("no noise for {what:?}"));
-        assert_eq!(t.dims()[1..], [shape.0, shape.1, shape.2]);
-        Some(t.get(0).unwrap())
-    }
-}
-
-/// The largest difference in levels between an image and diffusers' 8-bit image (`[1, h, w, 3]`) over
-/// the pixels `count` picks.
-fn levels_off(got: &image::RgbImage, want: &Tensor, count: impl Fn(u32, u32) -> bool) -> u8 {
-    let want: Vec<u8> = want.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(got.as_raw().len(), want.len());
-    // The reference image is not flat: the comparison means something.
-    assert!(want.iter().any(|v| v.abs_diff(want[0]) > 25));
-    let w = got.width();
-    got.as_raw()
-        .iter()
-        .zip(&want)
-        .enumerate()
-        .filter(|(i, _)| count((*i / 3) as u32 % w, (*i / 3) as u32 / w))
-        .map(|(_, (g, w))| g.abs_diff(*w))
-        .max()
-        .unwrap_or(0)
 }
 
 /// The fixtures' whole-pipeline request: the prompt, 64x80, one image.

@@ -8,10 +8,14 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use engine::flow_match::{FlowMatch, FlowMatchFile};
 use engine::zimage::{ZImageCheckpoint, ZImagePipeline};
 use engine::{Draw, Edit, GenerateParams, Hooks, Kernels, LoadOptions, NoHooks};
+
+mod common;
+
+use common::{DiffusersNoise, levels_off, relative_error};
 
 const TOLERANCE: f32 = 1e-4;
 const PROMPT: &str = "a cute baby sea otter!";
@@ -38,17 +42,6 @@ impl Reference {
 
 fn pipeline(kernels: Kernels) -> ZImagePipeline {
     ZImagePipeline::load(&dir(), &Device::Cpu, LoadOptions { kernels, ..Default::default() }).unwrap()
-}
-
-/// The largest difference over the reference's largest magnitude.
-fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let want = want.to_dtype(DType::F32).unwrap();
-    let got = got.to_dtype(DType::F32).unwrap();
-    let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff.is_finite() && scale > 0.0, "diff {diff}, scale {scale}");
-    diff / scale
 }
 
 #[test]
@@ -119,35 +112,6 @@ fn the_vae_decoder_gives_diffusers_pixels() {
     assert!(e < TOLERANCE, "{e}");
 }
 
-/// diffusers' draws, by what they are for.
-struct DiffusersNoise(Vec<(Draw, Tensor)>);
-
-impl Hooks for DiffusersNoise {
-    fn noise(&mut self, _seed: u64, what: Draw, shape: (usize, usize, usize)) -> Option<Tensor> {
-        let (_, t) = self.0.iter().find(|(w, _)| *w == what).unwrap_or_else(|| panic!("no noise for {what:?}"));
-        assert_eq!(t.dims()[1..], [shape.0, shape.1, shape.2]);
-        Some(t.get(0).unwrap())
-    }
-}
-
-/// The largest difference in levels between an image and diffusers' 8-bit image over the pixels
-/// `count` picks.
-fn levels_off(got: &image::RgbImage, want: &Tensor, count: impl Fn(u32, u32) -> bool) -> u8 {
-    let want: Vec<u8> = want.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(got.as_raw().len(), want.len());
-    // The reference image is not flat: the comparison means something.
-    assert!(want.iter().any(|v| v.abs_diff(want[0]) > 25));
-    let w = got.width();
-    got.as_raw()
-        .iter()
-        .zip(&want)
-        .enumerate()
-        .filter(|(i, _)| count((*i / 3) as u32 % w, (*i / 3) as u32 / w))
-        .map(|(_, (g, w))| g.abs_diff(*w))
-        .max()
-        .unwrap_or(0)
-}
-
 fn params(steps: usize, guidance_scale: f64) -> GenerateParams {
     GenerateParams {
         prompt: PROMPT.into(),
@@ -170,7 +134,7 @@ fn text_to_image_gives_diffusers_pixels_with_and_without_guidance() {
     let r = Reference::load();
     let p = pipeline(Kernels::Fast);
     for (key, guidance) in [("pipe_g0", 0.0), ("pipe_g3", 3.0)] {
-        let mut noise = DiffusersNoise(vec![(Draw::Initial, r.get("pipe_noise").clone())]);
+        let mut noise = DiffusersNoise::new(r.get("pipe_noise"));
         let images = p.generate(&params(2, guidance), &mut noise).unwrap();
         let worst = levels_off(&images[0], r.get(key), |_, _| true);
         assert!(worst <= 1, "{key}: {worst} levels off");
@@ -192,10 +156,7 @@ fn image_to_image_gives_diffusers_pixels() {
     let (image, _) = edit_inputs(&r);
     let request =
         GenerateParams { edit: Some(Edit { images: vec![image], mask: None, strength: 0.6 }), ..params(4, 0.0) };
-    let mut noise = DiffusersNoise(vec![
-        (Draw::Image(0), r.get("i2i.image_noise").clone()),
-        (Draw::Initial, r.get("i2i.noise").clone()),
-    ]);
+    let mut noise = DiffusersNoise::new(r.get("i2i.noise")).with(Draw::Image(0), r.get("i2i.image_noise"));
     let images = p.generate(&request, &mut noise).unwrap();
     let worst = levels_off(&images[0], r.get("pipe_i2i"), |_, _| true);
     assert!(worst <= 1, "{worst} levels off");
@@ -208,10 +169,7 @@ fn inpainting_gives_diffusers_pixels_inside_the_mask_and_the_input_outside() {
     let (image, mask) = edit_inputs(&r);
     let edit = Edit { images: vec![image.clone()], mask: Some(mask.clone()), strength: 1.0 };
     let request = GenerateParams { edit: Some(edit), ..params(3, 0.0) };
-    let mut noise = DiffusersNoise(vec![
-        (Draw::Image(0), r.get("inp.image_noise").clone()),
-        (Draw::Initial, r.get("inp.noise").clone()),
-    ]);
+    let mut noise = DiffusersNoise::new(r.get("inp.noise")).with(Draw::Image(0), r.get("inp.image_noise"));
     let got = &p.generate(&request, &mut noise).unwrap()[0];
     let inside = |x: u32, y: u32| mask.get_pixel(x, y).0[0] == 255;
     let worst = levels_off(got, r.get("pipe_inp"), inside);

@@ -238,24 +238,11 @@ impl SdPipeline {
             None => None,
         };
 
-        let mut images = Vec::with_capacity(p.n);
-        let mut first = 0;
-        while first < p.n {
-            let batch = (p.n - first).min(self.max_batch.max(1));
-            let seeds: Vec<u64> = (first..first + batch).map(|i| p.seed.wrapping_add(i as u64)).collect();
-            let t0 = std::time::Instant::now();
-            let latents = self.denoise(p, first, &seeds, &cond, uncond.as_ref(), inputs.as_ref(), hooks)?;
+        let mut images = crate::pipeline::in_batches(p, self.max_batch, |first, seeds| {
+            let latents = self.denoise(p, first, seeds, &cond, uncond.as_ref(), inputs.as_ref(), hooks)?;
             release(&self.unet_file);
-            let t1 = std::time::Instant::now();
-            images.extend(self.decode(&latents, p.decoder)?);
-            tracing::info!(
-                images = batch,
-                denoise_secs = (t1 - t0).as_secs_f64(),
-                decode_secs = t1.elapsed().as_secs_f64(),
-                "batch generated"
-            );
-            first += batch;
-        }
+            self.decode(&latents, p.decoder)
+        })?;
         if let Some(EditInputs { mask_pixels: Some(mask), first_image, .. }) = &inputs {
             // Outside the mask the result is the input, pixel for pixel.
             for img in &mut images {
