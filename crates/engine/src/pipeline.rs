@@ -323,6 +323,19 @@ pub(crate) fn in_batches(
     Ok(images)
 }
 
+/// Checks a requested size against a model's rule (sides multiples of `multiple`, from [`MIN_SIDE`] to
+/// `max_side`), with a message that says what is allowed.
+pub(crate) fn check_sides(width: u32, height: u32, multiple: u32, max_side: u32) -> Result<(), String> {
+    let ok = |s: u32| (MIN_SIDE..=max_side).contains(&s) && s.is_multiple_of(multiple);
+    if ok(width) && ok(height) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{width}x{height} is not a size this model can generate: each side must be a multiple of {multiple} from {MIN_SIDE} to {max_side}"
+        ))
+    }
+}
+
 /// Checks what every family checks before it runs a request.
 pub(crate) fn check_request(p: &GenerateParams) -> Result<(), EngineError> {
     if p.n == 0 || p.steps == 0 {

@@ -24,7 +24,7 @@ use rand::rngs::StdRng;
 use crate::EngineError;
 use crate::layers::Kernels;
 use crate::pipeline::{
-    Draw, Edit, GenerateParams, Hooks, LoadOptions, MAX_SIDE, MIN_SIDE, OnFirstUse, Sampler, composite, latent_mask,
+    Draw, Edit, GenerateParams, Hooks, LoadOptions, MAX_SIDE, OnFirstUse, Sampler, composite, latent_mask,
     partial_points, release, resize_inputs, seeded_noise, to_images, to_pixels, with_weights,
 };
 use crate::scheduler::{Kind, Scheduler};
@@ -189,15 +189,7 @@ impl SdPipeline {
 
     /// Checks a requested size, with a message that says what is allowed.
     pub fn check_size(&self, width: u32, height: u32) -> Result<(), String> {
-        let m = self.size_multiple();
-        let ok = |s: u32| (MIN_SIDE..=MAX_SIDE).contains(&s) && s.is_multiple_of(m);
-        if ok(width) && ok(height) {
-            Ok(())
-        } else {
-            Err(format!(
-                "{width}x{height} is not a size this model can generate: each side must be a multiple of {m} from {MIN_SIDE} to {MAX_SIDE}"
-            ))
-        }
+        crate::pipeline::check_sides(width, height, self.size_multiple(), MAX_SIDE)
     }
 
     /// Runs one request and returns its `n` images.

@@ -25,8 +25,8 @@ use rand::rngs::StdRng;
 use crate::flow_match::{FlowMatch, FlowMatchFile};
 use crate::layers::Kernels;
 use crate::pipeline::{
-    Draw, Edit, GenerateParams, Hooks, LoadOptions, MAX_SIDE, MIN_SIDE, OnFirstUse, composite, latent_mask,
-    partial_points, release, resize_inputs, seeded_noise, to_images, to_pixels, with_weights,
+    Draw, Edit, GenerateParams, Hooks, LoadOptions, MAX_SIDE, OnFirstUse, composite, latent_mask, partial_points,
+    release, resize_inputs, seeded_noise, to_images, to_pixels, with_weights,
 };
 use crate::sd::taesd::Decoder;
 use crate::text::qwen3::{ChatTokenizer, Qwen3Encoder, Qwen3File};
@@ -210,15 +210,7 @@ impl ZImagePipeline {
 
     /// Checks a requested size, with a message that says what is allowed.
     pub fn check_size(&self, width: u32, height: u32) -> Result<(), String> {
-        let (m, max) = (self.checkpoint.size_multiple() as u32, self.checkpoint.max_side());
-        let ok = |s: u32| (MIN_SIDE..=max).contains(&s) && s.is_multiple_of(m);
-        if ok(width) && ok(height) {
-            Ok(())
-        } else {
-            Err(format!(
-                "{width}x{height} is not a size this model can generate: each side must be a multiple of {m} from {MIN_SIDE} to {max}"
-            ))
-        }
+        crate::pipeline::check_sides(width, height, self.checkpoint.size_multiple() as u32, self.checkpoint.max_side())
     }
 
     /// Runs one request and returns its `n` images.
