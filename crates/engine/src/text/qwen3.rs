@@ -162,7 +162,8 @@ impl Qwen3Encoder {
     /// The hidden states before the last layer at each of `ids`, `[tokens, hidden]`.
     pub fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         let t = ids.len();
-        let ids_t = Tensor::new(ids, &Device::Cpu)?;
+        // On the model's device: a table on a GPU is indexed there, a mapped one (CPU) reads the ids.
+        let ids_t = Tensor::new(ids, device)?;
         let mut xs = self.embed.rows(&ids_t, self.compute)?.to_device(device)?.unsqueeze(0)?;
         let (cos, sin) = self.rotary(t, device)?;
         let mask = causal_mask(t, device)?;
