@@ -136,16 +136,17 @@ async fn an_abandoned_request_pays_what_the_upstream_billed_and_its_retry_is_a_r
 /// overrun. (Without the heartbeat the sweep released the live hold after the TTL, the second request
 /// was admitted, and both were charged: 2x the budget.)
 async fn a_stream_longer_than_the_hold_ttl_keeps_its_hold(db: &TestDatabase) {
-    // The shortest TTL the server accepts with a 1 s upstream timeout: 11 s.
+    // The shortest TTL the server accepts with a 2 s upstream timeout: 12 s.
     let setup = Setup {
-        provider_toml: "api_key_env = \"FAKE_UPSTREAM_KEY\"\ntimeout_secs = 1\nmax_retries = 0".into(),
-        reservation_ttl: Duration::from_secs(11),
+        provider_toml: "api_key_env = \"FAKE_UPSTREAM_KEY\"\ntimeout_secs = 2\nmax_retries = 0".into(),
+        reservation_ttl: Duration::from_secs(12),
         real_clock: true,
         ..Setup::default()
     };
     let g = gateway_with(db, setup).await;
-    // Ten images with a partial image each, 0.7 s apart: 13.3 s, past the TTL.
-    let mut body = stream_body("[fault:gap=700] a slow stream", 10);
+    // Ten images with a partial image each, 0.8 s apart: 15.2 s, past the TTL. (The upstream's idle
+    // timeout, 2 s, leaves each gap room on a loaded machine; with 1 s, 0.3 s was too little.)
+    let mut body = stream_body("[fault:gap=800] a slow stream", 10);
     body["partial_images"] = json!(1);
     let worst = g.worst_case_of(body.clone()).await;
     let budget = worst * Decimal::new(15, 1);
@@ -158,7 +159,7 @@ async fn a_stream_longer_than_the_hold_ttl_keeps_its_hold(db: &TestDatabase) {
     while let Some(e) = events.next().await {
         completed += usize::from(e.is_completed());
         // Past the TTL, with the stream still running: the hold is still there.
-        if !tried_during && started.elapsed() > Duration::from_secs(12) && completed < 10 {
+        if !tried_during && started.elapsed() > Duration::from_secs(13) && completed < 10 {
             tried_during = true;
             // Another instance sweeps now, past the TTL since the hold was taken: a live hold is not
             // expired (this instance's heartbeat renews it), so nothing is released.
