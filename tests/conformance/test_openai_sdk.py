@@ -520,12 +520,13 @@ def test_a_z_image_model_generates_and_edits_as_gpt_image_1_mini():
         r = raw.parse()
         assert [decode(d.b64_json).size for d in r.data] == [(128, 96), (128, 96)]
         assert r.data[0].b64_json != r.data[1].b64_json
-        # The same request and seed give the same bytes.
+        # The same request and seed give the same images (the pixels: each file's signed manifest is
+        # its own).
         again = client.images.generate(
             model="gpt-image-1-mini", prompt="a cute baby sea otter", size="128x96", n=2, quality="low",
             extra_body={"seed": 7},
         )
-        assert [d.b64_json for d in again.data] == [d.b64_json for d in r.data]
+        assert [decode(d.b64_json).tobytes() for d in again.data] == [decode(d.b64_json).tobytes() for d in r.data]
 
         # An edit with a mask: outside the mask (opaque) the input is kept exactly.
         source = png_bytes(128, 96)
@@ -548,6 +549,110 @@ def test_a_z_image_model_generates_and_edits_as_gpt_image_1_mini():
         with pytest.raises(openai.BadRequestError) as e:
             client.images.generate(model="gpt-image-1-mini", prompt="p", size="130x96")
         assert e.value.body["param"] == "size"
+
+
+# ---------------------------------------------------------------------------------------------
+# Content Credentials: every local image carries a C2PA manifest, read here by the C2PA project's own
+# Python reader (c2pa-python, its own build of the SDK), not imagegate's code.
+
+
+def c2pa_manifest(data: bytes, mime: str) -> tuple[dict, str, dict]:
+    """The active manifest, the validation state, and the whole report of an image."""
+    import c2pa
+
+    with c2pa.Reader(mime, io.BytesIO(data)) as reader:
+        report = json.loads(reader.json())
+        return reader.get_active_manifest(), reader.get_validation_state(), report
+
+
+def failures(report: dict) -> list[str]:
+    active = report.get("validation_results", {}).get("activeManifest", {})
+    return [f["code"] for f in active.get("failure", [])]
+
+
+def assertion(manifest: dict, label: str) -> dict:
+    [found] = [a["data"] for a in manifest["assertions"] if a["label"] == label]
+    return found
+
+
+def actions(manifest: dict) -> list[dict]:
+    return [a for a in manifest["assertions"] if a["label"].startswith("c2pa.actions")][0]["data"]["actions"]
+
+
+def check_credentials(data: bytes, mime: str, model: str) -> dict:
+    manifest, state, report = c2pa_manifest(data, mime)
+    # Valid, not Trusted: the server's own identity is on no trust list; the only failure is that.
+    assert state == "Valid", (state, failures(report))
+    assert failures(report) == ["signingCredential.untrusted"], failures(report)
+    assert manifest["claim_generator_info"][0]["name"] == "imagegate"
+    assert manifest["signature_info"]["common_name"] == "imagegate local signer"
+    generation = assertion(manifest, "org.imagegate.generation")
+    assert generation["model"] == model
+    assert len(generation["checkpoint"]["files_sha256"]) == 64
+    assert "prompt" not in generation
+    return manifest
+
+
+def test_local_images_carry_content_credentials_the_c2pa_reader_validates():
+    config = '[models.tiny]\npath = "{model}"\nprofile = "turbo"\n[aliases]\n"gpt-image-1-mini" = "tiny"\n'
+    with launch(config, local_model=True) as s:
+        client = OpenAI(api_key=GATEWAY_KEY, base_url=f"{s.gateway_url}/v1", timeout=120)
+        for fmt, mime in (("png", "image/png"), ("jpeg", "image/jpeg"), ("webp", "image/webp")):
+            r = client.images.generate(model="gpt-image-1-mini", prompt="an otter", size="64x64", output_format=fmt)
+            data = base64.b64decode(r.data[0].b64_json)
+            manifest = check_credentials(data, mime, "tiny")
+            [created] = actions(manifest)
+            assert created["action"] == "c2pa.created"
+            assert created["digitalSourceType"].endswith("/trainedAlgorithmicMedia")
+
+            # One flipped byte of the image data: the reader finds the hash no longer matches.
+            tampered = bytearray(data)
+            marker = {"png": b"IDAT", "jpeg": b"\xff\xda", "webp": b"VP8"}[fmt]
+            tampered[data.rindex(marker) + 40] ^= 1
+            _, state, report = c2pa_manifest(bytes(tampered), mime)
+            assert state == "Invalid", state
+            assert "assertion.dataHash.mismatch" in failures(report), failures(report)
+
+        # An edit with a mask: the input is the parent, the mask an input, the result a composite.
+        edited = client.images.edit(
+            model="tiny", image=("a.png", png_bytes(64, 64), "image/png"),
+            mask=("mask.png", mask_bytes(64, 64), "image/png"), prompt="a red boat", size="64x64",
+        )
+        manifest = check_credentials(base64.b64decode(edited.data[0].b64_json), "image/png", "tiny")
+        assert [a["action"] for a in actions(manifest)] == ["c2pa.opened", "c2pa.edited"]
+        assert actions(manifest)[1]["digitalSourceType"].endswith("/compositeWithTrainedAlgorithmicMedia")
+        assert [i["relationship"] for i in manifest["ingredients"]] == ["parentOf", "inputTo"]
+
+        # A stream: the partial image and the completed one are both signed.
+        events = list(client.images.generate(
+            model="tiny", prompt="a paper boat", size="64x64", stream=True, partial_images=1, extra_body={"steps": 2},
+        ))
+        assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+        partial = check_credentials(base64.b64decode(events[0].b64_json), "image/png", "tiny")
+        assert assertion(partial, "org.imagegate.generation")["partial_image"] == 0
+        check_credentials(base64.b64decode(events[1].b64_json), "image/png", "tiny")
+
+
+def test_the_cli_verify_and_the_c2pa_reader_agree(tmp_path):
+    """The acceptance: `imagegate generate ... --out a.png && imagegate verify a.png`, read by both."""
+    model = tmp_path / "tiny-model"
+    subprocess.run([str(tiny_checkpoint()), str(model)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEGATE_", "OPENAI_"))}
+    common = ["--data-dir", str(tmp_path / "data")]
+    subprocess.run(
+        [str(binary("imagegate")), "generate", "an otter", "--model", str(model), "--size", "64x64",
+         "--steps", "1", "--out", str(tmp_path / "a.png"), *common],
+        check=True, env=env, cwd=tmp_path,
+    )
+    shown = subprocess.run(
+        [str(binary("imagegate")), "verify", str(tmp_path / "a.png")], check=True, env=env, capture_output=True,
+        text=True,
+    ).stdout
+    assert "model:       tiny-model" in shown and "validation:  valid" in shown, shown
+    manifest, state, _ = c2pa_manifest((tmp_path / "a.png").read_bytes(), "image/png")
+    assert state == "Valid"
+    assert assertion(manifest, "org.imagegate.generation")["model"] == "tiny-model"
+    assert f"signed by:   {manifest['signature_info']['common_name']}" in shown
 
 
 # ---------------------------------------------------------------------------------------------

@@ -264,6 +264,8 @@ struct Inner {
     next_file: AtomicU64,
     /// Models answered with OpenAI's "does not exist" (shut down), whatever the request.
     shut_down: Mutex<Vec<String>>,
+    /// Signs GPT image models' images with a C2PA manifest, as OpenAI does ([`FakeState::sign_images`]).
+    signer: Mutex<Option<Arc<provenance::Signer>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -289,8 +291,16 @@ impl FakeState {
                 files: Mutex::new(HashMap::new()),
                 next_file: AtomicU64::new(1),
                 shut_down: Mutex::new(Vec::new()),
+                signer: Mutex::new(None),
             }),
         }
+    }
+
+    /// From now on the images of GPT image models carry a C2PA manifest signed by `signer` (OpenAI
+    /// signs every gpt-image output: a `c2pa.created` action, `trainedAlgorithmicMedia`), with the
+    /// model the request named.
+    pub fn sign_images(&self, signer: Arc<provenance::Signer>) {
+        *lock(&self.inner.signer) = Some(signer);
     }
 
     /// From now on `model` is answered as OpenAI answers a model it shut down: 404 `model_not_found`.
@@ -564,7 +574,10 @@ async fn handle(state: FakeState, endpoint: Endpoint, req: Request) -> Response 
         {
             return Err(model_not_found(model));
         }
-        let job = Job::resolve(endpoint, &parsed)?;
+        let mut job = Job::resolve(endpoint, &parsed)?;
+        if job.family == Family::Gpt {
+            job.signer = lock(&state.inner.signer).clone();
+        }
         if job.stream { Ok(stream_response(&state, job, &faults)) } else { respond_json(&state, job, &faults).await }
     }
     .await;
@@ -866,6 +879,9 @@ struct Job {
     input_images: u64,
     /// gpt-image-2: any size within its rule, output tokens from its calculator's formula.
     gpt2: bool,
+    /// The model named, for signed images' manifests.
+    model: String,
+    signer: Option<Arc<provenance::Signer>>,
 }
 
 fn get_str<'a>(f: &'a Map<String, Value>, k: &'static str) -> Result<Option<&'a str>, ApiError> {
@@ -980,6 +996,8 @@ impl Job {
             partial_images: partial_images as u32,
             input_images: p.input_images,
             gpt2,
+            model: get_str(f, "model")?.unwrap_or("gpt-image-1").to_owned(),
+            signer: None,
         };
         if gpt2 && !gpt2_size_ok(width, height) {
             return Err(ApiError::invalid(
@@ -1106,11 +1124,23 @@ impl Job {
             Family::Gpt => (self.format, self.transparent, self.jpeg_quality),
             Family::DallE2 | Family::DallE3 => (Format::Png, false, 100),
         };
-        tokio::task::spawn_blocking(move || encode(w, h, seed, format, transparent, q))
-            .await
-            .map_err(|e| internal(e.to_string()))?
-            .map(Bytes::from)
-            .map_err(|e| internal(e.to_string()))
+        let signer = self.signer.clone();
+        let model = self.model.clone();
+        tokio::task::spawn_blocking(move || {
+            let bytes = encode(w, h, seed, format, transparent, q).map_err(|e| internal(e.to_string()))?;
+            let Some(signer) = signer else { return Ok(bytes) };
+            let media = match format {
+                Format::Png => provenance::MediaType::Png,
+                Format::Jpeg => provenance::MediaType::Jpeg,
+                Format::Webp => provenance::MediaType::Webp,
+            };
+            let generation =
+                provenance::Generation { model: &model, checkpoint: None, prompt: None, partial_image_index: None };
+            signer.sign(&bytes, media, provenance::Origin::Generated, &generation).map_err(|e| internal(e.to_string()))
+        })
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map(Bytes::from)
     }
 }
 

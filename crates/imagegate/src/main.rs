@@ -16,6 +16,7 @@ mod estimate;
 mod keys;
 mod models;
 mod usage;
+mod verify;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ enum Command {
     /// OpenAI's Batch API against a running server: submit a JSONL file (--wait), status, list,
     /// results (images named by custom_id), cancel.
     Batch(batch::BatchArgs),
+    /// Show the C2PA manifest (Content Credentials) an image carries and validate it: signature, hash
+    /// binding, trust.
+    Verify(verify::VerifyArgs),
 }
 
 /// Where the providers, keys and limits come from. Shared by `serve` and the in-process client.
@@ -239,10 +243,8 @@ fn add_local_model(file: &mut ConfigFile, spec: &str, env: &dyn Env) -> Result<O
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "local".to_owned());
-        file.models.insert(
-            name.clone(),
-            LocalModelFile { path: Some(path.to_path_buf()), profile: None, sampler: None, tiny_decoder: None },
-        );
+        file.models
+            .insert(name.clone(), LocalModelFile { path: Some(path.to_path_buf()), ..LocalModelFile::default() });
         return Ok(Some(name));
     }
     if let Some(builtin) = registry::builtin(spec) {
@@ -254,10 +256,7 @@ fn add_local_model(file: &mut ConfigFile, spec: &str, env: &dyn Env) -> Result<O
         let use_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let dir = models::ensure_installed(builtin, &models_dir, models::endpoint_from_env(), use_bar)
             .map_err(|e| e.to_string())?;
-        file.models.insert(
-            spec.to_owned(),
-            LocalModelFile { path: Some(dir), profile: None, sampler: None, tiny_decoder: None },
-        );
+        file.models.insert(spec.to_owned(), LocalModelFile { path: Some(dir), ..LocalModelFile::default() });
         return Ok(None);
     }
     if spec.contains('/') && (spec.starts_with('.') || spec.starts_with('/')) {
@@ -301,6 +300,7 @@ fn main() -> ExitCode {
             Command::Keys(args) => keys::run(args).await,
             Command::Usage(args) => usage::run(args).await,
             Command::Batch(args) => batch::run(args).await,
+            Command::Verify(args) => verify::run(args),
         }
     });
     match result {

@@ -146,13 +146,17 @@ fn generate_and_edit_run_a_local_model_directory() {
     engine::testing::write_checkpoint(&model, &engine::testing::TinySpec::default()).unwrap();
     let model = model.to_str().unwrap();
     let args = ["generate", "a cute baby sea otter", "--model", model, "--size", "64x64", "--seed", "1"];
-    let out = imagegate(&[&args[..], &["--steps", "1", "--out", "otter.png"]].concat(), None, dir.path());
+    let out = imagegate(
+        &[&args[..], &["--steps", "1", "--data-dir", "data", "--out", "otter.png"]].concat(),
+        None,
+        dir.path(),
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let img = image::open(dir.path().join("otter.png")).unwrap();
     assert_eq!((img.width(), img.height()), (64, 64));
 
     let args = ["edit", "a red cat", "--image", "otter.png", "--model", model, "--output-format", "jpeg"];
-    let out = imagegate(&[&args[..], &["--out", "cat.jpg"]].concat(), None, dir.path());
+    let out = imagegate(&[&args[..], &["--data-dir", "data", "--out", "cat.jpg"]].concat(), None, dir.path());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bytes = std::fs::read(dir.path().join("cat.jpg")).unwrap();
     assert_eq!(image::guess_format(&bytes).unwrap(), image::ImageFormat::Jpeg);
@@ -161,6 +165,70 @@ fn generate_and_edit_run_a_local_model_directory() {
     let out = imagegate(&["generate", "x", "--model", "./nowhere/model", "--out", "x.png"], None, dir.path());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The acceptance: `imagegate generate ... --out a.png && imagegate verify a.png`.
+#[test]
+fn generated_images_verify_with_their_content_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-model");
+    engine::testing::write_checkpoint(&model, &engine::testing::TinySpec::default()).unwrap();
+    let model = model.to_str().unwrap();
+    let text = |out: &Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let common = ["--model", model, "--size", "64x64", "--steps", "1", "--data-dir", "data"];
+    let out = imagegate(&[&["generate", "an otter"][..], &common, &["--out", "a.png"]].concat(), None, dir.path());
+    assert!(out.status.success(), "{}", err(&out));
+
+    let out = imagegate(&["verify", "a.png"], None, dir.path());
+    assert!(out.status.success(), "{}{}", text(&out), err(&out));
+    let shown = text(&out);
+    for expected in [
+        "image/png",
+        "signed by:   imagegate local signer",
+        "generator:   imagegate",
+        "action:      c2pa.created (trainedAlgorithmicMedia)",
+        "model:       tiny-model",
+        "checkpoint:  files sha256:",
+        "validation:  valid",
+        "trust:       untrusted",
+    ] {
+        assert!(shown.contains(expected), "{expected:?} missing from:\n{shown}");
+    }
+    assert!(!shown.contains("an otter"), "the prompt is private by default:\n{shown}");
+    // Trusted when the server's own chain is given as the trust anchors.
+    let out = imagegate(&["verify", "a.png", "--trust", "data/provenance/signer-chain.pem"], None, dir.path());
+    assert!(text(&out).contains("trust:       trusted"), "{}{}", text(&out), err(&out));
+    let out = imagegate(&["verify", "a.png", "--json"], None, dir.path());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["manifests"].as_object().unwrap().len(), 1);
+
+    // An edit of it: the input is the parent ingredient, its own manifest carried along.
+    let out = imagegate(
+        &[&["edit", "a red cat", "--image", "a.png"][..], &common, &["--out", "b.webp", "--output-format", "webp"]]
+            .concat(),
+        None,
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", err(&out));
+    let out = imagegate(&["verify", "b.webp"], None, dir.path());
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}{}", err(&out));
+    assert!(shown.contains("image/webp") && shown.contains("action:      c2pa.opened"), "{shown}");
+    assert!(shown.contains("ingredient:  input image 1 (parentOf)"), "{shown}");
+
+    // One changed pixel byte: the hash binding no longer holds, and verify says so and fails.
+    let mut bytes = std::fs::read(dir.path().join("a.png")).unwrap();
+    let idat = bytes.windows(4).rposition(|w| w == b"IDAT").unwrap();
+    bytes[idat + 20] ^= 1;
+    std::fs::write(dir.path().join("tampered.png"), &bytes).unwrap();
+    let out = imagegate(&["verify", "tampered.png"], None, dir.path());
+    assert!(!out.status.success());
+    assert!(text(&out).contains("INVALID") && text(&out).contains("dataHash.mismatch"), "{}", text(&out));
+    // No manifest at all.
+    image::RgbImage::new(8, 8).save(dir.path().join("plain.png")).unwrap();
+    let out = imagegate(&["verify", "plain.png"], None, dir.path());
+    assert!(!out.status.success() && err(&out).contains("no C2PA manifest"), "{}", err(&out));
 }
 
 #[test]

@@ -24,11 +24,15 @@
 //!   steps actually run match the quality; variations run image-to-image of their input with no
 //!   prompt at strength 0.7 ([`VARIATION_STRENGTH`]);
 //! - `seed` fixes every random number; without it a random seed is drawn.
+//!
+//! With [`LocalOptions::provenance`], every image (final or partial) carries a signed C2PA manifest
+//! naming the model and its checkpoint (`provenance` crate); a model with `provenance: false` is left
+//! unsigned. The checkpoint's identity is read once, on a thread of its own, when the provider starts.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use api::ApiError;
@@ -126,6 +130,22 @@ pub struct LocalModel {
     /// A tiny decoder directory (an `AutoencoderTiny`: `config.json` and its weights) for this model;
     /// `None` uses the one for its latents from [`LocalOptions::models_dir`] when it is installed there.
     pub tiny_decoder: Option<PathBuf>,
+    /// Its images are signed when the provider has a signer ([`LocalOptions::provenance`]).
+    pub provenance: bool,
+}
+
+/// How a provider signs its images.
+#[derive(Clone)]
+pub struct Provenance {
+    pub signer: Arc<provenance::Signer>,
+    /// The prompt is written into manifests only when set: prompts can be private.
+    pub include_prompt: bool,
+}
+
+impl std::fmt::Debug for Provenance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provenance").field("include_prompt", &self.include_prompt).finish_non_exhaustive()
+    }
 }
 
 /// Told the duration of every denoising step the engine runs, with the model's name (for metrics).
@@ -156,6 +176,8 @@ pub struct LocalOptions {
     /// Where pulled models live (hub-cache layout, `engine::registry`): a model without a tiny decoder
     /// of its own uses `taesd` (SD 1.x/2.x) or `taesdxl` (SDXL) from here when it is installed.
     pub models_dir: Option<PathBuf>,
+    /// Signs every image of the models that have [`LocalModel::provenance`]; `None` signs nothing.
+    pub provenance: Option<Provenance>,
 }
 
 impl Default for LocalOptions {
@@ -168,6 +190,7 @@ impl Default for LocalOptions {
             step_observer: None,
             resident_models: 2,
             models_dir: None,
+            provenance: None,
         }
     }
 }
@@ -183,6 +206,29 @@ struct Served {
     /// The built-in tiny decoder for the model's latents (`taesd` or `taesdxl`), for messages; none
     /// for families that have none.
     tiny_name: Option<&'static str>,
+    /// The checkpoint's identity, read on a thread of its own at start (`None` inside: unreadable);
+    /// absent when the model's images are not signed.
+    checkpoint: Option<Arc<CheckpointCell>>,
+}
+
+/// A checkpoint's identity, filled once by whoever asks first (signing waits for the start-up thread).
+struct CheckpointCell {
+    dir: PathBuf,
+    id: OnceLock<Option<provenance::Checkpoint>>,
+}
+
+impl CheckpointCell {
+    fn get(&self) -> Option<&provenance::Checkpoint> {
+        self.id
+            .get_or_init(|| match provenance::Checkpoint::identify(&self.dir) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot identify the checkpoint for its images' manifests");
+                    None
+                }
+            })
+            .as_ref()
+    }
 }
 
 pub struct LocalProvider {
@@ -195,6 +241,7 @@ pub struct LocalProvider {
     recent_ms: Arc<AtomicU64>,
     /// Where background work waits for the engine (interactive work is ordered by the worker).
     schedule: Queue,
+    provenance: Option<Provenance>,
 }
 
 impl LocalProvider {
@@ -234,6 +281,18 @@ impl LocalProvider {
                 tracing::info!(model = %m.name, tiny_decoder = %dir.display(), "tiny decoder for quality=low and previews");
             }
             let tiny_name = info.tiny_decoder.map(|t| t.name);
+            let checkpoint = (m.provenance && options.provenance.is_some()).then(|| {
+                let cell = Arc::new(CheckpointCell { dir: m.dir.clone(), id: OnceLock::new() });
+                let reading = Arc::clone(&cell);
+                // Hashing a directory's weights takes seconds per gigabyte: never on a request's path.
+                let started = std::thread::Builder::new().name("imagegate-checkpoint-id".into()).spawn(move || {
+                    reading.get();
+                });
+                if let Err(e) = started {
+                    tracing::warn!(error = %e, "the checkpoint's identity will be read on first use");
+                }
+                cell
+            });
             served.insert(
                 m.name.clone(),
                 Served {
@@ -242,6 +301,7 @@ impl LocalProvider {
                     native: info.native_size,
                     max_side: info.max_side,
                     tiny_name,
+                    checkpoint,
                 },
             );
         }
@@ -266,6 +326,7 @@ impl LocalProvider {
                 background_queue: options.background_queue,
                 max_background_wait: options.max_background_wait,
             }),
+            provenance: options.provenance,
         })
     }
 
@@ -379,7 +440,16 @@ impl LocalProvider {
             background: Some(Background::Opaque),
             output_format: Some(format),
         };
-        Ok(Plan { params, edit, format, compression: options.output_compression, resolved })
+        let credentials = match (&self.provenance, &served.checkpoint) {
+            (Some(p), Some(checkpoint)) => Some(Credentials {
+                signer: Arc::clone(&p.signer),
+                model: served.model.name.clone(),
+                checkpoint: Arc::clone(checkpoint),
+                prompt: p.include_prompt.then(|| job.prompt().to_owned()).filter(|p| !p.is_empty()),
+            }),
+            _ => None,
+        };
+        Ok(Plan { params, edit, format, compression: options.output_compression, resolved, credentials })
     }
 
     fn retry_after(&self) -> u64 {
@@ -448,6 +518,63 @@ struct Plan {
     format: OutputFormat,
     compression: Option<u8>,
     resolved: Resolved,
+    /// Signs the images, when the model's are signed.
+    credentials: Option<Credentials>,
+}
+
+/// What a task's images are signed with.
+struct Credentials {
+    signer: Arc<provenance::Signer>,
+    model: String,
+    checkpoint: Arc<CheckpointCell>,
+    prompt: Option<String>,
+}
+
+/// A task's credentials with its inputs, as the signer takes them.
+struct Signing<'a> {
+    credentials: &'a Credentials,
+    images: Vec<provenance::Input<'a>>,
+    mask: Option<provenance::Input<'a>>,
+}
+
+impl Signing<'_> {
+    fn sign(
+        &self,
+        bytes: &[u8],
+        format: OutputFormat,
+        partial: Option<u32>,
+    ) -> Result<Vec<u8>, provenance::ProvenanceError> {
+        let origin = if self.images.is_empty() {
+            provenance::Origin::Generated
+        } else {
+            provenance::Origin::Edited { images: &self.images, mask: self.mask }
+        };
+        let c = self.credentials;
+        let generation = provenance::Generation {
+            model: &c.model,
+            checkpoint: c.checkpoint.get(),
+            prompt: c.prompt.as_deref(),
+            partial_image_index: partial,
+        };
+        c.signer.sign(bytes, media_type(format), origin, &generation)
+    }
+}
+
+fn media_type(format: OutputFormat) -> provenance::MediaType {
+    match format {
+        OutputFormat::Png => provenance::MediaType::Png,
+        OutputFormat::Jpeg => provenance::MediaType::Jpeg,
+        OutputFormat::Webp => provenance::MediaType::Webp,
+    }
+}
+
+fn input(image: &domain::InputImage) -> provenance::Input<'_> {
+    let media_type = match image.format {
+        domain::InputFormat::Png => provenance::MediaType::Png,
+        domain::InputFormat::Jpeg => provenance::MediaType::Jpeg,
+        domain::InputFormat::Webp => provenance::MediaType::Webp,
+    };
+    provenance::Input { bytes: &image.bytes, media_type }
 }
 
 enum Reply {
@@ -705,6 +832,7 @@ struct StreamHooks<'a, 'f> {
     format: OutputFormat,
     compression: Option<u8>,
     resolved: Resolved,
+    signing: Option<&'a Signing<'a>>,
 }
 
 impl Hooks for StreamHooks<'_, '_> {
@@ -730,7 +858,7 @@ impl Hooks for StreamHooks<'_, '_> {
     /// Every image of `n` has its partial images (their events carry only their index, as OpenAI's).
     fn partial(&mut self, _image: usize, index: usize, image: RgbImage) {
         let Some(sender) = self.sender else { return };
-        match encode(&image, self.format, self.compression) {
+        match encode(&image, self.format, self.compression, self.signing, Some(index as u32)) {
             Ok(b64_json) => {
                 let _ = sender.send(Ok(StreamEvent::Partial {
                     b64_json,
@@ -739,7 +867,7 @@ impl Hooks for StreamHooks<'_, '_> {
                     resolved: self.resolved,
                 }));
             }
-            Err(e) => tracing::warn!(error = %e, "a partial image could not be encoded"),
+            Err(e) => tracing::warn!(error = %e, "a partial image could not be encoded or signed"),
         }
     }
 }
@@ -763,9 +891,9 @@ impl Task {
         // local test runs through here, so a move onto the runtime fails them).
         debug_assert!(tokio::runtime::Handle::try_current().is_err(), "a local generation ran on the async runtime");
         let Task { model, plan, reply, cancel, abandoned, slot } = self;
-        let Plan { mut params, edit, format, compression, resolved } = plan;
+        let Plan { mut params, edit, format, compression, resolved, credentials } = plan;
         let started = Instant::now();
-        if let Some(pending) = edit {
+        if let Some(pending) = &edit {
             match decode_edit(&pending.request, pending.strength) {
                 Ok(e) => params.edit = Some(e),
                 Err(e) => {
@@ -779,6 +907,14 @@ impl Task {
             Reply::Stream(tx) => Some(tx),
             Reply::Complete(_) => None,
         };
+        let signing = credentials.as_ref().map(|credentials| {
+            let request = edit.as_ref().map(|e| &e.request);
+            Signing {
+                credentials,
+                images: request.map(|r| r.images.iter().map(input).collect()).unwrap_or_default(),
+                mask: request.and_then(|r| r.mask.as_ref()).map(input),
+            }
+        });
         let mut hooks = StreamHooks {
             between,
             nested: Duration::ZERO,
@@ -791,6 +927,7 @@ impl Task {
             format,
             compression,
             resolved,
+            signing: signing.as_ref(),
         };
         let generated = pipeline.generate(&params, &mut hooks);
         let nested = hooks.nested;
@@ -800,9 +937,12 @@ impl Task {
             // Stopped between steps: what it had used until then is what the job incurred.
             Err(EngineError::Cancelled) => Err(ProviderError::Cancelled { compute_ms }),
             Err(e) => Err(engine_error(e, &model.name)),
-            Ok(images) => images.iter().map(|img| encode(img, format, compression)).collect::<Result<Vec<_>, _>>(),
+            Ok(images) => images
+                .iter()
+                .map(|img| encode(img, format, compression, signing.as_ref(), None))
+                .collect::<Result<Vec<_>, _>>(),
         };
-        // Encoding is part of the job's device time too.
+        // Encoding and signing are part of the job's device time too.
         let compute = used();
         let compute_ms = compute.as_millis() as u64;
         tracing::info!(model = %model.name, ms = compute_ms, n = params.n, steps = params.steps, "local generation");
@@ -877,13 +1017,36 @@ fn engine_error(e: EngineError, model: &str) -> ProviderError {
     ProviderError::Api(api)
 }
 
-fn encode(img: &RgbImage, format: OutputFormat, compression: Option<u8>) -> Result<String, ProviderError> {
+/// The image as base64 in `format`, signed when `signing` is given (`partial`: a partial image's index).
+fn encode(
+    img: &RgbImage,
+    format: OutputFormat,
+    compression: Option<u8>,
+    signing: Option<&Signing<'_>>,
+    partial: Option<u32>,
+) -> Result<String, ProviderError> {
     let f = match format {
         OutputFormat::Png => Format::Png,
         OutputFormat::Jpeg => Format::Jpeg,
         OutputFormat::Webp => Format::Webp,
     };
-    let bytes = engine::encode::encode(img, f, compression).map_err(|e| engine_error(e, "local"))?;
+    let mut bytes = engine::encode::encode(img, f, compression).map_err(|e| engine_error(e, "local"))?;
+    if let Some(signing) = signing {
+        // An image that should carry credentials never goes out without them.
+        bytes = signing.sign(&bytes, format, partial).map_err(|e| {
+            tracing::error!(model = %signing.credentials.model, error = %e, "an image could not be signed");
+            ProviderError::Api(ApiError::new(
+                500,
+                "server_error",
+                None,
+                Some("signing_failed"),
+                format!(
+                    "The image from the local model '{}' could not be signed with its content credentials; the server log has the details.",
+                    signing.credentials.model
+                ),
+            ))
+        })?;
+    }
     Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 

@@ -30,6 +30,13 @@
 //! sampler = "checkpoint"                      # optional: the checkpoint's scheduler (standard: 15/25/40 steps)
 //!                                             # instead of the standard profile's DPM++ 2M Karras
 //! tiny_decoder = "/srv/models/taesd"          # optional TAESD directory (default: the pulled taesd/taesdxl)
+//! provenance = false                          # optional: its images carry no Content Credentials
+//!
+//! [provenance]                                # C2PA Content Credentials on every local image (default on)
+//! cert_chain = "/etc/imagegate/c2pa-chain.pem" # signer certificate, then its issuers; without it and
+//! private_key = "/etc/imagegate/c2pa-key.pem" # the key, a self-made (untrusted) identity in the data dir
+//! include_prompt = false                      # write the prompt into manifests (default false)
+//! # enabled = false                           # sign nothing
 //!
 //! [engine]
 //! queue_capacity = 8                          # requests queued or running before 429
@@ -81,6 +88,25 @@ pub struct ConfigFile {
     /// turbo one first), or refused.
     #[serde(default)]
     pub replacements: BTreeMap<String, String>,
+    /// How local images are signed (C2PA); absent: signed with the local identity of the data dir.
+    #[serde(default)]
+    pub provenance: ProvenanceFile,
+}
+
+/// `[provenance]`: the Content Credentials (C2PA manifests) of every image the local engine makes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvenanceFile {
+    /// `false` signs nothing (default `true`).
+    pub enabled: Option<bool>,
+    /// The signer's certificate, then its issuers (PEM); with `private_key`. Without both, the server
+    /// signs with an identity it makes in the data dir (`provenance/`), which validators show as
+    /// untrusted.
+    pub cert_chain: Option<std::path::PathBuf>,
+    /// The signer's private key (PKCS#8 PEM: ECDSA P-256/384/521, Ed25519 or RSA).
+    pub private_key: Option<std::path::PathBuf>,
+    /// Write the prompt into the manifest (default `false`: prompts can be private).
+    pub include_prompt: Option<bool>,
 }
 
 /// `[remote_images]`: hosts the server fetches input images from (`server::remote`).
@@ -112,6 +138,8 @@ pub struct LocalModelFile {
     /// `AutoencoderTiny`) for `quality=low`, the `decoder` field and streamed previews; without it the
     /// pulled `taesd` or `taesdxl` matching the model is used when installed.
     pub tiny_decoder: Option<std::path::PathBuf>,
+    /// `false`: this model's images carry no Content Credentials (default `true`).
+    pub provenance: Option<bool>,
 }
 
 /// `[engine]`: the local engine's queue.
@@ -188,6 +216,24 @@ pub struct Config {
     pub remote_images: Option<crate::remote::RemoteImages>,
     /// `[replacements]`: what serves a model its provider shut down.
     pub replacements: BTreeMap<String, Replacement>,
+    /// How local images are signed; `None`: they are not.
+    pub provenance: Option<ProvenanceConfig>,
+}
+
+/// `[provenance]`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProvenanceConfig {
+    pub identity: IdentitySource,
+    pub include_prompt: bool,
+}
+
+/// Where the signing identity comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IdentitySource {
+    /// The configured certificate chain and key.
+    Files { cert_chain: std::path::PathBuf, private_key: std::path::PathBuf },
+    /// The identity the server makes for itself in this directory (`provenance/` of the data dir).
+    Local(std::path::PathBuf),
 }
 
 impl Config {
@@ -425,6 +471,8 @@ impl Config {
                 .map_or(defaults.max_background_wait, Duration::from_secs),
             step_observer: None,
             models_dir: Some(engine::registry::models_dir(&data_dir)),
+            // Made from `provenance` when the server starts (`AppState::from_config`).
+            provenance: None,
         };
         for p in &providers {
             for (i, (model, _)) in p.models.iter().enumerate() {
@@ -436,6 +484,17 @@ impl Config {
                 }
             }
         }
+        let provenance = match (file.provenance.enabled, file.provenance.cert_chain, file.provenance.private_key) {
+            (Some(false), _, _) => None,
+            (_, Some(cert_chain), Some(private_key)) => {
+                Some(IdentitySource::Files { cert_chain, private_key })
+            }
+            (_, None, None) => Some(IdentitySource::Local(data_dir.join("provenance"))),
+            (_, Some(_), None) | (_, None, Some(_)) => {
+                return err("provenance: set both cert_chain and private_key (PEM files), or neither to sign with the server's own local identity");
+            }
+        }
+        .map(|identity| ProvenanceConfig { identity, include_prompt: file.provenance.include_prompt.unwrap_or(false) });
         let replacements = file
             .replacements
             .into_iter()
@@ -454,6 +513,7 @@ impl Config {
             limits: Limits::default(),
             local_models,
             engine,
+            provenance,
             remote_images: match file.remote_images {
                 None => None,
                 Some(r) if r.allow_hosts.is_empty() => {
@@ -520,7 +580,13 @@ fn local_model(name: &str, m: LocalModelFile, data_dir: &Path) -> Result<provide
     {
         return err(format!("models.{name}.tiny_decoder: '{}' is not a directory", tiny.display()));
     }
-    Ok(providers::local::LocalModel { name: name.to_owned(), dir, profile, tiny_decoder: m.tiny_decoder })
+    Ok(providers::local::LocalModel {
+        name: name.to_owned(),
+        dir,
+        profile,
+        tiny_decoder: m.tiny_decoder,
+        provenance: m.provenance.unwrap_or(true),
+    })
 }
 
 fn approx_size(bytes: u64) -> String {

@@ -102,6 +102,9 @@ impl AppState {
         let mut providers: Vec<routing::ProviderModels> = Vec::new();
         if !config.local_models.is_empty() {
             let mut engine = config.engine.clone();
+            if let Some(p) = &config.provenance {
+                engine.provenance = Some(signer(p)?);
+            }
             let steps = metrics.clone();
             engine.step_observer =
                 Some(providers::local::StepObserver(Arc::new(move |model, took| steps.step(model, took))));
@@ -211,6 +214,30 @@ pub const TTL_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The upkeep's period: four heartbeats per TTL (so three can fail without a live hold expiring),
 /// between 100 ms and a minute.
+/// The local engine's signer: the configured identity, or the server's own (made in the data dir the
+/// first time, with a warning that validators show it as untrusted).
+fn signer(config: &config::ProvenanceConfig) -> Result<providers::local::Provenance, ConfigError> {
+    use provenance::Identity;
+    let identity = match &config.identity {
+        config::IdentitySource::Files { cert_chain, private_key } => {
+            Identity::from_files(cert_chain, private_key).map_err(|e| ConfigError(format!("provenance: {e}")))?
+        }
+        config::IdentitySource::Local(dir) => {
+            let (identity, made) = Identity::local(dir).map_err(|e| ConfigError(format!("provenance: {e}")))?;
+            let how = "validators show its signatures as untrusted until [provenance] cert_chain and private_key name a certificate from a C2PA-trusted issuer";
+            if made {
+                tracing::warn!(dir = %dir.display(), "made a self-signed identity to sign local images with: {how}");
+            } else {
+                tracing::info!(dir = %dir.display(), "signing local images with the self-signed identity: {how}");
+            }
+            identity
+        }
+    };
+    let signer = provenance::Signer::new(&identity, ("imagegate", env!("CARGO_PKG_VERSION")))
+        .map_err(|e| ConfigError(format!("provenance: {e}")))?;
+    Ok(providers::local::Provenance { signer: Arc::new(signer), include_prompt: config.include_prompt })
+}
+
 fn upkeep_interval(ttl: std::time::Duration) -> std::time::Duration {
     (ttl / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(60))
 }

@@ -68,7 +68,11 @@ async fn gateway(models: &[&str], local: bool, extra: &str) -> Gateway {
         toml.push_str(&format!("[models.tiny]\npath = {:?}\nprofile = \"turbo\"\n", d.path().to_str().unwrap()));
     }
     toml.push_str(extra);
-    let config = Config::from_toml(&toml, &upstream_env()).unwrap();
+    // The server's own data dir (its signing identity for the local model's images).
+    let data = tempfile::tempdir().unwrap();
+    let mut env = upstream_env();
+    env.vars.push(("IMAGEGATE_DATA_DIR", data.path().to_string_lossy().into_owned()));
+    let config = Config::from_toml(&toml, &env).unwrap();
     let db = ledger::testing::TestDatabase::sqlite().unwrap();
     let ledger = ledger::Ledger::connect(&db.url).await.unwrap();
     let key = ledger.create_key(ledger::NewKey::user("lifecycle")).await.unwrap().secret;

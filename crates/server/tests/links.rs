@@ -18,7 +18,8 @@ async fn local_models_answer_with_urls_too(db: &TestDatabase) {
     let dir = tempfile::tempdir().unwrap();
     engine::testing::write_checkpoint(dir.path(), &engine::testing::TinySpec::default()).unwrap();
     let toml = format!("[models.tiny]\npath = {:?}\nprofile = \"turbo\"\n", dir.path().to_str().unwrap());
-    let config = server::config::Config::from_toml(&toml, &common::TestEnv).unwrap();
+    let data = common::DataDir::new();
+    let config = server::config::Config::from_toml(&toml, &data).unwrap();
     let ledger = ledger::Ledger::connect_with(&db.url, ledger::LedgerOptions::default()).await.unwrap();
     let state = server::AppState::from_config(&config).unwrap().with_ledger(ledger).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -13,10 +13,16 @@ use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 use server::config::{Config, Env};
 
-struct NoEnv;
+/// No environment but a data dir of the test's own (where the server keeps its signing identity).
+struct NoEnv(tempfile::TempDir);
+impl NoEnv {
+    fn new() -> NoEnv {
+        NoEnv(tempfile::tempdir().unwrap())
+    }
+}
 impl Env for NoEnv {
-    fn var(&self, _: &str) -> Option<String> {
-        None
+    fn var(&self, name: &str) -> Option<String> {
+        (name == "IMAGEGATE_DATA_DIR").then(|| self.0.path().to_string_lossy().into_owned())
     }
 }
 
@@ -44,7 +50,7 @@ async fn serve(extra: &str) -> Local {
 }
 
 async fn start(toml: &str, dirs: Vec<tempfile::TempDir>) -> Local {
-    let config = Config::from_toml(toml, &NoEnv).unwrap();
+    let config = Config::from_toml(toml, &NoEnv::new()).unwrap();
     let state = server::AppState::from_config(&config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -57,7 +63,7 @@ async fn serve_with_ledger(db: &ledger::testing::TestDatabase) -> (Local, ledger
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
     let toml = format!("[models.tiny]\npath = {:?}\nprofile = \"turbo\"\n", dir.path().to_str().unwrap());
-    let config = Config::from_toml(&toml, &NoEnv).unwrap();
+    let config = Config::from_toml(&toml, &NoEnv::new()).unwrap();
     let ledger = ledger::Ledger::connect(&db.url).await.unwrap();
     let budget = ledger::Budget::capped(ledger::Period::Total, rust_decimal::Decimal::ONE);
     let key =
@@ -85,6 +91,17 @@ impl Local {
 }
 
 impl Local {
+    /// A streamed generation's events, whole.
+    async fn stream_events(&self, body: Value) -> Vec<Value> {
+        let r = self.post("generations").json(&body).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+            .map(|d| serde_json::from_str(d.trim()).unwrap())
+            .collect()
+    }
+
     fn post(&self, endpoint: &str) -> reqwest::RequestBuilder {
         let r = self.http.post(format!("{}/images/{endpoint}", self.url));
         match &self.key {
@@ -179,14 +196,16 @@ async fn a_generation_has_the_requested_size_format_usage_and_cost() {
 }
 
 #[tokio::test]
-async fn the_seed_reproduces_bytes_and_n_images_come_back() {
+async fn the_seed_reproduces_pixels_and_n_images_come_back() {
     let s = serve("").await;
     let body = |seed: u64| json!({"model": "tiny", "prompt": "a cute baby sea otter", "size": "64x64", "seed": seed});
+    let pixels = |v: &Value| decode(&v["data"][0]["b64_json"]).to_rgb8();
     let (_, _, a) = s.generate(body(7)).await;
     let (_, _, b) = s.generate(body(7)).await;
     let (_, _, c) = s.generate(body(8)).await;
-    assert_eq!(a["data"][0]["b64_json"], b["data"][0]["b64_json"], "same seed, same bytes");
-    assert_ne!(a["data"][0]["b64_json"], c["data"][0]["b64_json"], "another seed, another image");
+    // The pixels, not the bytes: each image's manifest is its own (its ids, its signature).
+    assert_eq!(pixels(&a), pixels(&b), "same seed, same image");
+    assert_ne!(pixels(&a), pixels(&c), "another seed, another image");
 
     let (status, _, three) =
         s.generate(json!({"model": "tiny", "prompt": "otter", "size": "64x64", "n": 3, "seed": 1})).await;
@@ -199,7 +218,7 @@ async fn the_seed_reproduces_bytes_and_n_images_come_back() {
         .generate(json!({"model": "gpt-image-1-mini", "prompt": "a cute baby sea otter", "size": "64x64", "seed": 7}))
         .await;
     assert_eq!(status, 200, "{aliased}");
-    assert_eq!(aliased["data"][0]["b64_json"], a["data"][0]["b64_json"]);
+    assert_eq!(pixels(&aliased), pixels(&a));
 }
 
 #[tokio::test]
@@ -217,8 +236,9 @@ async fn an_sdxl_checkpoint_serves_with_its_native_size_and_seeds() {
     assert_eq!((img.width(), img.height()), (64, 64));
     let (_, _, again) = s.generate(body(5)).await;
     let (_, _, other) = s.generate(body(6)).await;
-    assert_eq!(a["data"][0]["b64_json"], again["data"][0]["b64_json"]);
-    assert_ne!(a["data"][0]["b64_json"], other["data"][0]["b64_json"]);
+    let pixels = |v: &Value| decode(&v["data"][0]["b64_json"]).to_rgb8();
+    assert_eq!(pixels(&a), pixels(&again));
+    assert_ne!(pixels(&a), pixels(&other));
 }
 
 #[tokio::test]
@@ -330,25 +350,14 @@ async fn variations_of_a_local_model_are_seeded_images_like_the_input() {
 #[tokio::test]
 async fn streaming_sends_partial_images_from_intermediate_steps_then_the_image() {
     let s = serve("").await;
-    let r = s
-        .http
-        .post(format!("{}/images/generations", s.url))
-        .json(&json!({"model": "tiny", "prompt": "otter", "size": "64x64", "stream": true, "partial_images": 2, "steps": 4, "seed": 2}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
-    let events: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
-        .map(|d| serde_json::from_str(d.trim()).unwrap())
-        .collect();
+    let events = s
+        .stream_events(json!({"model": "tiny", "prompt": "otter", "size": "64x64", "stream": true, "partial_images": 2, "steps": 4, "seed": 2}))
+        .await;
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap_or("?")).collect();
     assert_eq!(
         kinds,
         ["image_generation.partial_image", "image_generation.partial_image", "image_generation.completed"],
-        "{text}"
+        "{events:?}"
     );
     assert_eq!(events[1]["partial_image_index"], 1);
     assert_eq!(decode(&events[0]["b64_json"]).width(), 64);
@@ -356,22 +365,189 @@ async fn streaming_sends_partial_images_from_intermediate_steps_then_the_image()
 
     // With n = 2 each image has its partial images (not only the first), so the partial-image tokens
     // counted on each completed image were streamed.
-    let r = s
-        .http
-        .post(format!("{}/images/generations", s.url))
-        .json(&json!({"model": "tiny", "prompt": "otter", "size": "64x64", "stream": true, "partial_images": 2, "steps": 4, "seed": 2, "n": 2}))
-        .send()
-        .await
-        .unwrap();
-    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
-    let kinds: Vec<String> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
-        .map(|d| serde_json::from_str::<Value>(d.trim()).unwrap()["type"].as_str().unwrap_or("?").to_owned())
-        .collect();
+    let events = s.stream_events(json!({"model": "tiny", "prompt": "otter", "size": "64x64", "stream": true, "partial_images": 2, "steps": 4, "seed": 2, "n": 2})).await;
+    let kinds: Vec<String> = events.iter().map(|e| e["type"].as_str().unwrap_or("?").to_owned()).collect();
     let count = |kind: &str| kinds.iter().filter(|k| *k == kind).count();
     assert_eq!(count("image_generation.partial_image"), 4, "{kinds:?}");
     assert_eq!(count("image_generation.completed"), 2, "{kinds:?}");
+}
+
+/// The Content Credentials of a local image, validated by the C2PA SDK's reader.
+fn credentials(v: &Value, media: provenance::MediaType) -> provenance::Verification {
+    let bytes = image_bytes(v);
+    let found = provenance::verify(&bytes, media, None).unwrap().expect("a local image without a C2PA manifest");
+    assert!(found.valid, "{:?}", found.failures);
+    found
+}
+
+fn generation(v: &provenance::Verification) -> &Value {
+    v.assertion(provenance::GENERATION_ASSERTION).expect("no org.imagegate.generation assertion")
+}
+
+fn action_names(v: &provenance::Verification) -> Vec<String> {
+    v.actions().iter().map(|a| a["action"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn every_local_image_carries_content_credentials_naming_its_model() {
+    use provenance::MediaType;
+    let s = serve("").await;
+    let digest = provenance::digest(s._dirs[0].path()).unwrap();
+    for (format, media) in [("png", MediaType::Png), ("jpeg", MediaType::Jpeg), ("webp", MediaType::Webp)] {
+        // Asked for by an OpenAI name: the manifest names the model that ran.
+        let (status, _, body) = s
+            .generate(json!({"model": "gpt-image-1-mini", "prompt": "a private prompt", "size": "64x64", "output_format": format, "n": 2}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        for d in body["data"].as_array().unwrap() {
+            let v = credentials(&d["b64_json"], media);
+            assert_eq!(action_names(&v), ["c2pa.created"]);
+            assert!(v.actions()[0]["digitalSourceType"].as_str().unwrap().ends_with("/trainedAlgorithmicMedia"));
+            let g = generation(&v);
+            assert_eq!(g["model"], "tiny", "the model that ran, not the name asked for");
+            assert_eq!(g["checkpoint"]["files_sha256"], digest.as_str(), "the weights that ran");
+            assert!(g.get("prompt").is_none(), "prompts stay out of manifests unless configured");
+            assert_eq!(v.active_manifest().unwrap()["claim_generator_info"][0]["name"], "imagegate");
+        }
+    }
+
+    // An edit with a mask: the input is the parent, the mask an input, the result a composite.
+    let input = RgbaImage::from_fn(64, 64, |x, y| Rgba([(x * 4) as u8, (y * 4) as u8, 100, 255]));
+    let mask = RgbaImage::from_fn(64, 64, |x, _| Rgba([0, 0, 0, if x < 32 { 0 } else { 255 }]));
+    let form = Form::new()
+        .text("model", "tiny")
+        .text("prompt", "a red cat")
+        .text("output_format", "jpeg")
+        .part("image", Part::bytes(png(&input)).file_name("in.png").mime_str("image/png").unwrap())
+        .part("mask", Part::bytes(png(&mask)).file_name("mask.png").mime_str("image/png").unwrap());
+    let r = s.http.post(format!("{}/images/edits", s.url)).multipart(form).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    let v = credentials(&body["data"][0]["b64_json"], MediaType::Jpeg);
+    assert_eq!(action_names(&v), ["c2pa.opened", "c2pa.edited"]);
+    assert!(v.actions()[1]["digitalSourceType"].as_str().unwrap().ends_with("/compositeWithTrainedAlgorithmicMedia"));
+    let ingredients = v.active_manifest().unwrap()["ingredients"].as_array().unwrap().clone();
+    let relations: Vec<_> = ingredients.iter().map(|i| i["relationship"].as_str().unwrap()).collect();
+    assert_eq!(relations, ["parentOf", "inputTo"]);
+    assert_eq!(ingredients[0]["format"], "image/png");
+
+    // A stream: every partial image and the final one are signed, the partials saying so.
+    let events = s.stream_events(json!({"model": "tiny", "prompt": "otter", "size": "64x64", "stream": true, "partial_images": 2, "steps": 4, "output_format": "webp"})).await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    for (i, e) in events.iter().enumerate() {
+        let v = credentials(&e["b64_json"], MediaType::Webp);
+        let partial = generation(&v).get("partial_image").cloned();
+        if i < 2 {
+            assert_eq!(partial, Some(json!(i)), "partial image {i}");
+        } else {
+            assert_eq!(e["type"], "image_generation.completed");
+            assert_eq!(partial, None, "the completed image is no preview");
+        }
+    }
+}
+
+#[tokio::test]
+async fn provenance_is_configured_per_server_and_per_model() {
+    let model = tempfile::tempdir().unwrap();
+    write_checkpoint(model.path(), &TinySpec::default()).unwrap();
+    let m = model.path().to_str().unwrap();
+    let first = |body: &Value| image_bytes(&body["data"][0]["b64_json"]);
+    let request = json!({"model": "tiny", "prompt": "a lighthouse", "size": "64x64"});
+
+    // Off for one model.
+    let toml = format!(
+        r#"[models.tiny]
+path = {m:?}
+profile = "turbo"
+provenance = false
+[models.signed]
+path = {m:?}
+profile = "turbo"
+"#
+    );
+    let s = start(&toml, Vec::new()).await;
+    let (_, _, body) = s.generate(request.clone()).await;
+    assert!(provenance::verify(&first(&body), provenance::MediaType::Png, None).unwrap().is_none());
+    let (_, _, body) = s.generate(json!({"model": "signed", "prompt": "a lighthouse", "size": "64x64"})).await;
+    assert!(provenance::verify(&first(&body), provenance::MediaType::Png, None).unwrap().is_some());
+
+    // Off for the server.
+    let toml = format!(
+        r#"[models.tiny]
+path = {m:?}
+profile = "turbo"
+[provenance]
+enabled = false
+"#
+    );
+    let s = start(&toml, Vec::new()).await;
+    let (_, _, body) = s.generate(request.clone()).await;
+    assert!(provenance::verify(&first(&body), provenance::MediaType::Png, None).unwrap().is_none());
+
+    // A configured certificate chain (made here as an operator's would be) signs, with the prompt
+    // when asked to.
+    let certs = tempfile::tempdir().unwrap();
+    let (chain, key, root) = operator_chain(certs.path());
+    let toml = format!(
+        r#"[models.tiny]
+path = {m:?}
+profile = "turbo"
+[provenance]
+cert_chain = {:?}
+private_key = {:?}
+include_prompt = true
+"#,
+        chain.to_str().unwrap(),
+        key.to_str().unwrap()
+    );
+    let s = start(&toml, Vec::new()).await;
+    let (_, _, body) = s.generate(request.clone()).await;
+    let v = provenance::verify(&first(&body), provenance::MediaType::Png, Some(&root)).unwrap().unwrap();
+    assert!(v.valid, "{:?}", v.failures);
+    assert_eq!(v.trust, provenance::Trust::Trusted, "it chains to the operator's root");
+    assert_eq!(v.active_manifest().unwrap()["signature_info"]["common_name"], "Example Images Signer");
+    assert_eq!(generation(&v)["prompt"], "a lighthouse");
+
+    // Half a pair is refused at start, naming both keys.
+    let toml = format!(
+        r#"[models.tiny]
+path = {m:?}
+[provenance]
+cert_chain = {:?}
+"#,
+        chain.to_str().unwrap()
+    );
+    let e = Config::from_toml(&toml, &NoEnv::new()).err().unwrap().to_string();
+    assert!(e.contains("cert_chain") && e.contains("private_key"), "{e}");
+    // A key that is no key is refused at start, naming it.
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+    let toml = format!(
+        r#"[models.tiny]
+path = {m:?}
+[provenance]
+cert_chain = {:?}
+private_key = {:?}
+"#,
+        chain.to_str().unwrap(),
+        key.to_str().unwrap()
+    );
+    let e = server::AppState::from_config(&Config::from_toml(&toml, &NoEnv::new()).unwrap()).err().unwrap().to_string();
+    assert!(e.contains("provenance") && e.contains("private_key"), "{e}");
+}
+
+/// A chain an operator would bring, written to `dir`: (chain file, key file, the root as PEM).
+fn operator_chain(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let issued = provenance::testing::issued_chain(
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        "Example Images Signer",
+        Some("Example Corp"),
+        false,
+    )
+    .unwrap();
+    let (chain, key_file) = (dir.join("chain.pem"), dir.join("key.pem"));
+    std::fs::write(&chain, issued.chain_pem).unwrap();
+    std::fs::write(&key_file, issued.key_pem).unwrap();
+    (chain, key_file, issued.root_pem)
 }
 
 #[tokio::test]
@@ -397,7 +573,7 @@ async fn broken_checkpoints_give_clear_errors() {
     write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
     std::fs::remove_file(dir.path().join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     let toml = format!("[models.tiny]\npath = {:?}\n", dir.path().to_str().unwrap());
-    let config = Config::from_toml(&toml, &NoEnv).unwrap();
+    let config = Config::from_toml(&toml, &NoEnv::new()).unwrap();
     let msg = server::AppState::from_config(&config).err().unwrap().to_string();
     assert!(msg.contains("vae") && msg.contains("missing file"), "{msg}");
 
@@ -512,12 +688,13 @@ async fn quality_low_and_the_decoder_field_pick_the_tiny_decoder_when_there_is_o
     assert!(err["error"]["message"].as_str().unwrap().contains("imagegate models pull taesd"), "{err}");
 
     // A tiny decoder is not a model to serve, and a tiny decoder of the wrong shape stops the start.
-    let e = Config::from_toml("[models.taesd]\n", &NoEnv).err().unwrap().to_string();
+    let e = Config::from_toml("[models.taesd]\n", &NoEnv::new()).err().unwrap().to_string();
     assert!(e.contains("models.taesd") && e.contains("tiny decoder"), "{e}");
     let eight = tempfile::tempdir().unwrap();
     engine::testing::write_tiny_decoder(eight.path(), &TinyDecoderSpec::taesd()).unwrap();
     let toml = format!("[models.bad]\npath = {m:?}\ntiny_decoder = {:?}\n", eight.path().to_str().unwrap());
-    let msg = server::AppState::from_config(&Config::from_toml(&toml, &NoEnv).unwrap()).err().unwrap().to_string();
+    let msg =
+        server::AppState::from_config(&Config::from_toml(&toml, &NoEnv::new()).unwrap()).err().unwrap().to_string();
     assert!(msg.contains("config.json") && msg.contains("upsampling_scaling_factor"), "{msg}");
 }
 

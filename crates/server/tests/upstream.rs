@@ -949,3 +949,43 @@ async fn estimates_refuse_unbounded_inputs_and_price_the_largest_plan_exactly() 
     }
     assert!(g.fake.requests().is_empty(), "an estimate spends nothing");
 }
+
+/// An upstream that signs its images (as OpenAI signs every gpt-image output): the gateway hands them
+/// on with the upstream's manifest intact and adds none of its own, streamed or not.
+#[tokio::test]
+async fn upstream_images_keep_the_upstream_content_credentials() {
+    use provenance::MediaType;
+    let g = gateway(Setup::default()).await;
+    let identity = provenance::Identity::generate("Upstream Images Inc").unwrap();
+    let signer = provenance::Signer::new(&identity, ("fake-openai", "1.0")).unwrap();
+    g.fake.state().sign_images(std::sync::Arc::new(signer));
+    let root = identity.root_pem().unwrap();
+    let check = |v: &Value, media: MediaType| {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap();
+        let found = provenance::verify(&bytes, media, Some(&root)).unwrap().expect("the upstream's manifest is gone");
+        // Valid: the bytes are the ones the upstream signed (its hashes cover all but the manifest).
+        assert!(found.valid, "{media:?}: {:?}", found.failures);
+        assert_eq!(found.trust, provenance::Trust::Trusted, "signed by the upstream's identity");
+        assert_eq!(found.report["manifests"].as_object().unwrap().len(), 1, "no manifest added to it");
+        let generator = &found.active_manifest().unwrap()["claim_generator_info"][0]["name"];
+        assert_eq!(generator, "fake-openai");
+    };
+    for (format, media) in [("png", MediaType::Png), ("jpeg", MediaType::Jpeg), ("webp", MediaType::Webp)] {
+        let (status, _, body) = g
+            .generate(json!({"model": "gpt-image-1", "prompt": "p", "size": "1024x1024", "output_format": format}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        check(&body["data"][0]["b64_json"], media);
+    }
+    let r = g
+        .post("images/generations")
+        .json(&json!({"model": "gpt-image-1", "prompt": "p", "size": "1024x1024", "stream": true, "partial_images": 1}))
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(&r.text().await.unwrap());
+    assert_eq!(events.len(), 2);
+    for (_, data) in &events {
+        check(&data["b64_json"], MediaType::Png);
+    }
+}

@@ -24,6 +24,23 @@ impl Env for TestEnv {
     }
 }
 
+/// [`TestEnv`] with a data dir of the test's own (where a server with local models keeps its signing
+/// identity).
+pub struct DataDir(pub tempfile::TempDir);
+impl DataDir {
+    pub fn new() -> DataDir {
+        DataDir(tempfile::tempdir().unwrap())
+    }
+}
+impl Env for DataDir {
+    fn var(&self, name: &str) -> Option<String> {
+        match name {
+            "IMAGEGATE_DATA_DIR" => Some(self.0.path().to_string_lossy().into_owned()),
+            _ => TestEnv.var(name),
+        }
+    }
+}
+
 /// How to build a gateway.
 pub struct Setup {
     /// Lines for `[providers.openai]` after its base URL and models.

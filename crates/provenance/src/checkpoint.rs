@@ -1,0 +1,149 @@
+//! Which weights made an image: the hub repository and revision of a pulled model, or a digest of a
+//! model directory's files.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// The identity of a checkpoint, as a manifest names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// A snapshot of a hub repository (`models--OWNER--NAME/snapshots/COMMIT`, the hub cache's layout
+    /// that `imagegate models pull` writes).
+    Hub { repo: String, revision: String },
+    /// Any other directory: [`digest`] of its files.
+    Digest { sha256: String },
+}
+
+impl Checkpoint {
+    /// The hub snapshot `dir` is, or else the digest of its files (reads every file: seconds per
+    /// gigabyte; run it off any request's path).
+    pub fn identify(dir: &Path) -> std::io::Result<Checkpoint> {
+        match hub_snapshot(dir) {
+            Some(hub) => Ok(hub),
+            None => Ok(Checkpoint::Digest { sha256: digest(dir)? }),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        match self {
+            Checkpoint::Hub { repo, revision } => json!({ "hub_repo": repo, "revision": revision }),
+            Checkpoint::Digest { sha256 } => json!({ "files_sha256": sha256 }),
+        }
+    }
+}
+
+impl std::fmt::Display for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Checkpoint::Hub { repo, revision } => write!(f, "{repo}@{revision}"),
+            Checkpoint::Digest { sha256 } => write!(f, "files sha256:{sha256}"),
+        }
+    }
+}
+
+/// `.../models--OWNER--NAME/snapshots/COMMIT` as the hub repository and commit it holds.
+fn hub_snapshot(dir: &Path) -> Option<Checkpoint> {
+    let dir = dir.canonicalize().ok().unwrap_or_else(|| dir.to_path_buf());
+    let revision = dir.file_name()?.to_str()?.to_owned();
+    let snapshots = dir.parent()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    let repo = snapshots.parent()?.file_name()?.to_str()?.strip_prefix("models--")?.replace("--", "/");
+    let well_formed = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
+    (well_formed && repo.contains('/')).then_some(Checkpoint::Hub { repo, revision })
+}
+
+/// SHA-256 over every regular file under `dir` (links followed, hidden entries skipped), in the order
+/// of their paths relative to `dir`: for each, the path, a NUL, the file's own SHA-256 in hex and a
+/// newline. Renaming, adding or changing any file changes it.
+pub fn digest(dir: &Path) -> std::io::Result<String> {
+    let mut files = Vec::new();
+    walk(dir, Path::new(""), &mut files)?;
+    files.sort();
+    let mut all = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for rel in files {
+        let mut file = std::fs::File::open(dir.join(&rel))?;
+        let mut one = Sha256::new();
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            one.update(&buf[..n]);
+        }
+        all.update(rel.to_string_lossy().replace('\\', "/").as_bytes());
+        all.update([0]);
+        all.update(hex(&one.finalize()).as_bytes());
+        all.update(b"\n");
+    }
+    Ok(hex(&all.finalize()))
+}
+
+fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(root.join(rel))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = rel.join(&name);
+        // Follows links: a hub snapshot's files are links into its blobs.
+        let meta = std::fs::metadata(root.join(&path))?;
+        if meta.is_dir() {
+            walk(root, &path, out)?;
+        } else if meta.is_file() {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hub_snapshot_is_named_by_repo_and_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let snap = tmp.path().join("models--stabilityai--sd-turbo").join("snapshots").join(commit);
+        std::fs::create_dir_all(&snap).unwrap();
+        assert_eq!(
+            Checkpoint::identify(&snap).unwrap(),
+            Checkpoint::Hub { repo: "stabilityai/sd-turbo".into(), revision: commit.into() }
+        );
+        // Not a commit: a digest.
+        let other = tmp.path().join("models--a--b").join("snapshots").join("main");
+        std::fs::create_dir_all(&other).unwrap();
+        assert!(matches!(Checkpoint::identify(&other).unwrap(), Checkpoint::Digest { .. }));
+    }
+
+    #[test]
+    fn the_digest_changes_with_any_file_and_only_then() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::create_dir_all(d.join("unet")).unwrap();
+        std::fs::write(d.join("model_index.json"), "{}").unwrap();
+        std::fs::write(d.join("unet/w.safetensors"), [1u8, 2, 3]).unwrap();
+        std::fs::write(d.join(".hidden"), "x").unwrap();
+        let first = digest(d).unwrap();
+        assert_eq!(first.len(), 64);
+        assert_eq!(digest(d).unwrap(), first);
+        std::fs::write(d.join(".hidden"), "y").unwrap();
+        assert_eq!(digest(d).unwrap(), first, "hidden files are not the model");
+        std::fs::write(d.join("unet/w.safetensors"), [1u8, 2, 4]).unwrap();
+        let changed = digest(d).unwrap();
+        assert_ne!(changed, first);
+        std::fs::rename(d.join("unet/w.safetensors"), d.join("unet/v.safetensors")).unwrap();
+        assert_ne!(digest(d).unwrap(), changed, "a renamed file is another model");
+    }
+}
