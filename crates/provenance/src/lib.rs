@@ -20,7 +20,7 @@ use std::io::Cursor;
 use c2pa::{Builder, Context};
 use serde_json::{Value, json};
 
-pub use checkpoint::{Checkpoint, digest};
+pub use checkpoint::{Checkpoint, DIGEST_CACHE, digest};
 pub use identity::{CHAIN_FILE, Identity, KEY_FILE};
 pub use verify::{Trust, Verification, verify};
 

@@ -110,11 +110,11 @@ impl Verification {
         let s = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("?").to_owned();
         if let Some(sig) = m.get("signature_info") {
             lines.push(format!(
-                "signed by:   {} (issuer: {}), {} at {}",
+                "signed by:   {} (issuer: {}), {}, {}",
                 s(sig.get("common_name")),
                 s(sig.get("issuer")),
                 s(sig.get("alg")),
-                sig.get("time").and_then(Value::as_str).unwrap_or("no trusted time")
+                sig.get("time").and_then(Value::as_str).unwrap_or("no time stamp")
             ));
         }
         if let Some(g) = m.get("claim_generator_info").and_then(Value::as_array).and_then(|a| a.first()) {

@@ -140,6 +140,8 @@ pub struct Provenance {
     pub signer: Arc<provenance::Signer>,
     /// The prompt is written into manifests only when set: prompts can be private.
     pub include_prompt: bool,
+    /// Where checkpoint digests are remembered between starts (`provenance::DIGEST_CACHE`).
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Provenance {
@@ -214,17 +216,24 @@ struct Served {
 /// A checkpoint's identity, filled once by whoever asks first (signing waits for the start-up thread).
 struct CheckpointCell {
     dir: PathBuf,
+    cache_dir: Option<PathBuf>,
     id: OnceLock<Option<provenance::Checkpoint>>,
 }
 
 impl CheckpointCell {
     fn get(&self) -> Option<&provenance::Checkpoint> {
         self.id
-            .get_or_init(|| match provenance::Checkpoint::identify(&self.dir) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    tracing::warn!(dir = %self.dir.display(), error = %e, "cannot identify the checkpoint for its images' manifests");
-                    None
+            .get_or_init(|| {
+                let id = match &self.cache_dir {
+                    Some(cache) => provenance::Checkpoint::identify_cached(&self.dir, cache),
+                    None => provenance::Checkpoint::identify(&self.dir),
+                };
+                match id {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        tracing::warn!(dir = %self.dir.display(), error = %e, "cannot identify the checkpoint for its images' manifests");
+                        None
+                    }
                 }
             })
             .as_ref()
@@ -281,8 +290,13 @@ impl LocalProvider {
                 tracing::info!(model = %m.name, tiny_decoder = %dir.display(), "tiny decoder for quality=low and previews");
             }
             let tiny_name = info.tiny_decoder.map(|t| t.name);
-            let checkpoint = (m.provenance && options.provenance.is_some()).then(|| {
-                let cell = Arc::new(CheckpointCell { dir: m.dir.clone(), id: OnceLock::new() });
+            let signer = options.provenance.as_ref().filter(|_| m.provenance);
+            let checkpoint = signer.map(|p| {
+                let cell = Arc::new(CheckpointCell {
+                    dir: m.dir.clone(),
+                    cache_dir: p.cache_dir.clone(),
+                    id: OnceLock::new(),
+                });
                 let reading = Arc::clone(&cell);
                 // Hashing a directory's weights takes seconds per gigabyte: never on a request's path.
                 let started = std::thread::Builder::new().name("imagegate-checkpoint-id".into()).spawn(move || {

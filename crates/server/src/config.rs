@@ -225,6 +225,8 @@ pub struct Config {
 pub struct ProvenanceConfig {
     pub identity: IdentitySource,
     pub include_prompt: bool,
+    /// Where checkpoint digests are remembered (`provenance/` of the data dir).
+    pub cache_dir: std::path::PathBuf,
 }
 
 /// Where the signing identity comes from.
@@ -494,7 +496,11 @@ impl Config {
                 return err("provenance: set both cert_chain and private_key (PEM files), or neither to sign with the server's own local identity");
             }
         }
-        .map(|identity| ProvenanceConfig { identity, include_prompt: file.provenance.include_prompt.unwrap_or(false) });
+        .map(|identity| ProvenanceConfig {
+            identity,
+            include_prompt: file.provenance.include_prompt.unwrap_or(false),
+            cache_dir: data_dir.join("provenance"),
+        });
         let replacements = file
             .replacements
             .into_iter()

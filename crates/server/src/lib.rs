@@ -235,7 +235,11 @@ fn signer(config: &config::ProvenanceConfig) -> Result<providers::local::Provena
     };
     let signer = provenance::Signer::new(&identity, ("imagegate", env!("CARGO_PKG_VERSION")))
         .map_err(|e| ConfigError(format!("provenance: {e}")))?;
-    Ok(providers::local::Provenance { signer: Arc::new(signer), include_prompt: config.include_prompt })
+    Ok(providers::local::Provenance {
+        signer: Arc::new(signer),
+        include_prompt: config.include_prompt,
+        cache_dir: Some(config.cache_dir.clone()),
+    })
 }
 
 fn upkeep_interval(ttl: std::time::Duration) -> std::time::Duration {

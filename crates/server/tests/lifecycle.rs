@@ -43,6 +43,7 @@ struct Gateway {
     key: String,
     _db: ledger::testing::TestDatabase,
     _model: Option<tempfile::TempDir>,
+    _data: tempfile::TempDir,
 }
 
 struct Reply {
@@ -80,7 +81,16 @@ async fn gateway(models: &[&str], local: bool, extra: &str) -> Gateway {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(server::run(listener, server::app(state), std::future::pending()));
-    Gateway { fake, url: format!("http://{addr}/v1"), http: reqwest::Client::new(), ledger, key, _db: db, _model: dir }
+    Gateway {
+        fake,
+        url: format!("http://{addr}/v1"),
+        http: reqwest::Client::new(),
+        ledger,
+        key,
+        _db: db,
+        _model: dir,
+        _data: data,
+    }
 }
 
 impl Gateway {

@@ -49,9 +49,12 @@ async fn serve(extra: &str) -> Local {
     start(&toml, vec![plain, inpaint]).await
 }
 
-async fn start(toml: &str, dirs: Vec<tempfile::TempDir>) -> Local {
-    let config = Config::from_toml(toml, &NoEnv::new()).unwrap();
+async fn start(toml: &str, mut dirs: Vec<tempfile::TempDir>) -> Local {
+    // The data dir lives as long as the server: its signing identity and checkpoint digests go there.
+    let env = NoEnv::new();
+    let config = Config::from_toml(toml, &env).unwrap();
     let state = server::AppState::from_config(&config).unwrap();
+    dirs.push(env.0);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(server::run(listener, server::app(state), std::future::pending()));
@@ -63,7 +66,8 @@ async fn serve_with_ledger(db: &ledger::testing::TestDatabase) -> (Local, ledger
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
     let toml = format!("[models.tiny]\npath = {:?}\nprofile = \"turbo\"\n", dir.path().to_str().unwrap());
-    let config = Config::from_toml(&toml, &NoEnv::new()).unwrap();
+    let env = NoEnv::new();
+    let config = Config::from_toml(&toml, &env).unwrap();
     let ledger = ledger::Ledger::connect(&db.url).await.unwrap();
     let budget = ledger::Budget::capped(ledger::Period::Total, rust_decimal::Decimal::ONE);
     let key =
@@ -76,7 +80,7 @@ async fn serve_with_ledger(db: &ledger::testing::TestDatabase) -> (Local, ledger
         url: format!("http://{addr}/v1"),
         http: reqwest::Client::new(),
         key: Some(key.secret),
-        _dirs: vec![dir],
+        _dirs: vec![dir, env.0],
     };
     (local, ledger)
 }
@@ -393,6 +397,7 @@ async fn every_local_image_carries_content_credentials_naming_its_model() {
     use provenance::MediaType;
     let s = serve("").await;
     let digest = provenance::digest(s._dirs[0].path()).unwrap();
+    let data_dir = s._dirs.last().unwrap().path();
     for (format, media) in [("png", MediaType::Png), ("jpeg", MediaType::Jpeg), ("webp", MediaType::Webp)] {
         // Asked for by an OpenAI name: the manifest names the model that ran.
         let (status, _, body) = s
@@ -410,6 +415,9 @@ async fn every_local_image_carries_content_credentials_naming_its_model() {
             assert_eq!(v.active_manifest().unwrap()["claim_generator_info"][0]["name"], "imagegate");
         }
     }
+    // The digest is remembered in the data dir, so the next start reads no weights for it.
+    let cache = std::fs::read_to_string(data_dir.join("provenance").join(provenance::DIGEST_CACHE)).unwrap();
+    assert!(cache.contains(&digest), "{cache}");
 
     // An edit with a mask: the input is the parent, the mask an input, the result a composite.
     let input = RgbaImage::from_fn(64, 64, |x, y| Rgba([(x * 4) as u8, (y * 4) as u8, 100, 255]));
@@ -573,7 +581,8 @@ async fn broken_checkpoints_give_clear_errors() {
     write_checkpoint(dir.path(), &TinySpec::default()).unwrap();
     std::fs::remove_file(dir.path().join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     let toml = format!("[models.tiny]\npath = {:?}\n", dir.path().to_str().unwrap());
-    let config = Config::from_toml(&toml, &NoEnv::new()).unwrap();
+    let env = NoEnv::new();
+    let config = Config::from_toml(&toml, &env).unwrap();
     let msg = server::AppState::from_config(&config).err().unwrap().to_string();
     assert!(msg.contains("vae") && msg.contains("missing file"), "{msg}");
 
