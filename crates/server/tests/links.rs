@@ -34,6 +34,10 @@ async fn local_models_answer_with_urls_too(db: &TestDatabase) {
     assert!(link.starts_with(&format!("{url}/images/img_")), "{link}");
     let image = http.get(link).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(image::load_from_memory(&image).unwrap().width(), 64);
+    // Served by URL, the image is the signed one: its Content Credentials validate.
+    let found = provenance::verify(&image, provenance::MediaType::Png, None).unwrap().expect("no manifest");
+    assert!(found.valid, "{:?}", found.failures);
+    assert_eq!(found.assertion(provenance::GENERATION_ASSERTION).unwrap()["model"], "tiny");
 }
 
 async fn image_urls_serve_the_images_until_they_expire(db: &TestDatabase) {
