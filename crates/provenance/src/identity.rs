@@ -21,10 +21,19 @@ pub const KEY_FILE: &str = "signer-key.pem";
 #[derive(Clone)]
 pub struct Identity {
     pub(crate) chain_pem: String,
-    pub(crate) key_pem: String,
+    pub(crate) key: Key,
     pub(crate) alg: SigningAlg,
     /// Made by imagegate itself: validators show it as untrusted.
     pub self_made: bool,
+}
+
+/// Where the signing key is.
+#[derive(Clone)]
+pub(crate) enum Key {
+    /// A PKCS#8 PEM private key, here.
+    Pem(String),
+    /// A signing service: the bytes to sign are POSTed to this URL, the answer is the signature.
+    Remote(String),
 }
 
 impl std::fmt::Debug for Identity {
@@ -59,7 +68,24 @@ impl Identity {
                         .into(),
                 )
             })?;
-        Ok(Identity { chain_pem, key_pem, alg, self_made })
+        Ok(Identity { chain_pem, key: Key::Pem(key_pem), alg, self_made })
+    }
+
+    /// A configured chain (PEM) whose key is held by a signing service at `url` (the c2pa SDK's
+    /// remote-signer protocol: the bytes to sign are POSTed, the response body is the signature), with
+    /// `algorithm` (es256, es384, es512, ps256, ps384, ps512, ed25519) the key's.
+    pub fn remote(chain: &Path, url: &str, algorithm: &str) -> Result<Identity, ProvenanceError> {
+        let chain_pem = std::fs::read_to_string(chain)
+            .map_err(|e| ProvenanceError::Identity(format!("cert_chain {}: {e}", chain.display())))?;
+        let alg: SigningAlg = algorithm.parse().map_err(|_| {
+            ProvenanceError::Identity(format!(
+                "algorithm: '{algorithm}' is not one of es256, es384, es512, ps256, ps384, ps512, ed25519"
+            ))
+        })?;
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(ProvenanceError::Identity("remote_signer_url: not an http:// or https:// URL".into()));
+        }
+        Ok(Identity { chain_pem, key: Key::Remote(url.to_owned()), alg, self_made: false })
     }
 
     /// The local identity kept in `dir` ([`CHAIN_FILE`], [`KEY_FILE`]), made there first when it does not
@@ -78,7 +104,10 @@ impl Identity {
         // Each file appears whole (written aside, then renamed), the key before the chain: a server
         // starting beside this one reads both or makes its own.
         let aside = |p: &Path| p.with_extension(format!("pem.{}", std::process::id()));
-        write_private(&aside(&key), identity.key_pem.as_bytes()).map_err(|e| io(&key, e))?;
+        let Key::Pem(key_pem) = &identity.key else {
+            return Err(ProvenanceError::Identity("a made identity has its key here".into()));
+        };
+        write_private(&aside(&key), key_pem.as_bytes()).map_err(|e| io(&key, e))?;
         std::fs::rename(aside(&key), &key).map_err(|e| io(&key, e))?;
         std::fs::write(aside(&chain), identity.chain_pem.as_bytes()).map_err(|e| io(&chain, e))?;
         std::fs::rename(aside(&chain), &chain).map_err(|e| io(&chain, e))?;

@@ -12,6 +12,7 @@
 
 mod checkpoint;
 mod identity;
+mod remote;
 pub mod testing;
 mod verify;
 
@@ -116,13 +117,15 @@ impl Signer {
     /// A signer for `identity`; `generator` (name, version) is the claim generator and the software
     /// agent of every action.
     pub fn new(identity: &Identity, generator: (&str, &str)) -> Result<Signer, ProvenanceError> {
-        let signer = c2pa::create_signer::from_keys(
-            identity.chain_pem.as_bytes(),
-            identity.key_pem.as_bytes(),
-            identity.alg,
-            None,
-        )
-        .map_err(|e| ProvenanceError::Identity(e.to_string()))?;
+        let signer: Box<dyn c2pa::Signer + Send + Sync> = match &identity.key {
+            identity::Key::Pem(key_pem) => {
+                c2pa::create_signer::from_keys(identity.chain_pem.as_bytes(), key_pem.as_bytes(), identity.alg, None)
+                    .map_err(|e| ProvenanceError::Identity(e.to_string()))?
+            }
+            identity::Key::Remote(url) => Box::new(
+                remote::RemoteSigner::new(url, identity.alg, &identity.chain_pem).map_err(ProvenanceError::Identity)?,
+            ),
+        };
         let settings = json!({
             // The manifest is read back by tests and validators, not by the signer: no second pass.
             "verify": { "verify_after_sign": false },

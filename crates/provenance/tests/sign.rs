@@ -4,6 +4,8 @@
 
 use std::io::Cursor;
 
+use c2pa::Signer as _;
+
 use image::{ImageFormat, RgbImage, RgbaImage};
 use provenance::{Checkpoint, Generation, Identity, Input, MediaType, Origin, Signer, Trust, Verification, verify};
 use serde_json::Value;
@@ -238,4 +240,75 @@ fn an_image_without_a_manifest_has_none() {
     for (media, format) in FORMATS {
         assert!(verify(&image(format, 10), media, None).unwrap().is_none(), "{media:?}");
     }
+}
+
+/// A signing service on 127.0.0.1 speaking the c2pa SDK's remote-signer protocol: each POST's body is
+/// signed with `key_pem`, the signature is the response body. Returns its URL and how many it signed.
+fn signing_service(chain_pem: String, key_pem: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/sign", listener.local_addr().unwrap());
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let signed = std::sync::Arc::clone(&count);
+    std::thread::spawn(move || {
+        let key =
+            c2pa::create_signer::from_keys(chain_pem.as_bytes(), key_pem.as_bytes(), c2pa::SigningAlg::Es256, None)
+                .unwrap();
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_lowercase();
+            assert!(head.starts_with("post /sign "), "{head}");
+            let length = head.lines().find_map(|l| l.strip_prefix("content-length:")).unwrap().trim().parse().unwrap();
+            let mut body = vec![0u8; length];
+            stream.read_exact(&mut body).unwrap();
+            let signature = key.sign(&body).unwrap();
+            signed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", signature.len())
+                .unwrap();
+            stream.write_all(&signature).unwrap();
+        }
+    });
+    (url, count)
+}
+
+#[test]
+fn a_remote_signer_holds_the_key_and_signs_every_manifest() {
+    use std::sync::atomic::Ordering;
+    let issued = provenance::testing::issued_chain(
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        "Example Remote Signer",
+        Some("Example Corp"),
+        false,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let chain = dir.path().join("chain.pem");
+    std::fs::write(&chain, &issued.chain_pem).unwrap();
+    let (url, signed) = signing_service(issued.chain_pem.clone(), issued.key_pem.clone());
+
+    let identity = Identity::remote(&chain, &url, "es256").unwrap();
+    let signer = Signer::new(&identity, ("imagegate", "9.9.9")).unwrap();
+    assert_eq!(signed.load(Ordering::SeqCst), 1, "the start-up check signed once, remotely");
+    let c = checkpoint();
+    for (media, format) in FORMATS {
+        let out = signer.sign(&image(format, 11), media, Origin::Generated, &generation(&c)).unwrap();
+        let v = checked(&out, media, Some(&issued.root_pem));
+        assert_eq!(v.trust, Trust::Trusted);
+        assert_eq!(v.active_manifest().unwrap()["signature_info"]["common_name"], "Example Remote Signer");
+    }
+    assert_eq!(signed.load(Ordering::SeqCst), 4);
+
+    // A service that is not there: refused when the signer is made, before any image.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let identity = Identity::remote(&chain, &format!("http://{closed}/sign"), "es256").unwrap();
+    assert!(Signer::new(&identity, ("imagegate", "1")).is_err());
+    // What is not an algorithm is named.
+    let e = Identity::remote(&chain, &url, "es999").unwrap_err().to_string();
+    assert!(e.contains("algorithm") && e.contains("es999"), "{e}");
 }

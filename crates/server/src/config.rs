@@ -36,6 +36,8 @@
 //! cert_chain = "/etc/imagegate/c2pa-chain.pem" # signer certificate, then its issuers; without it and
 //! private_key = "/etc/imagegate/c2pa-key.pem" # the key, a self-made (untrusted) identity in the data dir
 //! include_prompt = false                      # write the prompt into manifests (default false)
+//! # remote_signer_url = "https://signer.internal/c2pa"  # instead of private_key: the key stays there
+//! # algorithm = "es256"                       # the remote key's
 //! # enabled = false                           # sign nothing
 //!
 //! [engine]
@@ -105,6 +107,12 @@ pub struct ProvenanceFile {
     pub cert_chain: Option<std::path::PathBuf>,
     /// The signer's private key (PKCS#8 PEM: ECDSA P-256/384/521, Ed25519 or RSA).
     pub private_key: Option<std::path::PathBuf>,
+    /// Instead of `private_key`: a signing service holding the key (the bytes to sign are POSTed to
+    /// it, the response body is the signature: the c2pa SDK's remote-signer protocol), with
+    /// `cert_chain` and `algorithm`.
+    pub remote_signer_url: Option<String>,
+    /// The remote key's algorithm: es256, es384, es512, ps256, ps384, ps512 or ed25519.
+    pub algorithm: Option<String>,
     /// Write the prompt into the manifest (default `false`: prompts can be private).
     pub include_prompt: Option<bool>,
 }
@@ -234,6 +242,8 @@ pub struct ProvenanceConfig {
 pub enum IdentitySource {
     /// The configured certificate chain and key.
     Files { cert_chain: std::path::PathBuf, private_key: std::path::PathBuf },
+    /// The configured certificate chain, its key held by a signing service.
+    Remote { cert_chain: std::path::PathBuf, url: String, algorithm: String },
     /// The identity the server makes for itself in this directory (`provenance/` of the data dir).
     Local(std::path::PathBuf),
 }
@@ -486,19 +496,29 @@ impl Config {
                 }
             }
         }
-        let provenance = match (file.provenance.enabled, file.provenance.cert_chain, file.provenance.private_key) {
-            (Some(false), _, _) => None,
-            (_, Some(cert_chain), Some(private_key)) => {
+        let p = file.provenance;
+        let provenance = match (p.enabled, p.cert_chain, p.private_key, p.remote_signer_url, p.algorithm) {
+            (Some(false), ..) => None,
+            (_, Some(cert_chain), Some(private_key), None, None) => {
                 Some(IdentitySource::Files { cert_chain, private_key })
             }
-            (_, None, None) => Some(IdentitySource::Local(data_dir.join("provenance"))),
-            (_, Some(_), None) | (_, None, Some(_)) => {
+            (_, Some(cert_chain), None, Some(url), Some(algorithm)) => {
+                Some(IdentitySource::Remote { cert_chain, url, algorithm })
+            }
+            (_, None, None, None, None) => Some(IdentitySource::Local(data_dir.join("provenance"))),
+            (_, _, Some(_), Some(_), _) => {
+                return err("provenance: set private_key or remote_signer_url, not both");
+            }
+            (_, _, _, Some(_), _) => {
+                return err("provenance.remote_signer_url: set cert_chain (the signer's certificates, PEM) and algorithm (the remote key's: es256, es384, es512, ps256, ps384, ps512 or ed25519) with it");
+            }
+            _ => {
                 return err("provenance: set both cert_chain and private_key (PEM files), or neither to sign with the server's own local identity");
             }
         }
         .map(|identity| ProvenanceConfig {
             identity,
-            include_prompt: file.provenance.include_prompt.unwrap_or(false),
+            include_prompt: p.include_prompt.unwrap_or(false),
             cache_dir: data_dir.join("provenance"),
         });
         let replacements = file

@@ -222,6 +222,9 @@ fn signer(config: &config::ProvenanceConfig) -> Result<providers::local::Provena
         config::IdentitySource::Files { cert_chain, private_key } => {
             Identity::from_files(cert_chain, private_key).map_err(|e| ConfigError(format!("provenance: {e}")))?
         }
+        config::IdentitySource::Remote { cert_chain, url, algorithm } => {
+            Identity::remote(cert_chain, url, algorithm).map_err(|e| ConfigError(format!("provenance: {e}")))?
+        }
         config::IdentitySource::Local(dir) => {
             let (identity, made) = Identity::local(dir).map_err(|e| ConfigError(format!("provenance: {e}")))?;
             let how = "validators show its signatures as untrusted until [provenance] cert_chain and private_key name a certificate from a C2PA-trusted issuer";

@@ -527,6 +527,19 @@ cert_chain = {:?}
     );
     let e = Config::from_toml(&toml, &NoEnv::new()).err().unwrap().to_string();
     assert!(e.contains("cert_chain") && e.contains("private_key"), "{e}");
+    // A remote signer needs the chain and the key's algorithm, and is not a second key.
+    let c = chain.to_str().unwrap();
+    let remote = |extra: &str| {
+        let toml = format!(
+            "[models.tiny]\npath = {m:?}\n[provenance]\nremote_signer_url = \"https://signer.example/c2pa\"\n{extra}"
+        );
+        Config::from_toml(&toml, &NoEnv::new()).err().map(|e| e.to_string())
+    };
+    let e = remote(&format!("cert_chain = {c:?}\n")).unwrap();
+    assert!(e.contains("remote_signer_url") && e.contains("algorithm"), "{e}");
+    let e = remote(&format!("cert_chain = {c:?}\nalgorithm = \"es256\"\nprivate_key = {c:?}\n")).unwrap();
+    assert!(e.contains("not both"), "{e}");
+    assert!(remote(&format!("cert_chain = {c:?}\nalgorithm = \"es256\"\n")).is_none());
     // A key that is no key is refused at start, naming it.
     std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
     let toml = format!(
