@@ -234,7 +234,10 @@ impl Reservation {
 pub struct HeldRequest {
     pub request_id: String,
     pub operation: String,
+    /// The model that runs and is billed.
     pub model: String,
+    /// The model the client named, when another one runs (a shut-down model's replacement).
+    pub requested_model: Option<String>,
     pub provider: String,
     pub tier: String,
     pub billing_basis: String,
@@ -397,8 +400,8 @@ impl Ledger {
             "INSERT INTO reservations (id, request_id, key_id, key_period, key_period_start_ms,
                  project_id, project_period, project_period_start_ms, amount_nanos, images,
                  created_at_ms, expires_at_ms, instance_id, operation, model, provider, tier, billing_basis,
-                 idempotency_key)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+                 idempotency_key, requested_model)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
         )
         .bind(&id)
         .bind(&request.request_id)
@@ -419,6 +422,7 @@ impl Ledger {
         .bind(&request.tier)
         .bind(&request.billing_basis)
         .bind(request.idempotency_key.as_deref())
+        .bind(request.requested_model.as_deref())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -674,7 +678,7 @@ impl Ledger {
                  RETURNING request_id, key_id, key_period, key_period_start_ms,
                      project_id, project_period, project_period_start_ms, amount_nanos, images,
                      charged_nanos, images_charged, created_at_ms, operation, model, provider, tier,
-                     billing_basis, idempotency_key",
+                     billing_basis, idempotency_key, requested_model",
             )
             .bind(&id)
             .bind(now_ms)
@@ -702,7 +706,7 @@ impl Ledger {
                     request_id: request_id.clone(),
                     operation,
                     model: row.try_get("model")?,
-                    requested_model: None,
+                    requested_model: row.try_get("requested_model")?,
                     provider: row.try_get("provider")?,
                     tier: row.try_get("tier")?,
                     quality: None,

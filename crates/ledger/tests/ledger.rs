@@ -487,7 +487,9 @@ async fn heartbeats_keep_live_holds_and_sweeps_finish_dead_ones(db: &Db) {
     let request = HeldRequest {
         request_id: "long".into(),
         operation: "generation".into(),
-        model: "gpt-image-1-mini".into(),
+        // A shut-down model's request served by its replacement: the row keeps both names.
+        model: "gpt-image-2".into(),
+        requested_model: Some("gpt-image-1-mini".into()),
         provider: "openai".into(),
         tier: "default".into(),
         billing_basis: "tokens".into(),
@@ -528,7 +530,11 @@ async fn heartbeats_keep_live_holds_and_sweeps_finish_dead_ones(db: &Db) {
     assert_eq!((row.status, row.cost_usd, row.entry.n), (RequestStatus::Failed, usd("0.2"), 2));
     assert_eq!(row.entry.error_code.as_deref(), Some("instance_died"));
     assert_eq!(row.entry.cost_source, Some(CostSource::Priced));
-    assert_eq!((row.entry.model.as_str(), row.entry.provider.as_str()), ("gpt-image-1-mini", "openai"));
+    let e = &row.entry;
+    assert_eq!(
+        (e.model.as_str(), e.requested_model.as_deref(), e.provider.as_str()),
+        ("gpt-image-2", Some("gpt-image-1-mini"), "openai")
+    );
     assert_eq!(row.key_id.as_deref(), Some(key.id.as_str()));
     // The retry after the crash runs at once.
     assert_eq!(db.ledger.begin_idempotent(&key.id, "idem", &fp).await.unwrap(), Idempotency::New);

@@ -132,6 +132,7 @@ impl World {
                     request_id: format!("r{}", self.next),
                     operation: "generation".into(),
                     model: "m".into(),
+                    requested_model: None,
                     provider: "p".into(),
                     tier: "default".into(),
                     billing_basis: "tokens".into(),

@@ -264,6 +264,7 @@ impl Admission {
             request_id: self.info.request_id.clone(),
             operation: self.info.operation.to_owned(),
             model: self.info.model.clone(),
+            requested_model: Some(self.info.requested_model.clone()).filter(|m| *m != self.info.model),
             provider: self.info.provider.clone(),
             tier: self.info.tier.as_str().to_owned(),
             billing_basis: self.info.billing_basis.to_owned(),
