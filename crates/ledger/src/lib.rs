@@ -58,6 +58,7 @@ mod images;
 pub mod keys;
 pub mod money;
 mod rate;
+mod sessions;
 pub mod testing;
 pub mod usage;
 

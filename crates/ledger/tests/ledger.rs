@@ -150,6 +150,7 @@ on_both_databases!(
     static_keys_are_imported_by_digest,
     stored_images_are_served_until_they_expire,
     batch_lines_are_claimed_once_and_batches_expire,
+    console_sessions_last_until_they_expire_end_or_their_key_is_revoked,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -415,6 +416,29 @@ async fn secrets_authenticate_until_revoked(db: &Db) {
     assert!(matches!(err, LedgerError::KeyRevoked(_)), "{err}");
     db.clock.advance(TimeDelta::seconds(5));
     assert_eq!(db.ledger.revoke_key(&created.key.id).await.unwrap().revoked_at, revoked.revoked_at);
+}
+
+async fn console_sessions_last_until_they_expire_end_or_their_key_is_revoked(db: &Db) {
+    let admin = db.ledger.create_key(NewKey { scope: Scope::Admin, ..NewKey::user("ops") }).await.unwrap();
+    let secret = db.ledger.start_session(&admin.key.id, TimeDelta::hours(12)).await.unwrap();
+    assert!(secret.starts_with("igs_") && secret.len() == 52, "{secret}");
+    assert_eq!(db.ledger.session_key(&secret).await.unwrap().unwrap().id, admin.key.id);
+    for wrong in [&secret[..51], "igs_", "", admin.secret.as_str()] {
+        assert_eq!(db.ledger.session_key(wrong).await.unwrap(), None, "{wrong:?}");
+    }
+    // Expired: gone, and the sweep deletes it.
+    db.clock.advance(TimeDelta::hours(12));
+    assert_eq!(db.ledger.session_key(&secret).await.unwrap(), None);
+    assert_eq!(db.ledger.delete_expired_sessions().await.unwrap(), 1);
+    // Ended.
+    let secret = db.ledger.start_session(&admin.key.id, TimeDelta::hours(12)).await.unwrap();
+    let other = db.ledger.start_session(&admin.key.id, TimeDelta::hours(12)).await.unwrap();
+    db.ledger.end_session(&secret).await.unwrap();
+    assert_eq!(db.ledger.session_key(&secret).await.unwrap(), None);
+    assert!(db.ledger.session_key(&other).await.unwrap().is_some(), "other sessions are unaffected");
+    // Its key revoked: every session of it ends at once.
+    db.ledger.revoke_key(&admin.key.id).await.unwrap();
+    assert_eq!(db.ledger.session_key(&other).await.unwrap(), None);
 }
 
 async fn static_keys_are_imported_by_digest(db: &Db) {

@@ -14,6 +14,7 @@ pub mod billing;
 pub mod body;
 mod budget;
 pub mod config;
+pub mod console;
 pub mod decode;
 pub mod drain;
 pub mod estimates;
@@ -266,6 +267,9 @@ async fn upkeep(ledger: ledger::Ledger, interval: std::time::Duration, stop: tok
         if let Err(e) = ledger.delete_expired_images().await {
             tracing::warn!(error = %e, "could not delete expired images");
         }
+        if let Err(e) = ledger.delete_expired_sessions().await {
+            tracing::warn!(error = %e, "could not delete expired console sessions");
+        }
     }
 }
 
@@ -300,6 +304,9 @@ pub fn app(state: AppState) -> Router {
     let routes = Router::new()
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
+        .route("/console", get(console::index))
+        .route("/console/login", get(console::login_form).post(console::login))
+        .route("/console/logout", post(console::logout))
         .nest("/v1", v1)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
