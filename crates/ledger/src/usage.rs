@@ -264,6 +264,23 @@ impl Ledger {
         .collect()
     }
 
+    /// The newest ledger rows, newest first, at most `limit`; only `model`'s when given.
+    pub async fn recent_entries(&self, model: Option<&str>, limit: u32) -> Result<Vec<LedgerRow>> {
+        let query = match model {
+            Some(_) => concat!(
+                "SELECT ",
+                ledger_columns!(),
+                " FROM ledger WHERE model = $2 ORDER BY created_at_ms DESC, id DESC LIMIT $1"
+            ),
+            None => concat!("SELECT ", ledger_columns!(), " FROM ledger ORDER BY created_at_ms DESC, id DESC LIMIT $1"),
+        };
+        let mut q = sqlx::query(query).bind(i64::from(limit));
+        if let Some(m) = model {
+            q = q.bind(m);
+        }
+        q.fetch_all(&self.pool).await?.iter().map(row_from_ledger).collect()
+    }
+
     /// Ledger rows of one request id (usually one), oldest first.
     pub async fn entries_for_request(&self, request_id: &str) -> Result<Vec<LedgerRow>> {
         sqlx::query(concat!("SELECT ", ledger_columns!(), " FROM ledger WHERE request_id = $1 ORDER BY id"))

@@ -11,7 +11,7 @@ use common::gateway;
 use ledger::testing::TestDatabase;
 use ledger::{NewKey, Scope};
 
-on_both_databases!(only_an_admin_key_opens_a_console_session);
+on_both_databases!(only_an_admin_key_opens_a_console_session, the_console_shows_what_was_spent_exactly);
 
 async fn only_an_admin_key_opens_a_console_session(db: &TestDatabase) {
     let gw = gateway(db).await;
@@ -86,4 +86,56 @@ async fn only_an_admin_key_opens_a_console_session(db: &TestDatabase) {
     gw.ledger.revoke_key(&id).await.unwrap();
     let r = http.get(format!("{base}/console")).header("cookie", &session).send().await.unwrap();
     assert_eq!((r.status().as_u16(), location(&r)), (303, "/console/login".to_owned()));
+}
+
+/// Requests through the fake upstream, then the console: the model's total is the sum of the costs the
+/// responses reported, exactly, and the chart has its bar.
+async fn the_console_shows_what_was_spent_exactly(db: &TestDatabase) {
+    let gw = gateway(db).await;
+    let base = gw.url.trim_end_matches("/v1").to_owned();
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let admin = gw.key(NewKey { scope: Scope::Admin, ..NewKey::user("ops") }).await;
+    let user = gw.key(NewKey::user("app")).await;
+    let mut spent = rust_decimal::Decimal::ZERO;
+    for prompt in ["an otter", "two otters swimming", "a lighthouse at dusk"] {
+        let reply = gw.generate(&user, prompt).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        spent += reply.cost();
+    }
+    let r = http.post(format!("{base}/console/login")).form(&[("key", admin)]).send().await.unwrap();
+    let session = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let page =
+        http.get(format!("{base}/console")).header("cookie", &session).send().await.unwrap().text().await.unwrap();
+    let row = format!("gpt-image-1-mini</td><td>3</td><td>3</td><td>${}</td>", spent.normalize());
+    assert!(page.contains(&row), "{row} missing from:\n{page}");
+    assert!(page.contains(&format!("<th>Total</th><th>3</th><th>3</th><th>${}</th>", spent.normalize())), "{page}");
+    let bar = page.matches("<rect ").count();
+    assert_eq!(bar, 1, "one bar, today's: {page}");
+    assert!(page.contains(&format!("gpt-image-1-mini: ${}</title>", spent.normalize())), "{page}");
+    // The key's spend in the keys table, and each request in the ledger table, by key name.
+    assert!(page.contains("<td>app</td><td><code>"), "{page}");
+    assert_eq!(page.matches("<td>app</td><td>gpt-image-1-mini</td>").count(), 3, "{page}");
+
+    // Another model's request: the filter shows one model's rows only.
+    let dalle = gw.generate_with(Some(&user), serde_json::json!({"model": "dall-e-2", "prompt": "a fox"}), None).await;
+    assert_eq!(dalle.status, 200, "{}", dalle.body);
+    let get = |query: &'static str| {
+        let (http, base, session) = (http.clone(), base.clone(), session.clone());
+        async move {
+            http.get(format!("{base}/console{query}"))
+                .header("cookie", session)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let all = get("").await;
+    assert!(all.contains("<td>app</td><td>dall-e-2</td>") && all.contains("<option>dall-e-2</option>"), "{all}");
+    let mini = get("?model=gpt-image-1-mini").await;
+    assert_eq!(mini.matches("<td>app</td><td>gpt-image-1-mini</td>").count(), 3, "{mini}");
+    assert!(!mini.contains("<td>app</td><td>dall-e-2</td>"), "{mini}");
+    assert!(mini.contains("<option selected>gpt-image-1-mini</option>"), "{mini}");
 }
