@@ -9,63 +9,23 @@
 // IMAGEGATE_BIN_DIR overrides where the two binaries are looked up (default: the cargo target
 // directory's debug/).
 
-import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { dirname, isAbsolute, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
 import OpenAI, { toFile } from "openai";
 
-const REPO = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
+import { startFake, startGateway } from "../../support/servers.mjs";
+
 const GATEWAY_KEY = "sk-conformance-node";
 // Small enough that the refusal test's upload passes it quickly.
 const MAX_BODY_BYTES = 4_000_000;
 
-function binDir() {
-  if (process.env.IMAGEGATE_BIN_DIR) return process.env.IMAGEGATE_BIN_DIR;
-  const target = process.env.CARGO_TARGET_DIR || join(REPO, "target");
-  return join(isAbsolute(target) ? target : join(REPO, target), "debug");
-}
-
-function freePort() {
-  return new Promise((ok, fail) => {
-    const s = createServer();
-    s.once("error", fail);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => ok(port));
-    });
-  });
-}
-
 const procs = [];
 let gateway;
 let dataDir;
-
-/** The fake upstream: it prints `listening on http://ADDR` once bound. */
-function startFake() {
-  const fake = spawn(join(binDir(), "fake-openai"), ["--listen", "127.0.0.1:0", "--api-key", "upstream-secret"], {
-    stdio: ["ignore", "pipe", "inherit"],
-  });
-  procs.push(fake);
-  return new Promise((ok, fail) => {
-    let out = "";
-    const timer = setTimeout(() => fail(new Error(`fake-openai did not announce its address: ${out}`)), 10_000);
-    fake.stdout.on("data", (chunk) => {
-      out += chunk;
-      const line = out.split("\n")[0];
-      if (out.includes("\n") && line.startsWith("listening on http://")) {
-        clearTimeout(timer);
-        ok(line.slice("listening on ".length).trim());
-      }
-    });
-    fake.once("exit", (code) => fail(new Error(`fake-openai exited with ${code}`)));
-  });
-}
 
 // The models OpenAI shut down (gpt-image-1-mini on 2026-12-01, DALL-E on 2026-05-12) come from a
 // compatible gateway that still has them (the fake), named in the config; the zero-config `openai`
@@ -78,8 +38,7 @@ models = ["gpt-image-1-mini", "gpt-image-1", "gpt-image-1.5", "dall-e-3", "dall-
 `;
 
 before(async () => {
-  const fakeUrl = await startFake();
-  const port = await freePort();
+  const fakeUrl = await startFake(procs);
   dataDir = mkdtempSync(join(tmpdir(), "imagegate-conformance-node-"));
   const config = join(dataDir, "imagegate.toml");
   writeFileSync(config, compatConfig(fakeUrl));
@@ -90,21 +49,7 @@ before(async () => {
     IMAGEGATE_API_KEYS: GATEWAY_KEY,
     IMAGEGATE_DATA_DIR: dataDir,
   });
-  const args = ["serve", "--listen", `127.0.0.1:${port}`, "--max-body-bytes", String(MAX_BODY_BYTES), "--config", config];
-  const serve = spawn(join(binDir(), "imagegate"), args, { env, cwd: tmpdir(), stdio: ["ignore", "ignore", "inherit"] });
-  procs.push(serve);
-  gateway = `http://127.0.0.1:${port}`;
-  const deadline = Date.now() + 30_000;
-  for (;;) {
-    if (serve.exitCode !== null) throw new Error(`imagegate serve exited with ${serve.exitCode}`);
-    try {
-      if ((await fetch(`${gateway}/health`)).status === 200) break;
-    } catch {
-      // not listening yet
-    }
-    if (Date.now() > deadline) throw new Error(`imagegate did not answer ${gateway}/health in 30 s`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
+  gateway = await startGateway(procs, ["--max-body-bytes", String(MAX_BODY_BYTES), "--config", config], env);
 });
 
 after(() => {

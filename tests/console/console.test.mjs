@@ -1,0 +1,168 @@
+// The usage console in a real browser: Debian's Chromium (headless) driven by Playwright. The fake
+// upstream (`fake-openai`) and `imagegate serve` in front of it are started once, with an admin key and
+// a user key made by `imagegate keys create`; requests go through the gateway, then the tests use the
+// console as a person would. Run by tests/console/run.sh; by hand:
+//
+//     cargo build -p imagegate -p fake-openai --bins
+//     cd tests/console && npm ci && npm test
+//
+// IMAGEGATE_BIN_DIR overrides where the binaries are looked up (default: the cargo target directory's
+// debug/); CHROMIUM the browser (default /usr/bin/chromium); CONSOLE_SCREENSHOT, when set, is where the
+// console's screenshot is written (README.md shows one).
+
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+
+import { chromium } from "playwright-core";
+
+import { binDir, startFake, startGateway } from "../support/servers.mjs";
+
+const procs = [];
+let gateway;
+let dataDir;
+let browser;
+let adminKey;
+let userKey;
+const costs = { "gpt-image-1-mini": [], "dall-e-2": [] };
+
+/** `imagegate keys create` on the data dir's ledger: the secret is its output's last line. */
+function createKey(env, name, scope) {
+  const out = execFileSync(join(binDir(), "imagegate"), ["keys", "create", "--name", name, "--scope", scope], {
+    env,
+    encoding: "utf8",
+  });
+  return out.trim().split("\n").pop().trim();
+}
+
+before(async () => {
+  const fakeUrl = await startFake(procs);
+  dataDir = mkdtempSync(join(tmpdir(), "imagegate-console-"));
+  const config = join(dataDir, "imagegate.toml");
+  writeFileSync(
+    config,
+    `[providers.compat]\nbase_url = "${fakeUrl}/v1"\napi_key_env = "UPSTREAM_KEY"\nmodels = ["gpt-image-1-mini", "dall-e-2"]\n`,
+  );
+  const env = Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !k.startsWith("IMAGEGATE_") && !k.startsWith("OPENAI_")),
+  );
+  Object.assign(env, { UPSTREAM_KEY: "upstream-secret", IMAGEGATE_DATA_DIR: dataDir });
+  adminKey = createKey(env, "ops", "admin");
+  userKey = createKey(env, "app <frontend>", "user");
+  gateway = await startGateway(procs, ["--config", config], env);
+  // Spending through the fake upstream, as an application would.
+  for (const [model, prompts] of [
+    ["gpt-image-1-mini", ["an otter", "two otters", "a lighthouse at dusk"]],
+    ["dall-e-2", ["a fox"]],
+  ]) {
+    for (const prompt of prompts) {
+      const body = model === "dall-e-2" ? { model, prompt, response_format: "b64_json" } : { model, prompt, quality: "low" };
+      const r = await fetch(`${gateway}/v1/images/generations`, {
+        method: "POST",
+        headers: { authorization: `Bearer ${userKey}`, "content-type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      assert.equal(r.status, 200, await r.text());
+      costs[model].push(r.headers.get("x-imagegate-cost-usd"));
+    }
+  }
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-dev-shm-usage"],
+  });
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  for (const p of procs.reverse()) p.kill();
+  if (dataDir) rmSync(dataDir, { recursive: true, force: true });
+});
+
+/** A decimal amount of USD as integer nano-dollars (the ledger's unit; never a float). */
+function nanos(decimal) {
+  const [whole, fraction = ""] = decimal.split(".");
+  return BigInt(whole) * 1_000_000_000n + BigInt((fraction + "000000000").slice(0, 9));
+}
+
+/** Logs in through the form, as a person types the key. */
+async function logIn(page, key) {
+  await page.goto(`${gateway}/console`);
+  assert.match(page.url(), /\/console\/login$/, "without a session the console sends to the login form");
+  await page.fill("#key", key);
+  await page.click("button");
+}
+
+test("an admin logs in and sees the spend chart, the keys and the requests", async () => {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  await logIn(page, adminKey);
+  assert.match(page.url(), /\/console$/);
+  assert.equal(await page.locator("h2", { hasText: "Spend" }).count(), 1);
+  assert.ok((await page.locator("svg rect").count()) >= 1, "the chart has today's bar");
+  // The keys table: both keys, the user key's name shown as text, not markup.
+  const keys = page.locator("table").nth(1);
+  assert.ok((await keys.innerText()).includes("app <frontend>"));
+  assert.ok((await keys.innerText()).includes("ops"));
+  // Every request, and no secret anywhere on the page.
+  const html = await page.content();
+  assert.ok(!html.includes(adminKey) && !html.includes(userKey), "a key reached the page");
+  const rows = page.locator("table").nth(2).locator("tbody tr");
+  assert.equal(await rows.count(), 4);
+
+  // The session cookie: HttpOnly, SameSite, scoped to the console, and not the key.
+  const [cookie] = (await context.cookies()).filter((c) => c.name === "imagegate_console");
+  assert.ok(cookie, "no session cookie");
+  assert.equal(cookie.httpOnly, true);
+  assert.equal(cookie.sameSite, "Strict");
+  assert.equal(cookie.path, "/console");
+  assert.notEqual(cookie.value, adminKey);
+  assert.equal(await page.evaluate(() => document.cookie), "", "scripts cannot read the session");
+  assert.equal(await page.evaluate(() => JSON.stringify(localStorage)), "{}", "nothing in local storage");
+
+  // Filtering by model.
+  await page.selectOption("#model", "dall-e-2");
+  await page.click("form[action='/console'] button");
+  assert.match(page.url(), /\?model=dall-e-2$/);
+  assert.equal(await rows.count(), 1);
+  assert.ok((await rows.first().innerText()).includes("dall-e-2"));
+
+  if (process.env.CONSOLE_SCREENSHOT) {
+    await page.goto(`${gateway}/console`);
+    await page.screenshot({ path: process.env.CONSOLE_SCREENSHOT, fullPage: true });
+  }
+  // Logging out: back to the form, and the console is closed again.
+  await page.click("form[action='/console/logout'] button");
+  assert.match(page.url(), /\/console\/login$/);
+  await page.goto(`${gateway}/console`);
+  assert.match(page.url(), /\/console\/login$/);
+  await context.close();
+});
+
+test("the model totals are the costs the responses reported, to the last digit", async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await logIn(page, adminKey);
+  const totals = await page.locator("table").first().locator("tbody tr").allInnerTexts();
+  for (const [model, reported] of Object.entries(costs)) {
+    // Exact decimal sum of the reported costs, in integer nano-dollars (never a float).
+    const sum = reported.map(nanos).reduce((a, b) => a + b);
+    const row = totals.find((t) => t.startsWith(model));
+    assert.ok(row, `${model} missing from ${totals}`);
+    const shown = row.split("\t").pop().replace("$", "");
+    assert.equal(nanos(shown), sum, `${model}: ${shown} against ${reported}`);
+  }
+  await context.close();
+});
+
+test("a user key cannot log in, and the form says why", async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await logIn(page, userKey);
+  assert.match(page.url(), /\/console\/login$/);
+  assert.ok((await page.locator("[role=alert]").innerText()).includes("admin key"));
+  assert.equal((await context.cookies()).length, 0, "no session for a user key");
+  await context.close();
+});
