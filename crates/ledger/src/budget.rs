@@ -47,6 +47,7 @@ use uuid::Uuid;
 use crate::db::{Ledger, from_ms, to_i64, to_ms, to_u64};
 use crate::error::{LedgerError, Result};
 use crate::idempotency::Completion;
+use crate::keys::ApiKey;
 use crate::money::{nanos_to_usd, usd_to_nanos_ceil, usd_to_nanos_floor, usd_to_nanos_half_up};
 use crate::usage::{CostSource, LedgerEntry, RequestStatus, TokenUsage, insert_entry};
 
@@ -744,8 +745,12 @@ impl Ledger {
 
     /// Where the key's budget stands this period; `None` when the key has no budget.
     pub async fn key_budget_usage(&self, key_id: &str) -> Result<Option<BudgetUsage>> {
-        let key = self.get_key(key_id).await?;
-        self.budget_usage(BudgetOwner::Key(key.id), key.budget).await
+        self.usage_of_key(&self.get_key(key_id).await?).await
+    }
+
+    /// [`Ledger::key_budget_usage`] of a key already read.
+    pub async fn usage_of_key(&self, key: &ApiKey) -> Result<Option<BudgetUsage>> {
+        self.budget_usage(BudgetOwner::Key(key.id.clone()), key.budget.clone()).await
     }
 
     /// Where the project's budget stands this period; `None` when the project has no budget.

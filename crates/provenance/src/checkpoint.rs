@@ -134,10 +134,10 @@ fn digest_of(dir: &Path, files: &[(String, u64, u128)]) -> std::io::Result<Strin
         }
         all.update(rel.as_bytes());
         all.update([0]);
-        all.update(hex(&one.finalize()).as_bytes());
+        all.update(format!("{:x}", one.finalize()).as_bytes());
         all.update(b"\n");
     }
-    Ok(hex(&all.finalize()))
+    Ok(format!("{:x}", all.finalize()))
 }
 
 fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -157,10 +157,6 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> 
         }
     }
     Ok(())
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 use std::io::Read;
 use std::time::Duration;
 
-use base64::Engine as _;
 use c2pa::SigningAlg;
 
 /// How long one signing request may take.
@@ -70,25 +69,12 @@ impl c2pa::Signer for RemoteSigner {
 }
 
 /// The DER of every `CERTIFICATE` block of a PEM text, in order.
-fn certificates(pem: &str) -> Result<Vec<Vec<u8>>, String> {
-    let mut out = Vec::new();
-    let mut block: Option<String> = None;
-    for line in pem.lines().map(str::trim) {
-        match (&mut block, line) {
-            (None, "-----BEGIN CERTIFICATE-----") => block = Some(String::new()),
-            (Some(b64), "-----END CERTIFICATE-----") => {
-                let der = base64::engine::general_purpose::STANDARD
-                    .decode(b64.as_bytes())
-                    .map_err(|e| format!("cert_chain: a certificate is not valid base64: {e}"))?;
-                out.push(der);
-                block = None;
-            }
-            (Some(b64), l) => b64.push_str(l),
-            (None, _) => {}
-        }
+fn certificates(chain_pem: &str) -> Result<Vec<Vec<u8>>, String> {
+    let blocks = pem::parse_many(chain_pem).map_err(|e| format!("cert_chain: not PEM: {e}"))?;
+    let certs: Vec<Vec<u8>> =
+        blocks.iter().filter(|b| b.tag() == "CERTIFICATE").map(|b| b.contents().to_vec()).collect();
+    if certs.is_empty() {
+        return Err("cert_chain: no PEM certificate in it".into());
     }
-    if out.is_empty() || block.is_some() {
-        return Err("cert_chain: no complete PEM certificate in it".into());
-    }
-    Ok(out)
+    Ok(certs)
 }

@@ -23,6 +23,8 @@ const SESSION_HOURS: i64 = 12;
 
 #[derive(Deserialize)]
 pub struct Login {
+    /// Absent or empty: refused like a wrong key.
+    #[serde(default)]
     key: String,
 }
 
@@ -55,11 +57,9 @@ pub async fn index(State(state): State<AppState>, headers: HeaderMap, Query(filt
         Err(e) => return unavailable(e),
     };
     let now = ledger.now();
-    let Some(start) = (now - chrono::Duration::days(SPEND_DAYS - 1)).date_naive().and_hms_opt(0, 0, 0) else {
-        return unavailable(ledger::LedgerError::InvalidArgument("the chart's first day".into()));
-    };
     // Whole days, today's to its end.
-    let (start, end) = (start.and_utc(), start.and_utc() + chrono::Duration::days(SPEND_DAYS));
+    let start = (now - chrono::Duration::days(SPEND_DAYS - 1)).date_naive().and_time(chrono::NaiveTime::MIN).and_utc();
+    let end = start + chrono::Duration::days(SPEND_DAYS);
     let query = ledger::UsageQuery { start, end: Some(end), group_by: vec![ledger::Dimension::Model] };
     let buckets = match ledger.usage_buckets(&query, ledger::BucketWidth::Day).await {
         Ok(b) => b,
@@ -77,7 +77,7 @@ pub async fn index(State(state): State<AppState>, headers: HeaderMap, Query(filt
     let requests = requests_section(&entries, &names, &models, &filter.model);
     let mut rows = String::new();
     for k in &keys {
-        let usage = match ledger.key_budget_usage(&k.id).await {
+        let usage = match ledger.usage_of_key(k).await {
             Ok(u) => u,
             Err(e) => return unavailable(e),
         };
@@ -241,8 +241,15 @@ pub async fn login_form() -> Response {
 }
 
 /// `POST /console/login`: an admin key starts a session; anything else is refused on the form.
-pub async fn login(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<Login>) -> Response {
+pub async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    form: Result<Form<Login>, axum::extract::rejection::FormRejection>,
+) -> Response {
     let Some(ledger) = &state.ledger else { return no_ledger() };
+    let Ok(Form(form)) = form else {
+        return login_page(StatusCode::BAD_REQUEST, Some("Send the key with the login form below."));
+    };
     let key = match ledger.authenticate(form.key.trim()).await {
         Ok(key) => key,
         Err(e) => return unavailable(e),

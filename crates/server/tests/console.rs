@@ -47,6 +47,14 @@ async fn only_an_admin_key_opens_a_console_session(db: &TestDatabase) {
         assert!(!page.contains(&key), "the key was echoed");
     }
 
+    // A form without the key, or no form at all: the login page again, saying what to do.
+    let r = http.post(format!("{base}/console/login")).form(&[("other", "x")]).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    let r = http.post(format!("{base}/console/login")).body("key=x").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("login form"));
+
     // An admin key: a session cookie, HttpOnly and SameSite, and not the key.
     let r = login(admin.clone(), false).await.unwrap();
     assert_eq!((r.status().as_u16(), location(&r)), (303, "/console".to_owned()));
