@@ -11,7 +11,7 @@
 // console's screenshot is written (README.md shows one).
 
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import assert from "node:assert/strict";
@@ -26,6 +26,7 @@ let gateway;
 let dataDir;
 let browser;
 let adminKey;
+let cliEnv;
 let userKey;
 const costs = { "gpt-image-1-mini": [], "dall-e-2": [] };
 
@@ -50,6 +51,7 @@ before(async () => {
     Object.entries(process.env).filter(([k]) => !k.startsWith("IMAGEGATE_") && !k.startsWith("OPENAI_")),
   );
   Object.assign(env, { UPSTREAM_KEY: "upstream-secret", IMAGEGATE_DATA_DIR: dataDir });
+  cliEnv = env;
   adminKey = createKey(env, "ops", "admin");
   userKey = createKey(env, "app <frontend>", "user");
   gateway = await startGateway(procs, ["--config", config], env);
@@ -103,13 +105,13 @@ test("an admin logs in and sees the spend chart, the keys and the requests", asy
   assert.equal(await page.locator("h2", { hasText: "Spend" }).count(), 1);
   assert.ok((await page.locator("svg rect").count()) >= 1, "the chart has today's bar");
   // The keys table: both keys, the user key's name shown as text, not markup.
-  const keys = page.locator("table").nth(1);
+  const keys = page.locator("#keys table");
   assert.ok((await keys.innerText()).includes("app <frontend>"));
   assert.ok((await keys.innerText()).includes("ops"));
   // Every request, and no secret anywhere on the page.
   const html = await page.content();
   assert.ok(!html.includes(adminKey) && !html.includes(userKey), "a key reached the page");
-  const rows = page.locator("table").nth(2).locator("tbody tr");
+  const rows = page.locator("#requests table tbody tr");
   assert.equal(await rows.count(), 4);
 
   // The session cookie: HttpOnly, SameSite, scoped to the console, and not the key.
@@ -124,8 +126,8 @@ test("an admin logs in and sees the spend chart, the keys and the requests", asy
 
   // Filtering by model.
   await page.selectOption("#model", "dall-e-2");
-  await page.click("form[action='/console'] button");
-  assert.match(page.url(), /\?model=dall-e-2$/);
+  await page.click("#requests form button");
+  assert.equal(new URL(page.url()).searchParams.get("model"), "dall-e-2");
   assert.equal(await rows.count(), 1);
   assert.ok((await rows.first().innerText()).includes("dall-e-2"));
 
@@ -145,7 +147,7 @@ test("the model totals are the costs the responses reported, to the last digit",
   const context = await browser.newContext();
   const page = await context.newPage();
   await logIn(page, adminKey);
-  const totals = await page.locator("table").first().locator("tbody tr").allInnerTexts();
+  const totals = await page.locator("#spend table tbody tr").allInnerTexts();
   for (const [model, reported] of Object.entries(costs)) {
     // Exact decimal sum of the reported costs, in integer nano-dollars (never a float).
     const sum = reported.map(nanos).reduce((a, b) => a + b);
@@ -164,5 +166,71 @@ test("a user key cannot log in, and the form says why", async () => {
   assert.match(page.url(), /\/console\/login$/);
   assert.ok((await page.locator("[role=alert]").innerText()).includes("admin key"));
   assert.equal((await context.cookies()).length, 0, "no session for a user key");
+  await context.close();
+});
+
+test("split by key, the CSV download is `imagegate usage --csv`, row for row", async () => {
+  const context = await browser.newContext({ acceptDownloads: true });
+  const page = await context.newPage();
+  await logIn(page, adminKey);
+  await page.selectOption("select[name=by]", "key");
+  await page.click("form.view button");
+  assert.equal(new URL(page.url()).searchParams.get("by"), "key");
+  const totals = await page.locator("#spend table tbody tr").allInnerTexts();
+  assert.equal(totals.length, 1, `only the user key spent: ${totals}`);
+  assert.ok(totals[0].startsWith("app <frontend> (ig-"), totals[0]);
+
+  const link = page.locator("a", { hasText: "Download CSV" });
+  const href = new URL(await link.getAttribute("href"), gateway);
+  assert.equal(href.searchParams.get("by"), "key,day");
+  const [download] = await Promise.all([page.waitForEvent("download"), link.click()]);
+  const csv = readFileSync(await download.path(), "utf8");
+  const cli = execFileSync(
+    join(binDir(), "imagegate"),
+    ["usage", "--csv", "--by", "key,day", "--since", href.searchParams.get("from"), "--until", href.searchParams.get("to")],
+    { env: cliEnv, encoding: "utf8" },
+  );
+  assert.equal(csv, cli);
+  assert.match(csv, /^key_id,key_prefix,key_name,day,requests,/);
+  assert.equal(csv.trim().split("\n").length, 2, csv);
+  assert.ok(csv.includes("app <frontend>"), csv);
+  await context.close();
+});
+
+test("the estimate form prices a job as the estimates endpoint does", async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await logIn(page, adminKey);
+  await page.fill("#est-model", "gpt-image-1-mini");
+  await page.selectOption("#est-quality", "high");
+  await page.fill("#est-count", "250");
+  await page.click("form.estimate button");
+  const r = await fetch(`${gateway}/v1/images/estimates`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${userKey}`, "content-type": "application/json" },
+    body: JSON.stringify({
+      requests: [{ model: "gpt-image-1-mini", quality: "high", size: "1024x1024", count: 250, prompt_words: 30 }],
+    }),
+  });
+  const expected = await r.json();
+  assert.equal(r.status, 200, JSON.stringify(expected));
+  assert.equal(await page.locator("h2").first().innerText(), `Estimated total: $${expected.total_usd}`);
+  // A bad field is named on the page, with the form kept.
+  await page.fill("#est-count", "2000000");
+  await page.click("form.estimate button");
+  assert.match(await page.locator("[role=alert]").innerText(), /^count: /);
+  assert.equal(await page.inputValue("#est-count"), "2000000");
+  assert.equal(await page.inputValue("#est-model"), "gpt-image-1-mini");
+  await context.close();
+});
+
+test("at phone width the page fits, the wide tables scroll in their own boxes", async () => {
+  const context = await browser.newContext({ viewport: { width: 390, height: 844 }, isMobile: true });
+  const page = await context.newPage();
+  await logIn(page, adminKey);
+  assert.match(page.url(), /\/console$/);
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 0, `the page is ${overflow}px wider than the screen`);
+  assert.ok(await page.locator("#keys .scroll").isVisible());
   await context.close();
 });

@@ -14,8 +14,11 @@ use rand::distr::Alphanumeric;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use rust_decimal::Decimal;
+
 use crate::db::{Ledger, to_ms};
 use crate::error::Result;
+use crate::money::nanos_to_usd;
 
 /// Who owns what an open server (no keys) makes.
 pub const ANONYMOUS: &str = "anonymous";
@@ -398,6 +401,31 @@ impl Ledger {
         for row in &rows {
             let id: String = row.try_get("id")?;
             out.push(batch_from_row(row, self.request_counts(&id).await?)?);
+        }
+        Ok(out)
+    }
+
+    /// The newest batches of every owner, newest first, at most `limit`, each with what its answered
+    /// lines cost so far (the ledger rows of the requests they ran), for the console.
+    pub async fn recent_batches(&self, limit: u32) -> Result<Vec<(BatchRecord, Decimal)>> {
+        let rows =
+            sqlx::query(&format!("SELECT {BATCH_COLUMNS} FROM batches ORDER BY created_at DESC, id DESC LIMIT $1"))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            let cost = sqlx::query(
+                "SELECT CAST(COALESCE(SUM(l.cost_nanos), 0) AS BIGINT) AS cost_nanos
+                 FROM batch_lines b JOIN ledger l ON l.request_id = b.request_id
+                 WHERE b.batch_id = $1",
+            )
+            .bind(&id)
+            .fetch_one(&self.pool)
+            .await?;
+            let cost = nanos_to_usd(cost.try_get("cost_nanos")?);
+            out.push((batch_from_row(row, self.request_counts(&id).await?)?, cost));
         }
         Ok(out)
     }

@@ -58,6 +58,7 @@ mod images;
 pub mod keys;
 pub mod money;
 mod rate;
+pub mod report;
 mod sessions;
 pub mod testing;
 pub mod usage;
@@ -75,6 +76,6 @@ pub use keys::{ApiKey, CreatedKey, KeyUpdate, NewKey, NewProject, Project, Proje
 pub use rate::{RateLimit, RateLimitKind};
 pub use rust_decimal::Decimal;
 pub use usage::{
-    BucketWidth, CostSource, Dimension, LedgerEntry, LedgerRow, RequestStatus, TokenUsage, UsageBucket, UsageQuery,
-    UsageRow,
+    BucketWidth, CostSource, Dimension, EntryFilter, LedgerEntry, LedgerRow, RequestStatus, TokenUsage, UsageBucket,
+    UsageQuery, UsageRow,
 };

@@ -7,7 +7,7 @@
 //! parsed here).
 //!
 //! Queries aggregate in SQL per time bucket and per (model, key, project, size, operation, billing
-//! basis), then fold
+//! basis, tier, provider), then fold
 //! those rows into the requested grouping in Rust, so the SQL never changes with the grouping.
 //! Rows are placed by `created_at`, the request's start.
 
@@ -151,6 +151,8 @@ pub enum Dimension {
     BillingBasis,
     /// The service tier it ran and was billed at (`default`, `flex`, `batch`).
     Tier,
+    /// Where it ran: `local`, or the upstream's name.
+    Provider,
 }
 
 /// Usage between `start` (inclusive) and `end` (exclusive; `None` means up to now), grouped by
@@ -167,6 +169,18 @@ impl UsageQuery {
     pub fn since(start: DateTime<Utc>, group_by: &[Dimension]) -> Self {
         Self { start, end: None, group_by: group_by.to_vec() }
     }
+}
+
+/// Which ledger rows [`Ledger::recent_entries`] returns: `None` fields match every row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryFilter {
+    pub model: Option<String>,
+    pub key_id: Option<String>,
+    pub status: Option<RequestStatus>,
+    /// Created at or after.
+    pub start: Option<DateTime<Utc>>,
+    /// Created before.
+    pub end: Option<DateTime<Utc>>,
 }
 
 /// Bucket widths for [`Ledger::usage_buckets`] (OpenAI's `bucket_width`: `1h`, `1d`).
@@ -197,6 +211,7 @@ pub struct UsageRow {
     pub day: Option<DateTime<Utc>>,
     pub billing_basis: Option<String>,
     pub tier: Option<String>,
+    pub provider: Option<String>,
     /// Ledger rows, whatever their status.
     pub requests: u64,
     pub succeeded: u64,
@@ -264,21 +279,36 @@ impl Ledger {
         .collect()
     }
 
-    /// The newest ledger rows, newest first, at most `limit`; only `model`'s when given.
-    pub async fn recent_entries(&self, model: Option<&str>, limit: u32) -> Result<Vec<LedgerRow>> {
-        let query = match model {
-            Some(_) => concat!(
-                "SELECT ",
-                ledger_columns!(),
-                " FROM ledger WHERE model = $2 ORDER BY created_at_ms DESC, id DESC LIMIT $1"
-            ),
-            None => concat!("SELECT ", ledger_columns!(), " FROM ledger ORDER BY created_at_ms DESC, id DESC LIMIT $1"),
-        };
-        let mut q = sqlx::query(query).bind(i64::from(limit));
-        if let Some(m) = model {
-            q = q.bind(m);
-        }
-        q.fetch_all(&self.pool).await?.iter().map(row_from_ledger).collect()
+    /// The newest ledger rows that pass `filter`, newest first, at most `limit`.
+    pub async fn recent_entries(&self, filter: &EntryFilter, limit: u32) -> Result<Vec<LedgerRow>> {
+        // One statement for every filter: an empty value matches all.
+        sqlx::query(concat!(
+            "SELECT ",
+            ledger_columns!(),
+            " FROM ledger WHERE created_at_ms >= $1 AND created_at_ms < $2
+                 AND ($3 = '' OR model = $3) AND ($4 = '' OR key_id = $4) AND ($5 = '' OR status = $5)
+               ORDER BY created_at_ms DESC, id DESC LIMIT $6"
+        ))
+        .bind(filter.start.map_or(i64::MIN, to_ms))
+        .bind(filter.end.map_or(i64::MAX, to_ms))
+        .bind(filter.model.as_deref().unwrap_or(""))
+        .bind(filter.key_id.as_deref().unwrap_or(""))
+        .bind(filter.status.map_or("", RequestStatus::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(row_from_ledger)
+        .collect()
+    }
+
+    /// When `key_id` was last used: its newest ledger row's time (requests, refusals included).
+    pub async fn last_use(&self, key_id: &str) -> Result<Option<DateTime<Utc>>> {
+        let row = sqlx::query("SELECT MAX(created_at_ms) AS at FROM ledger WHERE key_id = $1")
+            .bind(key_id)
+            .fetch_one(&self.pool)
+            .await?;
+        row.try_get::<Option<i64>, _>("at")?.map(from_ms).transpose()
     }
 
     /// Ledger rows of one request id (usually one), oldest first.
@@ -331,11 +361,11 @@ impl Ledger {
     }
 
     /// Sums of the ledger rows created in `[start_ms, end_ms)`, per bucket of `width` and per
-    /// (model, key, project, size, operation, billing basis), every grouping field filled in.
+    /// (model, key, project, size, operation, billing basis, tier, provider), every grouping field filled in.
     async fn aggregate(&self, start_ms: i64, end_ms: i64, width: BucketWidth) -> Result<Vec<(i64, UsageRow)>> {
         let rows = sqlx::query(
             "SELECT created_at_ms - (created_at_ms % $1) AS bucket_ms,
-                    model, key_id, project_id, size, operation, billing_basis, tier,
+                    model, key_id, project_id, size, operation, billing_basis, tier, provider,
                     COUNT(*) AS requests,
                     CAST(COALESCE(SUM(CASE WHEN status = 'succeeded' THEN 1 ELSE 0 END), 0) AS BIGINT) AS succeeded,
                     CAST(COALESCE(SUM(CASE WHEN status = 'succeeded' THEN n ELSE 0 END), 0) AS BIGINT) AS images,
@@ -345,7 +375,7 @@ impl Ledger {
                     CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT) AS cost_nanos
              FROM ledger
              WHERE created_at_ms >= $2 AND created_at_ms < $3
-             GROUP BY bucket_ms, model, key_id, project_id, size, operation, billing_basis, tier",
+             GROUP BY bucket_ms, model, key_id, project_id, size, operation, billing_basis, tier, provider",
         )
         .bind(width.millis())
         .bind(start_ms)
@@ -367,6 +397,7 @@ impl Ledger {
                         day: Some(from_ms(day_ms)?),
                         billing_basis: row.try_get("billing_basis")?,
                         tier: row.try_get("tier")?,
+                        provider: row.try_get("provider")?,
                         requests: to_u64(row.try_get("requests")?)?,
                         succeeded: to_u64(row.try_get("succeeded")?)?,
                         images: to_u64(row.try_get("images")?)?,
@@ -395,6 +426,7 @@ fn fold(parts: impl IntoIterator<Item = UsageRow>, group_by: &[Dimension]) -> Ve
             day: part.day.filter(|_| by(Dimension::Day)),
             billing_basis: part.billing_basis.filter(|_| by(Dimension::BillingBasis)),
             tier: part.tier.filter(|_| by(Dimension::Tier)),
+            provider: part.provider.filter(|_| by(Dimension::Provider)),
             ..UsageRow::default()
         };
         let sums = groups.entry(GroupKey::of(&group)).or_insert(group);
@@ -420,6 +452,7 @@ struct GroupKey {
     operation: Option<String>,
     billing_basis: Option<String>,
     tier: Option<String>,
+    provider: Option<String>,
 }
 
 impl GroupKey {
@@ -433,6 +466,7 @@ impl GroupKey {
             operation: row.operation.clone(),
             billing_basis: row.billing_basis.clone(),
             tier: row.tier.clone(),
+            provider: row.provider.clone(),
         }
     }
 }

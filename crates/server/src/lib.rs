@@ -307,6 +307,8 @@ pub fn app(state: AppState) -> Router {
         .route("/console", get(console::index))
         .route("/console/login", get(console::login_form).post(console::login))
         .route("/console/logout", post(console::logout))
+        .route("/console/usage.csv", get(console::usage_csv))
+        .route("/console/estimate", get(console::estimate))
         .nest("/v1", v1)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)

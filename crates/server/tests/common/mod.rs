@@ -5,6 +5,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod batch;
+
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
