@@ -31,11 +31,9 @@ let userKey;
 const costs = { "gpt-image-1-mini": [], "dall-e-2": [] };
 
 /** `imagegate keys create` on the data dir's ledger: the secret is its output's last line. */
-function createKey(env, name, scope) {
-  const out = execFileSync(join(binDir(), "imagegate"), ["keys", "create", "--name", name, "--scope", scope], {
-    env,
-    encoding: "utf8",
-  });
+function createKey(env, name, scope, ...options) {
+  const args = ["keys", "create", "--name", name, "--scope", scope, ...options];
+  const out = execFileSync(join(binDir(), "imagegate"), args, { env, encoding: "utf8" });
   return out.trim().split("\n").pop().trim();
 }
 
@@ -53,7 +51,10 @@ before(async () => {
   Object.assign(env, { UPSTREAM_KEY: "upstream-secret", IMAGEGATE_DATA_DIR: dataDir });
   cliEnv = env;
   adminKey = createKey(env, "ops", "admin");
-  userKey = createKey(env, "app <frontend>", "user");
+  execFileSync(join(binDir(), "imagegate"), ["keys", "project", "create", "--name", "design", "--budget-usd", "50", "--period", "month"], { env });
+  // A budget whose soft limit the requests below pass: the keys table highlights it.
+  userKey = createKey(env, "app <frontend>", "user", "--project", "design", "--budget-usd", "5", "--period", "month",
+    "--soft-budget-usd", "0.02", "--image-quota", "500", "--rpm", "60");
   gateway = await startGateway(procs, ["--config", config], env);
   // Spending through the fake upstream, as an application would.
   for (const [model, prompts] of [
@@ -229,8 +230,32 @@ test("at phone width the page fits, the wide tables scroll in their own boxes", 
   const page = await context.newPage();
   await logIn(page, adminKey);
   assert.match(page.url(), /\/console$/);
-  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
-  assert.ok(overflow <= 0, `the page is ${overflow}px wider than the screen`);
+  // The document's own width, against the screen's (not the layout viewport's, which a phone widens to
+  // fit what overflows).
+  const width = await page.evaluate(() => document.documentElement.scrollWidth);
+  assert.ok(width <= 390, `the page is ${width}px wide on a 390px screen`);
   assert.ok(await page.locator("#keys .scroll").isVisible());
+  await context.close();
+});
+
+test("keys and projects: budget, spent, quota, limits, last use; past the soft limit highlighted", async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await logIn(page, adminKey);
+  const app = page.locator("#keys tbody tr", { hasText: "app <frontend>" });
+  const cells = await app.locator("td").allInnerTexts();
+  assert.equal(cells[3], "design");
+  assert.equal(cells[4], "$5 per month, soft $0.02");
+  const spent = Object.values(costs).flat().map(nanos).reduce((a, b) => a + b);
+  assert.equal(nanos(cells[5].replace("$", "")), spent);
+  assert.equal(cells[8], "4 of 500");
+  assert.equal(cells[9], "60 requests/min");
+  assert.match(cells[10], /^\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC$/);
+  assert.equal(await app.getAttribute("class"), "near", "past its soft limit");
+  assert.equal(await page.locator("#keys tbody tr", { hasText: "ops" }).getAttribute("class"), null);
+  const design = await page.locator("#projects tbody tr", { hasText: "design" }).locator("td").allInnerTexts();
+  assert.equal(design[1], "$50 per month");
+  assert.equal(nanos(design[2].replace("$", "")), spent);
+  assert.equal(design[6], "1", "one key");
   await context.close();
 });

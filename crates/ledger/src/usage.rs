@@ -571,6 +571,7 @@ mod tests {
             day: Some(from_ms(day * 86_400_000).unwrap()),
             billing_basis: Some("tokens".into()),
             tier: Some("default".into()),
+            provider: Some(if key == "k2" { "comet" } else { "local" }.into()),
             requests: 1,
             succeeded: 1,
             images: 2,
@@ -591,6 +592,11 @@ mod tests {
         assert_eq!(by_model[0].requests, 2);
         assert_eq!(by_model[0].images, 4);
         assert_eq!(by_model[0].cost_usd, nanos_to_usd(3));
+
+        let by_provider = fold(parts.clone(), &[Dimension::Provider]);
+        let sums: Vec<_> = by_provider.iter().map(|r| (r.provider.as_deref(), r.requests, r.cost_usd)).collect();
+        assert_eq!(sums, [(Some("comet"), 1, nanos_to_usd(2)), (Some("local"), 2, nanos_to_usd(5))]);
+        assert_eq!(by_provider[0].model, None);
 
         let total = fold(parts.clone(), &[]);
         assert_eq!(total.len(), 1);

@@ -337,7 +337,7 @@ fn spend_section(report: &Report, buckets: &[UsageBucket], r: &Resolved) -> Stri
         let x = i as i64 * (BAR + 4);
         let mut y = HEIGHT;
         let mut rows: Vec<&UsageRow> = b.results.iter().filter(|row| row.cost_usd > Decimal::ZERO).collect();
-        rows.sort_by(|a, b| b.cost_usd.cmp(&a.cost_usd));
+        rows.sort_by_key(|row| std::cmp::Reverse(row.cost_usd));
         for row in rows {
             let h = if max.is_zero() {
                 0
@@ -448,7 +448,12 @@ fn budget_cells(budget: Option<&ledger::Budget>, usage: Option<&BudgetUsage>) ->
 }
 
 fn when(at: Option<&DateTime<Utc>>) -> String {
-    at.map_or_else(|| "never".to_owned(), |t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+    at.map_or_else(|| "never".to_owned(), |t| time(*t, "%Y-%m-%d %H:%M UTC"))
+}
+
+/// A `<time>` element: `t` shown in `format`, and machine-readable.
+fn time(t: DateTime<Utc>, format: &str) -> String {
+    format!("<time datetime=\"{}\">{}</time>", t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), t.format(format))
 }
 
 fn keys_section(
@@ -478,7 +483,7 @@ fn keys_section(
             k.scope.as_str(),
             escape(project),
             when(last_use.get(&k.id)),
-            k.created_at.format("%Y-%m-%d %H:%M UTC"),
+            time(k.created_at, "%Y-%m-%d %H:%M UTC"),
         ));
     }
     format!(
@@ -552,7 +557,7 @@ fn requests_section(
         let why = e.error_code.as_deref().map(escape).unwrap_or_default();
         rows.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{}{asked}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>${}</td><td>{why}</td></tr>\n",
-            e.created_at.format("%Y-%m-%d %H:%M:%S"),
+            time(e.created_at, "%Y-%m-%d %H:%M:%S"),
             escape(key),
             escape(&e.model),
             escape(&e.provider),
@@ -594,8 +599,8 @@ fn batches_section(batches: &[(ledger::BatchRecord, Decimal)], names: &HashMap<&
     for (b, cost) in batches {
         let c = &b.counts;
         let done = c.completed + c.failed;
-        let created = DateTime::from_timestamp(b.created_at, 0)
-            .map_or_else(String::new, |t| t.format("%Y-%m-%d %H:%M UTC").to_string());
+        let created =
+            DateTime::from_timestamp(b.created_at, 0).map_or_else(String::new, |t| time(t, "%Y-%m-%d %H:%M UTC"));
         let owner = names.get(b.owner.as_str()).copied().unwrap_or(b.owner.as_str());
         rows.push_str(&format!(
             "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td>\
@@ -953,9 +958,9 @@ fn unavailable_page() -> Response {
     page(StatusCode::SERVICE_UNAVAILABLE, "imagegate console", body)
 }
 
-const STYLE: &str = "body{font:16px/1.4 system-ui,sans-serif;margin:0 auto;max-width:70rem;padding:1rem}\
+const STYLE: &str = "body{font:16px/1.4 system-ui,sans-serif;margin:0 auto;max-width:84rem;padding:1rem}\
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.3rem .6rem;border-bottom:1px solid #ccc}\
-.scroll{overflow-x:auto}.swatch{display:inline-block;width:.8em;height:.8em;margin-right:.4em}tr.near{background:#fff3cd}.error{color:#a00}input{font:inherit;padding:.3rem;width:min(30rem,100%)}\
+.scroll{overflow-x:auto}td code,time{white-space:nowrap}.swatch{display:inline-block;width:.8em;height:.8em;margin-right:.4em}tr.near{background:#fff3cd}.error{color:#a00}input{font:inherit;padding:.3rem;max-width:100%;box-sizing:border-box}#key,#est-prompt{width:min(30rem,100%)}\
 button{font:inherit;padding:.3rem .8rem}select{font:inherit}form{margin:.6rem 0}label{white-space:nowrap}\
 .axis{display:flex;justify-content:space-between;font-size:.85rem;color:#555}.hint{color:#555;font-size:.9rem}\
 header form{display:inline}nav{margin:.4rem 0}input[type=number]{width:6rem}";
@@ -993,6 +998,43 @@ mod tests {
     #[test]
     fn text_cannot_become_markup() {
         assert_eq!(escape(r#"<b a="1" b='2'>&</b>"#), "&lt;b a=&quot;1&quot; b=&#39;2&#39;&gt;&amp;&lt;/b&gt;");
+    }
+
+    fn view(from: &str, to: &str, by: &str, bucket: &str) -> View {
+        View { from: from.into(), to: to.into(), by: by.into(), bucket: bucket.into(), ..View::default() }
+    }
+
+    #[test]
+    fn views_default_to_the_last_30_days_or_2_days_by_hour() {
+        let today = NaiveDate::from_ymd_opt(2026, 12, 6).unwrap();
+        let r = View::default().resolve(today).unwrap();
+        assert_eq!(
+            (r.from.to_string(), r.to.to_string(), r.by, r.bucket),
+            ("2026-11-07".into(), "2026-12-06".into(), By::Model, BucketWidth::Day)
+        );
+        assert_eq!(r.start.to_rfc3339(), "2026-11-07T00:00:00+00:00");
+        assert_eq!(r.end.to_rfc3339(), "2026-12-07T00:00:00+00:00", "the last day whole");
+        let r = view("", "", "provider", "hour").resolve(today).unwrap();
+        assert_eq!((r.from.to_string(), r.by, r.bucket), ("2026-12-05".into(), By::Provider, BucketWidth::Hour));
+        let r = view("2026-01-01", "2026-01-01", "basis", "").resolve(today).unwrap();
+        assert_eq!((r.end - r.start, r.by), (Duration::days(1), By::Basis));
+    }
+
+    #[test]
+    fn bad_views_say_which_field_and_what_is_allowed() {
+        let today = NaiveDate::from_ymd_opt(2026, 12, 6).unwrap();
+        for (v, says) in [
+            (view("2026-12-02", "2026-12-01", "", ""), "from (2026-12-02) is after to (2026-12-01)"),
+            (view("12/01/2026", "", "", ""), "from: \"12/01/2026\" is not a date; expected YYYY-MM-DD"),
+            (view("", "", "day", ""), "by: \"day\" is not a split; use one of model, key, project"),
+            (view("", "", "", "week"), "bucket: \"week\" is not a bucket width; use day or hour"),
+            (view("2026-11-01", "2026-12-01", "", "hour"), "31 days is too long a range for hour buckets: at most 14"),
+            (view("2020-01-01", "", "", ""), "too long a range for day buckets: at most 400"),
+            (View { status: "ok".into(), ..View::default() }, "status: \"ok\" is not a request status"),
+        ] {
+            let e = v.resolve(today).err().unwrap();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]
