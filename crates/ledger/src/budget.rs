@@ -47,7 +47,7 @@ use uuid::Uuid;
 use crate::db::{Ledger, from_ms, to_i64, to_ms, to_u64};
 use crate::error::{LedgerError, Result};
 use crate::idempotency::Completion;
-use crate::keys::ApiKey;
+use crate::keys::{ApiKey, Project};
 use crate::money::{nanos_to_usd, usd_to_nanos_ceil, usd_to_nanos_floor, usd_to_nanos_half_up};
 use crate::usage::{CostSource, LedgerEntry, RequestStatus, TokenUsage, insert_entry};
 
@@ -755,8 +755,12 @@ impl Ledger {
 
     /// Where the project's budget stands this period; `None` when the project has no budget.
     pub async fn project_budget_usage(&self, project_id: &str) -> Result<Option<BudgetUsage>> {
-        let project = self.get_project(project_id).await?;
-        self.budget_usage(BudgetOwner::Project(project.id), project.budget).await
+        self.usage_of_project(&self.get_project(project_id).await?).await
+    }
+
+    /// [`Ledger::project_budget_usage`] of a project already read.
+    pub async fn usage_of_project(&self, project: &Project) -> Result<Option<BudgetUsage>> {
+        self.budget_usage(BudgetOwner::Project(project.id.clone()), project.budget.clone()).await
     }
 
     async fn budget_usage(&self, owner: BudgetOwner, budget: Option<Budget>) -> Result<Option<BudgetUsage>> {

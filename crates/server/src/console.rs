@@ -195,13 +195,14 @@ pub async fn index(
             return unavailable_page();
         }
     };
-    match console_page(&state, ledger, &me, &view, &resolved).await {
+    let alert = match &problem {
+        Some(p) => format!("<p class=\"error\" role=\"alert\">{}</p>", escape(p)),
+        None => String::new(),
+    };
+    match console_page(&state, ledger, &me, &view, &resolved, &alert).await {
         Ok(body) => {
-            let alert = problem
-                .map(|p: String| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(&p)))
-                .unwrap_or_default();
-            let status = if alert.is_empty() { StatusCode::OK } else { StatusCode::BAD_REQUEST };
-            page(status, "imagegate console", &body.replacen("<main>", &format!("<main>{alert}"), 1))
+            let status = if problem.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+            page(status, "imagegate console", &body)
         }
         Err(e) => unavailable(e),
     }
@@ -213,6 +214,7 @@ async fn console_page(
     me: &ApiKey,
     view: &View,
     r: &Resolved,
+    alert: &str,
 ) -> ledger::Result<String> {
     let keys = ledger.list_keys().await?;
     let projects = ledger.list_projects().await?;
@@ -243,7 +245,7 @@ async fn console_page(
     }
     let mut project_usage: HashMap<String, Option<BudgetUsage>> = HashMap::new();
     for p in &projects {
-        project_usage.insert(p.id.clone(), ledger.project_budget_usage(&p.id).await?);
+        project_usage.insert(p.id.clone(), ledger.usage_of_project(p).await?);
     }
     let batches = ledger.recent_batches(BATCHES).await?;
     let key_names: HashMap<&str, &str> = keys.iter().map(|k| (k.id.as_str(), k.name.as_str())).collect();
@@ -262,7 +264,7 @@ async fn console_page(
          <form method=\"post\" action=\"/console/logout\"><button>Log out</button></form>\
          <nav><a href=\"#spend\">Spend</a> · <a href=\"#keys\">Keys</a> · <a href=\"#projects\">Projects</a> · \
          <a href=\"#requests\">Requests</a> · <a href=\"#batches\">Batches</a> · <a href=\"#estimate\">Estimate</a></nav></header>\
-         <main>{view_form}{spend}{keys_table}{projects_table}{requests}{batches}{estimate}</main>",
+         <main>{alert}{view_form}{spend}{keys_table}{projects_table}{requests}{batches}{estimate}</main>",
         name = escape(&me.name),
     ))
 }
@@ -297,8 +299,8 @@ fn hidden(fields: &[(&str, &str)]) -> String {
         .collect()
 }
 
-/// Series colours, in turn (distinct in hue and lightness, readable on white); the last is for the
-/// series beyond them, drawn together as "other".
+/// Series colours, by rank of cost (distinct in hue and lightness, readable on white); the series beyond
+/// the first seven share the last, grey (their bars' titles and the table still name each).
 const PALETTE: [&str; 8] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
 
 /// Spend per bucket split as asked, as a stacked bar chart (inline SVG: no script), and each group's
@@ -311,7 +313,7 @@ fn spend_section(report: &Report, buckets: &[UsageBucket], r: &Resolved) -> Stri
             let cells = report.label(by, value);
             format!("{} ({})", cells.get(1).map_or("", String::as_str), cells.first().map_or("", String::as_str))
         }
-        _ => report.label(by, value).join(" "),
+        _ => report.label(by, value).join(" ").trim_end().to_owned(),
     };
     // Colours by rank of cost, the most expensive first; beyond the palette, one "other" colour.
     let mut ranked: Vec<(&Vec<Option<String>>, &ledger::report::Sums)> = report.groups.iter().collect();
