@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use std::io::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use clap::{Args, ValueEnum};
+use clap::Args;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 pub(crate) use ledger::report::printable;
 use ledger::report::{By, Report, parse_when, sum_cells};
 
@@ -20,8 +21,8 @@ use crate::ConfigArgs;
 pub struct UsageArgs {
     /// Group by model, key, project, provider, day, size, operation, tier (default, flex, batch) or
     /// basis (the billing basis); several comma-separated (`model,day`); `none` for the total only.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "model", value_name = "DIMENSIONS")]
-    by: Vec<Grouping>,
+    #[arg(long, value_parser = grouping(), value_delimiter = ',', default_value = "model", value_name = "DIMENSIONS")]
+    by: Vec<Option<By>>,
     /// From: a time ago (`30d`, `12h`, `90m`, `2w`), a UTC date (`2026-11-01`) or an RFC 3339 time.
     #[arg(long, default_value = "30d", value_name = "WHEN")]
     since: String,
@@ -35,39 +36,10 @@ pub struct UsageArgs {
     config: ConfigArgs,
 }
 
-#[derive(ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
-enum Grouping {
-    Model,
-    Key,
-    Project,
-    /// Where it ran: local, or the upstream's name.
-    Provider,
-    Day,
-    Size,
-    Operation,
-    /// The billing basis: tokens, per_image, compute, flat.
-    Basis,
-    /// The service tier: default, flex, batch.
-    Tier,
-    /// No grouping: the total only.
-    None,
-}
-
-impl Grouping {
-    fn by(self) -> Option<By> {
-        match self {
-            Self::Model => Some(By::Model),
-            Self::Key => Some(By::Key),
-            Self::Project => Some(By::Project),
-            Self::Provider => Some(By::Provider),
-            Self::Day => Some(By::Day),
-            Self::Size => Some(By::Size),
-            Self::Operation => Some(By::Operation),
-            Self::Basis => Some(By::Basis),
-            Self::Tier => Some(By::Tier),
-            Self::None => None,
-        }
-    }
+/// `--by`'s values: each [`By`] by its name, and `none` (no grouping) as `None`.
+fn grouping() -> impl TypedValueParser<Value = Option<By>> {
+    let names: Vec<&'static str> = By::ALL.iter().map(|b| b.as_str()).chain(["none"]).collect();
+    PossibleValuesParser::new(names).map(|name| By::parse(&name))
 }
 
 pub async fn run(args: UsageArgs) -> Result<(), String> {
@@ -80,7 +52,7 @@ pub async fn run(args: UsageArgs) -> Result<(), String> {
     if end.is_some_and(|end| end <= start) {
         return Err("--until must be later than --since".into());
     }
-    let by: Vec<By> = args.by.iter().filter_map(|g| g.by()).collect();
+    let by: Vec<By> = args.by.iter().flatten().copied().collect();
     let ledger = args.config.open_ledger(ledger::LedgerOptions::default()).await?;
     let result = ledger.usage_report(&by, start, end).await.map_err(|e| e.to_string());
     ledger.close().await;

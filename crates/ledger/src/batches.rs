@@ -397,12 +397,7 @@ impl Ledger {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: String = row.try_get("id")?;
-            out.push(batch_from_row(row, self.request_counts(&id).await?)?);
-        }
-        Ok(out)
+        self.batches_from_rows(&rows).await
     }
 
     /// The newest batches of every owner, newest first, at most `limit`, each with what its answered
@@ -413,19 +408,27 @@ impl Ledger {
                 .bind(i64::from(limit))
                 .fetch_all(&self.pool)
                 .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: String = row.try_get("id")?;
+        let mut out = Vec::new();
+        for batch in self.batches_from_rows(&rows).await? {
             let cost = sqlx::query(
                 "SELECT CAST(COALESCE(SUM(l.cost_nanos), 0) AS BIGINT) AS cost_nanos
                  FROM batch_lines b JOIN ledger l ON l.request_id = b.request_id
                  WHERE b.batch_id = $1",
             )
-            .bind(&id)
+            .bind(&batch.id)
             .fetch_one(&self.pool)
             .await?;
-            let cost = nanos_to_usd(cost.try_get("cost_nanos")?);
-            out.push((batch_from_row(row, self.request_counts(&id).await?)?, cost));
+            out.push((batch, nanos_to_usd(cost.try_get("cost_nanos")?)));
+        }
+        Ok(out)
+    }
+
+    /// Batches as read with [`BATCH_COLUMNS`], each with its lines' counts.
+    async fn batches_from_rows(&self, rows: &[AnyRow]) -> Result<Vec<BatchRecord>> {
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            out.push(batch_from_row(row, self.request_counts(&id).await?)?);
         }
         Ok(out)
     }

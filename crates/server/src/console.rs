@@ -181,19 +181,18 @@ pub async fn index(
     };
     let today = ledger.now().date_naive();
     // A view that cannot be shown is said on the page, over the default view.
-    let (view, problem) = match view {
-        Ok(Query(view)) => match view.resolve(today) {
-            Ok(_) => (view, None),
-            Err(problem) => (View::default(), Some(problem)),
+    let asked = view
+        .map_err(|e| format!("The address is not a console view: {e}."))
+        .and_then(|Query(view)| view.resolve(today).map(|resolved| (view, resolved)));
+    let (view, resolved, problem) = match asked {
+        Ok((view, resolved)) => (view, resolved, None),
+        Err(problem) => match View::default().resolve(today) {
+            Ok(resolved) => (View::default(), resolved, Some(problem)),
+            Err(e) => {
+                tracing::error!(error = %e, "console: the default view is invalid");
+                return unavailable_page();
+            }
         },
-        Err(e) => (View::default(), Some(format!("The address is not a console view: {e}."))),
-    };
-    let resolved = match view.resolve(today) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "console: the default view is invalid");
-            return unavailable_page();
-        }
     };
     let alert = match &problem {
         Some(p) => format!("<p class=\"error\" role=\"alert\">{}</p>", escape(p)),
@@ -221,12 +220,13 @@ async fn console_page(
     let report = ledger.usage_report(&[r.by], r.start, Some(r.end)).await?;
     let query = UsageQuery { start: r.start, end: Some(r.end), group_by: vec![r.by.dimension()] };
     let buckets = ledger.usage_buckets(&query, r.bucket).await?;
-    let models: BTreeSet<String> = ledger
-        .usage(&UsageQuery { start: r.start, end: Some(r.end), group_by: vec![ledger::Dimension::Model] })
-        .await?
-        .into_iter()
-        .filter_map(|row| row.model)
-        .collect();
+    // The models of the range, for the requests' filter: the report's groups when it is by model.
+    let models: BTreeSet<String> = if r.by == By::Model {
+        report.groups.keys().filter_map(|values| values.first().cloned().flatten()).collect()
+    } else {
+        let query = UsageQuery { start: r.start, end: Some(r.end), group_by: vec![ledger::Dimension::Model] };
+        ledger.usage(&query).await?.into_iter().filter_map(|row| row.model).collect()
+    };
     let filter = ledger::EntryFilter {
         model: Some(view.model.clone()).filter(|m| !m.is_empty()),
         key_id: Some(view.key.clone()).filter(|k| !k.is_empty()),
@@ -327,7 +327,7 @@ fn spend_section(report: &Report, buckets: &[UsageBucket], r: &Resolved) -> Stri
 
     let bucket_total = |b: &UsageBucket| b.results.iter().map(|row| row.cost_usd).sum::<Decimal>();
     let max = buckets.iter().map(bucket_total).max().unwrap_or(Decimal::ZERO);
-    let when = |t: DateTime<Utc>| match r.bucket {
+    let bucket_label = |t: DateTime<Utc>| match r.bucket {
         BucketWidth::Hour => t.format("%Y-%m-%d %H:00").to_string(),
         BucketWidth::Day => t.format("%Y-%m-%d").to_string(),
     };
@@ -351,7 +351,7 @@ fn spend_section(report: &Report, buckets: &[UsageBucket], r: &Resolved) -> Stri
             bars.push_str(&format!(
                 "<rect x=\"{x}\" y=\"{y}\" width=\"{BAR}\" height=\"{h}\" fill=\"{}\"><title>{} {}: ${}</title></rect>",
                 colour(&value),
-                when(b.start),
+                bucket_label(b.start),
                 escape(&label(value.as_deref())),
                 row.cost_usd.normalize()
             ));
@@ -373,8 +373,8 @@ fn spend_section(report: &Report, buckets: &[UsageBucket], r: &Resolved) -> Stri
     let split = SPLITS.iter().find(|(b, _)| *b == by).map_or("model", |(_, l)| l);
     let per = if r.bucket == BucketWidth::Hour { "hour" } else { "day" };
     let csv_by = format!("{},day", by.as_str());
-    let first = buckets.first().map(|b| when(b.start)).unwrap_or_default();
-    let last = buckets.last().map(|b| when(b.start)).unwrap_or_default();
+    let first = buckets.first().map(|b| bucket_label(b.start)).unwrap_or_default();
+    let last = buckets.last().map(|b| bucket_label(b.start)).unwrap_or_default();
     let total = &report.total;
     format!(
         "<section id=\"spend\"><h2>Spend per {per} by {split}, {from} to {to} (UTC)</h2>\
@@ -783,11 +783,11 @@ fn estimate_result(state: &AppState, form: &EstimateForm) -> Result<String, Stri
         }
     }
     // The text when given (its tokens counted), else its length.
-    let words = if form.prompt.is_empty() { &form.prompt_words } else { &String::new() };
+    let words = if form.prompt.is_empty() { form.prompt_words.as_str() } else { "" };
     if !form.prompt.is_empty() {
         item.insert("prompt".into(), json!(form.prompt));
     }
-    for (name, value) in [("n", &form.n), ("count", &form.count), ("prompt_words", words)] {
+    for (name, value) in [("n", form.n.as_str()), ("count", form.count.as_str()), ("prompt_words", words)] {
         if value.trim().is_empty() {
             continue;
         }
